@@ -1,0 +1,181 @@
+//! Every object key the agent uses is built here, and nowhere else.
+//!
+//! ```text
+//! manifests/<kind>/<id>.json      one per complete backup, written last, create-only
+//! data/<kind>/<id>/_claim.json    written first: reserves the id, marks a run in progress
+//! data/<kind>/<id>/<object>       the backup's data objects
+//! ```
+//!
+//! Keys are relative to the store's root (the bucket prefix or directory).
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::store::ObjectKey;
+
+/// What a backup is a backup of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    PgDump,
+    PgBase,
+    Redis,
+    Etcd,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::PgDump, Kind::PgBase, Kind::Redis, Kind::Etcd];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::PgDump => "pg-dump",
+            Kind::PgBase => "pg-base",
+            Kind::Redis => "redis",
+            Kind::Etcd => "etcd",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Kind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| format!("unknown kind '{s}' (kinds: pg-dump, pg-base, redis, etcd)"))
+    }
+}
+
+/// A backup id: its start time in UTC to the second, e.g. `20260115T020000Z`. Ids sort in
+/// time order, and the claim object makes each one unique per kind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct BackupId(String);
+
+const ID_FORMAT: &str = "%Y%m%dT%H%M%SZ";
+
+impl BackupId {
+    pub fn at(time: DateTime<Utc>) -> Self {
+        Self(time.format(ID_FORMAT).to_string())
+    }
+
+    pub fn time(&self) -> DateTime<Utc> {
+        // The constructor only admits strings that parse.
+        NaiveDateTime::parse_from_str(&self.0, ID_FORMAT)
+            .map(|t| t.and_utc())
+            .unwrap_or_default()
+    }
+
+    /// The id one second later: used when an id is already taken.
+    pub fn next(&self) -> Self {
+        Self::at(self.time() + TimeDelta::seconds(1))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for BackupId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NaiveDateTime::parse_from_str(s, ID_FORMAT)
+            .map(|_| Self(s.to_string()))
+            .map_err(|_| format!("'{s}' is not a backup id (expected e.g. 20260115T020000Z)"))
+    }
+}
+
+impl TryFrom<String> for BackupId {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<BackupId> for String {
+    fn from(id: BackupId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for BackupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub fn manifests_prefix(kind: Option<Kind>) -> ObjectKey {
+    match kind {
+        Some(kind) => ObjectKey::from(format!("manifests/{kind}")),
+        None => ObjectKey::from("manifests"),
+    }
+}
+
+pub fn manifest_key(kind: Kind, id: &BackupId) -> ObjectKey {
+    ObjectKey::from(format!("manifests/{kind}/{id}.json"))
+}
+
+/// The kind and id a manifest key names, or `None` for anything else under `manifests/`.
+pub fn parse_manifest_key(key: &ObjectKey) -> Option<(Kind, BackupId)> {
+    let text = key.as_ref();
+    let rest = text.strip_prefix("manifests/")?;
+    let (kind, file) = rest.split_once('/')?;
+    let id = file.strip_suffix(".json")?;
+    Some((kind.parse().ok()?, id.parse().ok()?))
+}
+
+pub fn data_prefix(kind: Kind, id: &BackupId) -> ObjectKey {
+    ObjectKey::from(format!("data/{kind}/{id}"))
+}
+
+pub fn data_key(kind: Kind, id: &BackupId, object: &str) -> ObjectKey {
+    ObjectKey::from(format!("data/{kind}/{id}/{object}"))
+}
+
+pub fn claim_key(kind: Kind, id: &BackupId) -> ObjectKey {
+    data_key(kind, id, "_claim.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_sort_by_time() {
+        let time = DateTime::parse_from_rfc3339("2026-01-15T02:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let id = BackupId::at(time);
+        assert_eq!(id.as_str(), "20260115T020000Z");
+        assert_eq!(id.time(), time);
+        assert_eq!(id.next().as_str(), "20260115T020001Z");
+        assert!(id < id.next());
+        assert!("2026-01-15".parse::<BackupId>().is_err());
+        assert!("../../etc".parse::<BackupId>().is_err());
+    }
+
+    #[test]
+    fn manifest_keys_parse_back() {
+        let id: BackupId = "20260115T020000Z".parse().unwrap();
+        let key = manifest_key(Kind::PgDump, &id);
+        assert_eq!(key.as_ref(), "manifests/pg-dump/20260115T020000Z.json");
+        assert_eq!(parse_manifest_key(&key), Some((Kind::PgDump, id.clone())));
+        assert_eq!(
+            parse_manifest_key(&ObjectKey::from("manifests/pg-dump/x.tmp")),
+            None
+        );
+        assert_eq!(
+            data_key(Kind::PgDump, &id, "dump.zst").as_ref(),
+            "data/pg-dump/20260115T020000Z/dump.zst"
+        );
+    }
+}

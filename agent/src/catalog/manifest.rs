@@ -1,0 +1,114 @@
+//! The manifest: everything needed to list, restore and verify one backup.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::layout::{BackupId, Kind};
+
+/// Bumped when a field changes meaning; readers refuse versions they do not know.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: BackupId,
+    pub kind: Kind,
+    pub start_time: DateTime<Utc>,
+    pub end_time: DateTime<Utc>,
+    /// gc-backup's version that wrote it.
+    pub tool_version: String,
+    /// Bytes the source produced.
+    pub raw_bytes: u64,
+    /// Bytes in the store.
+    pub stored_bytes: u64,
+    pub compression: Compression,
+    pub source: SourceFacts,
+    /// The data objects, in restore order.
+    pub objects: Vec<StoredObject>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    /// Always "zstd" today.
+    pub algorithm: String,
+    pub level: i32,
+}
+
+/// What the source said about itself while it was being backed up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SourceFacts {
+    PgDump(PgDumpFacts),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgDumpFacts {
+    pub database: String,
+    /// `SHOW server_version`, when the agent could ask the server.
+    pub server_version: Option<String>,
+    pub server_version_num: Option<u32>,
+    /// The `pg_dump --version` line of the binary that made the dump.
+    pub pg_dump_version: String,
+    pub format: DumpFormat,
+    /// The `--table` patterns; empty means the whole database.
+    pub tables: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DumpFormat {
+    /// pg_dump's custom archive: restored with pg_restore, tables selectable.
+    Custom,
+    /// Plain SQL: restored with psql.
+    Plain,
+}
+
+impl DumpFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DumpFormat::Custom => "custom",
+            DumpFormat::Plain => "plain",
+        }
+    }
+}
+
+/// One object of a backup, with what is needed to check it on the way back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredObject {
+    /// Key relative to the store root.
+    pub key: String,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    /// SHA-256 of the raw (uncompressed) bytes, hex.
+    pub raw_sha256: String,
+    /// Number of uploaded parts (1 for a single PUT).
+    pub parts: u32,
+}
+
+impl Manifest {
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct Version {
+            format: u32,
+        }
+        let version: Version =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
+        if version.format != MANIFEST_FORMAT {
+            return Err(format!(
+                "manifest format {} is not known to this gc-backup (knows {MANIFEST_FORMAT}); \
+                 use a newer gc-backup",
+                version.format
+            ));
+        }
+        serde_json::from_slice(bytes).map_err(|e| format!("invalid manifest: {e}"))
+    }
+}

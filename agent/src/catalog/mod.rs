@@ -1,0 +1,324 @@
+//! What is in the store: manifests, read and written.
+//!
+//! A backup exists when, and only when, its manifest exists. A run first claims its id with a
+//! create-only claim object, writes its data, and writes the manifest last with a create-only
+//! put, so a crash at any point leaves either a complete backup or no backup at all.
+
+pub mod layout;
+pub mod manifest;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::Serialize;
+
+pub use layout::{BackupId, Kind};
+pub use manifest::{Manifest, StoredObject};
+
+use crate::store::{ObjectKey, Store, StoreError};
+
+/// How many manifests are fetched at once when listing.
+const LIST_CONCURRENCY: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("no {kind} backup with id {id} in {store}")]
+    NoSuchBackup {
+        kind: Kind,
+        id: BackupId,
+        store: String,
+    },
+    #[error("there is no {kind} backup in {store} yet")]
+    NoBackups { kind: Kind, store: String },
+    #[error("manifest {key} is unreadable: {reason}")]
+    BadManifest { key: String, reason: String },
+    #[error("could not claim a {kind} backup id in {store}: ids from {first} on are all taken")]
+    NoFreeId {
+        kind: Kind,
+        first: BackupId,
+        store: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Which backup a command means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Latest,
+    Id(BackupId),
+}
+
+impl std::str::FromStr for Selector {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "latest" {
+            Ok(Selector::Latest)
+        } else {
+            s.parse().map(Selector::Id)
+        }
+    }
+}
+
+/// The claim object's content: who is writing this backup, for whoever finds it orphaned.
+#[derive(Debug, Serialize)]
+struct Claim<'a> {
+    kind: Kind,
+    id: &'a BackupId,
+    started: DateTime<Utc>,
+    host: String,
+    pid: u32,
+    tool_version: &'static str,
+}
+
+/// Reserves a fresh id for a backup starting at `now`, moving on by a second while ids are
+/// taken. The claim also proves, before any source is started, that the store is writable.
+pub async fn claim_id(
+    store: &Store,
+    kind: Kind,
+    now: DateTime<Utc>,
+) -> Result<BackupId, CatalogError> {
+    let first = BackupId::at(now);
+    let mut id = first.clone();
+    for _ in 0..30 {
+        let claim = Claim {
+            kind,
+            id: &id,
+            started: now,
+            host: hostname(),
+            pid: std::process::id(),
+            tool_version: env!("CARGO_PKG_VERSION"),
+        };
+        let body = serde_json::to_vec(&claim).unwrap_or_default();
+        match store
+            .put_new(&layout::claim_key(kind, &id), Bytes::from(body))
+            .await
+        {
+            Ok(()) => return Ok(id),
+            Err(StoreError::AlreadyExists { .. }) => id = id.next(),
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(CatalogError::NoFreeId {
+        kind,
+        first,
+        store: store.name().to_string(),
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// Deletes everything a run wrote under its data prefix: used when a run fails, and after a
+/// successful run for the claim alone.
+pub async fn remove_data(store: &Store, kind: Kind, id: &BackupId) -> Result<(), StoreError> {
+    for object in store.list(&layout::data_prefix(kind, id)).await? {
+        store.delete(&object.location).await?;
+    }
+    Ok(())
+}
+
+/// Commits a backup: the manifest is written create-only, so it never replaces another.
+pub async fn commit(store: &Store, manifest: &Manifest) -> Result<(), CatalogError> {
+    let key = layout::manifest_key(manifest.kind, &manifest.id);
+    store.put_new(&key, Bytes::from(manifest.to_json())).await?;
+    // The claim has done its job; a leftover one is harmless (retention ignores claims of
+    // committed backups), so failing to delete it is not a failed backup.
+    if let Err(error) = store
+        .delete(&layout::claim_key(manifest.kind, &manifest.id))
+        .await
+    {
+        tracing::warn!(%error, "could not delete the claim object of a committed backup");
+    }
+    Ok(())
+}
+
+/// The backups in the store (of one kind, or all), oldest first. Manifests that cannot be
+/// read are returned separately so that callers can warn without hiding the rest.
+pub async fn list(
+    store: &Store,
+    kind: Option<Kind>,
+) -> Result<(Vec<Manifest>, Vec<CatalogError>), CatalogError> {
+    let keys: Vec<ObjectKey> = store
+        .list(&layout::manifests_prefix(kind))
+        .await?
+        .into_iter()
+        .map(|meta| meta.location)
+        .filter(|key| layout::parse_manifest_key(key).is_some())
+        .collect();
+    let results: Vec<Result<Manifest, CatalogError>> = futures::stream::iter(keys)
+        .map(|key| async move { read_manifest(store, &key).await })
+        .buffer_unordered(LIST_CONCURRENCY)
+        .collect()
+        .await;
+    let mut manifests = Vec::new();
+    let mut unreadable = Vec::new();
+    for result in results {
+        match result {
+            Ok(manifest) => manifests.push(manifest),
+            Err(CatalogError::Store(error)) if !matches!(error, StoreError::NotFound { .. }) => {
+                return Err(error.into());
+            }
+            // Deleted between list and get: retention ran meanwhile. Not an error.
+            Err(CatalogError::Store(_)) => {}
+            Err(other) => unreadable.push(other),
+        }
+    }
+    manifests.sort_by(|a, b| (a.start_time, &a.id).cmp(&(b.start_time, &b.id)));
+    Ok((manifests, unreadable))
+}
+
+async fn read_manifest(store: &Store, key: &ObjectKey) -> Result<Manifest, CatalogError> {
+    let bytes = store.get_bytes(key).await?;
+    let manifest = Manifest::from_json(&bytes).map_err(|reason| CatalogError::BadManifest {
+        key: key.to_string(),
+        reason,
+    })?;
+    // A manifest must describe the backup its key names.
+    if layout::parse_manifest_key(key) != Some((manifest.kind, manifest.id.clone())) {
+        return Err(CatalogError::BadManifest {
+            key: key.to_string(),
+            reason: format!("it describes {} {}", manifest.kind, manifest.id),
+        });
+    }
+    Ok(manifest)
+}
+
+/// The manifest a selector means: an exact id, or the backup of that kind that ended last.
+pub async fn find(
+    store: &Store,
+    kind: Kind,
+    selector: &Selector,
+) -> Result<Manifest, CatalogError> {
+    match selector {
+        Selector::Id(id) => {
+            let key = layout::manifest_key(kind, id);
+            match read_manifest(store, &key).await {
+                Err(CatalogError::Store(StoreError::NotFound { .. })) => {
+                    Err(CatalogError::NoSuchBackup {
+                        kind,
+                        id: id.clone(),
+                        store: store.name().to_string(),
+                    })
+                }
+                other => other,
+            }
+        }
+        Selector::Latest => {
+            let (manifests, _) = list(store, Some(kind)).await?;
+            manifests
+                .into_iter()
+                .max_by(|a, b| (a.end_time, &a.id).cmp(&(b.end_time, &b.id)))
+                .ok_or_else(|| CatalogError::NoBackups {
+                    kind,
+                    store: store.name().to_string(),
+                })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::manifest::*;
+    use super::*;
+
+    fn manifest(id: &str, start: &str, end: &str) -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT,
+            id: id.parse().unwrap(),
+            kind: Kind::PgDump,
+            start_time: start.parse().unwrap(),
+            end_time: end.parse().unwrap(),
+            tool_version: "test".into(),
+            raw_bytes: 10,
+            stored_bytes: 5,
+            compression: Compression {
+                algorithm: "zstd".into(),
+                level: 3,
+            },
+            source: SourceFacts::PgDump(PgDumpFacts {
+                database: "db".into(),
+                server_version: None,
+                server_version_num: None,
+                pg_dump_version: "pg_dump (PostgreSQL) 15".into(),
+                format: DumpFormat::Custom,
+                tables: vec![],
+            }),
+            objects: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn latest_is_the_backup_that_ended_last_and_ids_are_exact() {
+        let store = Store::memory();
+        let older = manifest(
+            "20260101T000000Z",
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:10:00Z",
+        );
+        let newer = manifest(
+            "20260102T000000Z",
+            "2026-01-02T00:00:00Z",
+            "2026-01-02T00:10:00Z",
+        );
+        commit(&store, &newer).await.unwrap();
+        commit(&store, &older).await.unwrap();
+        let latest = find(&store, Kind::PgDump, &Selector::Latest).await.unwrap();
+        assert_eq!(latest, newer);
+        let exact = find(&store, Kind::PgDump, &Selector::Id(older.id.clone()))
+            .await
+            .unwrap();
+        assert_eq!(exact, older);
+        let missing = find(&store, Kind::PgDump, &"20250101T000000Z".parse().unwrap()).await;
+        assert!(matches!(missing, Err(CatalogError::NoSuchBackup { .. })));
+        let none = find(&store, Kind::Redis, &Selector::Latest).await;
+        assert!(matches!(none, Err(CatalogError::NoBackups { .. })));
+        let (all, bad) = list(&store, None).await.unwrap();
+        assert_eq!(all, vec![older, newer]);
+        assert!(bad.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_manifest_is_never_overwritten() {
+        let store = Store::memory();
+        let first = manifest(
+            "20260101T000000Z",
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:10:00Z",
+        );
+        commit(&store, &first).await.unwrap();
+        let mut second = first.clone();
+        second.raw_bytes = 999;
+        assert!(commit(&store, &second).await.is_err());
+        let kept = find(&store, Kind::PgDump, &Selector::Latest).await.unwrap();
+        assert_eq!(kept.raw_bytes, 10);
+    }
+
+    #[tokio::test]
+    async fn claims_make_ids_unique() {
+        let store = Store::memory();
+        let now: DateTime<Utc> = "2026-01-15T02:00:00Z".parse().unwrap();
+        let a = claim_id(&store, Kind::PgDump, now).await.unwrap();
+        let b = claim_id(&store, Kind::PgDump, now).await.unwrap();
+        assert_eq!(a.as_str(), "20260115T020000Z");
+        assert_eq!(b.as_str(), "20260115T020001Z");
+        let other_kind = claim_id(&store, Kind::Redis, now).await.unwrap();
+        assert_eq!(other_kind, a);
+    }
+
+    #[tokio::test]
+    async fn unreadable_manifests_are_reported_not_hidden() {
+        let store = Store::memory();
+        let key = layout::manifest_key(Kind::PgDump, &"20260101T000000Z".parse().unwrap());
+        store
+            .put_new(&key, Bytes::from_static(b"{not json"))
+            .await
+            .unwrap();
+        let (ok, bad) = list(&store, None).await.unwrap();
+        assert!(ok.is_empty());
+        assert_eq!(bad.len(), 1);
+    }
+}

@@ -1,0 +1,323 @@
+//! The command line (a contract: scripts and Jobs depend on it), and one handler per command:
+//! resolve the configuration, open the store, run one job, render its result.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::manifest::{DumpFormat, Manifest, SourceFacts};
+use crate::catalog::{self, Kind, Selector};
+use crate::config::{Config, Overrides, StoreLocation};
+use crate::error::Failure;
+use crate::jobs::{self, pg_dump::PgDumpRequest, restore_pg_dump::RestoreTarget};
+use crate::store::Store;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gc-backup",
+    version,
+    about = "Backup and restore agent of GC Storage: PostgreSQL, streamed through zstd into S3",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// TOML configuration file [env: GC_BACKUP_CONFIG]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where backups are stored: s3://BUCKET/PREFIX or file:///PATH [env: GC_BACKUP_STORE]
+    #[arg(long, global = true, value_name = "URL")]
+    pub store: Option<String>,
+    /// zstd level, 1-19 [env: GC_BACKUP_ZSTD_LEVEL]
+    #[arg(long, global = true, value_name = "N")]
+    pub zstd_level: Option<i32>,
+    /// Size of each uploaded part, e.g. 8MiB [env: GC_BACKUP_PART_SIZE]
+    #[arg(long, global = true, value_name = "SIZE")]
+    pub part_size: Option<String>,
+    /// Parts uploaded at once [env: GC_BACKUP_PARALLEL_UPLOADS]
+    #[arg(long, global = true, value_name = "N")]
+    pub parallel_uploads: Option<usize>,
+    /// Log format on stderr
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "GC_BACKUP_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Take a backup; prints the new backup's id as the last line on stdout
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// List the backups in the store
+    List(ListArgs),
+    /// Restore a backup
+    #[command(subcommand)]
+    Restore(RestoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Logical backup with pg_dump (connection from PG*/DB_* environment or [postgres])
+    PgDump(PgDumpArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PgDumpArgs {
+    /// Dump only these tables (pg_dump --table patterns); repeatable
+    #[arg(long = "table", value_name = "T")]
+    pub tables: Vec<String>,
+    /// custom (pg_restore, selective) or plain SQL (psql)
+    #[arg(long, value_enum, default_value_t = DumpFormat::Custom)]
+    pub format: DumpFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only this kind: pg-dump, pg-base, redis, etcd
+    #[arg(long, value_parser = parse_kind)]
+    pub kind: Option<Kind>,
+    /// A JSON array instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RestoreCommand {
+    /// Restore a pg_dump backup to a file, stdout, or a database
+    PgDump(RestorePgDumpArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RestorePgDumpArgs {
+    /// A backup id (e.g. 20260115T020000Z) or "latest"
+    #[arg(value_parser = parse_selector)]
+    pub backup: Selector,
+    /// Write the dump to this new file, or "-" for stdout
+    #[arg(long, value_name = "FILE|-", conflicts_with = "dbname")]
+    pub output: Option<String>,
+    /// Load into this database (name or libpq connection string) in one transaction
+    #[arg(long, value_name = "CONNSTR")]
+    pub dbname: Option<String>,
+}
+
+fn parse_kind(text: &str) -> Result<Kind, String> {
+    text.parse()
+}
+
+fn parse_selector(text: &str) -> Result<Selector, String> {
+    text.parse()
+}
+
+impl GlobalArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            config_file: self.config.clone(),
+            store_url: self.store.clone(),
+            zstd_level: self.zstd_level,
+            part_size: self.part_size.clone(),
+            parallel_uploads: self.parallel_uploads,
+        }
+    }
+}
+
+/// Runs one command. `cancel` fires on SIGINT/SIGTERM.
+pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
+    let config = Config::load(&cli.global.overrides()).map_err(|e| Failure::Config(e.0))?;
+    let store = Store::open(&config.store).map_err(jobs::store_error)?;
+    match cli.command {
+        Command::Backup(BackupCommand::PgDump(args)) => {
+            let request = PgDumpRequest {
+                format: args.format,
+                tables: args.tables,
+            };
+            let manifest = jobs::pg_dump::backup(&config, &store, &request, &cancel).await?;
+            say_where(&config, &manifest);
+            print_last_line(manifest.id.as_str())
+        }
+        Command::List(args) => {
+            let (manifests, unreadable) = catalog::list(&store, args.kind)
+                .await
+                .map_err(jobs::catalog_error)?;
+            for problem in &unreadable {
+                tracing::warn!("{problem}");
+            }
+            if args.json {
+                print_json(&manifests)
+            } else {
+                print_table(&store, &manifests)
+            }
+        }
+        Command::Restore(RestoreCommand::PgDump(args)) => {
+            let target = restore_target(args.output, args.dbname)?;
+            let report =
+                jobs::restore_pg_dump::restore(&config, &store, &args.backup, &target, &cancel)
+                    .await?;
+            tracing::info!(
+                kind = "pg-dump",
+                id = %report.manifest.id,
+                raw_bytes = report.raw_bytes,
+                seconds = report.elapsed.as_secs_f64(),
+                "restore completed; checksums verified"
+            );
+            Ok(())
+        }
+    }
+}
+
+fn restore_target(output: Option<String>, dbname: Option<String>) -> anyhow::Result<RestoreTarget> {
+    use std::io::IsTerminal;
+    Ok(match (output.as_deref(), dbname) {
+        (_, Some(db)) => RestoreTarget::Database(db),
+        (Some("-"), None) => RestoreTarget::Stdout,
+        (Some(file), None) => RestoreTarget::File(PathBuf::from(file)),
+        (None, None) if !std::io::stdout().is_terminal() => RestoreTarget::Stdout,
+        (None, None) => {
+            return Err(Failure::Config(
+                "say where to restore: --output FILE, --output - for stdout, or --dbname CONNSTR"
+                    .into(),
+            )
+            .into());
+        }
+    })
+}
+
+fn say_where(config: &Config, manifest: &Manifest) {
+    if let StoreLocation::Local {
+        embedded_default: true,
+        root,
+    } = &config.store.location
+    {
+        eprintln!(
+            "Stored in the default local store {} (set GC_BACKUP_STORE or [store] url to use S3).",
+            root.display()
+        );
+    }
+    eprintln!(
+        "{} backup {}: {} raw, {} stored",
+        manifest.kind,
+        manifest.id,
+        human_bytes(manifest.raw_bytes),
+        human_bytes(manifest.stored_bytes)
+    );
+}
+
+fn print_last_line(line: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
+}
+
+/// One entry of `list --json`: the contract's fields first, then the source's facts.
+#[derive(Debug, Serialize)]
+struct ListEntry<'a> {
+    id: &'a str,
+    kind: Kind,
+    start_time: String,
+    end_time: String,
+    raw_bytes: u64,
+    stored_bytes: u64,
+    compression: String,
+    tool_version: &'a str,
+    #[serde(flatten)]
+    source: &'a SourceFacts,
+}
+
+fn rfc3339(time: chrono::DateTime<chrono::Utc>) -> String {
+    time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn print_json(manifests: &[Manifest]) -> anyhow::Result<()> {
+    let entries: Vec<ListEntry<'_>> = manifests
+        .iter()
+        .map(|m| ListEntry {
+            id: m.id.as_str(),
+            kind: m.kind,
+            start_time: rfc3339(m.start_time),
+            end_time: rfc3339(m.end_time),
+            raw_bytes: m.raw_bytes,
+            stored_bytes: m.stored_bytes,
+            compression: format!("{}-{}", m.compression.algorithm, m.compression.level),
+            tool_version: &m.tool_version,
+            source: &m.source,
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &entries).context("writing JSON")?;
+    writeln!(out).context("writing to stdout")
+}
+
+fn print_table(store: &Store, manifests: &[Manifest]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if manifests.is_empty() {
+        writeln!(out, "No backups in {}.", store.name()).context("writing to stdout")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<17} {:<8} {:<20} {:>9} {:>10} {:>10} {:>6}  SOURCE",
+        "ID", "KIND", "STARTED (UTC)", "DURATION", "RAW", "STORED", "RATIO"
+    )
+    .context("writing to stdout")?;
+    for m in manifests {
+        let seconds = (m.end_time - m.start_time).num_milliseconds() as f64 / 1000.0;
+        let ratio = if m.stored_bytes == 0 {
+            0.0
+        } else {
+            m.raw_bytes as f64 / m.stored_bytes as f64
+        };
+        let source = match &m.source {
+            SourceFacts::PgDump(facts) => {
+                let tables = if facts.tables.is_empty() {
+                    String::new()
+                } else {
+                    format!(" tables={}", facts.tables.join(","))
+                };
+                format!("{} ({}){tables}", facts.database, facts.format.as_str())
+            }
+        };
+        writeln!(
+            out,
+            "{:<17} {:<8} {:<20} {:>8.1}s {:>10} {:>10} {:>5.1}x  {source}",
+            m.id.as_str(),
+            m.kind.as_str(),
+            m.start_time.format("%Y-%m-%d %H:%M:%S"),
+            seconds,
+            human_bytes(m.raw_bytes),
+            human_bytes(m.stored_bytes),
+            ratio
+        )
+        .context("writing to stdout")?;
+    }
+    Ok(())
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

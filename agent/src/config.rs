@@ -1,0 +1,700 @@
+//! Configuration, resolved once before any I/O: TOML file < environment < flags.
+//!
+//! [`FileConfig`] is the TOML shape (unknown keys are errors). [`Config::resolve`] merges it
+//! with the environment (read through an injected lookup, so tests never touch the process
+//! environment) and the command-line [`Overrides`], validates everything, and returns the
+//! [`Config`] that the rest of the agent uses without re-checking. Secrets live in [`Secret`],
+//! whose `Debug` and `Display` never show the value.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration error: always a usage problem (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+/// A password, key or token. Shown as `***` everywhere.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The value, for the one place that must hand it to a client library or child process.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file
+
+/// The TOML file. Every section and key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileConfig {
+    pub store: StoreSection,
+    pub pipeline: PipelineSection,
+    pub postgres: PostgresSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StoreSection {
+    /// `s3://bucket/prefix` or `file:///path`.
+    pub url: Option<String>,
+    /// S3 endpoint for MinIO, SeaweedFS or any S3-compatible server.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+    /// Bucket in the host name (AWS style) instead of the path (MinIO style, the default).
+    pub virtual_hosted_style: Option<bool>,
+    /// Ask the server to verify a SHA-256 of every uploaded part (default true).
+    pub verify_uploads: Option<bool>,
+    pub max_retries: Option<usize>,
+    /// Total time a request may spend in retries, e.g. "60s".
+    pub retry_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PipelineSection {
+    pub zstd_level: Option<i32>,
+    /// zstd worker threads; 0 compresses on the pipeline's own thread.
+    pub zstd_workers: Option<u32>,
+    /// Size of each uploaded part, e.g. "8MiB".
+    pub part_size: Option<String>,
+    /// Parts uploading at once; memory is about part size × (this + 2).
+    pub parallel_uploads: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PostgresSection {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub dbname: Option<String>,
+    /// Directory holding pg_dump, pg_restore and psql; default: the one matching the server.
+    pub bin_dir: Option<PathBuf>,
+    /// Where PGDATA is (used by base backups; the sidecar shares the volume).
+    pub pgdata: Option<PathBuf>,
+}
+
+impl FileConfig {
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            // toml's message spans lines; keep the first, which names the key.
+            let first = e
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("invalid TOML")
+                .to_string();
+            err(format!("config file {}: {first}", origin.display()))
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
+        Self::parse(&text, path)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flags
+
+/// Command-line settings that override file and environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub store_url: Option<String>,
+    pub zstd_level: Option<i32>,
+    pub part_size: Option<String>,
+    pub parallel_uploads: Option<usize>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The resolved configuration
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub pipeline: PipelineConfig,
+    pub postgres: PostgresConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub location: StoreLocation,
+    pub max_retries: usize,
+    pub retry_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreLocation {
+    /// A directory. `embedded_default` says nobody configured it, so commands say where it is.
+    Local {
+        root: PathBuf,
+        embedded_default: bool,
+    },
+    S3(S3Location),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct S3Location {
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+    pub virtual_hosted_style: bool,
+    pub verify_uploads: bool,
+}
+
+impl fmt::Display for StoreLocation {
+    /// The location without any credential: safe for logs and messages.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local { root, .. } => write!(f, "file://{}", root.display()),
+            Self::S3(s3) => {
+                write!(f, "s3://{}", s3.bucket)?;
+                if !s3.prefix.is_empty() {
+                    write!(f, "/{}", s3.prefix)?;
+                }
+                if let Some(endpoint) = &s3.endpoint {
+                    write!(f, " at {endpoint}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub zstd_level: i32,
+    pub zstd_workers: u32,
+    pub part_size: usize,
+    pub parallel_uploads: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            zstd_level: 3,
+            zstd_workers: default_zstd_workers(),
+            part_size: 8 * MIB,
+            parallel_uploads: 3,
+        }
+    }
+}
+
+/// One zstd worker per core beyond the first, at most 4: the dump itself needs a core.
+fn default_zstd_workers() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u32::try_from(cores.saturating_sub(1).clamp(1, 4)).unwrap_or(1)
+}
+
+/// How to reach PostgreSQL, as libpq would be told. Unset fields are left to libpq's defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PostgresConfig {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub dbname: Option<String>,
+    pub bin_dir: Option<PathBuf>,
+    pub pgdata: Option<PathBuf>,
+}
+
+pub const MIB: usize = 1024 * 1024;
+/// S3's smallest allowed part (all but the last).
+pub const S3_MIN_PART_SIZE: usize = 5 * MIB;
+
+impl Config {
+    /// Merges file < environment < flags and validates the result.
+    pub fn resolve(
+        file: FileConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        // Empty environment variables count as unset, as in libpq.
+        let env = |name: &str| env(name).filter(|v| !v.is_empty());
+        let store = resolve_store(&file.store, &env, flags)?;
+        let pipeline = resolve_pipeline(&file.pipeline, &env, flags)?;
+        if matches!(store.location, StoreLocation::S3(_)) && pipeline.part_size < S3_MIN_PART_SIZE {
+            return Err(err(format!(
+                "part-size {} is below S3's minimum of 5MiB",
+                pipeline.part_size
+            )));
+        }
+        let postgres = resolve_postgres(file.postgres, &env)?;
+        Ok(Self {
+            store,
+            pipeline,
+            postgres,
+        })
+    }
+
+    /// Reads the file named by `--config` or `GC_BACKUP_CONFIG` (if any) and the process
+    /// environment.
+    pub fn load(flags: &Overrides) -> Result<Self, ConfigError> {
+        let env = |name: &str| std::env::var(name).ok();
+        let path = flags.config_file.clone().or_else(|| {
+            env("GC_BACKUP_CONFIG")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+        });
+        let file = match path {
+            Some(path) => FileConfig::load(&path)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(file, &env, flags)
+    }
+}
+
+fn resolve_store(
+    file: &StoreSection,
+    env: &dyn Fn(&str) -> Option<String>,
+    flags: &Overrides,
+) -> Result<StoreConfig, ConfigError> {
+    let url = flags
+        .store_url
+        .clone()
+        .or_else(|| env("GC_BACKUP_STORE"))
+        .or_else(|| file.url.clone());
+    let location = match url {
+        None => StoreLocation::Local {
+            root: embedded_default_root(env),
+            embedded_default: true,
+        },
+        Some(url) => parse_store_url(&url, file, env)?,
+    };
+    Ok(StoreConfig {
+        location,
+        max_retries: file.max_retries.unwrap_or(5),
+        retry_timeout: parse_duration("store.retry-timeout", file.retry_timeout.as_deref())?
+            .unwrap_or(Duration::from_secs(60)),
+        connect_timeout: parse_duration("store.connect-timeout", file.connect_timeout.as_deref())?
+            .unwrap_or(Duration::from_secs(5)),
+    })
+}
+
+/// `$XDG_DATA_HOME/gc-backup`, else `~/.local/share/gc-backup`, else `/var/lib/gc-backup`.
+fn embedded_default_root(env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    if let Some(data) = env("XDG_DATA_HOME") {
+        return PathBuf::from(data).join("gc-backup");
+    }
+    match env("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/gc-backup"),
+        None => PathBuf::from("/var/lib/gc-backup"),
+    }
+}
+
+fn parse_store_url(
+    url: &str,
+    file: &StoreSection,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<StoreLocation, ConfigError> {
+    let unsupported = || {
+        err(format!(
+            "store URL '{}' is not supported: use s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH",
+            redact_url(url)
+        ))
+    };
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(unsupported());
+        }
+        return Ok(StoreLocation::Local {
+            root: PathBuf::from(path),
+            embedded_default: false,
+        });
+    }
+    if url.starts_with('/') {
+        return Ok(StoreLocation::Local {
+            root: PathBuf::from(url),
+            embedded_default: false,
+        });
+    }
+    let rest = url.strip_prefix("s3://").ok_or_else(unsupported)?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if !valid_bucket_name(bucket) {
+        return Err(err(format!(
+            "store URL '{}': '{bucket}' is not a valid bucket name (3 to 63 characters: \
+             lower-case letters, digits, dots and hyphens)",
+            redact_url(url)
+        )));
+    }
+    let prefix = prefix.trim_matches('/').to_string();
+    if prefix
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(err(format!(
+            "store URL '{url}': the prefix may not contain . or .."
+        )));
+    }
+    let endpoint = env("AWS_ENDPOINT_URL_S3")
+        .or_else(|| env("AWS_ENDPOINT_URL"))
+        .or_else(|| file.endpoint.clone());
+    if let Some(endpoint) = &endpoint
+        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    {
+        return Err(err(format!(
+            "S3 endpoint '{}' must start with http:// or https://",
+            redact_url(endpoint)
+        )));
+    }
+    let region = env("AWS_REGION")
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .or_else(|| file.region.clone())
+        .unwrap_or_else(|| "us-east-1".to_string());
+    Ok(StoreLocation::S3(S3Location {
+        bucket: bucket.to_string(),
+        prefix,
+        endpoint,
+        region,
+        access_key_id: env("AWS_ACCESS_KEY_ID").or_else(|| file.access_key_id.clone()),
+        secret_access_key: env("AWS_SECRET_ACCESS_KEY")
+            .map(Secret::new)
+            .or_else(|| file.secret_access_key.clone()),
+        session_token: env("AWS_SESSION_TOKEN")
+            .map(Secret::new)
+            .or_else(|| file.session_token.clone()),
+        virtual_hosted_style: file.virtual_hosted_style.unwrap_or(false),
+        verify_uploads: file.verify_uploads.unwrap_or(true),
+    }))
+}
+
+fn valid_bucket_name(name: &str) -> bool {
+    (3..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
+}
+
+/// Drops any `user:password@` from a URL before it is shown.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn resolve_pipeline(
+    file: &PipelineSection,
+    env: &dyn Fn(&str) -> Option<String>,
+    flags: &Overrides,
+) -> Result<PipelineConfig, ConfigError> {
+    let defaults = PipelineConfig::default();
+    let env_level = env("GC_BACKUP_ZSTD_LEVEL")
+        .map(|v| {
+            v.parse::<i32>()
+                .map_err(|_| err(format!("GC_BACKUP_ZSTD_LEVEL '{v}' is not a number")))
+        })
+        .transpose()?;
+    let zstd_level = flags
+        .zstd_level
+        .or(env_level)
+        .or(file.zstd_level)
+        .unwrap_or(defaults.zstd_level);
+    if !(1..=19).contains(&zstd_level) {
+        return Err(err(format!("zstd level {zstd_level} is outside 1..=19")));
+    }
+    let part_size_text = flags
+        .part_size
+        .clone()
+        .or_else(|| env("GC_BACKUP_PART_SIZE"))
+        .or_else(|| file.part_size.clone());
+    let part_size = match part_size_text {
+        Some(text) => parse_size(&text)?,
+        None => defaults.part_size,
+    };
+    if !(64 * 1024..=512 * MIB).contains(&part_size) {
+        return Err(err(format!(
+            "part-size {part_size} is outside 64KiB..=512MiB"
+        )));
+    }
+    let env_parallel = env("GC_BACKUP_PARALLEL_UPLOADS")
+        .map(|v| {
+            v.parse::<usize>()
+                .map_err(|_| err(format!("GC_BACKUP_PARALLEL_UPLOADS '{v}' is not a number")))
+        })
+        .transpose()?;
+    let parallel_uploads = flags
+        .parallel_uploads
+        .or(env_parallel)
+        .or(file.parallel_uploads)
+        .unwrap_or(defaults.parallel_uploads);
+    if !(1..=64).contains(&parallel_uploads) {
+        return Err(err(format!(
+            "parallel-uploads {parallel_uploads} is outside 1..=64"
+        )));
+    }
+    let zstd_workers = file.zstd_workers.unwrap_or(defaults.zstd_workers);
+    if zstd_workers > 64 {
+        return Err(err(format!("zstd-workers {zstd_workers} is above 64")));
+    }
+    Ok(PipelineConfig {
+        zstd_level,
+        zstd_workers,
+        part_size,
+        parallel_uploads,
+    })
+}
+
+fn resolve_postgres(
+    file: PostgresSection,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PostgresConfig, ConfigError> {
+    // libpq's names first, then the runbook's, then the file.
+    let pick = |libpq: &str, runbook: &str| env(libpq).or_else(|| env(runbook));
+    let port = match pick("PGPORT", "DB_PORT") {
+        Some(text) => Some(
+            text.parse::<u16>()
+                .map_err(|_| err(format!("PGPORT '{text}' is not a port number")))?,
+        ),
+        None => file.port,
+    };
+    Ok(PostgresConfig {
+        host: pick("PGHOST", "DB_HOST").or(file.host),
+        port,
+        user: pick("PGUSER", "DB_USER").or(file.user),
+        password: pick("PGPASSWORD", "DB_PASSWORD")
+            .map(Secret::new)
+            .or(file.password),
+        dbname: pick("PGDATABASE", "DB_NAME").or(file.dbname),
+        bin_dir: env("GC_BACKUP_PG_BIN_DIR")
+            .map(PathBuf::from)
+            .or(file.bin_dir),
+        pgdata: env("PGDATA").map(PathBuf::from).or(file.pgdata),
+    })
+}
+
+/// "8MiB", "512KiB", "1GiB", "8M", or a plain number of bytes.
+pub fn parse_size(text: &str) -> Result<usize, ConfigError> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let multiplier = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => MIB,
+        "g" | "gb" | "gib" => 1024 * MIB,
+        _ => {
+            return Err(err(format!(
+                "size '{text}' has an unknown unit (use KiB, MiB or GiB)"
+            )));
+        }
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| err(format!("size '{text}' is not a size")))
+}
+
+fn parse_duration(key: &str, text: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+    text.map(|t| {
+        humantime::parse_duration(t)
+            .map_err(|e| err(format!("{key} '{t}' is not a duration (e.g. \"30s\"): {e}")))
+    })
+    .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn resolve_with(
+        toml: &str,
+        env: &[(&str, &str)],
+        flags: Overrides,
+    ) -> Result<Config, ConfigError> {
+        let file = FileConfig::parse(toml, Path::new("test.toml"))?;
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::resolve(file, &|name| env.get(name).cloned(), &flags)
+    }
+
+    #[test]
+    fn flags_beat_environment_which_beats_the_file() {
+        let toml = "[store]\nurl = \"s3://from-file/p\"\n[pipeline]\nzstd-level = 5\n";
+        let only_file = resolve_with(toml, &[], Overrides::default()).unwrap();
+        assert!(
+            matches!(&only_file.store.location, StoreLocation::S3(s) if s.bucket == "from-file")
+        );
+        assert_eq!(only_file.pipeline.zstd_level, 5);
+
+        let env = [
+            ("GC_BACKUP_STORE", "s3://from-env"),
+            ("GC_BACKUP_ZSTD_LEVEL", "7"),
+        ];
+        let with_env = resolve_with(toml, &env, Overrides::default()).unwrap();
+        assert!(matches!(&with_env.store.location, StoreLocation::S3(s) if s.bucket == "from-env"));
+        assert_eq!(with_env.pipeline.zstd_level, 7);
+
+        let flags = Overrides {
+            store_url: Some("file:///srv/backups".into()),
+            zstd_level: Some(1),
+            ..Overrides::default()
+        };
+        let with_flags = resolve_with(toml, &env, flags).unwrap();
+        assert_eq!(
+            with_flags.store.location,
+            StoreLocation::Local {
+                root: PathBuf::from("/srv/backups"),
+                embedded_default: false
+            }
+        );
+        assert_eq!(with_flags.pipeline.zstd_level, 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let error = resolve_with("[store]\nurll = \"x\"\n", &[], Overrides::default()).unwrap_err();
+        assert!(error.0.contains("urll"), "{error}");
+        let error = resolve_with("[stor]\n", &[], Overrides::default()).unwrap_err();
+        assert!(error.0.contains("stor"), "{error}");
+    }
+
+    #[test]
+    fn no_store_configured_means_the_embedded_local_directory() {
+        let config = resolve_with("", &[("HOME", "/home/sre")], Overrides::default()).unwrap();
+        assert_eq!(
+            config.store.location,
+            StoreLocation::Local {
+                root: PathBuf::from("/home/sre/.local/share/gc-backup"),
+                embedded_default: true
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_store_urls_are_refused() {
+        for url in [
+            "http://bucket",
+            "s3://",
+            "s3://UPPER",
+            "file://relative",
+            "bucket/x",
+            "s3://a",
+        ] {
+            let flags = Overrides {
+                store_url: Some(url.into()),
+                ..Overrides::default()
+            };
+            assert!(resolve_with("", &[], flags).is_err(), "{url} was accepted");
+        }
+    }
+
+    #[test]
+    fn s3_settings_come_from_the_aws_environment() {
+        let env = [
+            ("GC_BACKUP_STORE", "s3://gc-storage-backup/prod/"),
+            ("AWS_ENDPOINT_URL", "http://minio:9000"),
+            ("AWS_ACCESS_KEY_ID", "AKIA"),
+            ("AWS_SECRET_ACCESS_KEY", "very-secret"),
+            ("AWS_REGION", "eu-west-1"),
+        ];
+        let config = resolve_with("", &env, Overrides::default()).unwrap();
+        let StoreLocation::S3(s3) = &config.store.location else {
+            panic!("not s3")
+        };
+        assert_eq!(s3.prefix, "prod");
+        assert_eq!(s3.endpoint.as_deref(), Some("http://minio:9000"));
+        assert_eq!(s3.region, "eu-west-1");
+        assert_eq!(
+            s3.secret_access_key.as_ref().map(Secret::expose),
+            Some("very-secret")
+        );
+        assert_eq!(
+            config.store.location.to_string(),
+            "s3://gc-storage-backup/prod at http://minio:9000"
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let env = [
+            ("GC_BACKUP_STORE", "s3://bucket"),
+            ("AWS_SECRET_ACCESS_KEY", "s3-secret-value"),
+            ("PGPASSWORD", "pg-secret-value"),
+        ];
+        let config = resolve_with("", &env, Overrides::default()).unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3-secret-value") && !debug.contains("pg-secret-value"));
+        assert!(debug.contains("***"));
+        assert_eq!(
+            redact_url("postgres://u:pw@host/db"),
+            "postgres://***@host/db"
+        );
+    }
+
+    #[test]
+    fn libpq_names_win_over_the_runbook_aliases() {
+        let env = [
+            ("DB_HOST", "postgres-primary"),
+            ("DB_USER", "gc"),
+            ("DB_NAME", "gc_storage"),
+        ];
+        let config = resolve_with("", &env, Overrides::default()).unwrap();
+        assert_eq!(config.postgres.host.as_deref(), Some("postgres-primary"));
+        assert_eq!(config.postgres.dbname.as_deref(), Some("gc_storage"));
+        let env = [("DB_HOST", "alias"), ("PGHOST", "libpq")];
+        let config = resolve_with("", &env, Overrides::default()).unwrap();
+        assert_eq!(config.postgres.host.as_deref(), Some("libpq"));
+    }
+
+    #[test]
+    fn sizes_and_limits_are_checked() {
+        assert_eq!(parse_size("8MiB").unwrap(), 8 * MIB);
+        assert_eq!(parse_size("512k").unwrap(), 512 * 1024);
+        assert_eq!(parse_size("1048576").unwrap(), MIB);
+        assert!(parse_size("8 parsecs").is_err());
+        let small_parts = "[store]\nurl = \"s3://bucket\"\n[pipeline]\npart-size = \"1MiB\"\n";
+        assert!(resolve_with(small_parts, &[], Overrides::default()).is_err());
+        assert!(resolve_with("[pipeline]\nzstd-level = 30\n", &[], Overrides::default()).is_err());
+    }
+}

@@ -1,0 +1,54 @@
+//! Jobs: the only place where a source, the pipeline and the store meet. Each job takes the
+//! resolved configuration, an open store and a cancellation token, and returns what happened;
+//! the CLI renders it.
+//!
+//! Errors leave here as `anyhow::Error` carrying a [`Failure`] where the caller can act on
+//! them (exit codes), with the object, backup or database named in the message.
+
+pub mod pg_dump;
+pub mod restore_pg_dump;
+
+use crate::catalog::CatalogError;
+use crate::error::Failure;
+use crate::pipeline::PipelineError;
+use crate::sources::postgres::SourceError;
+use crate::store::StoreError;
+
+pub(crate) fn store_error(error: StoreError) -> anyhow::Error {
+    if error.is_config() {
+        anyhow::Error::new(Failure::Config(error.to_string()))
+    } else {
+        anyhow::Error::new(error)
+    }
+}
+
+pub(crate) fn catalog_error(error: CatalogError) -> anyhow::Error {
+    match error {
+        CatalogError::NoSuchBackup { .. } | CatalogError::NoBackups { .. } => {
+            anyhow::Error::new(Failure::NotFound(error.to_string()))
+        }
+        CatalogError::Store(store) => store_error(store),
+        other => anyhow::Error::new(other),
+    }
+}
+
+pub(crate) fn pipeline_error(error: PipelineError) -> anyhow::Error {
+    match error {
+        PipelineError::Store(store) => store_error(store),
+        PipelineError::Part { ref source, .. } if source.is_config() => {
+            anyhow::Error::new(Failure::Config(error.to_string()))
+        }
+        PipelineError::Corrupt(message) => anyhow::Error::new(Failure::Corrupt(message)),
+        PipelineError::Cancelled { .. } => {
+            anyhow::Error::new(Failure::Interrupted(error.to_string()))
+        }
+        other => anyhow::Error::new(other),
+    }
+}
+
+pub(crate) fn source_error(error: SourceError) -> anyhow::Error {
+    match error {
+        SourceError::Config(message) => anyhow::Error::new(Failure::Config(message)),
+        SourceError::Failed(message) => anyhow::anyhow!(message),
+    }
+}

@@ -1,0 +1,149 @@
+//! `backup pg-dump`: pg_dump's stdout through the pipeline into the store, committed only when
+//! pg_dump exited 0 and the stored object has the size the pipeline counted.
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::{catalog_error, pipeline_error, source_error, store_error};
+use crate::catalog::manifest::{
+    Compression, DumpFormat, MANIFEST_FORMAT, Manifest, PgDumpFacts, SourceFacts, StoredObject,
+};
+use crate::catalog::{self, BackupId, Kind, layout};
+use crate::config::Config;
+use crate::error::Failure;
+use crate::pipeline;
+use crate::sources::postgres;
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct PgDumpRequest {
+    pub format: DumpFormat,
+    pub tables: Vec<String>,
+}
+
+/// Takes a logical backup and returns its committed manifest.
+pub async fn backup(
+    config: &Config,
+    store: &Store,
+    request: &PgDumpRequest,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Manifest> {
+    // Ask the server first: a wrong database or password fails here, before any upload.
+    let facts = postgres::server_facts(&config.postgres)
+        .await
+        .map_err(source_error)?;
+    let bin_dir = postgres::client_bin_dir(&config.postgres, Some(facts.major()));
+    let pg_dump = postgres::client_binary(bin_dir.as_deref(), "pg_dump");
+    let pg_dump_version = postgres::tool_version(&pg_dump)
+        .await
+        .map_err(source_error)?;
+
+    let start_time = Utc::now();
+    let id = catalog::claim_id(store, Kind::PgDump, start_time)
+        .await
+        .map_err(catalog_error)?;
+    tracing::info!(
+        kind = "pg-dump",
+        id = %id,
+        database = %facts.database,
+        server_version = %facts.server_version,
+        store = %store.name(),
+        "backup started"
+    );
+    let object_name = match request.format {
+        DumpFormat::Custom => "dump.custom.zst",
+        DumpFormat::Plain => "dump.sql.zst",
+    };
+    let key = layout::data_key(Kind::PgDump, &id, object_name);
+
+    let stored = async {
+        let (dump, stdout) =
+            postgres::spawn_pg_dump(&pg_dump, &config.postgres, request.format, &request.tables)
+                .map_err(source_error)?;
+        let summary = match pipeline::upload(store, &key, stdout, &config.pipeline, cancel).await {
+            Ok(summary) => summary,
+            Err(error) => {
+                dump.kill().await;
+                return Err(pipeline_error(error));
+            }
+        };
+        // The stream ended; only pg_dump's exit status says whether it was the whole dump.
+        dump.finish().await.map_err(source_error)?;
+        let meta = store.head(&key).await.map_err(store_error)?;
+        if meta.size != summary.stored_bytes {
+            return Err(anyhow::Error::new(Failure::Corrupt(format!(
+                "{key} is {} bytes in the store after upload, but {} bytes were sent",
+                meta.size, summary.stored_bytes
+            ))));
+        }
+        Ok(summary)
+    }
+    .await;
+
+    let summary = match stored {
+        Ok(summary) => summary,
+        Err(error) => {
+            discard(store, &id).await;
+            return Err(error.context(format!("pg-dump backup {id} failed; nothing was committed")));
+        }
+    };
+
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        id: id.clone(),
+        kind: Kind::PgDump,
+        start_time,
+        end_time: Utc::now(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        raw_bytes: summary.raw_bytes,
+        stored_bytes: summary.stored_bytes,
+        compression: Compression {
+            algorithm: "zstd".to_string(),
+            level: config.pipeline.zstd_level,
+        },
+        source: SourceFacts::PgDump(PgDumpFacts {
+            database: facts.database.clone(),
+            server_version: Some(facts.server_version.clone()),
+            server_version_num: Some(facts.server_version_num),
+            pg_dump_version,
+            format: request.format,
+            tables: request.tables.clone(),
+        }),
+        objects: vec![StoredObject {
+            key: key.to_string(),
+            raw_bytes: summary.raw_bytes,
+            stored_bytes: summary.stored_bytes,
+            raw_sha256: summary.raw_sha256.clone(),
+            parts: summary.parts,
+        }],
+    };
+    if let Err(error) = catalog::commit(store, &manifest).await {
+        discard(store, &id).await;
+        return Err(catalog_error(error).context(format!(
+            "pg-dump backup {id} failed while writing its manifest; nothing was committed"
+        )));
+    }
+    tracing::info!(
+        kind = "pg-dump",
+        id = %id,
+        raw_bytes = summary.raw_bytes,
+        stored_bytes = summary.stored_bytes,
+        parts = summary.parts,
+        seconds = summary.elapsed.as_secs_f64(),
+        "backup completed"
+    );
+    Ok(manifest)
+}
+
+/// Removes what a failed run stored. If the store is unreachable this fails too; the claim
+/// object then marks the leftovers for retention's orphan sweep.
+async fn discard(store: &Store, id: &BackupId) {
+    if let Err(error) = catalog::remove_data(store, Kind::PgDump, id).await {
+        tracing::warn!(
+            id = %id,
+            %error,
+            "could not remove the data of the failed backup; `gc-backup retention` removes \
+             orphaned data"
+        );
+    }
+}

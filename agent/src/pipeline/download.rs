@@ -1,0 +1,138 @@
+//! The way back: store → zstd → SHA-256 check → a sink, on a blocking thread.
+//!
+//! The last chunk is held back until the whole object has been checked, so a consumer that
+//! commits at end of input (`pg_restore --single-transaction`, `psql --single-transaction`)
+//! never sees the end of a stream that failed its check, and a failed check can kill it before
+//! it commits anything.
+
+use std::io::{Read, Write};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::PipelineError;
+use crate::catalog::StoredObject;
+use crate::store::{ObjectKey, Store, StoreError};
+
+/// Decompressed bytes handed to the sink at a time.
+const OUT_CHUNK: usize = 256 * 1024;
+/// Compressed chunks fetched ahead of the decompressor. When full, the fetch waits.
+const FETCH_QUEUE: usize = 8;
+
+/// Where restored bytes go. It runs on a blocking thread, so plain `Write` is right.
+pub type Sink = Box<dyn Write + Send>;
+
+/// Downloads `object`, decompresses it into `sink` and checks size and SHA-256 against the
+/// manifest. Returns the sink after a flush, so the caller decides how to close it.
+pub async fn download(
+    store: &Store,
+    object: &StoredObject,
+    sink: Sink,
+) -> Result<Sink, PipelineError> {
+    let key = ObjectKey::from(object.key.as_str());
+    let (size, mut stream) = store.get_stream(&key).await?;
+    if size != object.stored_bytes {
+        return Err(PipelineError::Corrupt(format!(
+            "{} is {size} bytes in the store but {} bytes in its manifest",
+            object.key, object.stored_bytes
+        )));
+    }
+    let (tx, rx) = mpsc::channel::<Result<Bytes, StoreError>>(FETCH_QUEUE);
+    let expected = object.clone();
+    let decoder = tokio::task::spawn_blocking(move || decode(rx, sink, &expected));
+    let fetching = async {
+        while let Some(chunk) = stream.next().await {
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                break;
+            }
+        }
+        drop(tx);
+    };
+    let ((), decoded) = tokio::join!(fetching, decoder);
+    decoded.map_err(|e| PipelineError::Worker(e.to_string()))?
+}
+
+fn decode(
+    chunks: mpsc::Receiver<Result<Bytes, StoreError>>,
+    mut sink: Sink,
+    expected: &StoredObject,
+) -> Result<Sink, PipelineError> {
+    let mut reader = ChannelReader {
+        chunks,
+        current: Bytes::new(),
+        error: None,
+    };
+    let mut decoder =
+        zstd::stream::read::Decoder::new(&mut reader).map_err(PipelineError::Compress)?;
+    let mut hasher = Sha256::new();
+    let mut raw_bytes = 0u64;
+    let mut held: Vec<u8> = Vec::with_capacity(OUT_CHUNK);
+    let mut buffer = vec![0u8; OUT_CHUNK];
+    loop {
+        let read = match decoder.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(error) => {
+                drop(decoder);
+                return Err(match reader.error.take() {
+                    Some(store_error) => PipelineError::Store(store_error),
+                    None => PipelineError::Corrupt(format!(
+                        "{} does not decompress: {error}",
+                        expected.key
+                    )),
+                });
+            }
+        };
+        hasher.update(&buffer[..read]);
+        raw_bytes += read as u64;
+        if !held.is_empty() {
+            sink.write_all(&held).map_err(sink_error)?;
+            held.clear();
+        }
+        held.extend_from_slice(&buffer[..read]);
+    }
+    let sha256 = hex::encode(hasher.finalize());
+    if raw_bytes != expected.raw_bytes || sha256 != expected.raw_sha256 {
+        return Err(PipelineError::Corrupt(format!(
+            "{} fails its check: {raw_bytes} bytes with SHA-256 {sha256}, but its manifest \
+             says {} bytes with SHA-256 {}",
+            expected.key, expected.raw_bytes, expected.raw_sha256
+        )));
+    }
+    sink.write_all(&held).map_err(sink_error)?;
+    sink.flush().map_err(sink_error)?;
+    Ok(sink)
+}
+
+fn sink_error(error: std::io::Error) -> PipelineError {
+    PipelineError::Sink(error)
+}
+
+/// A blocking `Read` over the fetched chunks. A store error is kept aside so that it is
+/// reported as itself rather than as a decompression error.
+struct ChannelReader {
+    chunks: mpsc::Receiver<Result<Bytes, StoreError>>,
+    current: Bytes,
+    error: Option<StoreError>,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(error)) => {
+                    self.error = Some(error);
+                    return Err(std::io::Error::other("store read failed"));
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}

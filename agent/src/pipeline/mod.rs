@@ -1,0 +1,180 @@
+//! Source bytes → SHA-256 → zstd → parts → the store, and back.
+//!
+//! ```text
+//!  source (AsyncRead)          compressor thread                 uploader (async)
+//!  read 256 KiB chunks ──[8]──▶ sha256(raw) → zstd → part ──[1]──▶ put_part × parallel_uploads
+//! ```
+//!
+//! Each arrow is a bounded channel (capacity in brackets); a full channel blocks the side that
+//! sends, so a slow store slows the source instead of growing memory. Memory is about
+//! `part_size × (parallel_uploads + 2)` plus zstd's window: nothing depends on the size of the
+//! source, and nothing is written to local disk. Any failure drops the channels, which stops
+//! every stage, and aborts the multipart upload. See [`upload`] and [`download`].
+
+mod compress;
+mod download;
+mod upload;
+
+use std::time::Duration;
+
+use tokio::io::AsyncRead;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PipelineConfig;
+use crate::store::{ObjectKey, Store, StoreError};
+
+pub use download::{Sink, download};
+
+/// Raw bytes read from the source per message to the compressor.
+const CHUNK_SIZE: usize = 256 * 1024;
+/// Chunks waiting for the compressor. When full, the source reader waits.
+const CHUNK_QUEUE: usize = 8;
+/// Finished parts waiting for an upload slot. When full, the compressor waits.
+const PART_QUEUE: usize = 1;
+
+/// What travels between stages. The end of a stream is said explicitly: a channel that closes
+/// without [`Piece::End`] means the stage before failed, and the next one must abort rather
+/// than commit a truncated stream.
+#[derive(Debug)]
+pub(crate) enum Piece {
+    Data(bytes::Bytes),
+    End,
+}
+/// S3 allows at most this many parts in one upload.
+const MAX_PARTS: u32 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("reading the source failed: {0}")]
+    Source(#[source] std::io::Error),
+    #[error("compressing failed: {0}")]
+    Compress(#[source] std::io::Error),
+    #[error("upload of part {part} of {key} failed: {source}")]
+    Part {
+        part: u32,
+        key: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "{key} would need more than {MAX_PARTS} parts; raise pipeline.part-size (now {part_size} bytes)"
+    )]
+    TooLarge { key: String, part_size: usize },
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("writing the restored data failed: {0}")]
+    Sink(#[source] std::io::Error),
+    #[error("interrupted; the upload of {key} was aborted")]
+    Cancelled { key: String },
+    /// A stage stopped because another one failed; never the error reported to the user.
+    #[error("pipeline stage stopped because another stage failed")]
+    Stopped,
+    #[error("pipeline worker failed: {0}")]
+    Worker(String),
+}
+
+/// What was stored, for the manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadSummary {
+    pub raw_bytes: u64,
+    pub raw_sha256: String,
+    pub stored_bytes: u64,
+    pub parts: u32,
+    pub elapsed: Duration,
+}
+
+/// Streams `source` through the pipeline into `key`.
+///
+/// Returns when the object is completely stored, or with the first real error after aborting
+/// the upload. `cancel` aborts the upload in flight (SIGTERM, shutdown).
+pub async fn upload<R>(
+    store: &Store,
+    key: &ObjectKey,
+    source: R,
+    settings: &PipelineConfig,
+    cancel: &CancellationToken,
+) -> Result<UploadSummary, PipelineError>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let started = std::time::Instant::now();
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(CHUNK_QUEUE);
+    let (part_tx, part_rx) = tokio::sync::mpsc::channel(PART_QUEUE);
+    let compressor = {
+        let settings = settings.clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || compress::run(chunk_rx, part_tx, &settings, &key))
+    };
+    let reading = read_source(source, chunk_tx, cancel);
+    let uploading = upload::run(store, key, part_rx, settings.parallel_uploads, cancel);
+    let (read_result, upload_result) = tokio::join!(reading, uploading);
+    let compress_result = compressor
+        .await
+        .map_err(|e| PipelineError::Worker(e.to_string()))
+        .and_then(|r| r);
+
+    // Report the cause, not the stages that stopped because of it.
+    let stored = match (upload_result, compress_result, read_result) {
+        (Ok(stored), Ok(compressed), Ok(())) => (stored, compressed),
+        (Err(e), _, _) if !matches!(e, PipelineError::Stopped) => return Err(e),
+        (_, Err(e), _) if !matches!(e, PipelineError::Stopped) => return Err(e),
+        (_, _, Err(e)) if !matches!(e, PipelineError::Stopped) => return Err(e),
+        _ => return Err(PipelineError::Stopped),
+    };
+    let (upload, compressed) = stored;
+    debug_assert_eq!(upload.stored_bytes, compressed.stored_bytes);
+    Ok(UploadSummary {
+        raw_bytes: compressed.raw_bytes,
+        raw_sha256: compressed.raw_sha256,
+        stored_bytes: upload.stored_bytes,
+        parts: upload.parts,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Reads the source in chunks and queues them for the compressor.
+async fn read_source<R>(
+    mut source: R,
+    chunks: tokio::sync::mpsc::Sender<Piece>,
+    cancel: &CancellationToken,
+) -> Result<(), PipelineError>
+where
+    R: AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut chunk = bytes::BytesMut::with_capacity(CHUNK_SIZE);
+        let mut at_end = false;
+        while chunk.len() < CHUNK_SIZE {
+            let read = tokio::select! {
+                read = source.read_buf(&mut chunk) => read.map_err(PipelineError::Source)?,
+                () = cancel.cancelled() => return Err(PipelineError::Stopped),
+            };
+            if read == 0 {
+                at_end = true;
+                break;
+            }
+        }
+        if !chunk.is_empty() && chunks.send(Piece::Data(chunk.freeze())).await.is_err() {
+            return Err(PipelineError::Stopped);
+        }
+        if at_end {
+            return chunks
+                .send(Piece::End)
+                .await
+                .map_err(|_| PipelineError::Stopped);
+        }
+    }
+}
+
+/// The size of part `index` (0-based): `base` for the first 2,000 parts, then doubling every
+/// 2,000, so that the 10,000-part limit of S3 is reached only past 62,000 × `base` (about
+/// 484 GiB stored with 8 MiB parts) while small and medium backups keep small parts.
+pub(crate) fn part_size_for(index: u32, base: usize) -> usize {
+    base << (index / 2_000).min(4)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,293 @@
+//! The pipeline against in-memory stores: round trips, back-pressure, failures, corruption.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::ObjectStoreExt;
+use object_store::memory::InMemory;
+use object_store::throttle::{ThrottleConfig, ThrottledStore};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::catalog::StoredObject;
+
+fn settings(part_size: usize) -> PipelineConfig {
+    PipelineConfig {
+        zstd_level: 1,
+        zstd_workers: 0,
+        part_size,
+        parallel_uploads: 2,
+    }
+}
+
+/// Deterministic incompressible bytes.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A source of endless noise that counts what was read from it, and can fail on demand.
+struct NoiseSource {
+    read: Arc<AtomicU64>,
+    fail_after: Option<u64>,
+    seed: u64,
+}
+
+impl AsyncRead for NoiseSource {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let done = self.read.load(Ordering::SeqCst);
+        if self.fail_after.is_some_and(|limit| done >= limit) {
+            return Poll::Ready(Err(std::io::Error::other("source died")));
+        }
+        self.seed += 1;
+        let chunk = noise(buf.remaining().min(64 * 1024), self.seed);
+        buf.put_slice(&chunk);
+        self.read.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A sink that keeps what it was given, shared with the test.
+#[derive(Clone, Default)]
+struct SharedSink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn object_of(key: &ObjectKey, summary: &UploadSummary) -> StoredObject {
+    StoredObject {
+        key: key.to_string(),
+        raw_bytes: summary.raw_bytes,
+        stored_bytes: summary.stored_bytes,
+        raw_sha256: summary.raw_sha256.clone(),
+        parts: summary.parts,
+    }
+}
+
+async fn round_trip(data: Vec<u8>, part_size: usize, workers: u32) -> UploadSummary {
+    let store = Store::memory();
+    let key = ObjectKey::from("data/test/object.zst");
+    let mut settings = settings(part_size);
+    settings.zstd_workers = workers;
+    let summary = upload(
+        &store,
+        &key,
+        &data[..],
+        &settings,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.raw_bytes, data.len() as u64);
+    assert_eq!(summary.raw_sha256, hex::encode(Sha256::digest(&data)));
+    let stored = store.head(&key).await.unwrap();
+    assert_eq!(stored.size, summary.stored_bytes);
+
+    let sink = SharedSink::default();
+    download(&store, &object_of(&key, &summary), Box::new(sink.clone()))
+        .await
+        .unwrap();
+    assert!(*sink.0.lock().unwrap() == data, "restored bytes differ");
+    summary
+}
+
+#[tokio::test]
+async fn empty_small_and_multipart_streams_round_trip() {
+    let empty = round_trip(Vec::new(), 64 * 1024, 0).await;
+    assert_eq!(empty.parts, 1);
+    let small = round_trip(b"hello, backup".repeat(100), 64 * 1024, 0).await;
+    assert_eq!(small.parts, 1);
+    assert!(small.stored_bytes < small.raw_bytes);
+    let large = round_trip(noise(1_000_000, 7), 64 * 1024, 0).await;
+    assert!(large.parts > 10, "{} parts", large.parts);
+    let threaded = round_trip(noise(700_000, 9), 64 * 1024, 2).await;
+    assert!(threaded.parts > 5);
+}
+
+#[tokio::test]
+async fn a_stalled_store_stops_the_source_within_the_memory_bound() {
+    let part_size = 64 * 1024;
+    let throttle = ThrottleConfig {
+        wait_put_per_call: Duration::from_secs(3600),
+        ..ThrottleConfig::default()
+    };
+    let store = Store::from_object_store(
+        Arc::new(ThrottledStore::new(InMemory::new(), throttle)),
+        "stalled",
+    );
+    let read = Arc::new(AtomicU64::new(0));
+    let source = NoiseSource {
+        read: read.clone(),
+        fail_after: None,
+        seed: 1,
+    };
+    let key = ObjectKey::from("data/test/stalled.zst");
+    let settings = settings(part_size);
+    let cancel = CancellationToken::new();
+    let run = upload(&store, &key, source, &settings, &cancel);
+    let outcome = tokio::time::timeout(Duration::from_millis(800), run).await;
+    assert!(
+        outcome.is_err(),
+        "the upload cannot finish against a stalled store"
+    );
+    // Parts in flight + queued part + part being filled, plus queued raw chunks and the
+    // reader's chunk; noise does not compress, so raw ≈ stored.
+    let bound = (settings.parallel_uploads + 2) * part_size + (CHUNK_QUEUE + 2) * CHUNK_SIZE;
+    let read = read.load(Ordering::SeqCst);
+    assert!(read <= bound as u64, "read {read} bytes, bound {bound}");
+    assert!(read > 0);
+}
+
+#[tokio::test]
+async fn a_failing_source_aborts_and_leaves_nothing() {
+    let store = Store::memory();
+    let key = ObjectKey::from("data/test/failed.zst");
+    let source = NoiseSource {
+        read: Arc::new(AtomicU64::new(0)),
+        fail_after: Some(600_000),
+        seed: 3,
+    };
+    let error = upload(
+        &store,
+        &key,
+        source,
+        &settings(64 * 1024),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(error, PipelineError::Source(_)), "{error}");
+    assert!(
+        store
+            .list(&ObjectKey::from("data"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn cancelling_aborts_the_upload() {
+    let store = Store::memory();
+    let key = ObjectKey::from("data/test/cancelled.zst");
+    let source = NoiseSource {
+        read: Arc::new(AtomicU64::new(0)),
+        fail_after: None,
+        seed: 4,
+    };
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        trigger.cancel();
+    });
+    let error = upload(&store, &key, source, &settings(64 * 1024), &cancel)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, PipelineError::Cancelled { .. }), "{error}");
+    assert!(
+        store
+            .list(&ObjectKey::from("data"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_flipped_byte_fails_the_restore_before_the_end_reaches_the_sink() {
+    let inner = Arc::new(InMemory::new());
+    let store = Store::from_object_store(inner.clone(), "memory");
+    let key = ObjectKey::from("data/test/flipped.zst");
+    let data = b"row 1\nrow 2\n".repeat(5000);
+    let summary = upload(
+        &store,
+        &key,
+        &data[..],
+        &settings(64 * 1024),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let object = object_of(&key, &summary);
+
+    // Corrupt a byte in the middle of the stored object.
+    let mut stored = inner
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let middle = stored.len() / 2;
+    stored[middle] ^= 0x40;
+    inner.put(&key, Bytes::from(stored).into()).await.unwrap();
+    let sink = SharedSink::default();
+    let error = download(&store, &object, Box::new(sink.clone()))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(error, PipelineError::Corrupt(_)), "{error}");
+    assert!(sink.0.lock().unwrap().len() < data.len());
+
+    // A manifest that lies about the content is caught by the SHA-256 alone.
+    let mut wrong = object.clone();
+    wrong.raw_sha256 = hex::encode(Sha256::digest(b"something else"));
+    inner
+        .put(
+            &key,
+            Bytes::from(zstd::encode_all(&data[..], 1).unwrap()).into(),
+        )
+        .await
+        .unwrap();
+    wrong.stored_bytes = inner.head(&key).await.unwrap().size;
+    let sink = SharedSink::default();
+    let error = download(&store, &wrong, Box::new(sink.clone()))
+        .await
+        .err()
+        .unwrap();
+    assert!(error.to_string().contains("fails its check"), "{error}");
+    assert!(
+        sink.0.lock().unwrap().len() < data.len(),
+        "the held-back tail was released"
+    );
+}
+
+#[test]
+fn parts_grow_only_past_two_thousand() {
+    let base = 8 << 20;
+    assert_eq!(part_size_for(0, base), base);
+    assert_eq!(part_size_for(1_999, base), base);
+    assert_eq!(part_size_for(2_000, base), 2 * base);
+    assert_eq!(part_size_for(9_999, base), 16 * base);
+    let total: usize = (0..MAX_PARTS).map(|i| part_size_for(i, base)).sum();
+    assert_eq!(total, 62_000 * base);
+}

@@ -1,0 +1,3 @@
+//! Sources turn a live system into a byte stream. One module per datastore.
+
+pub mod postgres;

@@ -1,0 +1,331 @@
+//! PostgreSQL as a source: the server's facts (through tokio-postgres), and `pg_dump` as a
+//! child process whose stdout is the stream and whose exit status decides the backup.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+
+use crate::catalog::manifest::DumpFormat;
+use crate::config::PostgresConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The settings are wrong: no such database, bad password, no such role.
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What the server says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFacts {
+    pub database: String,
+    pub server_version: String,
+    pub server_version_num: u32,
+}
+
+impl ServerFacts {
+    pub fn major(&self) -> u32 {
+        self.server_version_num / 10_000
+    }
+}
+
+/// Where libpq would connect, for messages: `host:port/db` without credentials.
+pub fn describe(config: &PostgresConfig) -> String {
+    format!(
+        "{}:{}/{}",
+        config.host.as_deref().unwrap_or("(default socket)"),
+        config.port.unwrap_or(5432),
+        effective_dbname(config)
+    )
+}
+
+fn effective_user(config: &PostgresConfig) -> String {
+    config
+        .user
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "postgres".to_string())
+}
+
+fn effective_dbname(config: &PostgresConfig) -> String {
+    config
+        .dbname
+        .clone()
+        .unwrap_or_else(|| effective_user(config))
+}
+
+/// Connects once, checks that the database is there and reachable, and reads its version.
+pub async fn server_facts(config: &PostgresConfig) -> Result<ServerFacts, SourceError> {
+    let mut pg = tokio_postgres::Config::new();
+    pg.application_name("gc-backup")
+        .connect_timeout(Duration::from_secs(10))
+        .user(effective_user(config))
+        .dbname(effective_dbname(config));
+    match config.host.as_deref() {
+        Some(host) if host.starts_with('/') => pg.host_path(host),
+        Some(host) => pg.host(host),
+        // libpq's default on Debian is the socket directory, then localhost.
+        None if Path::new("/var/run/postgresql").is_dir() => pg.host_path("/var/run/postgresql"),
+        None => pg.host("localhost"),
+    };
+    pg.port(config.port.unwrap_or(5432));
+    if let Some(password) = &config.password {
+        pg.password(password.expose());
+    }
+    let (client, connection) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| connect_error(config, &e))?;
+    let connection = tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT current_database(), current_setting('server_version'), \
+             current_setting('server_version_num')::int4",
+            &[],
+        )
+        .await
+        .map_err(|e| SourceError::Failed(format!("querying {}: {e}", describe(config))))?;
+    drop(client);
+    connection.abort();
+    let num: i32 = row.get(2);
+    Ok(ServerFacts {
+        database: row.get(0),
+        server_version: row.get(1),
+        server_version_num: u32::try_from(num).unwrap_or_default(),
+    })
+}
+
+fn connect_error(config: &PostgresConfig, error: &tokio_postgres::Error) -> SourceError {
+    let target = describe(config);
+    if let Some(db) = error.as_db_error() {
+        let message = format!(
+            "PostgreSQL at {target} refused the connection: {}",
+            db.message()
+        );
+        // 3D000 no such database, 28xxx authentication, 42704 no such role.
+        let code = db.code().code();
+        if code == "3D000" || code.starts_with("28") || code == "42704" {
+            return SourceError::Config(message);
+        }
+        return SourceError::Failed(message);
+    }
+    let detail =
+        std::error::Error::source(error).map_or_else(|| error.to_string(), ToString::to_string);
+    SourceError::Failed(format!(
+        "cannot connect to PostgreSQL at {target}: {detail}"
+    ))
+}
+
+/// The directory of client binaries for this server: the configured one, else Debian's
+/// directory for the server's major version (pg_dump must not be older than the server), else
+/// the newest installed, else whatever is on PATH.
+pub fn client_bin_dir(config: &PostgresConfig, server_major: Option<u32>) -> Option<PathBuf> {
+    if let Some(dir) = &config.bin_dir {
+        return Some(dir.clone());
+    }
+    let installed = installed_majors();
+    let pick = match server_major {
+        Some(major) => installed
+            .iter()
+            .copied()
+            .find(|m| *m == major)
+            .or_else(|| installed.iter().copied().filter(|m| *m > major).max()),
+        None => installed.iter().copied().max(),
+    };
+    pick.map(|m| PathBuf::from(format!("/usr/lib/postgresql/{m}/bin")))
+}
+
+fn installed_majors() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|m| Path::new(&format!("/usr/lib/postgresql/{m}/bin/pg_dump")).exists())
+        .collect()
+}
+
+/// The path of a client binary in `dir`, or its bare name for a PATH lookup.
+pub fn client_binary(dir: Option<&Path>, name: &str) -> PathBuf {
+    match dir {
+        Some(dir) => dir.join(name),
+        None => PathBuf::from(name),
+    }
+}
+
+/// Sets libpq's environment for a child from the resolved settings. The password goes through
+/// the environment, never the command line.
+pub fn apply_libpq_env(command: &mut Command, config: &PostgresConfig) {
+    let settings = [
+        ("PGHOST", config.host.clone()),
+        ("PGPORT", config.port.map(|p| p.to_string())),
+        ("PGUSER", config.user.clone()),
+        ("PGDATABASE", config.dbname.clone()),
+        (
+            "PGPASSWORD",
+            config.password.as_ref().map(|p| p.expose().to_string()),
+        ),
+    ];
+    for (name, value) in settings {
+        if let Some(value) = value {
+            command.env(name, value);
+        }
+    }
+}
+
+/// `pg_dump --version`, e.g. "pg_dump (PostgreSQL) 15.18".
+pub async fn tool_version(binary: &Path) -> Result<String, SourceError> {
+    let output = Command::new(binary)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| SourceError::Config(format!("cannot run {}: {e}", binary.display())))?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// Starts pg_dump with its stdout as the backup stream. [`Supervised::finish`] decides
+/// whether the stream was a whole dump.
+pub fn spawn_pg_dump(
+    binary: &Path,
+    config: &PostgresConfig,
+    format: DumpFormat,
+    tables: &[String],
+) -> Result<(Supervised, ChildStdout), SourceError> {
+    let mut command = Command::new(binary);
+    apply_libpq_env(&mut command, config);
+    command
+        .arg(format!("--format={}", format.as_str()))
+        .arg("--no-password");
+    if format == DumpFormat::Custom {
+        // Our zstd does the compressing, faster and smaller.
+        command.arg("--compress=0");
+    }
+    for table in tables {
+        command.arg(format!("--table={table}"));
+    }
+    command.stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = Supervised::spawn("pg_dump", command)?;
+    let stdout = child
+        .child
+        .stdout
+        .take()
+        .ok_or_else(|| SourceError::Failed("pg_dump has no stdout".into()))?;
+    Ok((child, stdout))
+}
+
+/// A client program (pg_dump, pg_restore, psql) whose exit status decides the job and whose
+/// last stderr lines explain a failure.
+#[derive(Debug)]
+pub struct Supervised {
+    name: &'static str,
+    child: Child,
+    stderr: Arc<Mutex<StderrTail>>,
+    stderr_task: tokio::task::JoinHandle<()>,
+}
+
+impl Supervised {
+    /// Spawns `command` with stderr captured; stdin and stdout are the caller's to set.
+    pub fn spawn(name: &'static str, mut command: Command) -> Result<Self, SourceError> {
+        command.stderr(Stdio::piped()).kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .map_err(|e| SourceError::Config(format!("cannot start {name}: {e}")))?;
+        let stderr_pipe = child
+            .stderr
+            .take()
+            .ok_or_else(|| SourceError::Failed(format!("{name} has no stderr")))?;
+        let stderr = Arc::new(Mutex::new(StderrTail::default()));
+        let sink = stderr.clone();
+        let stderr_task = tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr_pipe).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::debug!(program = name, "{line}");
+                if let Ok(mut tail) = sink.lock() {
+                    tail.push(line);
+                }
+            }
+        });
+        Ok(Self {
+            name,
+            child,
+            stderr,
+            stderr_task,
+        })
+    }
+
+    pub fn stdin(&mut self) -> Option<tokio::process::ChildStdin> {
+        self.child.stdin.take()
+    }
+
+    /// Waits for the program and checks its exit status.
+    pub async fn finish(mut self) -> Result<(), SourceError> {
+        let status = self
+            .child
+            .wait()
+            .await
+            .map_err(|e| SourceError::Failed(format!("waiting for {}: {e}", self.name)))?;
+        // stderr closes when the program exits; its last lines explain a failure.
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.stderr_task).await;
+        if status.success() {
+            return Ok(());
+        }
+        let reason = self.reason();
+        let message = if reason.is_empty() {
+            format!("{} failed ({status})", self.name)
+        } else {
+            format!("{} failed ({status}): {reason}", self.name)
+        };
+        if reason.contains("does not exist") || reason.contains("no matching") {
+            return Err(SourceError::Config(message));
+        }
+        Err(SourceError::Failed(message))
+    }
+
+    /// Stops the program after a failure elsewhere, and returns what it said last.
+    pub async fn kill(mut self) -> String {
+        let _ = self.child.kill().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.stderr_task).await;
+        self.reason()
+    }
+
+    fn reason(&self) -> String {
+        self.stderr
+            .lock()
+            .map(|tail| tail.reason())
+            .unwrap_or_default()
+    }
+}
+
+/// The last lines of a child's stderr, bounded.
+#[derive(Debug, Default)]
+pub struct StderrTail {
+    lines: std::collections::VecDeque<String>,
+}
+
+impl StderrTail {
+    const KEEP: usize = 20;
+
+    pub fn push(&mut self, line: String) {
+        if self.lines.len() == Self::KEEP {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(line);
+    }
+
+    /// The line that explains a failure: the last one saying "error", else the last one.
+    pub fn reason(&self) -> String {
+        self.lines
+            .iter()
+            .rev()
+            .find(|l| l.contains("error") || l.contains("FATAL"))
+            .or_else(|| self.lines.back())
+            .map(|l| l.trim().to_string())
+            .unwrap_or_default()
+    }
+}

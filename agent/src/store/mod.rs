@@ -1,0 +1,323 @@
+//! Where backups live: an `object_store` (S3 and S3-compatible servers, a local directory, or
+//! memory in tests) behind one small [`Store`] type.
+//!
+//! Every store error is turned into a [`StoreError`] that says what the operator can do: fix
+//! credentials or the bucket name (a configuration problem), wait for the server (unreachable),
+//! or look at the named object. Messages name the store without credentials.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::aws::{AmazonS3Builder, Checksum};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as Key;
+use object_store::prefix::PrefixStore;
+use object_store::{
+    BackoffConfig, ClientOptions, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt,
+    PutMode, PutOptions, PutPayload, RetryConfig,
+};
+
+use crate::config::{StoreConfig, StoreLocation};
+
+pub use object_store::path::Path as ObjectKey;
+
+/// A store failure, sorted by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{key} does not exist in {store}")]
+    NotFound { store: String, key: String },
+    #[error("{key} already exists in {store}")]
+    AlreadyExists { store: String, key: String },
+    #[error(
+        "{store} refused access to {key} ({detail}). Check AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY, and that the key may read and write this bucket."
+    )]
+    Denied {
+        store: String,
+        key: String,
+        detail: String,
+    },
+    #[error("the bucket of {store} does not exist. Create it, or fix the store URL.")]
+    NoBucket { store: String },
+    #[error("{operation} {key} in {store} failed: {detail}")]
+    Failed {
+        store: String,
+        operation: &'static str,
+        key: String,
+        detail: String,
+    },
+    #[error("cannot use {store}: {detail}")]
+    Setup { store: String, detail: String },
+}
+
+impl StoreError {
+    /// Configuration problems (exit 2): wrong credentials, no such bucket, unusable location.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            Self::Denied { .. } | Self::NoBucket { .. } | Self::Setup { .. }
+        )
+    }
+}
+
+/// A handle on the configured store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    /// Shown in messages; never holds a credential.
+    name: String,
+}
+
+impl Store {
+    /// Builds the client. Only a local store touches the disk here (it creates its directory).
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let name = config.location.to_string();
+        let setup = |detail: String| StoreError::Setup {
+            store: name.clone(),
+            detail,
+        };
+        let inner: Arc<dyn ObjectStore> = match &config.location {
+            StoreLocation::Local { root, .. } => {
+                std::fs::create_dir_all(root)
+                    .map_err(|e| setup(format!("cannot create {}: {e}", root.display())))?;
+                let local = LocalFileSystem::new_with_prefix(root)
+                    .map_err(|e| setup(e.to_string()))?
+                    .with_automatic_cleanup(true);
+                Arc::new(local)
+            }
+            StoreLocation::S3(s3) => {
+                let retry = RetryConfig {
+                    backoff: BackoffConfig::default(),
+                    max_retries: config.max_retries,
+                    retry_timeout: config.retry_timeout,
+                };
+                let client = ClientOptions::new()
+                    .with_connect_timeout(config.connect_timeout)
+                    .with_timeout(std::time::Duration::from_secs(120));
+                // from_env picks up web-identity and container credentials (IRSA); every
+                // setting we resolved ourselves is applied on top of it.
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_bucket_name(&s3.bucket)
+                    .with_region(&s3.region)
+                    .with_virtual_hosted_style_request(s3.virtual_hosted_style)
+                    .with_retry(retry)
+                    .with_client_options(client);
+                if let Some(endpoint) = &s3.endpoint {
+                    builder = builder
+                        .with_endpoint(endpoint)
+                        .with_allow_http(endpoint.starts_with("http://"));
+                }
+                if let Some(key) = &s3.access_key_id {
+                    builder = builder.with_access_key_id(key);
+                }
+                if let Some(secret) = &s3.secret_access_key {
+                    builder = builder.with_secret_access_key(secret.expose());
+                }
+                if let Some(token) = &s3.session_token {
+                    builder = builder.with_token(token.expose());
+                }
+                if s3.verify_uploads {
+                    builder = builder.with_checksum_algorithm(Checksum::SHA256);
+                }
+                let s3_store = builder.build().map_err(|e| setup(e.to_string()))?;
+                if s3.prefix.is_empty() {
+                    Arc::new(s3_store)
+                } else {
+                    Arc::new(PrefixStore::new(s3_store, s3.prefix.as_str()))
+                }
+            }
+        };
+        Ok(Self { inner, name })
+    }
+
+    /// An in-memory store, for unit tests and benchmarks.
+    pub fn memory() -> Self {
+        Self {
+            inner: Arc::new(InMemory::new()),
+            name: "memory://".to_string(),
+        }
+    }
+
+    /// Wraps any object store (tests use this to inject throttling or faults).
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>, name: impl Into<String>) -> Self {
+        Self {
+            inner,
+            name: name.into(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Writes `bytes` at `key` only if nothing is there yet.
+    pub async fn put_new(&self, key: &Key, bytes: Bytes) -> Result<(), StoreError> {
+        let options = PutOptions::from(PutMode::Create);
+        self.inner
+            .put_opts(key, PutPayload::from(bytes), options)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("put", key, e))
+    }
+
+    pub async fn put(&self, key: &Key, payload: PutPayload) -> Result<(), StoreError> {
+        self.inner
+            .put(key, payload)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("put", key, e))
+    }
+
+    pub async fn start_multipart(&self, key: &Key) -> Result<Box<dyn MultipartUpload>, StoreError> {
+        self.inner
+            .put_multipart(key)
+            .await
+            .map_err(|e| self.error("start multipart upload of", key, e))
+    }
+
+    pub async fn get_bytes(&self, key: &Key) -> Result<Bytes, StoreError> {
+        let result = self
+            .inner
+            .get(key)
+            .await
+            .map_err(|e| self.error("get", key, e))?;
+        result.bytes().await.map_err(|e| self.error("read", key, e))
+    }
+
+    /// The object's size and a stream of its bytes.
+    pub async fn get_stream(
+        &self,
+        key: &Key,
+    ) -> Result<(u64, BoxStream<'static, Result<Bytes, StoreError>>), StoreError> {
+        let result = self
+            .inner
+            .get(key)
+            .await
+            .map_err(|e| self.error("get", key, e))?;
+        let size = result.meta.size;
+        let this = self.clone();
+        let owned_key = key.clone();
+        let stream = result
+            .into_stream()
+            .map(move |chunk| chunk.map_err(|e| this.error("read", &owned_key, e)))
+            .boxed();
+        Ok((size, stream))
+    }
+
+    pub async fn head(&self, key: &Key) -> Result<ObjectMeta, StoreError> {
+        self.inner
+            .head(key)
+            .await
+            .map_err(|e| self.error("head", key, e))
+    }
+
+    /// Every object under `prefix`, following pagination to the end.
+    pub async fn list(&self, prefix: &Key) -> Result<Vec<ObjectMeta>, StoreError> {
+        let mut stream = self.inner.list(Some(prefix));
+        let mut objects = Vec::new();
+        while let Some(item) = stream.next().await {
+            objects.push(item.map_err(|e| self.error("list", prefix, e))?);
+        }
+        Ok(objects)
+    }
+
+    /// Deletes `key`; a key that is already gone is not an error.
+    pub async fn delete(&self, key: &Key) -> Result<(), StoreError> {
+        match self.inner.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error("delete", key, e)),
+        }
+    }
+
+    /// Converts an `object_store` error into one that names this store and the key.
+    pub fn error(
+        &self,
+        operation: &'static str,
+        key: &Key,
+        error: object_store::Error,
+    ) -> StoreError {
+        let store = self.name.clone();
+        let key = key.to_string();
+        let text = error.to_string();
+        if text.contains("NoSuchBucket") {
+            return StoreError::NoBucket { store };
+        }
+        match error {
+            object_store::Error::NotFound { .. } => StoreError::NotFound { store, key },
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. } => StoreError::AlreadyExists { store, key },
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => StoreError::Denied {
+                store,
+                key,
+                detail: s3_error_code(&text).unwrap_or("403").to_string(),
+            },
+            _ => StoreError::Failed {
+                store,
+                operation,
+                key,
+                detail: one_line(&text),
+            },
+        }
+    }
+}
+
+/// The `<Code>` of an S3 XML error body, if the message carries one.
+fn s3_error_code(text: &str) -> Option<&str> {
+    let start = text.find("<Code>")? + "<Code>".len();
+    let end = text[start..].find("</Code>")? + start;
+    Some(&text[start..end])
+}
+
+/// Error text from HTTP clients can span lines and carry whole XML bodies; keep one line.
+fn one_line(text: &str) -> String {
+    let first = text.lines().next().unwrap_or_default();
+    let mut line = match s3_error_code(text) {
+        Some(code) if !first.contains(code) => format!("{first} ({code})"),
+        _ => first.to_string(),
+    };
+    if line.len() > 400 {
+        let mut cut = 400;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push('…');
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_error_codes_are_pulled_out_of_xml_bodies() {
+        let text = "Client error with status 403: <?xml version=\"1.0\"?><Error>\
+                    <Code>SignatureDoesNotMatch</Code><Message>...</Message></Error>";
+        assert_eq!(s3_error_code(text), Some("SignatureDoesNotMatch"));
+        assert_eq!(s3_error_code("connection refused"), None);
+    }
+
+    #[tokio::test]
+    async fn put_new_refuses_to_overwrite() {
+        let store = Store::memory();
+        let key = Key::from("manifests/x.json");
+        store
+            .put_new(&key, Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        let second = store.put_new(&key, Bytes::from_static(b"two")).await;
+        assert!(
+            matches!(second, Err(StoreError::AlreadyExists { .. })),
+            "{second:?}"
+        );
+        assert_eq!(
+            store.get_bytes(&key).await.unwrap(),
+            Bytes::from_static(b"one")
+        );
+    }
+}

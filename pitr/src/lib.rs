@@ -1,0 +1,1 @@
+//! Placeholder: filled by the PITR and retention issues.
