@@ -216,7 +216,18 @@ pub fn spawn_pg_dump(
         .stdout
         .take()
         .ok_or_else(|| SourceError::Failed("pg_dump has no stdout".into()))?;
+    widen_pipe(&stdout);
     Ok((child, stdout))
+}
+
+/// Linux pipes hold 64 KiB; pg_dump writes in small pieces and stalls whenever the pipe is
+/// full. A 1 MiB pipe lets it run ahead while the compressor works. Best effort: the kernel
+/// may refuse more than /proc/sys/fs/pipe-max-size for unprivileged users.
+fn widen_pipe(pipe: &ChildStdout) {
+    const PIPE_SIZE: i32 = 1 << 20;
+    if let Err(error) = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)) {
+        tracing::debug!(%error, "could not widen pg_dump's stdout pipe");
+    }
 }
 
 /// A client program (pg_dump, pg_restore, psql) whose exit status decides the job and whose
