@@ -363,6 +363,31 @@ fn the_store_dying_halfway_commits_nothing() {
 }
 
 #[test]
+fn sigterm_mid_backup_aborts_the_upload_and_commits_nothing() {
+    let pg = Postgres::start();
+    let weed = Seaweed::start();
+    load_big_table(&pg, "app");
+    let mut agent = agent_for(&pg, &weed, "sigterm", "app");
+    agent.set("GC_BACKUP_PART_SIZE", "5MiB");
+    let child = agent
+        .command(&["backup", "pg-dump"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_copy(&pg, "app");
+    harness::run_ok(std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let output = child.wait_with_output().unwrap();
+    assert_fails(&output, 130, "interrupted");
+    assert!(agent.list_json().is_empty());
+    assert!(
+        weed.keys("sigterm").is_empty(),
+        "left behind: {:?}",
+        weed.keys("sigterm")
+    );
+}
+
+#[test]
 fn a_corrupted_object_fails_the_restore_and_writes_no_file() {
     let pg = Postgres::start();
     let weed = Seaweed::start();

@@ -428,6 +428,47 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A libpq connection string (URL or `key=value` form) without its password.
+pub fn redact_conninfo(conninfo: &str) -> String {
+    if conninfo.contains("://") {
+        let url = redact_url(conninfo);
+        return match url.split_once('?') {
+            Some((base, query)) => {
+                let params: Vec<String> = query
+                    .split('&')
+                    .map(|p| {
+                        if p.to_ascii_lowercase().starts_with("password=") {
+                            "password=***".to_string()
+                        } else {
+                            p.to_string()
+                        }
+                    })
+                    .collect();
+                format!("{base}?{}", params.join("&"))
+            }
+            None => url,
+        };
+    }
+    let mut out = Vec::new();
+    let mut in_quoted_password = false;
+    for token in conninfo.split_whitespace() {
+        if in_quoted_password {
+            in_quoted_password = !token.ends_with('\'');
+            continue;
+        }
+        let lower = token.to_ascii_lowercase();
+        if let Some(value) = lower.strip_prefix("password") {
+            let value = value.trim_start().trim_start_matches('=').trim_start();
+            in_quoted_password =
+                value.starts_with('\'') && (value.len() == 1 || !value.ends_with('\''));
+            out.push("password=***".to_string());
+            continue;
+        }
+        out.push(token.to_string());
+    }
+    out.join(" ")
+}
+
 fn resolve_pipeline(
     file: &PipelineSection,
     env: &dyn Fn(&str) -> Option<String>,
@@ -698,6 +739,21 @@ mod tests {
         let env = [("DB_HOST", "alias"), ("PGHOST", "libpq")];
         let config = resolve_with("", &env, Overrides::default()).unwrap();
         assert_eq!(config.postgres.host.as_deref(), Some("libpq"));
+    }
+
+    #[test]
+    fn the_example_config_shipped_in_docker_parses() {
+        let text = include_str!("../../docker/gc-backup.toml");
+        let config = resolve_with(text, &[], Overrides::default()).unwrap();
+        let StoreLocation::S3(s3) = &config.store.location else {
+            panic!("the example stores in S3")
+        };
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_str()),
+            ("gc-storage-backup", "prod")
+        );
+        assert_eq!(config.postgres.dbname.as_deref(), Some("gc_storage"));
+        assert_eq!(config.pipeline.part_size, 8 * MIB);
     }
 
     #[test]

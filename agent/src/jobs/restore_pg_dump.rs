@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{catalog_error, pipeline_error, source_error};
 use crate::catalog::manifest::{DumpFormat, Manifest, SourceFacts};
 use crate::catalog::{self, Kind, Selector};
-use crate::config::{Config, redact_url};
+use crate::config::{Config, redact_conninfo};
 use crate::error::Failure;
 use crate::pipeline::{self, PipelineError, Sink};
 use crate::sources::postgres::{self, Supervised};
@@ -100,32 +100,46 @@ async fn restore_to_file(
             path.display()
         ))));
     }
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
+    let mut partial_path = path.as_os_str().to_owned();
+    partial_path.push(".partial");
+    let partial_path = PathBuf::from(partial_path);
     let file = File::options()
         .write(true)
         .create_new(true)
-        .open(&partial)
-        .with_context(|| format!("cannot create {}", partial.display()))?;
+        .open(&partial_path)
+        .with_context(|| format!("cannot create {}", partial_path.display()))?;
+    // Only a file this run created is removed on failure.
+    let mut partial = PartialFile {
+        path: partial_path,
+        renamed: false,
+    };
     let sink: Sink = Box::new(BufWriter::with_capacity(256 * 1024, file));
-    let result = async {
-        let sink = pipeline::download(store, object, sink)
-            .await
-            .map_err(pipeline_error)?;
-        drop(sink);
-        let file =
-            File::open(&partial).with_context(|| format!("reopening {}", partial.display()))?;
-        file.sync_all()
-            .with_context(|| format!("syncing {}", partial.display()))?;
-        std::fs::rename(&partial, path)
-            .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))
+    let sink = pipeline::download(store, object, sink)
+        .await
+        .map_err(pipeline_error)?;
+    drop(sink);
+    let file = File::open(&partial.path)
+        .with_context(|| format!("reopening {}", partial.path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", partial.path.display()))?;
+    std::fs::rename(&partial.path, path)
+        .with_context(|| format!("renaming {} to {}", partial.path.display(), path.display()))?;
+    partial.renamed = true;
+    Ok(())
+}
+
+/// Removes a half-written restore file when the restore fails or is interrupted (dropped).
+struct PartialFile {
+    path: PathBuf,
+    renamed: bool,
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
-    .await;
-    if result.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    result
 }
 
 async fn restore_to_database(
@@ -164,7 +178,7 @@ async fn restore_to_database(
         .stdin()
         .ok_or_else(|| anyhow::anyhow!("{name} has no stdin"))?;
     let sink: Sink = Box::new(SyncIoBridge::new(stdin));
-    tracing::info!(program = name, database = %redact_url(conninfo), "loading into the database");
+    tracing::info!(program = name, database = %redact_conninfo(conninfo), "loading into the database");
     match pipeline::download(store, object, sink).await {
         Ok(sink) => {
             // Closing stdin lets the loader reach the end and commit.
