@@ -72,7 +72,7 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BackupCommand {
-    /// Logical backup with pg_dump (connection from PG*/DB_* environment or [postgres])
+    /// Logical backup with pg_dump (connection from PG*/DB_* environment or the postgres section)
     PgDump(PgDumpArgs),
 }
 
