@@ -19,3 +19,5 @@ pub mod jobs;
 pub mod pipeline;
 pub mod sources;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;

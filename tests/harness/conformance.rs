@@ -6,21 +6,9 @@ use futures::StreamExt;
 use gc_backup::config::PipelineConfig;
 use gc_backup::pipeline;
 use gc_backup::store::{ObjectKey, Store, StoreError};
+use gc_backup::testing::{SharedSink, noise};
 use object_store::PutPayload;
 use tokio_util::sync::CancellationToken;
-
-/// Deterministic incompressible bytes.
-pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 pub async fn run_all(store: &Store) {
     create_only_put(store).await;
@@ -91,7 +79,7 @@ async fn multipart_through_the_pipeline(store: &Store) {
     pipeline::download(store, &object, Box::new(sink.clone()))
         .await
         .unwrap();
-    assert!(*sink.0.lock().unwrap() == data, "restored bytes differ");
+    assert!(sink.contents() == data, "restored bytes differ");
     store.delete(&key).await.unwrap();
 }
 
@@ -140,17 +128,4 @@ async fn listing_follows_pagination(store: &Store) {
             .unwrap()
             .is_empty()
     );
-}
-
-#[derive(Clone, Default)]
-pub struct SharedSink(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for SharedSink {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }

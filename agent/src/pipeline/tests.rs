@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::catalog::StoredObject;
+use crate::testing::{SharedSink, noise};
 
 fn settings(part_size: usize) -> PipelineConfig {
     PipelineConfig {
@@ -24,19 +25,6 @@ fn settings(part_size: usize) -> PipelineConfig {
         part_size,
         parallel_uploads: 2,
     }
-}
-
-/// Deterministic incompressible bytes.
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A source of endless noise that counts what was read from it, and can fail on demand.
@@ -61,23 +49,6 @@ impl AsyncRead for NoiseSource {
         buf.put_slice(&chunk);
         self.read.fetch_add(chunk.len() as u64, Ordering::SeqCst);
         Poll::Ready(Ok(()))
-    }
-}
-
-/// A sink that keeps what it was given, shared with the test.
-#[derive(Clone, Default)]
-struct SharedSink(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for SharedSink {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?
-            .extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -114,7 +85,7 @@ async fn round_trip(data: Vec<u8>, part_size: usize, workers: u32) -> UploadSumm
     download(&store, &object_of(&key, &summary), Box::new(sink.clone()))
         .await
         .unwrap();
-    assert!(*sink.0.lock().unwrap() == data, "restored bytes differ");
+    assert!(sink.contents() == data, "restored bytes differ");
     summary
 }
 
@@ -256,7 +227,7 @@ async fn a_flipped_byte_fails_the_restore_before_the_end_reaches_the_sink() {
         .err()
         .unwrap();
     assert!(matches!(error, PipelineError::Corrupt(_)), "{error}");
-    assert!(sink.0.lock().unwrap().len() < data.len());
+    assert!(sink.contents().len() < data.len());
 
     // A manifest that lies about the content is caught by the SHA-256 alone.
     let mut wrong = object.clone();
@@ -276,7 +247,7 @@ async fn a_flipped_byte_fails_the_restore_before_the_end_reaches_the_sink() {
         .unwrap();
     assert!(error.to_string().contains("fails its check"), "{error}");
     assert!(
-        sink.0.lock().unwrap().len() < data.len(),
+        sink.contents().len() < data.len(),
         "the held-back tail was released"
     );
 }
