@@ -68,6 +68,25 @@ pub enum Command {
     /// Restore a backup
     #[command(subcommand)]
     Restore(RestoreCommand),
+    /// Archive one WAL file: PostgreSQL's archive_command = 'gc-backup wal-push %p'
+    WalPush(WalPushArgs),
+    /// Restore one archived WAL file: restore_command = 'gc-backup wal-fetch %f %p'.
+    /// Exits 1 when the archive does not have it, 255 on any other failure.
+    WalFetch(WalFetchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WalPushArgs {
+    /// The WAL file (PostgreSQL's %p, relative to PGDATA)
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct WalFetchArgs {
+    /// The file name to restore (PostgreSQL's %f)
+    pub name: String,
+    /// Where to write it (PostgreSQL's %p)
+    pub dest: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +195,23 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::WalPush(args) => {
+            let outcome = jobs::wal::push(&config, &store, &args.path).await?;
+            tracing::debug!(path = %args.path.display(), ?outcome, "WAL archived");
+            Ok(())
+        }
+        Command::WalFetch(args) => {
+            let bytes = jobs::wal::fetch(&store, &args.name, &args.dest).await?;
+            tracing::debug!(name = %args.name, bytes, "WAL restored");
+            Ok(())
+        }
+    }
+}
+
+impl Command {
+    /// Called by PostgreSQL, where log lines land in the server log: only warnings and errors.
+    pub fn is_postgres_hook(&self) -> bool {
+        matches!(self, Command::WalPush(_) | Command::WalFetch(_))
     }
 }
 

@@ -33,6 +33,9 @@ pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_FAILURE: u8 = 3;
 /// Exit code after SIGINT or SIGTERM, as shells report it.
 pub const EXIT_INTERRUPTED: u8 = 130;
+/// `wal-fetch`'s exit code for anything but "not in the archive": above 125, so PostgreSQL
+/// aborts recovery instead of taking it for the end of the WAL and promoting too early.
+pub const EXIT_RECOVERY_FATAL: u8 = 255;
 
 /// The exit code for an error: the first [`Failure`] found in its chain decides.
 pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {

@@ -5,13 +5,24 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use gc_backup::cli::{self, Cli, LogFormat};
-use gc_backup::error::exit_code_for;
+use gc_backup::error::{EXIT_RECOVERY_FATAL, exit_code_for};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.global.log_format);
+    // wal-fetch must never exit 1 or 2 on a mistake: PostgreSQL would take it for the end of
+    // the archive and promote early. Bad arguments there are fatal for recovery.
+    let is_wal_fetch = std::env::args().any(|arg| arg == "wal-fetch");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if is_wal_fetch && error.use_stderr() => {
+            let _ = error.print();
+            return ExitCode::from(EXIT_RECOVERY_FATAL);
+        }
+        Err(error) => error.exit(),
+    };
+    let is_wal_fetch = matches!(cli.command, cli::Command::WalFetch(_));
+    init_logging(cli.global.log_format, cli.command.is_postgres_hook());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -33,14 +44,19 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("gc-backup: error: {error:#}");
-            exit_code_for(&error)
+            let code = exit_code_for(&error);
+            if is_wal_fetch && code != ExitCode::from(gc_backup::error::EXIT_NOT_FOUND) {
+                return ExitCode::from(EXIT_RECOVERY_FATAL);
+            }
+            code
         }
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("GC_BACKUP_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("gc_backup=info,warn"));
+fn init_logging(format: LogFormat, quiet: bool) {
+    let default = if quiet { "warn" } else { "gc_backup=info,warn" };
+    let filter =
+        EnvFilter::try_from_env("GC_BACKUP_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

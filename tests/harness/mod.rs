@@ -85,6 +85,8 @@ fn pg_bin_dir() -> PathBuf {
 /// A throwaway PostgreSQL cluster.
 pub struct Postgres {
     dir: tempfile::TempDir,
+    /// Other temp dirs the server uses (archive config); removed after it stops.
+    adopted: Vec<tempfile::TempDir>,
     pub port: u16,
     pub bin: PathBuf,
     data: PathBuf,
@@ -92,12 +94,18 @@ pub struct Postgres {
 
 impl Postgres {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra `postgresql.conf` lines (`name = 'value'`).
+    pub fn start_with(settings: &[(&str, &str)]) -> Self {
         let dir = shared_temp_dir("pg");
         let bin = pg_bin_dir();
         let data = dir.path().join("data");
         let port = free_port();
         let pg = Self {
             dir,
+            adopted: Vec::new(),
             port,
             bin,
             data,
@@ -117,6 +125,14 @@ impl Postgres {
                 "--no-sync",
             ],
         );
+        let mut conf = String::new();
+        for (name, value) in settings {
+            conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
+        }
+        let conf_path = pg.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).expect("postgresql.conf");
+        text.push_str(&conf);
+        std::fs::write(&conf_path, text).expect("write postgresql.conf");
         let options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
              -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=32MB",
@@ -139,6 +155,33 @@ impl Postgres {
             ],
         );
         pg
+    }
+
+    /// Keeps `dir` until the server has stopped.
+    pub fn adopt(&mut self, dir: tempfile::TempDir) {
+        self.adopted.push(dir);
+    }
+
+    /// A directory of the cluster's temp dir that the server's user may use.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// Polls `sql` until it returns `expected`, or panics after `seconds`.
+    pub fn wait_for(&self, db: &str, sql: &str, expected: &str, seconds: u64) {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        loop {
+            let got = self.psql(db, sql);
+            if got == expected {
+                return;
+            }
+            assert!(Instant::now() < deadline, "waited {seconds}s for {sql:?} = {expected:?}, last {got:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn as_owner(&self, program: &str, args: &[&str]) -> Output {
@@ -240,6 +283,27 @@ impl Drop for Postgres {
             Command::new(&binary).args(args).output()
         };
     }
+}
+
+/// The gc-backup binary where the server's user can run it (archive_command): in place when
+/// it can, else a copy in `dir`.
+pub fn agent_binary_for_postgres(dir: &Path) -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_gc-backup"));
+    if !running_as_root() {
+        return built;
+    }
+    let runs = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(&built)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if runs {
+        return built;
+    }
+    let copy = dir.join("gc-backup");
+    std::fs::copy(&built, &copy).expect("copy gc-backup for postgres");
+    copy
 }
 
 /// SeaweedFS's all-in-one server with an S3 gateway and one bucket.
@@ -392,6 +456,24 @@ impl Seaweed {
             ("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into()),
             ("AWS_REGION".into(), "us-east-1".into()),
         ]
+    }
+
+    /// A TOML config pointing at `s3://BUCKET/prefix` here, with short retries, for programs
+    /// that do not get our environment (archive_command, restore_command).
+    pub fn config_file(&self, dir: &Path, prefix: &str) -> PathBuf {
+        let path = dir.join(format!("gc-backup-{prefix}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[store]\nurl = \"s3://{BUCKET}/{prefix}\"\nendpoint = \"{}\"\n\
+                 access-key-id = \"{ACCESS_KEY}\"\nsecret-access-key = \"{SECRET_KEY}\"\n\
+                 max-retries = 2\nretry-timeout = \"3s\"\nconnect-timeout = \"1s\"\n",
+                self.endpoint()
+            ),
+        )
+        .expect("write config");
+        run_ok(Command::new("chmod").arg("0644").arg(&path));
+        path
     }
 
     /// Every key under `prefix`, sorted.

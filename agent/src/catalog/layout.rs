@@ -4,6 +4,9 @@
 //! manifests/<kind>/<id>.json      one per complete backup, written last, create-only
 //! data/<kind>/<id>/_claim.json    written first: reserves the id, marks a run in progress
 //! data/<kind>/<id>/<object>       the backup's data objects
+//! wal/<TTTTTTTTXXXXXXXX>/<name>.zst   WAL segments, .partial and .backup files, by timeline
+//!                                     and xlog id (at most 256 per directory)
+//! wal/<TTTTTTTT>.history.zst          timeline history files
 //! ```
 //!
 //! Keys are relative to the store's root (the bucket prefix or directory).
@@ -141,6 +144,14 @@ pub fn data_key(kind: Kind, id: &BackupId, object: &str) -> ObjectKey {
     ObjectKey::from(format!("data/{kind}/{id}/{object}"))
 }
 
+/// Where an archived WAL file lives.
+pub fn wal_key(file: &pitr::WalFile) -> ObjectKey {
+    match file.directory() {
+        Some(directory) => ObjectKey::from(format!("wal/{directory}/{}.zst", file.name())),
+        None => ObjectKey::from(format!("wal/{}.zst", file.name())),
+    }
+}
+
 pub fn claim_key(kind: Kind, id: &BackupId) -> ObjectKey {
     data_key(kind, id, "_claim.json")
 }
@@ -173,6 +184,13 @@ mod tests {
             parse_manifest_key(&ObjectKey::from("manifests/pg-dump/x.tmp")),
             None
         );
+        let segment = pitr::WalFile::parse("0000000200000016000000B3").unwrap();
+        assert_eq!(
+            wal_key(&segment).as_ref(),
+            "wal/0000000200000016/0000000200000016000000B3.zst"
+        );
+        let history = pitr::WalFile::parse("00000002.history").unwrap();
+        assert_eq!(wal_key(&history).as_ref(), "wal/00000002.history.zst");
         assert_eq!(
             data_key(Kind::PgDump, &id, "dump.zst").as_ref(),
             "data/pg-dump/20260115T020000Z/dump.zst"

@@ -7,6 +7,7 @@
 
 pub mod pg_dump;
 pub mod restore_pg_dump;
+pub mod wal;
 
 use crate::catalog::CatalogError;
 use crate::error::Failure;

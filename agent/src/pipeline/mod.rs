@@ -14,6 +14,7 @@
 mod compress;
 mod download;
 mod upload;
+pub mod wal_object;
 
 use std::time::Duration;
 

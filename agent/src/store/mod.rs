@@ -67,6 +67,8 @@ impl StoreError {
 #[derive(Debug, Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// The directory of a local store: object_store does not fsync, so [`Store::sync`] does.
+    local_root: Option<std::path::PathBuf>,
     /// Shown in messages; never holds a credential.
     name: String,
 }
@@ -79,6 +81,7 @@ impl Store {
             store: name.clone(),
             detail,
         };
+        let mut local_root = None;
         let inner: Arc<dyn ObjectStore> = match &config.location {
             StoreLocation::Local { root, .. } => {
                 std::fs::create_dir_all(root)
@@ -86,6 +89,7 @@ impl Store {
                 let local = LocalFileSystem::new_with_prefix(root)
                     .map_err(|e| setup(e.to_string()))?
                     .with_automatic_cleanup(true);
+                local_root = Some(root.clone());
                 Arc::new(local)
             }
             StoreLocation::S3(s3) => {
@@ -130,13 +134,18 @@ impl Store {
                 }
             }
         };
-        Ok(Self { inner, name })
+        Ok(Self {
+            inner,
+            local_root,
+            name,
+        })
     }
 
     /// An in-memory store, for unit tests and benchmarks.
     pub fn memory() -> Self {
         Self {
             inner: Arc::new(InMemory::new()),
+            local_root: None,
             name: "memory://".to_string(),
         }
     }
@@ -145,6 +154,7 @@ impl Store {
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, name: impl Into<String>) -> Self {
         Self {
             inner,
+            local_root: None,
             name: name.into(),
         }
     }
@@ -176,6 +186,42 @@ impl Store {
             .put_multipart(key)
             .await
             .map_err(|e| self.error("start multipart upload of", key, e))
+    }
+
+    /// Makes a stored object durable. S3 is durable when a PUT returns; a local directory
+    /// needs the file and its directory fsynced.
+    pub async fn sync(&self, key: &Key) -> Result<(), StoreError> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let path = root.join(key.as_ref());
+        let result = tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&path)?.sync_all()?;
+            match path.parent() {
+                Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        result.map_err(|e| StoreError::Failed {
+            store: self.name.clone(),
+            operation: "fsync",
+            key: key.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    pub async fn get_range(
+        &self,
+        key: &Key,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        self.inner
+            .get_range(key, range)
+            .await
+            .map_err(|e| self.error("get", key, e))
     }
 
     pub async fn get_bytes(&self, key: &Key) -> Result<Bytes, StoreError> {

@@ -1,0 +1,200 @@
+//! `wal-push` (PostgreSQL's archive_command) and `wal-fetch` (its restore_command).
+//!
+//! wal-push exits 0 only once the file is durably stored; a second push of the same content
+//! succeeds, of different content fails and overwrites nothing (create-only PUT, then a
+//! comparison with the stored header). wal-fetch writes DEST only after the content checked
+//! out, through a temporary name in DEST's directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use pitr::WalFile;
+
+use super::store_error;
+use crate::catalog::layout;
+use crate::config::Config;
+use crate::error::Failure;
+use crate::pipeline::wal_object::{self, HEADER_LEN, WalHeader};
+use crate::store::{ObjectKey, Store, StoreError};
+
+/// What a push found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    Stored,
+    /// The archive already had this file with the same content.
+    AlreadyArchived,
+}
+
+fn parse_name(name: &str) -> anyhow::Result<WalFile> {
+    WalFile::parse(name).map_err(|e| Failure::Config(e.to_string()).into())
+}
+
+/// Archives the WAL file at `path` (relative paths are PostgreSQL's `%p`, from PGDATA).
+pub async fn push(config: &Config, store: &Store, path: &Path) -> anyhow::Result<PushOutcome> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Failure::Config(format!("{} names no WAL file", path.display())))?;
+    let file = parse_name(name)?;
+    let key = layout::wal_key(&file);
+    let raw = tokio::fs::read(path)
+        .await
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let level = config.pipeline.zstd_level;
+    let workers = config.pipeline.zstd_workers;
+    let (header, stored) =
+        tokio::task::spawn_blocking(move || wal_object::encode(&raw, level, workers))
+            .await
+            .context("compression worker failed")?
+            .with_context(|| format!("compressing {name}"))?;
+    match store.put_new(&key, stored).await {
+        Ok(()) => {
+            store.sync(&key).await.map_err(store_error)?;
+            Ok(PushOutcome::Stored)
+        }
+        Err(StoreError::AlreadyExists { .. }) => {
+            compare_with_archived(store, &key, name, &header).await
+        }
+        Err(error) => Err(store_error(error).context(format!("archiving {name} failed"))),
+    }
+}
+
+async fn compare_with_archived(
+    store: &Store,
+    key: &ObjectKey,
+    name: &str,
+    local: &WalHeader,
+) -> anyhow::Result<PushOutcome> {
+    let head = store
+        .get_range(key, 0..HEADER_LEN as u64)
+        .await
+        .map_err(store_error)?;
+    let archived = WalHeader::parse(&head)
+        .map_err(|e| Failure::Corrupt(format!("{key} in {} is damaged: {e}", store.name())))?;
+    if archived == *local {
+        return Ok(PushOutcome::AlreadyArchived);
+    }
+    Err(anyhow::anyhow!(
+        "{name} is already archived in {} with different content ({} bytes, SHA-256 {}; this \
+         file: {} bytes, SHA-256 {}). Nothing was overwritten. Two clusters may be archiving to \
+         the same store: check GC_BACKUP_STORE.",
+        store.name(),
+        archived.raw_size,
+        archived.sha256_hex(),
+        local.raw_size,
+        local.sha256_hex()
+    ))
+}
+
+/// Restores the archived WAL file `name` to `dest`. `Failure::NotFound` when the archive does
+/// not have it; the caller turns every other error into a fatal exit for PostgreSQL.
+pub async fn fetch(store: &Store, name: &str, dest: &Path) -> anyhow::Result<u64> {
+    let file = parse_name(name)?;
+    let key = layout::wal_key(&file);
+    let stored = match store.get_bytes(&key).await {
+        Ok(stored) => stored,
+        Err(StoreError::NotFound { .. }) => {
+            return Err(Failure::NotFound(format!(
+                "{name} is not in the archive {}",
+                store.name()
+            ))
+            .into());
+        }
+        Err(error) => return Err(store_error(error).context(format!("fetching {name} failed"))),
+    };
+    let raw = tokio::task::spawn_blocking(move || wal_object::decode(&stored))
+        .await
+        .context("decompression worker failed")?
+        .map_err(|e| Failure::Corrupt(format!("{key} in {} {e}", store.name())))?;
+    let size = raw.len() as u64;
+    let dest = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || write_new(&dest, &raw))
+        .await
+        .context("write worker failed")??;
+    Ok(size)
+}
+
+/// Writes through a temporary name beside `dest` and renames, so DEST is whole or absent.
+fn write_new(dest: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut temporary = dest.as_os_str().to_owned();
+    temporary.push(".gc-backup-partial");
+    let temporary = PathBuf::from(temporary);
+    let result = std::fs::write(&temporary, bytes)
+        .with_context(|| format!("cannot write {}", temporary.display()))
+        .and_then(|()| {
+            std::fs::rename(&temporary, dest).with_context(|| {
+                format!(
+                    "cannot rename {} to {}",
+                    temporary.display(),
+                    dest.display()
+                )
+            })
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FileConfig, Overrides};
+    use crate::testing::noise;
+
+    fn config() -> Config {
+        Config::resolve(FileConfig::default(), &|_| None, &Overrides::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn wal_push_same_segment_twice_is_ok_and_different_content_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = dir.path().join("000000010000000000000001");
+        let original = noise(1 << 20, 1);
+        std::fs::write(&segment, &original).unwrap();
+        let store = Store::memory();
+        let config = config();
+        assert_eq!(
+            push(&config, &store, &segment).await.unwrap(),
+            PushOutcome::Stored
+        );
+        assert_eq!(
+            push(&config, &store, &segment).await.unwrap(),
+            PushOutcome::AlreadyArchived
+        );
+        std::fs::write(&segment, noise(1 << 20, 2)).unwrap();
+        let error = push(&config, &store, &segment).await.unwrap_err();
+        assert!(
+            format!("{error:#}").contains("different content"),
+            "{error:#}"
+        );
+
+        let dest = dir.path().join("RECOVERYXLOG");
+        fetch(&store, "000000010000000000000001", &dest)
+            .await
+            .unwrap();
+        assert!(
+            std::fs::read(&dest).unwrap() == original,
+            "the archived copy was overwritten"
+        );
+    }
+
+    #[tokio::test]
+    async fn fetching_a_missing_file_is_not_found_and_leaves_no_dest() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("RECOVERYXLOG");
+        let error = fetch(&Store::memory(), "00000002.history", &dest)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            error.downcast_ref::<Failure>(),
+            Some(Failure::NotFound(_))
+        ));
+        assert!(!dest.exists());
+        assert!(
+            fetch(&Store::memory(), "RECOVERYXLOG", &dest)
+                .await
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,191 @@
+//! WAL archiving with a real PostgreSQL whose archive_command is `gc-backup wal-push %p`, into
+//! SeaweedFS; and `wal-fetch` exit codes as restore_command needs them.
+
+mod harness;
+
+use std::path::Path;
+
+use harness::{Agent, Postgres, Seaweed};
+
+/// A cluster archiving through gc-backup into `prefix`.
+fn archiving_cluster(weed: &Seaweed, prefix: &str) -> Postgres {
+    let staging = harness::shared_temp_dir("pgconf");
+    let config = weed.config_file(staging.path(), prefix);
+    let binary = harness::agent_binary_for_postgres(staging.path());
+    let command = format!("GC_BACKUP_CONFIG={} {} wal-push %p", config.display(), binary.display());
+    let mut pg = Postgres::start_with(&[
+        ("archive_mode", "on"),
+        ("archive_command", &command),
+        ("wal_level", "replica"),
+    ]);
+    // The config and binary must outlive the server.
+    pg.adopt(staging);
+    pg
+}
+
+/// Switches to a new segment after writing something, and returns the finished one's name.
+fn write_and_switch(pg: &Postgres, round: u32) -> String {
+    pg.psql(
+        "postgres",
+        &format!("INSERT INTO marks SELECT {round}, g FROM generate_series(1, 1000) g"),
+    );
+    pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())")
+}
+
+fn archived_segments(weed: &Seaweed, prefix: &str) -> Vec<String> {
+    weed.keys(&format!("{prefix}/wal"))
+        .into_iter()
+        .filter_map(|k| {
+            let name = k.rsplit('/').next()?.strip_suffix(".zst")?.to_string();
+            (name.len() == 24).then_some(name)
+        })
+        .collect()
+}
+
+fn wait_archived(pg: &Postgres, segment: &str) {
+    pg.wait_for(
+        "postgres",
+        &format!("SELECT last_archived_wal >= '{segment}' FROM pg_stat_archiver"),
+        "t",
+        60,
+    );
+}
+
+fn assert_no_gap(segments: &[String]) {
+    let numbers: Vec<u64> = segments
+        .iter()
+        .map(|name| {
+            pitr::WalFile::parse(name)
+                .unwrap()
+                .segment_no(pitr::DEFAULT_SEGMENT_SIZE)
+                .unwrap()
+                .0
+        })
+        .collect();
+    for pair in numbers.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "gap in the archive: {segments:?}");
+    }
+}
+
+fn fetch(agent: &Agent, name: &str, dest: &Path) -> std::process::Output {
+    agent.run(&["wal-fetch", name, dest.to_str().unwrap()])
+}
+
+#[test]
+fn postgres_archives_every_segment_and_wal_fetch_returns_them() {
+    let weed = Seaweed::start();
+    let pg = archiving_cluster(&weed, "arch");
+    pg.psql("postgres", "CREATE TABLE marks (round int, n int)");
+    let mut finished = Vec::new();
+    for round in 0..4 {
+        finished.push(write_and_switch(&pg, round));
+    }
+    wait_archived(&pg, finished.last().unwrap());
+    assert_eq!(pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver"), "0");
+    let archived = archived_segments(&weed, "arch");
+    for name in &finished {
+        assert!(archived.contains(name), "{name} not archived: {archived:?}");
+    }
+    assert_no_gap(&archived);
+
+    // Fetch one back and compare with PostgreSQL's own copy, if it is still in pg_wal.
+    let agent = Agent::new(weed.env("arch"));
+    let name = &finished[0];
+    let dest = agent.home().join("RECOVERYXLOG");
+    let output = fetch(&agent, name, &dest);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 * 1024 * 1024);
+    if let Ok(original) = std::fs::read(pg.data_dir().join("pg_wal").join(name)) {
+        assert!(std::fs::read(&dest).unwrap() == original, "fetched segment differs");
+    }
+}
+
+#[test]
+fn archiving_survives_the_store_going_down_without_a_gap() {
+    let mut weed = Seaweed::start();
+    let pg = archiving_cluster(&weed, "outage");
+    pg.psql("postgres", "CREATE TABLE marks (round int, n int)");
+    let first = write_and_switch(&pg, 0);
+    wait_archived(&pg, &first);
+
+    weed.kill();
+    let mut during = Vec::new();
+    for round in 1..4 {
+        during.push(write_and_switch(&pg, round));
+    }
+    // PostgreSQL sees wal-push fail and keeps the segments.
+    pg.wait_for("postgres", "SELECT failed_count > 0 FROM pg_stat_archiver", "t", 60);
+    for name in &during {
+        assert!(pg.data_dir().join("pg_wal").join(name).exists(), "{name} was dropped");
+    }
+
+    weed.restart();
+    let last = write_and_switch(&pg, 9);
+    wait_archived(&pg, &last);
+    let archived = archived_segments(&weed, "outage");
+    for name in during.iter().chain([&first, &last]) {
+        assert!(archived.contains(name), "{name} missing after the outage: {archived:?}");
+    }
+    assert_no_gap(&archived);
+}
+
+#[test]
+fn wal_fetch_exit_codes_tell_postgresql_what_to_do() {
+    let mut weed = Seaweed::start();
+    let mut agent = Agent::new(weed.env("fetch"));
+    let config = weed.config_file(agent.home(), "fetch");
+    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    let dest = agent.home().join("RECOVERYXLOG");
+
+    // Not in the archive: 1, the only code that lets recovery end normally.
+    let output = fetch(&agent, "000000010000000000000007", &dest);
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = fetch(&agent, "00000005.history", &dest);
+    assert_eq!(output.status.code(), Some(1));
+
+    // Every mistake is fatal for recovery (above 125), never "not found".
+    let output = agent.run(&["wal-fetch", "000000010000000000000007"]);
+    assert_eq!(output.status.code(), Some(255), "missing argument");
+    let output = fetch(&agent, "not-a-wal-name", &dest);
+    assert_eq!(output.status.code(), Some(255), "bad name");
+    agent.set("AWS_SECRET_ACCESS_KEY", "wrong");
+    agent.set("GC_BACKUP_CONFIG", "");
+    let output = fetch(&agent, "000000010000000000000007", &dest);
+    assert_eq!(output.status.code(), Some(255), "wrong credentials");
+    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+
+    // The store down: retried, then fatal.
+    weed.kill();
+    let output = fetch(&agent, "000000010000000000000007", &dest);
+    assert_eq!(output.status.code(), Some(255), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!dest.exists());
+}
+
+#[test]
+fn wal_push_of_the_same_segment_twice_is_ok_and_never_overwrites() {
+    let weed = Seaweed::start();
+    let agent = Agent::new(weed.env("push"));
+    let wal = agent.home().join("pg_wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    let segment = wal.join("000000010000000000000003");
+    let original = gc_backup::testing::noise(16 * 1024 * 1024, 3);
+    std::fs::write(&segment, &original).unwrap();
+    let path = segment.to_str().unwrap();
+    agent.ok(&["wal-push", path]);
+    agent.ok(&["wal-push", path]);
+
+    std::fs::write(&segment, gc_backup::testing::noise(16 * 1024 * 1024, 4)).unwrap();
+    let output = agent.run(&["wal-push", path]);
+    harness::assert_fails(&output, 3, "different content");
+
+    let dest = agent.home().join("fetched");
+    let output = fetch(&agent, "000000010000000000000003", &dest);
+    assert!(output.status.success());
+    assert!(std::fs::read(&dest).unwrap() == original, "the archive was overwritten");
+
+    let history = wal.join("00000002.history");
+    std::fs::write(&history, "1\t0/3000000\tno recovery target specified\n").unwrap();
+    agent.ok(&["wal-push", history.to_str().unwrap()]);
+    let output = agent.run(&["wal-push", wal.join("junk").to_str().unwrap()]);
+    harness::assert_fails(&output, 2, "not a WAL file name");
+}
