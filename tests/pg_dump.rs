@@ -1,6 +1,8 @@
 //! `backup pg-dump`, `list` and `restore pg-dump` as a subprocess against real PostgreSQL and
 //! SeaweedFS servers, including the failure paths, each caused by a real fault.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! The store conformance suite against every store kind: memory, a local directory, and S3
 //! (SeaweedFS on loopback).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use gc_backup::config::{StoreConfig, StoreLocation};

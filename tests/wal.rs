@@ -1,6 +1,8 @@
 //! WAL archiving with a real PostgreSQL whose archive_command is `gc-backup wal-push %p`, into
 //! SeaweedFS; and `wal-fetch` exit codes as restore_command needs them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 
 use std::path::Path;
