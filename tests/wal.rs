@@ -14,7 +14,11 @@ fn archiving_cluster(weed: &Seaweed, prefix: &str) -> Postgres {
     let staging = harness::shared_temp_dir("pgconf");
     let config = weed.config_file(staging.path(), prefix);
     let binary = harness::agent_binary_for_postgres(staging.path());
-    let command = format!("GC_BACKUP_CONFIG={} {} wal-push %p", config.display(), binary.display());
+    let command = format!(
+        "GC_BACKUP_CONFIG={} {} wal-push %p",
+        config.display(),
+        binary.display()
+    );
     let mut pg = Postgres::start_with(&[
         ("archive_mode", "on"),
         ("archive_command", &command),
@@ -83,7 +87,10 @@ fn postgres_archives_every_segment_and_wal_fetch_returns_them() {
         finished.push(write_and_switch(&pg, round));
     }
     wait_archived(&pg, finished.last().unwrap());
-    assert_eq!(pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver"), "0");
+    assert_eq!(
+        pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver"),
+        "0"
+    );
     let archived = archived_segments(&weed, "arch");
     for name in &finished {
         assert!(archived.contains(name), "{name} not archived: {archived:?}");
@@ -95,10 +102,17 @@ fn postgres_archives_every_segment_and_wal_fetch_returns_them() {
     let name = &finished[0];
     let dest = agent.home().join("RECOVERYXLOG");
     let output = fetch(&agent, name, &dest);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 * 1024 * 1024);
     if let Ok(original) = std::fs::read(pg.data_dir().join("pg_wal").join(name)) {
-        assert!(std::fs::read(&dest).unwrap() == original, "fetched segment differs");
+        assert!(
+            std::fs::read(&dest).unwrap() == original,
+            "fetched segment differs"
+        );
     }
 }
 
@@ -116,9 +130,17 @@ fn archiving_survives_the_store_going_down_without_a_gap() {
         during.push(write_and_switch(&pg, round));
     }
     // PostgreSQL sees wal-push fail and keeps the segments.
-    pg.wait_for("postgres", "SELECT failed_count > 0 FROM pg_stat_archiver", "t", 60);
+    pg.wait_for(
+        "postgres",
+        "SELECT failed_count > 0 FROM pg_stat_archiver",
+        "t",
+        60,
+    );
     for name in &during {
-        assert!(pg.data_dir().join("pg_wal").join(name).exists(), "{name} was dropped");
+        assert!(
+            pg.data_dir().join("pg_wal").join(name).exists(),
+            "{name} was dropped"
+        );
     }
 
     weed.restart();
@@ -126,7 +148,10 @@ fn archiving_survives_the_store_going_down_without_a_gap() {
     wait_archived(&pg, &last);
     let archived = archived_segments(&weed, "outage");
     for name in during.iter().chain([&first, &last]) {
-        assert!(archived.contains(name), "{name} missing after the outage: {archived:?}");
+        assert!(
+            archived.contains(name),
+            "{name} missing after the outage: {archived:?}"
+        );
     }
     assert_no_gap(&archived);
 }
@@ -141,7 +166,12 @@ fn wal_fetch_exit_codes_tell_postgresql_what_to_do() {
 
     // Not in the archive: 1, the only code that lets recovery end normally.
     let output = fetch(&agent, "000000010000000000000007", &dest);
-    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let output = fetch(&agent, "00000005.history", &dest);
     assert_eq!(output.status.code(), Some(1));
 
@@ -159,7 +189,12 @@ fn wal_fetch_exit_codes_tell_postgresql_what_to_do() {
     // The store down: retried, then fatal.
     weed.kill();
     let output = fetch(&agent, "000000010000000000000007", &dest);
-    assert_eq!(output.status.code(), Some(255), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(255),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(!dest.exists());
 }
 
@@ -183,7 +218,10 @@ fn wal_push_of_the_same_segment_twice_is_ok_and_never_overwrites() {
     let dest = agent.home().join("fetched");
     let output = fetch(&agent, "000000010000000000000003", &dest);
     assert!(output.status.success());
-    assert!(std::fs::read(&dest).unwrap() == original, "the archive was overwritten");
+    assert!(
+        std::fs::read(&dest).unwrap() == original,
+        "the archive was overwritten"
+    );
 
     let history = wal.join("00000002.history");
     std::fs::write(&history, "1\t0/3000000\tno recovery target specified\n").unwrap();

@@ -93,6 +93,15 @@ pub struct WalFetchArgs {
 pub enum BackupCommand {
     /// Logical backup with pg_dump (connection from PG*/DB_* environment or the postgres section)
     PgDump(PgDumpArgs),
+    /// Physical base backup of the running cluster (needs WAL archiving through wal-push)
+    PgBase(PgBaseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PgBaseArgs {
+    /// The cluster's data directory (shared with the sidecar) [env: PGDATA]
+    #[arg(long, value_name = "DIR")]
+    pub pgdata: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +128,19 @@ pub struct ListArgs {
 pub enum RestoreCommand {
     /// Restore a pg_dump backup to a file, stdout, or a database
     PgDump(RestorePgDumpArgs),
+    /// Restore a base backup into an empty directory, set up to recover from the WAL archive
+    /// (to its end, on the latest timeline) when PostgreSQL starts there
+    Pg(RestorePgArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RestorePgArgs {
+    /// The new data directory (absent or empty)
+    #[arg(long, value_name = "DIR")]
+    pub pgdata: PathBuf,
+    /// The base backup to start from (default: the latest)
+    #[arg(long, value_name = "ID", value_parser = parse_selector, default_value = "latest")]
+    pub backup: Selector,
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +190,14 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             say_where(&config, &manifest);
             print_last_line(manifest.id.as_str())
         }
+        Command::Backup(BackupCommand::PgBase(args)) => {
+            let request = jobs::pg_base::PgBaseRequest {
+                pgdata: args.pgdata,
+            };
+            let manifest = jobs::pg_base::backup(&config, &store, &request, &cancel).await?;
+            say_where(&config, &manifest);
+            print_last_line(manifest.id.as_str())
+        }
         Command::List(args) => {
             let (manifests, unreadable) = catalog::list(&store, args.kind)
                 .await
@@ -192,6 +222,30 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 raw_bytes = report.raw_bytes,
                 seconds = report.elapsed.as_secs_f64(),
                 "restore completed; checksums verified"
+            );
+            Ok(())
+        }
+        Command::Restore(RestoreCommand::Pg(args)) => {
+            let config_file = cli
+                .global
+                .config
+                .clone()
+                .or_else(|| {
+                    std::env::var_os("GC_BACKUP_CONFIG")
+                        .filter(|v| !v.is_empty())
+                        .map(PathBuf::from)
+                })
+                .map(|p| std::path::absolute(&p).unwrap_or(p));
+            let request = jobs::restore_pg::RestorePgRequest {
+                pgdata: args.pgdata,
+                backup: args.backup,
+                config_file,
+            };
+            let manifest = jobs::restore_pg::restore(&store, &request).await?;
+            eprintln!(
+                "Restored pg-base backup {} into {}. Start PostgreSQL there to replay the archived WAL.",
+                manifest.id,
+                request.pgdata.display()
             );
             Ok(())
         }
@@ -271,7 +325,24 @@ struct ListEntry<'a> {
     compression: String,
     tool_version: &'a str,
     #[serde(flatten)]
-    source: &'a SourceFacts,
+    source: serde_json::Value,
+}
+
+/// The source facts `list` shows: all of a dump's, a base backup's without its file list.
+fn list_facts(source: &SourceFacts) -> serde_json::Value {
+    match source {
+        SourceFacts::PgDump(facts) => serde_json::to_value(facts).unwrap_or_default(),
+        SourceFacts::PgBase(facts) => serde_json::json!({
+            "system_identifier": facts.system_identifier,
+            "server_version": facts.server_version,
+            "timeline": facts.timeline,
+            "start_lsn": facts.start_lsn,
+            "stop_lsn": facts.stop_lsn,
+            "start_wal": facts.start_wal,
+            "stop_wal": facts.stop_wal,
+            "files": facts.files.len(),
+        }),
+    }
 }
 
 fn rfc3339(time: chrono::DateTime<chrono::Utc>) -> String {
@@ -290,7 +361,7 @@ fn print_json(manifests: &[Manifest]) -> anyhow::Result<()> {
             stored_bytes: m.stored_bytes,
             compression: format!("{}-{}", m.compression.algorithm, m.compression.level),
             tool_version: &m.tool_version,
-            source: &m.source,
+            source: list_facts(&m.source),
         })
         .collect();
     let mut out = std::io::stdout().lock();
@@ -326,6 +397,13 @@ fn print_table(store: &Store, manifests: &[Manifest]) -> anyhow::Result<()> {
                 };
                 format!("{} ({}){tables}", facts.database, facts.format.as_str())
             }
+            SourceFacts::PgBase(facts) => format!(
+                "timeline {} {}..{} ({} files)",
+                facts.timeline,
+                facts.start_lsn,
+                facts.stop_lsn,
+                facts.files.len()
+            ),
         };
         writeln!(
             out,

@@ -133,9 +133,30 @@ impl Postgres {
         let mut text = std::fs::read_to_string(&conf_path).expect("postgresql.conf");
         text.push_str(&conf);
         std::fs::write(&conf_path, text).expect("write postgresql.conf");
+        pg.launch();
+        pg
+    }
+
+    /// Starts a server on a data directory restored into `dir/data` (owned by the server's
+    /// user): a restored cluster recovering from the archive.
+    pub fn start_restored(dir: tempfile::TempDir) -> Self {
+        let pg = Self {
+            data: dir.path().join("data"),
+            dir,
+            adopted: Vec::new(),
+            port: free_port(),
+            bin: pg_bin_dir(),
+        };
+        pg.launch();
+        pg
+    }
+
+    fn launch(&self) {
+        let pg = self;
+        let port = self.port;
         let options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=32MB",
+             -c synchronous_commit=off -c shared_buffers=32MB",
             pg.dir.path().display()
         );
         let log = pg.dir.path().join("server.log");
@@ -154,7 +175,6 @@ impl Postgres {
                 "start",
             ],
         );
-        pg
     }
 
     /// Keeps `dir` until the server has stopped.
@@ -179,7 +199,10 @@ impl Postgres {
             if got == expected {
                 return;
             }
-            assert!(Instant::now() < deadline, "waited {seconds}s for {sql:?} = {expected:?}, last {got:?}");
+            assert!(
+                Instant::now() < deadline,
+                "waited {seconds}s for {sql:?} = {expected:?}, last {got:?}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -41,6 +41,31 @@ pub struct Compression {
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum SourceFacts {
     PgDump(PgDumpFacts),
+    PgBase(Box<PgBaseFacts>),
+}
+
+/// A physical base backup: where recovery starts and what it needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgBaseFacts {
+    /// `pg_control_system().system_identifier`, as text (it does not fit JSON numbers).
+    pub system_identifier: String,
+    pub server_version: String,
+    pub server_version_num: u32,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    /// The WAL segment recovery starts from, and the last one it needs for consistency.
+    pub start_wal: String,
+    pub stop_wal: String,
+    pub wal_segment_size: u64,
+    /// The data directory that was copied.
+    pub pgdata: String,
+    /// Returned by pg_backup_stop; written into the restored data directory.
+    pub backup_label: String,
+    pub tablespace_map: Option<String>,
+    /// Every copied file, with its CRC-32C and the tar stream that holds it.
+    pub files: Vec<crate::sources::pgdata::CopiedFile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,7 +5,9 @@
 //! Errors leave here as `anyhow::Error` carrying a [`Failure`] where the caller can act on
 //! them (exit codes), with the object, backup or database named in the message.
 
+pub mod pg_base;
 pub mod pg_dump;
+pub mod restore_pg;
 pub mod restore_pg_dump;
 pub mod wal;
 

@@ -48,7 +48,9 @@ pub async fn restore(
     let manifest = catalog::find(store, Kind::PgDump, selector)
         .await
         .map_err(catalog_error)?;
-    let SourceFacts::PgDump(facts) = &manifest.source;
+    let SourceFacts::PgDump(facts) = &manifest.source else {
+        anyhow::bail!("backup {} is not a pg-dump backup", manifest.id);
+    };
     let [object] = manifest.objects.as_slice() else {
         anyhow::bail!(
             "pg-dump backup {} has {} objects, expected 1",

@@ -1,3 +1,4 @@
 //! Sources turn a live system into a byte stream. One module per datastore.
 
+pub mod pgdata;
 pub mod postgres;

@@ -60,8 +60,9 @@ fn effective_dbname(config: &PostgresConfig) -> String {
         .unwrap_or_else(|| effective_user(config))
 }
 
-/// Connects once, checks that the database is there and reachable, and reads its version.
-pub async fn server_facts(config: &PostgresConfig) -> Result<ServerFacts, SourceError> {
+/// Opens a session (no TLS yet) for queries and for the base backup protocol. The connection
+/// task ends when the client is dropped, which also ends a backup left in progress.
+pub async fn connect(config: &PostgresConfig) -> Result<tokio_postgres::Client, SourceError> {
     let mut pg = tokio_postgres::Config::new();
     pg.application_name("gc-backup")
         .connect_timeout(Duration::from_secs(10))
@@ -82,7 +83,32 @@ pub async fn server_facts(config: &PostgresConfig) -> Result<ServerFacts, Source
         .connect(tokio_postgres::NoTls)
         .await
         .map_err(|e| connect_error(config, &e))?;
-    let connection = tokio::spawn(connection);
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// A query error, naming the server.
+pub fn query_error(
+    config: &PostgresConfig,
+    what: &str,
+    error: &tokio_postgres::Error,
+) -> SourceError {
+    let detail = error
+        .as_db_error()
+        .map_or_else(|| error.to_string(), |db| db.message().to_string());
+    SourceError::Failed(format!(
+        "{what} on PostgreSQL at {} failed: {detail}",
+        describe(config)
+    ))
+}
+
+/// Connects once, checks that the database is there and reachable, and reads its version.
+pub async fn server_facts(config: &PostgresConfig) -> Result<ServerFacts, SourceError> {
+    let client = connect(config).await?;
     let row = client
         .query_one(
             "SELECT current_database(), current_setting('server_version'), \
@@ -90,9 +116,7 @@ pub async fn server_facts(config: &PostgresConfig) -> Result<ServerFacts, Source
             &[],
         )
         .await
-        .map_err(|e| SourceError::Failed(format!("querying {}: {e}", describe(config))))?;
-    drop(client);
-    connection.abort();
+        .map_err(|e| query_error(config, "reading the server version", &e))?;
     let num: i32 = row.get(2);
     Ok(ServerFacts {
         database: row.get(0),

@@ -1,0 +1,421 @@
+//! `backup pg-base`: a physical base backup of the running cluster through the non-exclusive
+//! backup API, PGDATA's files streamed as several compressed tar objects at once.
+//!
+//! Order: refuse if archiving does not work → claim the id → start backup mode (one session,
+//! kept open throughout) → stream the tars → stop backup mode, which waits until the WAL the
+//! backup needs is archived → check the stored sizes → commit. A failure or a kill closes the
+//! session, and PostgreSQL leaves backup mode by itself.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use futures::future::join_all;
+use pitr::{Lsn, SegmentNo};
+use tokio_postgres::Client;
+use tokio_util::io::StreamReader;
+use tokio_util::sync::CancellationToken;
+
+use super::{catalog_error, pipeline_error, source_error, store_error};
+use crate::catalog::manifest::{
+    Compression, MANIFEST_FORMAT, Manifest, PgBaseFacts, SourceFacts, StoredObject,
+};
+use crate::catalog::{self, BackupId, Kind, layout};
+use crate::config::{Config, PipelineConfig, PostgresConfig};
+use crate::error::Failure;
+use crate::pipeline::{self, PipelineError, UploadSummary};
+use crate::sources::pgdata::{self, ChannelWriter, CopiedFile, Entry};
+use crate::sources::postgres::{self, SourceError, query_error};
+use crate::store::Store;
+
+/// Raw chunks queued between a tar writer and its pipeline. When full, the tar writer waits.
+const TAR_QUEUE: usize = 8;
+/// How long pg_backup_stop may wait for the backup's WAL to be archived.
+const ARCHIVE_WAIT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone)]
+pub struct PgBaseRequest {
+    pub pgdata: Option<PathBuf>,
+}
+
+/// What the server says before the backup starts.
+struct Preflight {
+    server_version: String,
+    server_version_num: u32,
+    system_identifier: u64,
+    wal_segment_size: u64,
+}
+
+pub async fn backup(
+    config: &Config,
+    store: &Store,
+    request: &PgBaseRequest,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Manifest> {
+    let pgdata = request
+        .pgdata
+        .clone()
+        .or_else(|| config.postgres.pgdata.clone())
+        .ok_or_else(|| {
+            Failure::Config(
+                "say where the data directory is: --pgdata DIR, PGDATA or [postgres] pgdata".into(),
+            )
+        })?;
+    let client = postgres::connect(&config.postgres)
+        .await
+        .map_err(source_error)?;
+    let preflight = preflight(&client, &config.postgres, &pgdata).await?;
+
+    let start_time = Utc::now();
+    let id = catalog::claim_id(store, Kind::PgBase, start_time)
+        .await
+        .map_err(catalog_error)?;
+    let label = format!("gc-backup {id}");
+    let start_lsn = start_backup(
+        &client,
+        &config.postgres,
+        preflight.server_version_num,
+        &label,
+    )
+    .await
+    .map_err(source_error)?;
+    tracing::info!(kind = "pg-base", id = %id, start_lsn = %start_lsn, pgdata = %pgdata.display(), "backup started");
+
+    let outcome = copy_and_stop(config, store, &client, &preflight, &pgdata, &id, cancel).await;
+    drop(client); // ends backup mode if it is still on
+    let (objects, files, stop) = match outcome {
+        Ok(done) => done,
+        Err(error) => {
+            discard(store, &id).await;
+            return Err(error.context(format!("pg-base backup {id} failed; nothing was committed")));
+        }
+    };
+
+    let timeline = timeline_of(&stop.label).unwrap_or(1);
+    let segment_size = preflight.wal_segment_size;
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        id: id.clone(),
+        kind: Kind::PgBase,
+        start_time,
+        end_time: Utc::now(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        raw_bytes: objects.iter().map(|o| o.raw_bytes).sum(),
+        stored_bytes: objects.iter().map(|o| o.stored_bytes).sum(),
+        compression: Compression {
+            algorithm: "zstd".to_string(),
+            level: config.pipeline.zstd_level,
+        },
+        source: SourceFacts::PgBase(Box::new(PgBaseFacts {
+            system_identifier: preflight.system_identifier.to_string(),
+            server_version: preflight.server_version.clone(),
+            server_version_num: preflight.server_version_num,
+            timeline,
+            start_lsn: start_lsn.to_string(),
+            stop_lsn: stop.lsn.to_string(),
+            start_wal: SegmentNo::of(start_lsn, segment_size).file_name(timeline, segment_size),
+            stop_wal: SegmentNo::of(stop.lsn, segment_size).file_name(timeline, segment_size),
+            wal_segment_size: segment_size,
+            pgdata: pgdata.display().to_string(),
+            backup_label: stop.label,
+            tablespace_map: stop.tablespace_map,
+            files,
+        })),
+        objects,
+    };
+    if let Err(error) = catalog::commit(store, &manifest).await {
+        discard(store, &id).await;
+        return Err(catalog_error(error).context(format!(
+            "pg-base backup {id} failed while writing its manifest; nothing was committed"
+        )));
+    }
+    tracing::info!(
+        kind = "pg-base",
+        id = %id,
+        stop_lsn = %stop.lsn,
+        raw_bytes = manifest.raw_bytes,
+        stored_bytes = manifest.stored_bytes,
+        peak_rss_bytes = super::peak_rss_bytes().unwrap_or_default(),
+        "backup completed"
+    );
+    Ok(manifest)
+}
+
+async fn preflight(
+    client: &Client,
+    config: &PostgresConfig,
+    pgdata: &Path,
+) -> anyhow::Result<Preflight> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('archive_mode'), current_setting('wal_level'), \
+                    current_setting('server_version'), current_setting('server_version_num')::int4, \
+                    (SELECT system_identifier::text FROM pg_control_system()), \
+                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
+                    coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'), false), \
+                    coalesce(a.last_failed_wal, ''), coalesce(a.last_failed_time::text, '') \
+             FROM pg_stat_archiver a",
+            &[],
+        )
+        .await
+        .map_err(|e| source_error(query_error(config, "checking archiving", &e)))?;
+    let archive_mode: String = row.get(0);
+    let wal_level: String = row.get(1);
+    if archive_mode == "off" || wal_level == "minimal" {
+        return Err(Failure::Config(format!(
+            "WAL archiving is off (archive_mode = {archive_mode}, wal_level = {wal_level}): a base \
+             backup without archived WAL cannot be restored. Set archive_mode = on and \
+             archive_command = 'gc-backup wal-push %p'."
+        ))
+        .into());
+    }
+    let failing: bool = row.get(6);
+    if failing {
+        let wal: String = row.get(7);
+        let when: String = row.get(8);
+        return Err(Failure::Config(format!(
+            "WAL archiving is failing (segment {wal} failed at {when}, with no success since): a \
+             base backup now could not be restored. Fix archive_command first; the server log \
+             says why it fails."
+        ))
+        .into());
+    }
+    let system_identifier: String = row.get(4);
+    let system_identifier: u64 = system_identifier
+        .parse()
+        .context("reading the system identifier")?;
+    let segment_size: i64 = row.get(5);
+    let wal_segment_size = pitr::check_segment_size(u64::try_from(segment_size).unwrap_or(0))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let on_disk = tokio::task::spawn_blocking({
+        let pgdata = pgdata.to_path_buf();
+        move || pgdata::system_identifier(&pgdata)
+    })
+    .await
+    .context("worker failed")?
+    .map_err(|e| {
+        Failure::Config(format!(
+            "{} is not a PostgreSQL data directory: {e}",
+            pgdata.display()
+        ))
+    })?;
+    if on_disk != system_identifier {
+        return Err(Failure::Config(format!(
+            "{} belongs to cluster {on_disk}, but the server at {} is cluster {system_identifier}: \
+             --pgdata must be the data directory of the server being backed up",
+            pgdata.display(),
+            postgres::describe(config)
+        ))
+        .into());
+    }
+    let version_num: i32 = row.get(3);
+    Ok(Preflight {
+        server_version: row.get(2),
+        server_version_num: u32::try_from(version_num).unwrap_or_default(),
+        system_identifier,
+        wal_segment_size,
+    })
+}
+
+async fn start_backup(
+    client: &Client,
+    config: &PostgresConfig,
+    version_num: u32,
+    label: &str,
+) -> Result<Lsn, SourceError> {
+    // Non-exclusive: backup mode belongs to this session. fast = immediate checkpoint.
+    let sql = if version_num >= 150_000 {
+        "SELECT pg_backup_start($1, true)::text"
+    } else {
+        "SELECT pg_start_backup($1, true, false)::text"
+    };
+    let row = client
+        .query_one(sql, &[&label])
+        .await
+        .map_err(|e| query_error(config, "starting the backup", &e))?;
+    let text: String = row.get(0);
+    text.parse()
+        .map_err(|e| SourceError::Failed(format!("backup start returned {text}: {e}")))
+}
+
+struct Stopped {
+    lsn: Lsn,
+    label: String,
+    tablespace_map: Option<String>,
+}
+
+async fn stop_backup(
+    client: &Client,
+    config: &PostgresConfig,
+    version_num: u32,
+) -> Result<Stopped, SourceError> {
+    // wait_for_archive: returns only once the WAL the backup needs is archived.
+    let sql = if version_num >= 150_000 {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)"
+    } else {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
+    };
+    let row = tokio::time::timeout(ARCHIVE_WAIT, client.query_one(sql, &[]))
+        .await
+        .map_err(|_| {
+            SourceError::Failed(format!(
+                "the WAL this backup needs was not archived within {} s; check archive_command \
+                 and pg_stat_archiver",
+                ARCHIVE_WAIT.as_secs()
+            ))
+        })?
+        .map_err(|e| query_error(config, "stopping the backup", &e))?;
+    let lsn: String = row.get(0);
+    let map: Option<String> = row.get(2);
+    Ok(Stopped {
+        lsn: lsn
+            .parse()
+            .map_err(|e| SourceError::Failed(format!("backup stop returned {lsn}: {e}")))?,
+        label: row.get(1),
+        tablespace_map: map.filter(|m| !m.is_empty()),
+    })
+}
+
+/// The `START TIMELINE:` line of a backup label.
+fn timeline_of(label: &str) -> Option<u32> {
+    label
+        .lines()
+        .find_map(|line| line.strip_prefix("START TIMELINE:"))
+        .and_then(|t| t.trim().parse().ok())
+}
+
+/// How many tar streams to write at once: one per core, at most 4.
+fn stream_count() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+}
+
+async fn copy_and_stop(
+    config: &Config,
+    store: &Store,
+    client: &Client,
+    preflight: &Preflight,
+    pgdata: &Path,
+    id: &BackupId,
+    cancel: &CancellationToken,
+) -> anyhow::Result<(Vec<StoredObject>, Vec<CopiedFile>, Stopped)> {
+    let entries = tokio::task::spawn_blocking({
+        let pgdata = pgdata.to_path_buf();
+        move || pgdata::walk(&pgdata)
+    })
+    .await
+    .context("walking worker failed")?
+    .map_err(|e| match e {
+        pgdata::PgDataError::Unsupported(message) => anyhow::Error::new(Failure::Config(message)),
+        other => anyhow::Error::new(other),
+    })?;
+    let streams = pgdata::split(entries, stream_count());
+    // The streams share the memory budget of one pipeline.
+    let mut settings = config.pipeline.clone();
+    settings.parallel_uploads = (settings.parallel_uploads / streams.len()).max(1);
+    let uploads = streams.into_iter().enumerate().map(|(index, entries)| {
+        let settings = settings.clone();
+        async move { upload_stream(store, pgdata, id, index, entries, &settings, cancel).await }
+    });
+    let mut objects = Vec::new();
+    let mut files = Vec::new();
+    for result in join_all(uploads).await {
+        let (object, copied) = result?;
+        objects.push(object);
+        files.extend(copied);
+    }
+    for object in &objects {
+        let key = crate::store::ObjectKey::from(object.key.as_str());
+        let meta = store.head(&key).await.map_err(store_error)?;
+        if meta.size != object.stored_bytes {
+            return Err(Failure::Corrupt(format!(
+                "{key} is {} bytes in the store after upload, but {} bytes were sent",
+                meta.size, object.stored_bytes
+            ))
+            .into());
+        }
+    }
+    let stopped = tokio::select! {
+        stopped = stop_backup(client, &config.postgres, preflight.server_version_num) => stopped.map_err(source_error)?,
+        () = cancel.cancelled() => return Err(Failure::Interrupted("interrupted while waiting for WAL archiving".into()).into()),
+    };
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((objects, files, stopped))
+}
+
+/// One tar stream: a blocking tar writer feeding a pipeline through a bounded channel.
+async fn upload_stream(
+    store: &Store,
+    pgdata: &Path,
+    id: &BackupId,
+    index: usize,
+    entries: Vec<Entry>,
+    settings: &PipelineConfig,
+    cancel: &CancellationToken,
+) -> anyhow::Result<(StoredObject, Vec<CopiedFile>)> {
+    let key = layout::data_key(Kind::PgBase, id, &format!("base.{index}.tar.zst"));
+    let (tx, rx) = tokio::sync::mpsc::channel(TAR_QUEUE);
+    let stream_no = u32::try_from(index).unwrap_or(u32::MAX);
+    let writer = tokio::task::spawn_blocking({
+        let pgdata = pgdata.to_path_buf();
+        let error_tx = tx.clone();
+        move || {
+            let result = pgdata::write_tar(&pgdata, &entries, stream_no, ChannelWriter::new(tx));
+            if let Err(error) = &result {
+                // Make the pipeline fail rather than see a clean end of a truncated tar.
+                let _ = error_tx.blocking_send(Err(std::io::Error::other(error.to_string())));
+            }
+            result
+        }
+    });
+    let reader = StreamReader::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let uploaded: Result<UploadSummary, PipelineError> =
+        pipeline::upload(store, &key, reader, settings, cancel).await;
+    // The tar writer's own result decides whether the stream was whole; of two failures, the
+    // one that came first is reported (a store failure makes the writer fail too).
+    let copied = writer.await.context("tar worker failed")?;
+    let (summary, copied) = match (uploaded, copied) {
+        (Ok(summary), Ok(copied)) => (summary, copied),
+        (Err(PipelineError::Source(_)) | Ok(_), Err(tar_error)) => {
+            return Err(anyhow::Error::new(tar_error).context(format!("copying PGDATA into {key}")));
+        }
+        (Err(error), _) => return Err(pipeline_error(error)),
+    };
+    Ok((
+        StoredObject {
+            key: key.to_string(),
+            raw_bytes: summary.raw_bytes,
+            stored_bytes: summary.stored_bytes,
+            raw_sha256: summary.raw_sha256,
+            parts: summary.parts,
+        },
+        copied,
+    ))
+}
+
+async fn discard(store: &Store, id: &BackupId) {
+    if let Err(error) = catalog::remove_data(store, Kind::PgBase, id).await {
+        tracing::warn!(
+            id = %id,
+            %error,
+            "could not remove the data of the failed backup; `gc-backup retention` removes \
+             orphaned data"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeline_comes_from_the_label() {
+        let label = "START WAL LOCATION: 0/2000028 (file 000000020000000000000002)\n\
+                     CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\n\
+                     START TIMELINE: 2\nLABEL: x\n";
+        assert_eq!(timeline_of(label), Some(2));
+        assert_eq!(timeline_of("nothing"), None);
+    }
+}

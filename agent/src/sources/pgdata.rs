@@ -1,0 +1,431 @@
+//! The files of a running cluster's data directory, as tar streams for a base backup.
+//!
+//! [`walk`] lists what a base backup must hold (PostgreSQL's documented exclusions applied);
+//! [`split`] spreads the files over a few streams of about equal size, so that several
+//! compressors run at once; [`write_tar`] writes one stream on a blocking thread. Files change
+//! while they are copied — that is what the WAL replayed on restore repairs — so a file that
+//! shrank is padded with zeros to the size its header announced, and one that vanished is
+//! left out, as pg_basebackup does.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// Directories whose contents are never copied (the directory itself is kept, empty).
+const EMPTY_DIRS: &[&str] = &[
+    "pg_wal",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+];
+
+/// Files in the top directory that are never copied.
+const SKIP_TOP_FILES: &[&str] = &[
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "backup_label.old",
+    "tablespace_map",
+    "tablespace_map.old",
+    "recovery.signal",
+    "standby.signal",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EntryKind {
+    Dir,
+    File,
+}
+
+/// One entry of PGDATA, as found by [`walk`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Relative to PGDATA, with `/` separators.
+    pub path: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime: u64,
+}
+
+/// What was copied of one file, for the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopiedFile {
+    pub path: String,
+    /// Bytes in the tar (the size when the copy started).
+    pub size: u64,
+    /// CRC-32C of those bytes, as PostgreSQL's own backup manifests use.
+    pub crc32c: u32,
+    /// Which tar stream holds it.
+    pub stream: u32,
+    /// The file shrank while being copied and was padded with zeros (WAL replay repairs it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub padded: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgDataError {
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> PgDataError {
+    PgDataError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// True for entries a base backup leaves out, by their path relative to PGDATA.
+fn excluded(relative: &str, is_dir: bool) -> bool {
+    let name = relative.rsplit('/').next().unwrap_or(relative);
+    if name.starts_with("pgsql_tmp") || name == "pg_internal.init" {
+        return true;
+    }
+    if !relative.contains('/') && !is_dir && SKIP_TOP_FILES.contains(&relative) {
+        return true;
+    }
+    // The contents (not the directory) of the transient directories.
+    EMPTY_DIRS.iter().any(|dir| {
+        relative.strip_prefix(dir).is_some_and(|rest| {
+            rest.starts_with('/') && !(*dir == "pg_wal" && rest == "/archive_status")
+        })
+    })
+}
+
+/// Lists PGDATA: directories first, then files, each with the size and mode seen now.
+pub fn walk(pgdata: &Path) -> Result<Vec<Entry>, PgDataError> {
+    let mut entries = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative_dir) = pending.pop() {
+        let dir = pgdata.join(&relative_dir);
+        let listing = match std::fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            // Dropped while we walked (a database, a temp dir): nothing to copy.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error(&dir, e)),
+        };
+        for item in listing {
+            let item = item.map_err(|e| io_error(&dir, e))?;
+            let relative_path = relative_dir.join(item.file_name());
+            let relative = relative_path.to_string_lossy().replace('\\', "/");
+            let metadata = match std::fs::metadata(item.path()) {
+                Ok(metadata) => metadata,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error(&item.path(), e)),
+            };
+            if relative.starts_with("pg_tblspc/") {
+                return Err(PgDataError::Unsupported(format!(
+                    "the cluster has a tablespace ({relative}); base backups of tablespaces \
+                     outside PGDATA are not supported yet"
+                )));
+            }
+            let is_dir = metadata.is_dir();
+            if excluded(&relative, is_dir) {
+                continue;
+            }
+            use std::os::unix::fs::MetadataExt;
+            entries.push(Entry {
+                path: relative.clone(),
+                kind: if is_dir {
+                    EntryKind::Dir
+                } else {
+                    EntryKind::File
+                },
+                size: if is_dir { 0 } else { metadata.len() },
+                mode: metadata.mode() & 0o7777,
+                mtime: u64::try_from(metadata.mtime()).unwrap_or(0),
+            });
+            if is_dir {
+                pending.push(relative_path);
+            }
+        }
+    }
+    entries.sort_by(|a, b| {
+        (a.kind != EntryKind::Dir, &a.path).cmp(&(b.kind != EntryKind::Dir, &b.path))
+    });
+    Ok(entries)
+}
+
+/// Spreads entries over `streams` lists of about equal bytes (largest file to the lightest
+/// stream). Every directory goes to stream 0, which is restored first.
+pub fn split(entries: Vec<Entry>, streams: usize) -> Vec<Vec<Entry>> {
+    let streams = streams.max(1);
+    let mut out: Vec<Vec<Entry>> = vec![Vec::new(); streams];
+    let mut load = vec![0u64; streams];
+    let (dirs, mut files): (Vec<Entry>, Vec<Entry>) =
+        entries.into_iter().partition(|e| e.kind == EntryKind::Dir);
+    out[0].extend(dirs);
+    files.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.path.cmp(&b.path)));
+    for file in files {
+        let lightest = (0..streams).min_by_key(|&i| load[i]).unwrap_or(0);
+        // Tar headers and padding: count at least a block per file.
+        load[lightest] += file.size.max(512);
+        out[lightest].push(file);
+    }
+    for list in &mut out {
+        list.sort_by(|a, b| {
+            (a.kind != EntryKind::Dir, &a.path).cmp(&(b.kind != EntryKind::Dir, &b.path))
+        });
+    }
+    out
+}
+
+/// Writes `entries` of `pgdata` as one tar stream into `out`. Blocking.
+pub fn write_tar(
+    pgdata: &Path,
+    entries: &[Entry],
+    stream: u32,
+    out: impl Write,
+) -> Result<Vec<CopiedFile>, PgDataError> {
+    let mut builder = tar::Builder::new(out);
+    let mut copied = Vec::new();
+    let tar_error = |path: &str, e: std::io::Error| PgDataError::Io {
+        path: path.to_string(),
+        source: e,
+    };
+    for entry in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(entry.mode);
+        header.set_mtime(entry.mtime);
+        header.set_uid(0);
+        header.set_gid(0);
+        match entry.kind {
+            EntryKind::Dir => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_size(0);
+                builder
+                    .append_data(&mut header, &entry.path, std::io::empty())
+                    .map_err(|e| tar_error(&entry.path, e))?;
+            }
+            EntryKind::File => {
+                let path = pgdata.join(&entry.path);
+                let file = match std::fs::File::open(&path) {
+                    Ok(file) => file,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_error(&path, e)),
+                };
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(entry.size);
+                let mut reader = PaddedReader {
+                    inner: file.take(entry.size),
+                    remaining: entry.size,
+                    crc: 0,
+                    padded: false,
+                };
+                builder
+                    .append_data(&mut header, &entry.path, &mut reader)
+                    .map_err(|e| tar_error(&entry.path, e))?;
+                copied.push(CopiedFile {
+                    path: entry.path.clone(),
+                    size: entry.size,
+                    crc32c: reader.crc,
+                    stream,
+                    padded: reader.padded,
+                });
+            }
+        }
+    }
+    builder
+        .into_inner()
+        .and_then(|mut out| out.flush())
+        .map_err(|e| tar_error("end of tar", e))?;
+    Ok(copied)
+}
+
+/// Exactly `remaining` bytes of a file: zeros after a premature end. Computes CRC-32C.
+struct PaddedReader<R> {
+    inner: R,
+    remaining: u64,
+    crc: u32,
+    padded: bool,
+}
+
+impl<R: Read> Read for PaddedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let want = usize::try_from(self.remaining)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let mut n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            // The file shrank (truncated by VACUUM, say) after we looked at its size.
+            buf[..want].fill(0);
+            n = want;
+            self.padded = true;
+        }
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
+
+/// A blocking `Write` that hands 256 KiB chunks to an async reader over a bounded channel
+/// (the tar writer blocks while the pipeline is behind). Turn the receiver into an
+/// `AsyncRead` with `tokio_util::io::StreamReader`.
+#[derive(Debug)]
+pub struct ChannelWriter {
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+    buffer: BytesMut,
+}
+
+const CHANNEL_CHUNK: usize = 256 * 1024;
+
+impl ChannelWriter {
+    pub fn new(tx: mpsc::Sender<std::io::Result<Bytes>>) -> Self {
+        Self {
+            tx,
+            buffer: BytesMut::with_capacity(CHANNEL_CHUNK),
+        }
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buffer.split().freeze();
+        self.buffer.reserve(CHANNEL_CHUNK);
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = CHANNEL_CHUNK - self.buffer.len();
+        let taken = room.min(data.len());
+        self.buffer.extend_from_slice(&data[..taken]);
+        if self.buffer.len() >= CHANNEL_CHUNK {
+            self.send()?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// The system identifier in `global/pg_control` (its first 8 bytes, native order): which
+/// cluster this directory is.
+pub fn system_identifier(pgdata: &Path) -> Result<u64, PgDataError> {
+    let path = pgdata.join("global/pg_control");
+    let mut first = [0u8; 8];
+    std::fs::File::open(&path)
+        .and_then(|mut f| f.read_exact(&mut first))
+        .map_err(|e| io_error(&path, e))?;
+    Ok(u64::from_ne_bytes(first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgresql_s_exclusions_apply() {
+        for (path, is_dir) in [
+            ("postmaster.pid", false),
+            ("backup_label", false),
+            ("pg_wal/000000010000000000000001", false),
+            (
+                "pg_wal/archive_status/000000010000000000000001.ready",
+                false,
+            ),
+            ("pg_replslot/slot1", true),
+            ("pg_stat_tmp/global.stat", false),
+            ("base/5/pgsql_tmp", true),
+            ("base/pgsql_tmp/pgsql_tmp123.0", false),
+            ("global/pg_internal.init", false),
+        ] {
+            assert!(excluded(path, is_dir), "{path} was kept");
+        }
+        for (path, is_dir) in [
+            ("pg_wal", true),
+            ("pg_wal/archive_status", true),
+            ("pg_replslot", true),
+            ("base/5/16384", false),
+            ("global/pg_control", false),
+            ("postgresql.conf", false),
+            ("base/5/backup_label", false),
+        ] {
+            assert!(!excluded(path, is_dir), "{path} was excluded");
+        }
+    }
+
+    #[test]
+    fn streams_balance_bytes_and_directories_go_first() {
+        let file = |path: &str, size| Entry {
+            path: path.into(),
+            kind: EntryKind::File,
+            size,
+            mode: 0o600,
+            mtime: 0,
+        };
+        let dir = Entry {
+            path: "base".into(),
+            kind: EntryKind::Dir,
+            size: 0,
+            mode: 0o700,
+            mtime: 0,
+        };
+        let streams = split(
+            vec![
+                file("a", 10_000),
+                file("b", 6_000),
+                file("c", 5_000),
+                dir.clone(),
+                file("d", 1_000),
+            ],
+            2,
+        );
+        assert_eq!(streams[0][0], dir);
+        let bytes: Vec<u64> = streams
+            .iter()
+            .map(|s| s.iter().map(|e| e.size).sum())
+            .collect();
+        assert_eq!(bytes, vec![11_000, 11_000]);
+        assert_eq!(streams.iter().map(Vec::len).sum::<usize>(), 5);
+    }
+
+    #[test]
+    fn a_file_that_shrinks_is_padded_and_a_vanished_one_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("base")).unwrap();
+        std::fs::write(dir.path().join("base/1"), b"0123456789").unwrap();
+        std::fs::write(dir.path().join("base/2"), b"gone soon").unwrap();
+        let entries = walk(dir.path()).unwrap();
+        std::fs::write(dir.path().join("base/1"), b"01234").unwrap();
+        std::fs::remove_file(dir.path().join("base/2")).unwrap();
+        let mut tar_bytes = Vec::new();
+        let copied = write_tar(dir.path(), &entries, 0, &mut tar_bytes).unwrap();
+        assert_eq!(copied.len(), 1);
+        assert!(copied[0].padded);
+        assert_eq!(copied[0].size, 10);
+        assert_eq!(copied[0].crc32c, crc32c::crc32c(b"01234\0\0\0\0\0"));
+        let mut archive = tar::Archive::new(&tar_bytes[..]);
+        let names: Vec<String> = archive
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["base", "base/1"]);
+    }
+}

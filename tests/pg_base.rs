@@ -1,0 +1,143 @@
+//! `backup pg-base` of a cluster that archives through `gc-backup wal-push`, taken while
+//! pgbench writes, restored with `restore pg` and started with `wal-fetch` as restore_command.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::process::Command;
+
+use harness::{Agent, Postgres, Seaweed, assert_fails};
+
+fn archiving_cluster(weed: &Seaweed, prefix: &str) -> (Postgres, std::path::PathBuf) {
+    let staging = harness::shared_temp_dir("pgconf");
+    let config = weed.config_file(staging.path(), prefix);
+    let binary = harness::agent_binary_for_postgres(staging.path());
+    let command = format!("GC_BACKUP_CONFIG={} {} wal-push %p", config.display(), binary.display());
+    let mut pg = Postgres::start_with(&[("archive_mode", "on"), ("archive_command", &command)]);
+    pg.adopt(staging);
+    (pg, config)
+}
+
+fn agent_for(pg: &Postgres, weed: &Seaweed, prefix: &str) -> Agent {
+    let mut env = pg.env();
+    env.extend(weed.env(prefix));
+    env.push(("PGDATABASE".into(), "postgres".into()));
+    env.push(("PGDATA".into(), pg.data_dir().to_str().unwrap().into()));
+    Agent::new(env)
+}
+
+/// pgbench's invariant: every transaction adds the same delta to one account, teller and
+/// branch, so the three sums agree in any consistent state.
+fn pgbench_sums(pg: &Postgres) -> String {
+    pg.psql(
+        "postgres",
+        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || \
+                (SELECT sum(tbalance) FROM pgbench_tellers) || ' ' || \
+                (SELECT sum(bbalance) FROM pgbench_branches)",
+    )
+}
+
+#[test]
+fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
+    let weed = Seaweed::start();
+    let (pg, config) = archiving_cluster(&weed, "base");
+    harness::run_ok(
+        Command::new(pg.bin.join("pgbench"))
+            .envs(pg.env())
+            .args(["-i", "-s", "3", "-q", "postgres"]),
+    );
+    let agent = agent_for(&pg, &weed, "base");
+
+    // Writes go on during the whole backup.
+    let mut load = Command::new(pg.bin.join("pgbench"))
+        .envs(pg.env())
+        .args(["-c", "2", "-T", "600", "-n", "postgres"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = agent.backup(&["backup", "pg-base"]);
+    // More WAL after the backup, then a marker that only replay can bring back.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _ = load.kill();
+    let _ = load.wait();
+    pg.psql("postgres", "CREATE TABLE after_backup AS SELECT 42 AS answer");
+    let expected = pgbench_sums(&pg);
+    let last = pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
+    pg.wait_for(
+        "postgres",
+        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
+        "t",
+        60,
+    );
+
+    let listed = agent.list_json();
+    let entry = listed.iter().find(|e| e["id"] == id.as_str()).unwrap();
+    assert_eq!(entry["kind"], "pg-base");
+    assert_eq!(entry["timeline"], 1);
+    let start: pitr::Lsn = entry["start_lsn"].as_str().unwrap().parse().unwrap();
+    let stop: pitr::Lsn = entry["stop_lsn"].as_str().unwrap().parse().unwrap();
+    assert!(start < stop, "{start} !< {stop}");
+    // The WAL from the start segment to the stop segment is in the archive.
+    let keys = weed.keys("base/wal");
+    for name in [entry["start_wal"].as_str().unwrap(), entry["stop_wal"].as_str().unwrap()] {
+        assert!(keys.iter().any(|k| k.contains(name)), "{name} not archived: {keys:?}");
+    }
+
+    // Restore into a directory the server's user owns, and start it.
+    let target = harness::shared_temp_dir("restored");
+    let data = target.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    harness::run_ok(Command::new("chown").arg("postgres:postgres").arg(&data));
+    let mut restorer = agent_for(&pg, &weed, "base");
+    restorer.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    restorer.ok(&["restore", "pg", "--pgdata", data.to_str().unwrap(), "--backup", &id]);
+    assert!(data.join("backup_label").exists() && data.join("recovery.signal").exists());
+    assert!(!data.join("postmaster.pid").exists());
+
+    let restored = Postgres::start_restored(target);
+    restored.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", 120);
+    assert_eq!(pgbench_sums(&restored), expected, "restored cluster is inconsistent");
+    assert_eq!(restored.psql("postgres", "SELECT answer FROM after_backup"), "42");
+    let amcheck = Command::new(restored.bin.join("pg_amcheck"))
+        .envs(restored.env())
+        .args(["--install-missing", "--heapallindexed", "postgres"])
+        .output()
+        .unwrap();
+    assert!(amcheck.status.success(), "pg_amcheck: {}", String::from_utf8_lossy(&amcheck.stdout));
+}
+
+#[test]
+fn a_base_backup_is_refused_when_archiving_is_off() {
+    let weed = Seaweed::start();
+    let pg = Postgres::start();
+    let agent = agent_for(&pg, &weed, "noarchive");
+    assert_fails(&agent.run(&["backup", "pg-base"]), 2, "archiving is off");
+    assert!(weed.keys("noarchive").is_empty());
+}
+
+#[test]
+fn a_base_backup_refuses_a_data_directory_of_another_cluster() {
+    let weed = Seaweed::start();
+    let (pg, _) = archiving_cluster(&weed, "other");
+    let stranger = Postgres::start();
+    let mut agent = agent_for(&pg, &weed, "other");
+    agent.set("PGDATA", stranger.data_dir().to_str().unwrap());
+    assert_fails(&agent.run(&["backup", "pg-base"]), 2, "belongs to cluster");
+}
+
+#[test]
+fn restore_refuses_a_non_empty_directory_and_leaves_it_untouched() {
+    let weed = Seaweed::start();
+    let (pg, _) = archiving_cluster(&weed, "nonempty");
+    let agent = agent_for(&pg, &weed, "nonempty");
+    agent.backup(&["backup", "pg-base"]);
+    let dir = agent.home().join("busy");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("keep.txt"), "mine").unwrap();
+    let output = agent.run(&["restore", "pg", "--pgdata", dir.to_str().unwrap()]);
+    assert_fails(&output, 2, "not empty");
+    assert_eq!(std::fs::read_to_string(dir.join("keep.txt")).unwrap(), "mine");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+}
