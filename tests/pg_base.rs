@@ -13,7 +13,11 @@ fn archiving_cluster(weed: &Seaweed, prefix: &str) -> (Postgres, std::path::Path
     let staging = harness::shared_temp_dir("pgconf");
     let config = weed.config_file(staging.path(), prefix);
     let binary = harness::agent_binary_for_postgres(staging.path());
-    let command = format!("GC_BACKUP_CONFIG={} {} wal-push %p", config.display(), binary.display());
+    let command = format!(
+        "GC_BACKUP_CONFIG={} {} wal-push %p",
+        config.display(),
+        binary.display()
+    );
     let mut pg = Postgres::start_with(&[("archive_mode", "on"), ("archive_command", &command)]);
     pg.adopt(staging);
     (pg, config)
@@ -62,7 +66,10 @@ fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let _ = load.kill();
     let _ = load.wait();
-    pg.psql("postgres", "CREATE TABLE after_backup AS SELECT 42 AS answer");
+    pg.psql(
+        "postgres",
+        "CREATE TABLE after_backup AS SELECT 42 AS answer",
+    );
     let expected = pgbench_sums(&pg);
     let last = pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
     pg.wait_for(
@@ -81,8 +88,14 @@ fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
     assert!(start < stop, "{start} !< {stop}");
     // The WAL from the start segment to the stop segment is in the archive.
     let keys = weed.keys("base/wal");
-    for name in [entry["start_wal"].as_str().unwrap(), entry["stop_wal"].as_str().unwrap()] {
-        assert!(keys.iter().any(|k| k.contains(name)), "{name} not archived: {keys:?}");
+    for name in [
+        entry["start_wal"].as_str().unwrap(),
+        entry["stop_wal"].as_str().unwrap(),
+    ] {
+        assert!(
+            keys.iter().any(|k| k.contains(name)),
+            "{name} not archived: {keys:?}"
+        );
     }
 
     // Restore into a directory the server's user owns, and start it.
@@ -92,20 +105,38 @@ fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
     harness::run_ok(Command::new("chown").arg("postgres:postgres").arg(&data));
     let mut restorer = agent_for(&pg, &weed, "base");
     restorer.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
-    restorer.ok(&["restore", "pg", "--pgdata", data.to_str().unwrap(), "--backup", &id]);
+    restorer.ok(&[
+        "restore",
+        "pg",
+        "--pgdata",
+        data.to_str().unwrap(),
+        "--backup",
+        &id,
+    ]);
     assert!(data.join("backup_label").exists() && data.join("recovery.signal").exists());
     assert!(!data.join("postmaster.pid").exists());
 
     let restored = Postgres::start_restored(target);
     restored.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", 120);
-    assert_eq!(pgbench_sums(&restored), expected, "restored cluster is inconsistent");
-    assert_eq!(restored.psql("postgres", "SELECT answer FROM after_backup"), "42");
+    assert_eq!(
+        pgbench_sums(&restored),
+        expected,
+        "restored cluster is inconsistent"
+    );
+    assert_eq!(
+        restored.psql("postgres", "SELECT answer FROM after_backup"),
+        "42"
+    );
     let amcheck = Command::new(restored.bin.join("pg_amcheck"))
         .envs(restored.env())
         .args(["--install-missing", "--heapallindexed", "postgres"])
         .output()
         .unwrap();
-    assert!(amcheck.status.success(), "pg_amcheck: {}", String::from_utf8_lossy(&amcheck.stdout));
+    assert!(
+        amcheck.status.success(),
+        "pg_amcheck: {}",
+        String::from_utf8_lossy(&amcheck.stdout)
+    );
 }
 
 #[test]
@@ -138,6 +169,81 @@ fn restore_refuses_a_non_empty_directory_and_leaves_it_untouched() {
     std::fs::write(dir.join("keep.txt"), "mine").unwrap();
     let output = agent.run(&["restore", "pg", "--pgdata", dir.to_str().unwrap()]);
     assert_fails(&output, 2, "not empty");
-    assert_eq!(std::fs::read_to_string(dir.join("keep.txt")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("keep.txt")).unwrap(),
+        "mine"
+    );
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+}
+
+/// A cluster with ~250 MB of data, so that a base backup takes a moment.
+fn load_bulk(pg: &Postgres) {
+    pg.psql(
+        "postgres",
+        "CREATE TABLE bulk AS SELECT g AS id, md5(g::text) || md5((g * 3)::text) AS payload \
+         FROM generate_series(1, 2500000) g",
+    );
+}
+
+/// Waits until the agent's session has started backup mode and is copying files.
+fn wait_for_backup_mode(pg: &Postgres) {
+    pg.wait_for(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gc-backup' \
+         AND query LIKE '%pg_backup_start%' AND state = 'idle'",
+        "1",
+        60,
+    );
+}
+
+#[test]
+fn sigkill_during_a_base_backup_commits_nothing_ends_backup_mode_and_the_next_run_cleans_up() {
+    let weed = Seaweed::start();
+    let (pg, _) = archiving_cluster(&weed, "killed");
+    load_bulk(&pg);
+    let mut agent = agent_for(&pg, &weed, "killed");
+    agent.set("GC_BACKUP_PART_SIZE", "5MiB");
+    let mut child = agent.command(&["backup", "pg-base"]).spawn().unwrap();
+    wait_for_backup_mode(&pg);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    // The server ends backup mode when the session goes away.
+    pg.wait_for(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gc-backup'",
+        "0",
+        30,
+    );
+    let log = std::fs::read_to_string(pg.dir().join("server.log")).unwrap();
+    assert!(log.contains("aborting backup due to backend exiting"), "server log:\n{log}");
+    assert!(agent.list_json().is_empty());
+    let leftovers = weed.keys("killed/data");
+    assert!(!leftovers.is_empty(), "the killed run should have left its claim");
+
+    // The next run removes what the killed one left, and succeeds.
+    agent.set("GC_BACKUP_PART_SIZE", "8MiB");
+    let id = agent.backup(&["backup", "pg-base"]);
+    let data = weed.keys("killed/data");
+    assert!(data.iter().all(|k| k.contains(&id)), "leftovers remain: {data:?}");
+    assert_eq!(agent.list_json().len(), 1);
+}
+
+#[test]
+fn postgres_stopping_in_the_middle_of_a_base_backup_fails_it_and_lists_nothing() {
+    let weed = Seaweed::start();
+    let (pg, _) = archiving_cluster(&weed, "stopped");
+    load_bulk(&pg);
+    let agent = agent_for(&pg, &weed, "stopped");
+    let child = agent
+        .command(&["backup", "pg-base"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_backup_mode(&pg);
+    pg.stop("fast");
+    let output = child.wait_with_output().unwrap();
+    assert_fails(&output, 3, "nothing was committed");
+    assert!(agent.list_json().is_empty());
 }

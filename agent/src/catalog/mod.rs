@@ -71,6 +71,74 @@ struct Claim<'a> {
     tool_version: &'static str,
 }
 
+/// A claim read back: enough to tell whether its writer is gone.
+#[derive(Debug, serde::Deserialize)]
+struct ClaimRecord {
+    started: DateTime<Utc>,
+    host: String,
+    pid: u32,
+}
+
+/// A claim older than this is abandoned whoever wrote it: no backup runs this long.
+const CLAIM_EXPIRY_HOURS: i64 = 24;
+
+impl ClaimRecord {
+    fn abandoned(&self, now: DateTime<Utc>) -> bool {
+        if now - self.started > chrono::TimeDelta::hours(CLAIM_EXPIRY_HOURS) {
+            return true;
+        }
+        // On this host we can look: is the writer still a running gc-backup?
+        self.host == hostname() && !process_is_gc_backup(self.pid)
+    }
+}
+
+fn process_is_gc_backup(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("gc-backup"))
+}
+
+/// Removes what runs of `kind` that were killed left behind: data under a claim that has no
+/// manifest and whose writer is gone. Returns the ids cleaned. Runs before each backup, so
+/// the next run cleans up after a killed one.
+pub async fn sweep_abandoned(
+    store: &Store,
+    kind: Kind,
+    now: DateTime<Utc>,
+) -> Result<Vec<BackupId>, CatalogError> {
+    let mut cleaned = Vec::new();
+    let prefix = ObjectKey::from(format!("data/{kind}"));
+    for object in store.list(&prefix).await? {
+        let Some(id) = object
+            .location
+            .as_ref()
+            .strip_prefix(&format!("data/{kind}/"))
+            .and_then(|rest| rest.strip_suffix("/_claim.json"))
+            .and_then(|id| id.parse::<BackupId>().ok())
+        else {
+            continue;
+        };
+        let committed = match store.head(&layout::manifest_key(kind, &id)).await {
+            Ok(_) => true,
+            Err(StoreError::NotFound { .. }) => false,
+            Err(other) => return Err(other.into()),
+        };
+        let claim = match store.get_bytes(&object.location).await {
+            Ok(bytes) => serde_json::from_slice::<ClaimRecord>(&bytes).ok(),
+            Err(StoreError::NotFound { .. }) => continue,
+            Err(other) => return Err(other.into()),
+        };
+        if committed {
+            // A committed backup whose claim was not deleted: just the claim goes.
+            store.delete(&object.location).await?;
+        } else if claim.is_none_or(|c| c.abandoned(now)) {
+            tracing::warn!(kind = %kind, id = %id, "removing the data of an abandoned run");
+            remove_data(store, kind, &id).await?;
+            cleaned.push(id);
+        }
+    }
+    Ok(cleaned)
+}
+
 /// Reserves a fresh id for a backup starting at `now`, moving on by a second while ids are
 /// taken. The claim also proves, before any source is started, that the store is writable.
 pub async fn claim_id(
@@ -307,6 +375,60 @@ mod tests {
         assert_eq!(b.as_str(), "20260115T020001Z");
         let other_kind = claim_id(&store, Kind::Redis, now).await.unwrap();
         assert_eq!(other_kind, a);
+    }
+
+    #[tokio::test]
+    async fn abandoned_runs_are_swept_and_live_or_committed_ones_kept() {
+        let store = Store::memory();
+        let now: DateTime<Utc> = "2026-01-15T02:00:00Z".parse().unwrap();
+        let put_claim = |id: &str, started: &str, pid: u32| {
+            let store = store.clone();
+            let body = format!(
+                r#"{{"kind":"pg-base","id":"{id}","started":"{started}","host":"{}","pid":{pid},"tool_version":"t"}}"#,
+                hostname()
+            );
+            let id: BackupId = id.parse().unwrap();
+            async move {
+                store
+                    .put_new(&layout::claim_key(Kind::PgBase, &id), Bytes::from(body))
+                    .await
+                    .unwrap();
+                store
+                    .put_new(
+                        &layout::data_key(Kind::PgBase, &id, "base.0.tar.zst"),
+                        Bytes::from_static(b"x"),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        // Dead writer on this host (no such pid), a live one (this test process is not
+        // gc-backup, so use an old claim for the expiry rule instead), and a fresh claim of
+        // another host that must be left alone.
+        put_claim("20260115T010000Z", "2026-01-15T01:00:00Z", u32::MAX).await;
+        put_claim(
+            "20260113T010000Z",
+            "2026-01-13T01:00:00Z",
+            std::process::id(),
+        )
+        .await;
+        let other_host = r#"{"kind":"pg-base","id":"20260115T015900Z","started":"2026-01-15T01:59:00Z","host":"elsewhere","pid":1,"tool_version":"t"}"#;
+        let live: BackupId = "20260115T015900Z".parse().unwrap();
+        store
+            .put_new(
+                &layout::claim_key(Kind::PgBase, &live),
+                Bytes::from_static(other_host.as_bytes()),
+            )
+            .await
+            .unwrap();
+        let cleaned = sweep_abandoned(&store, Kind::PgBase, now).await.unwrap();
+        assert_eq!(
+            cleaned.iter().map(BackupId::as_str).collect::<Vec<_>>(),
+            vec!["20260113T010000Z", "20260115T010000Z"]
+        );
+        let left = store.list(&ObjectKey::from("data")).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].location, layout::claim_key(Kind::PgBase, &live));
     }
 
     #[tokio::test]

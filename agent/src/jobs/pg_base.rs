@@ -68,6 +68,9 @@ pub async fn backup(
     let preflight = preflight(&client, &config.postgres, &pgdata).await?;
 
     let start_time = Utc::now();
+    catalog::sweep_abandoned(store, Kind::PgBase, start_time)
+        .await
+        .map_err(catalog_error)?;
     let id = catalog::claim_id(store, Kind::PgBase, start_time)
         .await
         .map_err(catalog_error)?;

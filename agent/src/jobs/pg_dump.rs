@@ -39,6 +39,9 @@ pub async fn backup(
         .map_err(source_error)?;
 
     let start_time = Utc::now();
+    catalog::sweep_abandoned(store, Kind::PgDump, start_time)
+        .await
+        .map_err(catalog_error)?;
     let id = catalog::claim_id(store, Kind::PgDump, start_time)
         .await
         .map_err(catalog_error)?;
