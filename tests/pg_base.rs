@@ -216,16 +216,25 @@ fn sigkill_during_a_base_backup_commits_nothing_ends_backup_mode_and_the_next_ru
         30,
     );
     let log = std::fs::read_to_string(pg.dir().join("server.log")).unwrap();
-    assert!(log.contains("aborting backup due to backend exiting"), "server log:\n{log}");
+    assert!(
+        log.contains("aborting backup due to backend exiting"),
+        "server log:\n{log}"
+    );
     assert!(agent.list_json().is_empty());
     let leftovers = weed.keys("killed/data");
-    assert!(!leftovers.is_empty(), "the killed run should have left its claim");
+    assert!(
+        !leftovers.is_empty(),
+        "the killed run should have left its claim"
+    );
 
     // The next run removes what the killed one left, and succeeds.
     agent.set("GC_BACKUP_PART_SIZE", "8MiB");
     let id = agent.backup(&["backup", "pg-base"]);
     let data = weed.keys("killed/data");
-    assert!(data.iter().all(|k| k.contains(&id)), "leftovers remain: {data:?}");
+    assert!(
+        data.iter().all(|k| k.contains(&id)),
+        "leftovers remain: {data:?}"
+    );
     assert_eq!(agent.list_json().len(), 1);
 }
 

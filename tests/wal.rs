@@ -7,6 +7,8 @@ mod harness;
 
 use std::path::Path;
 
+use std::process::Command;
+
 use harness::{Agent, Postgres, Seaweed};
 
 /// A cluster archiving through gc-backup into `prefix`.
@@ -228,4 +230,68 @@ fn wal_push_of_the_same_segment_twice_is_ok_and_never_overwrites() {
     agent.ok(&["wal-push", history.to_str().unwrap()]);
     let output = agent.run(&["wal-push", wal.join("junk").to_str().unwrap()]);
     harness::assert_fails(&output, 2, "not a WAL file name");
+}
+
+#[test]
+fn the_sidecar_archives_ahead_so_wal_push_answers_without_the_store() {
+    let mut weed = Seaweed::start();
+    // PostgreSQL's own archiving fails, so segments stay .ready for the sidecar to find.
+    let pg = Postgres::start_with(&[("archive_mode", "on"), ("archive_command", "false")]);
+    pg.psql("postgres", "CREATE TABLE marks (round int, n int)");
+    let segments: Vec<String> = (0..3).map(|round| write_and_switch(&pg, round)).collect();
+    let status = pg.data_dir().join("pg_wal/archive_status");
+    for name in &segments {
+        assert!(status.join(format!("{name}.ready")).exists());
+    }
+
+    let mut agent = Agent::new(weed.env("ahead"));
+    agent.set("PGDATA", pg.data_dir().to_str().unwrap());
+    let mut sidecar = agent.command(&["run"]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !segments
+        .iter()
+        .all(|n| status.join(format!("{n}.gc-stored")).exists())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sidecar did not archive ahead"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let archived = archived_segments(&weed, "ahead");
+    for name in &segments {
+        assert!(archived.contains(name), "{name} not in the store");
+    }
+
+    // With the store gone, wal-push can only succeed through the sidecar's markers.
+    weed.kill();
+    let push = |name: &str| {
+        agent
+            .command(&["wal-push", &format!("pg_wal/{name}")])
+            .current_dir(pg.data_dir())
+            .output()
+            .unwrap()
+    };
+    let output = push(&segments[0]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // A file that changed since the sidecar read it is not vouched for.
+    let changed = pg.data_dir().join("pg_wal").join(&segments[1]);
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&changed)
+        .unwrap();
+    file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        !push(&segments[1]).status.success(),
+        "a changed file was trusted"
+    );
+
+    harness::run_ok(Command::new("kill").args(["-TERM", &sidecar.id().to_string()]));
+    let exited = sidecar.wait().unwrap();
+    assert!(exited.success(), "the sidecar exited with {exited}");
 }

@@ -70,6 +70,8 @@ pub enum Command {
     Restore(RestoreCommand),
     /// Archive one WAL file: PostgreSQL's archive_command = 'gc-backup wal-push %p'
     WalPush(WalPushArgs),
+    /// The sidecar: look-ahead WAL archiving (watches pg_wal/archive_status); runs until SIGTERM
+    Run,
     /// Restore one archived WAL file: restore_command = 'gc-backup wal-fetch %f %p'.
     /// Exits 1 when the archive does not have it, 255 on any other failure.
     WalFetch(WalFetchArgs),
@@ -178,6 +180,13 @@ impl GlobalArgs {
 
 /// Runs one command. `cancel` fires on SIGINT/SIGTERM.
 pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
+    // PostgreSQL calls wal-push once per segment, serially: when the sidecar has already
+    // stored this very file, answer before building any client.
+    if let Command::WalPush(args) = &cli.command
+        && crate::daemon::archiver::stored_by_archiver(&args.path)
+    {
+        return Ok(());
+    }
     let config = Config::load(&cli.global.overrides()).map_err(|e| Failure::Config(e.0))?;
     let store = Store::open(&config.store).map_err(jobs::store_error)?;
     match cli.command {
@@ -250,10 +259,11 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             Ok(())
         }
         Command::WalPush(args) => {
-            let outcome = jobs::wal::push(&config, &store, &args.path).await?;
-            tracing::debug!(path = %args.path.display(), ?outcome, "WAL archived");
+            let pushed = jobs::wal::push(&config, &store, &args.path).await?;
+            tracing::debug!(path = %args.path.display(), outcome = ?pushed.outcome, "WAL archived");
             Ok(())
         }
+        Command::Run => crate::daemon::run(config, store, cancel).await,
         Command::WalFetch(args) => {
             let bytes = jobs::wal::fetch(&store, &args.name, &args.dest).await?;
             tracing::debug!(name = %args.name, bytes, "WAL restored");

@@ -14,6 +14,7 @@
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod jobs;
 pub mod pipeline;

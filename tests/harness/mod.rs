@@ -179,7 +179,10 @@ impl Postgres {
 
     /// Stops the server now (`mode`: smart, fast or immediate).
     pub fn stop(&self, mode: &str) {
-        self.as_owner("pg_ctl", &["-D", self.data.to_str().unwrap(), "-m", mode, "-w", "stop"]);
+        self.as_owner(
+            "pg_ctl",
+            &["-D", self.data.to_str().unwrap(), "-m", mode, "-w", "stop"],
+        );
     }
 
     /// Keeps `dir` until the server has stopped.

@@ -17,6 +17,13 @@ use crate::error::Failure;
 use crate::pipeline::wal_object::{self, HEADER_LEN, WalHeader};
 use crate::store::{ObjectKey, Store, StoreError};
 
+/// What a push did, and the SHA-256 of what is archived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    pub outcome: PushOutcome,
+    pub sha256: String,
+}
+
 /// What a push found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushOutcome {
@@ -30,7 +37,7 @@ fn parse_name(name: &str) -> anyhow::Result<WalFile> {
 }
 
 /// Archives the WAL file at `path` (relative paths are PostgreSQL's `%p`, from PGDATA).
-pub async fn push(config: &Config, store: &Store, path: &Path) -> anyhow::Result<PushOutcome> {
+pub async fn push(config: &Config, store: &Store, path: &Path) -> anyhow::Result<Pushed> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -47,16 +54,20 @@ pub async fn push(config: &Config, store: &Store, path: &Path) -> anyhow::Result
             .await
             .context("compression worker failed")?
             .with_context(|| format!("compressing {name}"))?;
-    match store.put_new(&key, stored).await {
+    let outcome = match store.put_new(&key, stored).await {
         Ok(()) => {
             store.sync(&key).await.map_err(store_error)?;
-            Ok(PushOutcome::Stored)
+            PushOutcome::Stored
         }
         Err(StoreError::AlreadyExists { .. }) => {
-            compare_with_archived(store, &key, name, &header).await
+            compare_with_archived(store, &key, name, &header).await?
         }
-        Err(error) => Err(store_error(error).context(format!("archiving {name} failed"))),
-    }
+        Err(error) => return Err(store_error(error).context(format!("archiving {name} failed"))),
+    };
+    Ok(Pushed {
+        outcome,
+        sha256: header.sha256_hex(),
+    })
 }
 
 async fn compare_with_archived(
@@ -155,11 +166,11 @@ mod tests {
         let store = Store::memory();
         let config = config();
         assert_eq!(
-            push(&config, &store, &segment).await.unwrap(),
+            push(&config, &store, &segment).await.unwrap().outcome,
             PushOutcome::Stored
         );
         assert_eq!(
-            push(&config, &store, &segment).await.unwrap(),
+            push(&config, &store, &segment).await.unwrap().outcome,
             PushOutcome::AlreadyArchived
         );
         std::fs::write(&segment, noise(1 << 20, 2)).unwrap();

@@ -291,6 +291,21 @@ impl Store {
         if text.contains("NoSuchBucket") {
             return StoreError::NoBucket { store };
         }
+        // Some operations (LIST) report HTTP errors as generic ones: read S3's error code.
+        const AUTH_CODES: [&str; 5] = [
+            "SignatureDoesNotMatch",
+            "InvalidAccessKeyId",
+            "AccessDenied",
+            "InvalidToken",
+            "ExpiredToken",
+        ];
+        if let Some(code) = s3_error_code(&text).filter(|code| AUTH_CODES.contains(code)) {
+            return StoreError::Denied {
+                store,
+                key,
+                detail: code.to_string(),
+            };
+        }
         match error {
             object_store::Error::NotFound { .. } => StoreError::NotFound { store, key },
             object_store::Error::AlreadyExists { .. }
