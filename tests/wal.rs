@@ -295,3 +295,57 @@ fn the_sidecar_archives_ahead_so_wal_push_answers_without_the_store() {
     let exited = sidecar.wait().unwrap();
     assert!(exited.success(), "the sidecar exited with {exited}");
 }
+
+#[test]
+fn wal_fetch_prefetches_the_next_segments_into_a_bounded_spool() {
+    let mut weed = Seaweed::start();
+    let pg = archiving_cluster(&weed, "prefetch");
+    pg.psql("postgres", "CREATE TABLE marks (round int, n int)");
+    let segments: Vec<String> = (0..5).map(|round| write_and_switch(&pg, round)).collect();
+    wait_archived(&pg, segments.last().unwrap());
+
+    let agent = Agent::new(weed.env("prefetch"));
+    let wal_dir = agent.home().join("pg_wal");
+    std::fs::create_dir_all(&wal_dir).unwrap();
+    let dest = wal_dir.join("RECOVERYXLOG");
+    let output = fetch(&agent, &segments[0], &dest);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let spool = wal_dir.join("gc-backup-prefetch");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !segments[1..].iter().all(|n| spool.join(n).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was prefetched"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Bounded: never more than AHEAD segments ahead.
+    let spooled = std::fs::read_dir(&spool).unwrap().count();
+    assert!(spooled <= 9, "{spooled} files in the spool");
+
+    // The next segments come from the spool: the store is not needed any more.
+    weed.kill();
+    std::fs::remove_file(&dest).unwrap();
+    let output = fetch(&agent, &segments[1], &dest);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 * 1024 * 1024);
+    if let Ok(original) = std::fs::read(pg.data_dir().join("pg_wal").join(&segments[1])) {
+        assert!(
+            std::fs::read(&dest).unwrap() == original,
+            "prefetched segment differs"
+        );
+    }
+    assert!(
+        !spool.join(&segments[1]).exists(),
+        "taken from the spool, not copied"
+    );
+}

