@@ -34,8 +34,10 @@ export PG_EXTRA_OPTS
 mkdir -p "$BENCH_DIR"
 start_postgres "$BENCH_DIR/pg"
 weed_pid=
+s3_dir=
 cleanup() {
   [ -n "$weed_pid" ] && kill "$weed_pid" 2>/dev/null && wait "$weed_pid" 2>/dev/null
+  [ -n "${s3_dir:-}" ] && rm -rf "$s3_dir"
   stop_postgres "$BENCH_DIR/pg"
 }
 trap cleanup EXIT
@@ -61,29 +63,9 @@ cargo build --release --locked --quiet
 GC_BACKUP="$ROOT/target/release/gc-backup"
 PG_DUMP="$PG_BIN/pg_dump"
 
-# SeaweedFS on loopback, every listener on an explicit free port, data in the bench dir.
 s3_dir="$BENCH_DIR/s3-$$"
-mkdir -p "$s3_dir/data"
-cat >"$s3_dir/s3.json" <<JSON
-{"identities":[{"name":"bench","credentials":[{"accessKey":"bench","secretKey":"bench-secret"}],
-  "actions":["Admin","Read","Write","List","Tagging"]}]}
-JSON
-s3_port=$(free_port)
-ports=()
-for name in master.port master.port.grpc volume.port volume.port.grpc filer.port filer.port.grpc \
-  s3.port.grpc admin.port admin.port.grpc; do ports+=("-$name=$(free_port)"); done
-TMPDIR="$s3_dir" weed mini -dir="$s3_dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 "${ports[@]}" \
-  -s3.port="$s3_port" -admin.ui=false -webdav=false -s3.port.iceberg=0 -s3.port.lance=0 \
-  -master.telemetry=false -volume.max=1000 -s3.autoCreateBucket=false \
-  -s3.config="$s3_dir/s3.json" -bucket=bench >"$s3_dir/weed.log" 2>&1 &
-weed_pid=$!
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1
-export AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port"
-for _ in $(seq 1 150); do
-  aws s3 ls s3://bench >/dev/null 2>&1 && break
-  sleep 0.2
-done
-aws s3 ls s3://bench >/dev/null
+start_seaweedfs "$s3_dir" bench
+weed_pid=$WEED_PID
 
 results="$s3_dir/results"
 : >"$results"

@@ -75,3 +75,36 @@ stop_postgres() {
   local dir=$1
   [ -f "$dir/data/postmaster.pid" ] && as_postgres "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
 }
+
+# start_seaweedfs DIR [BUCKET]: SeaweedFS on loopback, every listener on an explicit free port,
+# data in DIR; exports AWS_* for it and sets WEED_PID and S3_PORT. HTTPS too when
+# WEED_TLS_CERT and WEED_TLS_KEY name a certificate (S3_HTTPS_PORT).
+start_seaweedfs() {
+  local dir=$1 bucket=${2:-bench}
+  mkdir -p "$dir/data"
+  cat >"$dir/s3.json" <<JSON
+{"identities":[{"name":"bench","credentials":[{"accessKey":"bench","secretKey":"bench-secret"}],
+  "actions":["Admin","Read","Write","List","Tagging"]}]}
+JSON
+  S3_PORT=$(free_port)
+  local ports=() name tls=()
+  for name in master.port master.port.grpc volume.port volume.port.grpc filer.port filer.port.grpc \
+    s3.port.grpc admin.port admin.port.grpc; do ports+=("-$name=$(free_port)"); done
+  if [ -n "${WEED_TLS_CERT:-}" ]; then
+    S3_HTTPS_PORT=$(free_port)
+    tls=(-s3.port.https="$S3_HTTPS_PORT" -s3.cert.file="$WEED_TLS_CERT" -s3.key.file="$WEED_TLS_KEY")
+  fi
+  TMPDIR="$dir" weed mini -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 "${ports[@]}" "${tls[@]}" \
+    -s3.port="$S3_PORT" -admin.ui=false -webdav=false -s3.port.iceberg=0 -s3.port.lance=0 \
+    -master.telemetry=false -volume.max=1000 -s3.autoCreateBucket=false \
+    -s3.config="$dir/s3.json" -bucket="$bucket" >"$dir/weed.log" 2>&1 &
+  WEED_PID=$!
+  export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
+  for _ in $(seq 1 150); do
+    aws s3 ls "s3://$bucket" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  echo "SeaweedFS did not start; see $dir/weed.log" >&2
+  return 1
+}

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Per-segment archive_command latency over 10 real WAL segments (taken from the bench cluster
+# while pgbench writes), each contender pushing every segment to the same SeaweedFS:
+#
+#   gc-backup wal-push, cold (no sidecar)
+#   gc-backup wal-push with the sidecar's look-ahead (what PostgreSQL waits for)
+#   pgbackrest archive-push (sync, compress-type=zst level 1; HTTPS, as pgBackRest insists)
+#   barman-cloud-wal-archive --gzip
+#   zstd -1 < segment | aws s3 cp - s3://…
+#
+# Prints median and mean milliseconds per segment and the ratio to pgBackRest.
+# Needs the cluster of benches/pg_dump_e2e.sh prepare (BENCH_DIR).
+set -euo pipefail
+source "$(dirname "$0")/../scripts/lib.sh"
+cd "$ROOT"
+
+BENCH_DIR=${BENCH_DIR:-/var/tmp/gc-backup-bench}
+ensure_rust
+ensure_postgres
+ensure_seaweedfs
+apt_install pgbackrest barman-cli-cloud openssl
+command -v aws >/dev/null || python3 -m pip install -q awscli
+[ -f "$BENCH_DIR/pg/data/PG_VERSION" ] || { echo "run benches/pg_dump_e2e.sh prepare first" >&2; exit 2; }
+
+work=$(mktemp -d /var/tmp/gcb-walbench.XXXXXX)
+chmod 755 "$work"
+WEED_PID=
+cleanup() {
+  [ -n "$WEED_PID" ] && kill "$WEED_PID" 2>/dev/null && wait "$WEED_PID" 2>/dev/null
+  stop_postgres "$BENCH_DIR/pg"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+log "building gc-backup (release)"
+cargo build --release --locked --quiet
+GC_BACKUP="$ROOT/target/release/gc-backup"
+
+PG_EXTRA_OPTS="-c shared_buffers=256MB -c max_wal_size=4GB" start_postgres "$BENCH_DIR/pg"
+export PGDATABASE=bench
+pgdata=$(psql -X -At -c "SHOW data_directory")
+
+log "collecting 10 real WAL segments while pgbench writes"
+segments="$work/segments"
+mkdir -p "$segments"
+"$PG_BIN/pgbench" -n -c 4 -T 30 bench >/dev/null 2>&1 &
+load=$!
+while [ "$(ls "$segments" | wc -l)" -lt 10 ]; do
+  sleep 2
+  # Finished segments: all but the two newest.
+  ls -t "$pgdata/pg_wal" | grep -E '^[0-9A-F]{24}$' | sed -n '3,30p' | while read -r s; do
+    [ "$(ls "$segments" | wc -l)" -lt 10 ] && [ ! -e "$segments/$s" ] && cp "$pgdata/pg_wal/$s" "$segments/" || true
+  done
+done
+kill "$load" 2>/dev/null || true
+wait "$load" 2>/dev/null || true
+
+log "starting SeaweedFS (HTTP and HTTPS)"
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+WEED_TLS_CERT="$work/cert.pem" WEED_TLS_KEY="$work/key.pem" start_seaweedfs "$work/s3" bench
+
+# A fake PGDATA for the look-ahead run: the segments .ready in pg_wal/archive_status.
+fake="$work/pgdata"
+mkdir -p "$fake/pg_wal/archive_status"
+for s in "$segments"/*; do
+  cp "$s" "$fake/pg_wal/"
+  touch "$fake/pg_wal/archive_status/$(basename "$s").ready"
+done
+
+cat >"$work/pgbackrest.conf" <<CONF
+[global]
+repo1-type=s3
+repo1-s3-endpoint=localhost
+repo1-storage-port=$S3_HTTPS_PORT
+repo1-s3-bucket=bench
+repo1-s3-region=us-east-1
+repo1-s3-key=bench
+repo1-s3-key-secret=bench-secret
+repo1-s3-uri-style=path
+repo1-storage-verify-tls=n
+repo1-path=/pgbackrest
+compress-type=zst
+compress-level=1
+archive-async=n
+log-level-console=warn
+log-level-file=off
+lock-path=$work/pgbackrest-lock
+spool-path=$work/pgbackrest-spool
+
+[bench]
+pg1-path=$pgdata
+pg1-port=$PGPORT
+pg1-host-user=postgres
+pg1-socket-path=$BENCH_DIR/pg
+pg1-user=postgres
+CONF
+chmod 644 "$work/pgbackrest.conf"
+mkdir -p "$work/pgbackrest-lock" "$work/pgbackrest-spool"
+chown postgres: "$work/pgbackrest-lock" "$work/pgbackrest-spool"
+chmod 755 "$segments" && chmod 644 "$segments"/*
+as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
+
+results="$work/results"
+: >"$results"
+# time_each NAME CMD-TEMPLATE: runs CMD with {} replaced by each segment path, in order.
+time_each() {
+  local name=$1 template=$2 s cmd start end
+  for s in "$segments"/*; do
+    cmd=${template//\{\}/$s}
+    cmd=${cmd//\{name\}/$(basename "$s")}
+    start=$(date +%s%N)
+    bash -c "$cmd" >/dev/null 2>"$work/err" || { echo "$name failed on $s:" >&2; cat "$work/err" >&2; exit 1; }
+    end=$(date +%s%N)
+    printf '%s\t%s\n' "$name" $(((end - start) / 1000)) >>"$results"
+  done
+  log "$name done"
+}
+
+export GC_BACKUP_LOG_FORMAT=json
+time_each "gc-backup wal-push (cold)" \
+  "GC_BACKUP_STORE=s3://bench/gcb-cold '$GC_BACKUP' wal-push {}"
+
+# Look-ahead: the sidecar stores the .ready segments first; PostgreSQL's wal-push follows.
+GC_BACKUP_STORE=s3://bench/gcb-ahead PGDATA="$fake" "$GC_BACKUP" run 2>"$work/sidecar.log" &
+sidecar=$!
+for _ in $(seq 1 300); do
+  [ "$(ls "$fake/pg_wal/archive_status" | grep -c gc-stored)" -ge 10 ] && break
+  sleep 0.1
+done
+(cd "$fake" && time_each "gc-backup wal-push (sidecar look-ahead)" \
+  "GC_BACKUP_STORE=s3://bench/gcb-ahead '$GC_BACKUP' wal-push pg_wal/{name}")
+kill -TERM "$sidecar"
+wait "$sidecar" || true
+
+time_each "pgbackrest archive-push (zst 1, sync)" \
+  "runuser -u postgres -- pgbackrest --config='$work/pgbackrest.conf' --stanza=bench archive-push {}"
+time_each "barman-cloud-wal-archive --gzip" \
+  "barman-cloud-wal-archive --endpoint-url '$AWS_ENDPOINT_URL' --gzip s3://bench/barman bench {}"
+time_each "zstd -1 | aws s3 cp -" \
+  "zstd -1 -q -c {} | aws s3 cp - s3://bench/pipe/{name}.zst"
+
+python3 - "$results" <<'PY'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    name, micros = line.rstrip("\n").split("\t")
+    runs.setdefault(name, []).append(int(micros) / 1000)
+peer = statistics.median(runs["pgbackrest archive-push (zst 1, sync)"])
+print()
+print(f"{'archive_command (10 real 16 MiB segments)':45} {'median ms':>10} {'mean ms':>9} {'÷ pgBackRest':>13}")
+for name, ms in runs.items():
+    print(f"{name:45} {statistics.median(ms):10.1f} {statistics.mean(ms):9.1f} {statistics.median(ms) / peer:12.2f}x")
+PY
