@@ -22,6 +22,7 @@ async fn local_directory_store_conforms() {
             root: dir.path().join("store"),
             embedded_default: false,
         },
+        ca_file: None,
         max_retries: 1,
         retry_timeout: std::time::Duration::from_secs(5),
         connect_timeout: std::time::Duration::from_secs(5),

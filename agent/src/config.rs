@@ -75,6 +75,8 @@ pub struct StoreSection {
     pub virtual_hosted_style: Option<bool>,
     /// Ask the server to verify a SHA-256 of every uploaded part (default true).
     pub verify_uploads: Option<bool>,
+    /// PEM file of extra CA certificates to trust for an https endpoint (a private CA).
+    pub ca_file: Option<PathBuf>,
     pub max_retries: Option<usize>,
     /// Total time a request may spend in retries, e.g. "60s".
     pub retry_timeout: Option<String>,
@@ -155,6 +157,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub location: StoreLocation,
+    /// Extra CA certificates (PEM) for https endpoints.
+    pub ca_file: Option<PathBuf>,
     pub max_retries: usize,
     pub retry_timeout: Duration,
     pub connect_timeout: Duration,
@@ -314,6 +318,9 @@ fn resolve_store(
     };
     Ok(StoreConfig {
         location,
+        ca_file: env("GC_BACKUP_CA_FILE")
+            .map(PathBuf::from)
+            .or_else(|| file.ca_file.clone()),
         max_retries: file.max_retries.unwrap_or(5),
         retry_timeout: parse_duration("store.retry-timeout", file.retry_timeout.as_deref())?
             .unwrap_or(Duration::from_secs(60)),

@@ -31,8 +31,9 @@ use crate::store::Store;
 
 /// Raw chunks queued between a tar writer and its pipeline. When full, the tar writer waits.
 const TAR_QUEUE: usize = 8;
-/// How long pg_backup_stop may wait for the backup's WAL to be archived.
-const ARCHIVE_WAIT: Duration = Duration::from_secs(600);
+/// How long pg_backup_stop may wait for the backup's WAL to be archived. Normally this is
+/// one segment's upload; a broken archive should fail the backup loudly, not after an hour.
+const ARCHIVE_WAIT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone)]
 pub struct PgBaseRequest {
@@ -288,6 +289,22 @@ fn timeline_of(label: &str) -> Option<u32> {
         .and_then(|t| t.trim().parse().ok())
 }
 
+/// The streams share the memory budget of one pipeline, `part_size × (parallel_uploads + 2)`:
+/// each uploads one part at a time, and parts shrink (not below S3's minimum) so that all
+/// streams together hold no more parts' worth of memory than a single pipeline would.
+fn stream_settings(pipeline: &PipelineConfig, streams: usize) -> PipelineConfig {
+    let mut settings = pipeline.clone();
+    if streams <= 1 {
+        return settings;
+    }
+    let budget = pipeline.part_size * (pipeline.parallel_uploads + 2);
+    settings.parallel_uploads = 1;
+    let per_part = budget / (streams * 3);
+    settings.part_size = (per_part & !(crate::config::MIB - 1))
+        .clamp(crate::config::S3_MIN_PART_SIZE, pipeline.part_size);
+    settings
+}
+
 /// How many tar streams to write at once: one per core, at most 4.
 fn stream_count() -> usize {
     std::thread::available_parallelism()
@@ -315,9 +332,7 @@ async fn copy_and_stop(
         other => anyhow::Error::new(other),
     })?;
     let streams = pgdata::split(entries, stream_count());
-    // The streams share the memory budget of one pipeline.
-    let mut settings = config.pipeline.clone();
-    settings.parallel_uploads = (settings.parallel_uploads / streams.len()).max(1);
+    let settings = stream_settings(&config.pipeline, streams.len());
     let uploads = streams.into_iter().enumerate().map(|(index, entries)| {
         let settings = settings.clone();
         async move { upload_stream(store, pgdata, id, index, entries, &settings, cancel).await }
@@ -412,6 +427,24 @@ async fn discard(store: &Store, id: &BackupId) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streams_share_one_pipeline_s_memory_budget() {
+        let one = PipelineConfig::default();
+        let budget = one.part_size * (one.parallel_uploads + 2);
+        for streams in [2, 3, 4] {
+            let each = stream_settings(&one, streams);
+            assert_eq!(each.parallel_uploads, 1);
+            assert!(each.part_size >= crate::config::S3_MIN_PART_SIZE);
+            let total = streams * each.part_size * (each.parallel_uploads + 2);
+            // Never above the budget, except where S3's minimum part size forbids it.
+            assert!(
+                total <= budget || each.part_size == crate::config::S3_MIN_PART_SIZE,
+                "{streams} streams hold {total} bytes, budget {budget}"
+            );
+        }
+        assert_eq!(stream_settings(&one, 1).part_size, one.part_size);
+    }
 
     #[test]
     fn the_timeline_comes_from_the_label() {

@@ -98,9 +98,23 @@ impl Store {
                     max_retries: config.max_retries,
                     retry_timeout: config.retry_timeout,
                 };
-                let client = ClientOptions::new()
+                let mut client = ClientOptions::new()
                     .with_connect_timeout(config.connect_timeout)
                     .with_timeout(std::time::Duration::from_secs(120));
+                if let Some(ca_file) = &config.ca_file {
+                    let pem = std::fs::read(ca_file)
+                        .map_err(|e| setup(format!("cannot read {}: {e}", ca_file.display())))?;
+                    let certificates =
+                        object_store::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                            setup(format!(
+                                "{} holds no usable certificate: {e}",
+                                ca_file.display()
+                            ))
+                        })?;
+                    for certificate in certificates {
+                        client = client.with_root_certificate(certificate);
+                    }
+                }
                 // from_env picks up web-identity and container credentials (IRSA); every
                 // setting we resolved ourselves is applied on top of it.
                 let mut builder = AmazonS3Builder::from_env()

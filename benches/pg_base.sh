@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Base backup of the ~2.5 GB bench cluster to the same SeaweedFS over HTTPS, side by side:
+#
+#   gc-backup backup pg-base                 (archive_command = gc-backup wal-push)
+#   pgbackrest backup --type=full            (process-max=2, zst 1, repo-bundle=y;
+#                                             archive_command = pgbackrest archive-push)
+#   pg_basebackup -Ft -D - -X none | zstd -1 -T2 | aws s3 cp -
+#
+# Wall time, CPU seconds of the contender's processes and of the S3 server, peak RSS, stored
+# bytes, throughput (PGDATA bytes / wall) and ratios. Medians of REPEAT (default 3) rounds.
+# Needs the cluster of benches/pg_dump_e2e.sh prepare (BENCH_DIR).
+set -euo pipefail
+source "$(dirname "$0")/../scripts/lib.sh"
+cd "$ROOT"
+
+BENCH_DIR=${BENCH_DIR:-/var/tmp/gc-backup-bench}
+REPEAT=${REPEAT:-3}
+ensure_rust
+ensure_postgres
+ensure_seaweedfs
+apt_install pgbackrest openssl time
+command -v aws >/dev/null || python3 -m pip install -q awscli
+[ -f "$BENCH_DIR/pg/data/PG_VERSION" ] || { echo "run benches/pg_dump_e2e.sh prepare first" >&2; exit 2; }
+
+work=$(mktemp -d /var/tmp/gcb-basebench.XXXXXX)
+chmod 755 "$work"
+WEED_PID=
+cleanup() {
+  psql -X -q -d postgres -c "ALTER SYSTEM RESET archive_command" >/dev/null 2>&1 || true
+  stop_postgres "$BENCH_DIR/pg"
+  [ -n "$WEED_PID" ] && kill "$WEED_PID" 2>/dev/null && wait "$WEED_PID" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+log "building gc-backup (release)"
+cargo build --release --locked --quiet
+GC_BACKUP="$ROOT/target/release/gc-backup"
+cp "$GC_BACKUP" "$work/gc-backup"
+
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+chmod 644 "$work/cert.pem"
+WEED_TLS_CERT="$work/cert.pem" WEED_TLS_KEY="$work/key.pem" start_seaweedfs "$work/s3" bench
+https="https://localhost:$S3_HTTPS_PORT"
+
+PG_EXTRA_OPTS="-c shared_buffers=256MB -c max_wal_size=4GB -c archive_mode=on" start_postgres "$BENCH_DIR/pg"
+export PGDATABASE=bench
+pgdata=$(psql -X -At -c "SHOW data_directory")
+pgdata_bytes=$(du -sb --exclude=pg_wal "$pgdata" | cut -f1)
+
+cat >"$work/gc-backup.toml" <<CONF
+[store]
+url = "s3://bench/gcb"
+endpoint = "$https"
+ca-file = "$work/cert.pem"
+access-key-id = "bench"
+secret-access-key = "bench-secret"
+CONF
+cat >"$work/pgbackrest.conf" <<CONF
+[global]
+repo1-type=s3
+repo1-s3-endpoint=localhost
+repo1-storage-port=$S3_HTTPS_PORT
+repo1-s3-bucket=bench
+repo1-s3-region=us-east-1
+repo1-s3-key=bench
+repo1-s3-key-secret=bench-secret
+repo1-s3-uri-style=path
+repo1-storage-verify-tls=n
+repo1-path=/pgbackrest
+repo1-bundle=y
+repo1-retention-full=100
+compress-type=zst
+compress-level=1
+process-max=2
+start-fast=y
+archive-async=n
+log-level-console=warn
+log-level-file=off
+lock-path=$work/pgbackrest-lock
+spool-path=$work/pgbackrest-spool
+
+[bench]
+pg1-path=$pgdata
+pg1-port=$PGPORT
+pg1-socket-path=$BENCH_DIR/pg
+pg1-user=postgres
+CONF
+chmod 644 "$work/pgbackrest.conf" "$work/gc-backup.toml"
+mkdir -p "$work/pgbackrest-lock" "$work/pgbackrest-spool"
+chown postgres: "$work/pgbackrest-lock" "$work/pgbackrest-spool"
+as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
+
+set_archive_command() {
+  psql -X -q -d postgres -c "ALTER SYSTEM SET archive_command = '$1'" -c "SELECT pg_reload_conf()" >/dev/null
+}
+weed_cpu() { awk '{print $14 + $15}' "/proc/$WEED_PID/stat"; }
+
+results="$work/results"
+: >"$results"
+measure() {
+  local name=$1 stored_cmd=$2 cmd=$3 before after
+  sync
+  before=$(weed_cpu)
+  /usr/bin/time -f "%e %U %S %M" -o "$work/time" bash -c "$cmd" >"$work/out" 2>"$work/err" || {
+    echo "$name failed:" >&2; tail -5 "$work/err" >&2; exit 1; }
+  after=$(weed_cpu)
+  read -r wall user sys rss_kib <"$work/time"
+  local agent_rss=-
+  if grep -q peak_rss_bytes "$work/err"; then
+    agent_rss=$(($(grep -o 'peak_rss_bytes[^0-9]*[0-9]*' "$work/err" | grep -o '[0-9]*$' | tail -n 1) / 1048576))
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$wall" "$(echo "$user + $sys" | bc)" \
+    "$(echo "scale=2; ($after - $before) / $(getconf CLK_TCK)" | bc)" "$((rss_kib / 1024))" "$agent_rss" \
+    "$(bash -c "$stored_cmd")" >>"$results"
+  log "$name: ${wall}s"
+}
+prefix_bytes() { echo "aws s3 ls --recursive s3://bench/$1 | awk '{s+=\$3} END {print s+0}'"; }
+
+for round in $(seq 1 "$REPEAT"); do
+  set_archive_command "GC_BACKUP_CONFIG=$work/gc-backup.toml $work/gc-backup wal-push %p"
+  measure "gc-backup backup pg-base (HTTPS)" \
+    "GC_BACKUP_CONFIG='$work/gc-backup.toml' '$GC_BACKUP' list --kind pg-base --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1][\"stored_bytes\"])'" \
+    "GC_BACKUP_CONFIG='$work/gc-backup.toml' GC_BACKUP_LOG_FORMAT=json PGDATA='$pgdata' '$GC_BACKUP' backup pg-base"
+
+  set_archive_command "pgbackrest --config=$work/pgbackrest.conf --stanza=bench archive-push %p"
+  before_bytes=$(bash -c "$(prefix_bytes pgbackrest/backup)")
+  measure "pgbackrest backup (process-max 2, zst 1, bundle)" \
+    "echo \$((\$($(prefix_bytes pgbackrest/backup)) - $before_bytes))" \
+    "runuser -u postgres -- pgbackrest --config='$work/pgbackrest.conf' --stanza=bench --type=full backup"
+
+  measure "pg_basebackup -Ft -D - | zstd -1 -T2 | aws s3 cp -" \
+    "aws s3api head-object --bucket bench --key pipe/base-$round.tar.zst --query ContentLength --output text" \
+    "'$PG_BIN/pg_basebackup' -Ft -D - -X none -c fast | zstd -1 -T2 -q | aws s3 cp - s3://bench/pipe/base-$round.tar.zst"
+done
+
+python3 - "$results" "$pgdata_bytes" <<'PY'
+import sys
+runs = {}
+for line in open(sys.argv[1]):
+    f = line.rstrip("\n").split("\t")
+    runs.setdefault(f[0], []).append(f)
+pgdata = int(sys.argv[2])
+rows = {}
+for name, group in runs.items():
+    group.sort(key=lambda f: float(f[1]))
+    rows[name] = group[(len(group) - 1) // 2]
+    print(f"{name}: wall times {', '.join(f[1] for f in group)}")
+ours = next(v for k, v in rows.items() if k.startswith("gc-backup"))
+print(f"\nPGDATA without pg_wal: {pgdata / 2**30:.2f} GiB")
+print(f"{'run':52} {'wall s':>7} {'MiB/s':>7} {'cpu s':>6} {'S3 cpu s':>8} {'RSS MiB':>7} {'agent':>6} {'stored MiB':>10} {'speed vs it':>11}")
+for name, f in rows.items():
+    wall = float(f[1])
+    print(f"{name:52} {wall:7.2f} {pgdata / 2**20 / wall:7.1f} {float(f[2]):6.2f} {float(f[3]):8.2f} "
+          f"{int(f[4]):7d} {f[5]:>6} {int(f[6]) / 2**20:10.1f} {wall / float(ours[1]):10.2f}x")
+print("speed vs it: the run's wall time divided by gc-backup's (above 1 = gc-backup is faster).")
+PY
