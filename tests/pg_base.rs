@@ -261,9 +261,21 @@ fn postgres_stopping_in_the_middle_of_a_base_backup_fails_it_and_lists_nothing()
 fn a_base_backup_is_refused_while_archiving_is_failing() {
     let weed = Seaweed::start();
     let pg = Postgres::start_with(&[("archive_mode", "on"), ("archive_command", "false")]);
-    pg.psql("postgres", "SELECT pg_switch_wal() FROM (SELECT txid_current()) t");
-    pg.wait_for("postgres", "SELECT failed_count > 0 FROM pg_stat_archiver", "t", 60);
+    pg.psql(
+        "postgres",
+        "SELECT pg_switch_wal() FROM (SELECT txid_current()) t",
+    );
+    pg.wait_for(
+        "postgres",
+        "SELECT failed_count > 0 FROM pg_stat_archiver",
+        "t",
+        60,
+    );
     let agent = agent_for(&pg, &weed, "failing");
-    assert_fails(&agent.run(&["backup", "pg-base"]), 2, "archiving is failing");
+    assert_fails(
+        &agent.run(&["backup", "pg-base"]),
+        2,
+        "archiving is failing",
+    );
     assert!(weed.keys("failing").is_empty());
 }
