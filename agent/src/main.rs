@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    tune_allocator();
     // wal-fetch must never exit 1 or 2 on a mistake: PostgreSQL would take it for the end of
     // the archive and promote early. Bad arguments there are fatal for recovery.
     let is_wal_fetch = std::env::args().any(|arg| arg == "wal-fetch");
@@ -52,6 +53,22 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// glibc raises its mmap threshold after the first large free, after which freed part buffers
+/// (megabytes each) stay in per-thread arenas instead of going back to the OS, and peak RSS
+/// drifts past the pipeline's designed bound (measured: +9 MB on a base backup). A fixed
+/// threshold keeps every buffer of 1 MiB or more in its own mapping, returned on free.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    // SAFETY: mallopt only sets an allocator parameter; it is called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
 
 fn init_logging(format: LogFormat, quiet: bool) {
     let default = if quiet { "warn" } else { "gc_backup=info,warn" };

@@ -29,8 +29,9 @@ use crate::sources::pgdata::{self, ChannelWriter, CopiedFile, Entry};
 use crate::sources::postgres::{self, SourceError, query_error};
 use crate::store::Store;
 
-/// Raw chunks queued between a tar writer and its pipeline. When full, the tar writer waits.
-const TAR_QUEUE: usize = 8;
+/// Raw chunks (256 KiB) queued between a tar writer and its pipeline. When full, the tar
+/// writer waits.
+const TAR_QUEUE: usize = 4;
 /// How long pg_backup_stop may wait for the backup's WAL to be archived. Normally this is
 /// one segment's upload; a broken archive should fail the backup loudly, not after an hour.
 const ARCHIVE_WAIT: Duration = Duration::from_secs(300);
@@ -299,7 +300,9 @@ fn stream_settings(pipeline: &PipelineConfig, streams: usize) -> PipelineConfig 
     }
     let budget = pipeline.part_size * (pipeline.parallel_uploads + 2);
     settings.parallel_uploads = 1;
-    let per_part = budget / (streams * 3);
+    // Each stream also holds its raw queues: the tar channel's and the pipeline's.
+    let queues = streams * (pipeline::RAW_QUEUE_BYTES + TAR_QUEUE * 256 * 1024);
+    let per_part = budget.saturating_sub(queues) / (streams * 3);
     settings.part_size = (per_part & !(crate::config::MIB - 1))
         .clamp(crate::config::S3_MIN_PART_SIZE, pipeline.part_size);
     settings

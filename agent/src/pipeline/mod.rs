@@ -26,10 +26,13 @@ use crate::store::{ObjectKey, Store, StoreError};
 
 pub use download::{Sink, download};
 
+/// Raw bytes a pipeline holds besides its parts: the queued chunks and the one being read.
+pub const RAW_QUEUE_BYTES: usize = (CHUNK_QUEUE + 1) * CHUNK_SIZE;
+
 /// Raw bytes read from the source per message to the compressor.
-const CHUNK_SIZE: usize = 256 * 1024;
-/// Chunks waiting for the compressor. When full, the source reader waits.
-const CHUNK_QUEUE: usize = 8;
+pub(crate) const CHUNK_SIZE: usize = 256 * 1024;
+/// Chunks waiting for the compressor (1 MiB). When full, the source reader waits.
+pub(crate) const CHUNK_QUEUE: usize = 4;
 /// Finished parts waiting for an upload slot. When full, the compressor waits.
 const PART_QUEUE: usize = 1;
 
