@@ -449,3 +449,33 @@ fn a_corrupted_object_fails_the_restore_and_writes_no_file() {
         "a corrupt dump was partly loaded"
     );
 }
+
+#[test]
+fn an_https_store_with_a_private_ca_is_trusted_only_through_store_ca_file() {
+    let pg = Postgres::start();
+    pg.load_sample("app", 200);
+    let weed = Seaweed::start_tls();
+    let mut agent = agent_for(&pg, &weed, "tls", "app");
+    agent.set("AWS_ENDPOINT_URL", &weed.https_endpoint());
+    let config = agent.home().join("retries.toml");
+    std::fs::write(
+        &config,
+        "[store]\nmax-retries = 1\nretry-timeout = \"2s\"\n",
+    )
+    .unwrap();
+    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+
+    let output = agent.run(&["backup", "pg-dump"]);
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    agent.set("GC_BACKUP_CA_FILE", weed.ca_file().to_str().unwrap());
+    let id = agent.backup(&["backup", "pg-dump"]);
+    let listed = agent.list_json();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], id.as_str());
+}

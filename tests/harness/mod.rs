@@ -354,11 +354,34 @@ pub struct Seaweed {
     dir: tempfile::TempDir,
     child: Option<Child>,
     pub s3_port: u16,
+    /// The HTTPS port, when started with [`Seaweed::start_tls`].
+    pub https_port: Option<u16>,
     args: Vec<String>,
 }
 
 impl Seaweed {
     pub fn start() -> Self {
+        Self::start_with_tls(false)
+    }
+
+    /// Also serves HTTPS, with a certificate for 127.0.0.1 from a throwaway CA
+    /// ([`Seaweed::ca_file`]).
+    pub fn start_tls() -> Self {
+        Self::start_with_tls(true)
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    pub fn https_endpoint(&self) -> String {
+        format!(
+            "https://127.0.0.1:{}",
+            self.https_port.expect("started with TLS")
+        )
+    }
+
+    fn start_with_tls(tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("gcb-s3-")
             .tempdir()
@@ -394,15 +417,67 @@ impl Seaweed {
             ),
             format!("-s3.localSocket={}", dir.path().join("s3.sock").display()),
         ];
+        let mut fixed = fixed;
+        if tls {
+            // A private CA, and a server certificate for 127.0.0.1 signed by it.
+            let path = |name: &str| dir.path().join(name);
+            let (cert, key) = (path("server.pem"), path("server.key"));
+            run_ok(
+                Command::new("openssl")
+                    .args([
+                        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    ])
+                    .args(["-subj", "/CN=gcb-test-ca", "-keyout"])
+                    .arg(path("ca.key"))
+                    .arg("-out")
+                    .arg(path("cert.pem")),
+            );
+            run_ok(
+                Command::new("openssl")
+                    .args([
+                        "req",
+                        "-newkey",
+                        "rsa:2048",
+                        "-nodes",
+                        "-subj",
+                        "/CN=127.0.0.1",
+                    ])
+                    .arg("-keyout")
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(path("server.csr")),
+            );
+            std::fs::write(
+                path("server.ext"),
+                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+            )
+            .expect("write ext");
+            run_ok(
+                Command::new("openssl")
+                    .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
+                    .arg(path("server.csr"))
+                    .arg("-CA")
+                    .arg(path("cert.pem"))
+                    .arg("-CAkey")
+                    .arg(path("ca.key"))
+                    .arg("-extfile")
+                    .arg(path("server.ext"))
+                    .arg("-out")
+                    .arg(&cert),
+            );
+            fixed.push(format!("-s3.cert.file={}", cert.display()));
+            fixed.push(format!("-s3.key.file={}", key.display()));
+        }
         let mut weed = Self {
             dir,
             child: None,
             s3_port: 0,
+            https_port: None,
             args: Vec::new(),
         };
         for _attempt in 0..3 {
             // Every listener on an explicit port, chosen together so no two collide.
-            let ports = free_ports(11);
+            let ports = free_ports(12);
             let names = [
                 "s3.port",
                 "master.port",
@@ -424,6 +499,10 @@ impl Seaweed {
                     .zip(&ports)
                     .map(|(name, port)| format!("-{name}={port}")),
             );
+            if tls {
+                weed.https_port = Some(ports[11]);
+                weed.args.push(format!("-s3.port.https={}", ports[11]));
+            }
             if weed.spawn() {
                 return weed;
             }
@@ -464,13 +543,18 @@ impl Seaweed {
             .build()
             .expect("runtime");
         let probe = ObjectKey::from("harness-probe");
+        let mut last_error = String::new();
         loop {
             let ready = TcpStream::connect(("127.0.0.1", self.s3_port)).is_ok()
                 && runtime.block_on(async {
-                    s3.put(&probe, bytes::Bytes::from_static(b"x").into())
-                        .await
-                        .is_ok()
-                        && s3.delete(&probe).await.is_ok()
+                    let put = s3.put(&probe, bytes::Bytes::from_static(b"x").into()).await;
+                    match put {
+                        Ok(_) => s3.delete(&probe).await.is_ok(),
+                        Err(error) => {
+                            last_error = format!("{error:?}");
+                            false
+                        }
+                    }
                 });
             if ready {
                 return true;
@@ -483,7 +567,7 @@ impl Seaweed {
             }
             assert!(
                 Instant::now() < deadline,
-                "SeaweedFS did not become ready in 60 s; log:\n{}",
+                "SeaweedFS did not become ready in 60 s (last probe: {last_error}); log:\n{}",
                 std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -494,7 +578,8 @@ impl Seaweed {
         format!("http://127.0.0.1:{}", self.s3_port)
     }
 
-    /// A client on the bucket root, for inspecting what the agent left.
+    /// A client on the bucket root, for inspecting what the agent left (plain HTTP; with TLS,
+    /// HTTPS is served on its own port).
     pub fn object_store(&self) -> Arc<dyn ObjectStore> {
         Arc::new(
             AmazonS3Builder::new()
