@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  source (AsyncRead)          compressor thread                 uploader (async)
-//!  read 256 KiB chunks ──[8]──▶ sha256(raw) → zstd → part ──[1]──▶ put_part × parallel_uploads
+//!  read 256 KiB chunks ──[4]──▶ sha256(raw) → zstd → part ──[1]──▶ put_part × parallel_uploads
 //! ```
 //!
 //! Each arrow is a bounded channel (capacity in brackets); a full channel blocks the side that
