@@ -57,39 +57,8 @@ ca-file = "$work/cert.pem"
 access-key-id = "bench"
 secret-access-key = "bench-secret"
 CONF
-cat >"$work/pgbackrest.conf" <<CONF
-[global]
-repo1-type=s3
-repo1-s3-endpoint=localhost
-repo1-storage-port=$S3_HTTPS_PORT
-repo1-s3-bucket=bench
-repo1-s3-region=us-east-1
-repo1-s3-key=bench
-repo1-s3-key-secret=bench-secret
-repo1-s3-uri-style=path
-repo1-storage-verify-tls=n
-repo1-path=/pgbackrest
-repo1-bundle=y
-repo1-retention-full=100
-compress-type=zst
-compress-level=1
-process-max=2
-start-fast=y
-archive-async=n
-log-level-console=warn
-log-level-file=off
-lock-path=$work/pgbackrest-lock
-spool-path=$work/pgbackrest-spool
-
-[bench]
-pg1-path=$pgdata
-pg1-port=$PGPORT
-pg1-socket-path=$BENCH_DIR/pg
-pg1-user=postgres
-CONF
-chmod 644 "$work/pgbackrest.conf" "$work/gc-backup.toml"
-mkdir -p "$work/pgbackrest-lock" "$work/pgbackrest-spool"
-chown postgres: "$work/pgbackrest-lock" "$work/pgbackrest-spool"
+chmod 644 "$work/gc-backup.toml"
+write_pgbackrest_conf "$work" "$pgdata" "$BENCH_DIR/pg" repo1-bundle=y repo1-retention-full=100 process-max=2 start-fast=y
 as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
 
 set_archive_command() {

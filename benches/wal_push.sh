@@ -68,36 +68,7 @@ for s in "$segments"/*; do
   touch "$fake/pg_wal/archive_status/$(basename "$s").ready"
 done
 
-cat >"$work/pgbackrest.conf" <<CONF
-[global]
-repo1-type=s3
-repo1-s3-endpoint=localhost
-repo1-storage-port=$S3_HTTPS_PORT
-repo1-s3-bucket=bench
-repo1-s3-region=us-east-1
-repo1-s3-key=bench
-repo1-s3-key-secret=bench-secret
-repo1-s3-uri-style=path
-repo1-storage-verify-tls=n
-repo1-path=/pgbackrest
-compress-type=zst
-compress-level=1
-archive-async=n
-log-level-console=warn
-log-level-file=off
-lock-path=$work/pgbackrest-lock
-spool-path=$work/pgbackrest-spool
-
-[bench]
-pg1-path=$pgdata
-pg1-port=$PGPORT
-pg1-host-user=postgres
-pg1-socket-path=$BENCH_DIR/pg
-pg1-user=postgres
-CONF
-chmod 644 "$work/pgbackrest.conf"
-mkdir -p "$work/pgbackrest-lock" "$work/pgbackrest-spool"
-chown postgres: "$work/pgbackrest-lock" "$work/pgbackrest-spool"
+write_pgbackrest_conf "$work" "$pgdata" "$BENCH_DIR/pg"
 chmod 755 "$segments" && chmod 644 "$segments"/*
 as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
 

@@ -108,3 +108,46 @@ JSON
   echo "SeaweedFS did not start; see $dir/weed.log" >&2
   return 1
 }
+
+# write_pgbackrest_conf WORKDIR PGDATA SOCKET_DIR [EXTRA GLOBAL LINES...]: pgBackRest's config for
+# the bench stanza against the SeaweedFS of start_seaweedfs (its HTTPS port: pgBackRest insists
+# on TLS), zst level 1, synchronous archiving; writes WORKDIR/pgbackrest.conf and the lock and
+# spool directories the postgres user needs.
+write_pgbackrest_conf() {
+  local work=$1 pgdata=$2 socket_dir=$3
+  shift 3
+  {
+    cat <<CONF
+[global]
+repo1-type=s3
+repo1-s3-endpoint=localhost
+repo1-storage-port=$S3_HTTPS_PORT
+repo1-s3-bucket=bench
+repo1-s3-region=us-east-1
+repo1-s3-key=bench
+repo1-s3-key-secret=bench-secret
+repo1-s3-uri-style=path
+repo1-storage-verify-tls=n
+repo1-path=/pgbackrest
+compress-type=zst
+compress-level=1
+archive-async=n
+log-level-console=warn
+log-level-file=off
+lock-path=$work/pgbackrest-lock
+spool-path=$work/pgbackrest-spool
+CONF
+    printf '%s\n' "$@"
+    cat <<CONF
+
+[bench]
+pg1-path=$pgdata
+pg1-port=$PGPORT
+pg1-socket-path=$socket_dir
+pg1-user=postgres
+CONF
+  } >"$work/pgbackrest.conf"
+  chmod 644 "$work/pgbackrest.conf"
+  mkdir -p "$work/pgbackrest-lock" "$work/pgbackrest-spool"
+  chown postgres: "$work/pgbackrest-lock" "$work/pgbackrest-spool"
+}

@@ -7,21 +7,7 @@ mod harness;
 
 use std::process::Command;
 
-use harness::{Agent, Postgres, Seaweed, assert_fails};
-
-fn archiving_cluster(weed: &Seaweed, prefix: &str) -> (Postgres, std::path::PathBuf) {
-    let staging = harness::shared_temp_dir("pgconf");
-    let config = weed.config_file(staging.path(), prefix);
-    let binary = harness::agent_binary_for_postgres(staging.path());
-    let command = format!(
-        "GC_BACKUP_CONFIG={} {} wal-push %p",
-        config.display(),
-        binary.display()
-    );
-    let mut pg = Postgres::start_with(&[("archive_mode", "on"), ("archive_command", &command)]);
-    pg.adopt(staging);
-    (pg, config)
-}
+use harness::{Agent, Postgres, Seaweed, archiving_cluster, assert_fails};
 
 fn agent_for(pg: &Postgres, weed: &Seaweed, prefix: &str) -> Agent {
     let mut env = pg.env();

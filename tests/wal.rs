@@ -13,22 +13,7 @@ use harness::{Agent, Postgres, Seaweed};
 
 /// A cluster archiving through gc-backup into `prefix`.
 fn archiving_cluster(weed: &Seaweed, prefix: &str) -> Postgres {
-    let staging = harness::shared_temp_dir("pgconf");
-    let config = weed.config_file(staging.path(), prefix);
-    let binary = harness::agent_binary_for_postgres(staging.path());
-    let command = format!(
-        "GC_BACKUP_CONFIG={} {} wal-push %p",
-        config.display(),
-        binary.display()
-    );
-    let mut pg = Postgres::start_with(&[
-        ("archive_mode", "on"),
-        ("archive_command", &command),
-        ("wal_level", "replica"),
-    ]);
-    // The config and binary must outlive the server.
-    pg.adopt(staging);
-    pg
+    harness::archiving_cluster(weed, prefix).0
 }
 
 /// Switches to a new segment after writing something, and returns the finished one's name.

@@ -349,6 +349,23 @@ pub fn agent_binary_for_postgres(dir: &Path) -> PathBuf {
     copy
 }
 
+/// A cluster whose archive_command is `gc-backup wal-push %p` into `s3://BUCKET/prefix` of
+/// `weed`; returns it and the config file its archive_command uses.
+pub fn archiving_cluster(weed: &Seaweed, prefix: &str) -> (Postgres, PathBuf) {
+    let staging = shared_temp_dir("pgconf");
+    let config = weed.config_file(staging.path(), prefix);
+    let binary = agent_binary_for_postgres(staging.path());
+    let command = format!(
+        "GC_BACKUP_CONFIG={} {} wal-push %p",
+        config.display(),
+        binary.display()
+    );
+    let mut pg = Postgres::start_with(&[("archive_mode", "on"), ("archive_command", &command)]);
+    // The config and binary must outlive the server.
+    pg.adopt(staging);
+    (pg, config)
+}
+
 /// SeaweedFS's all-in-one server with an S3 gateway and one bucket.
 pub struct Seaweed {
     dir: tempfile::TempDir,

@@ -12,11 +12,24 @@ pub mod restore_pg;
 pub mod restore_pg_dump;
 pub mod wal;
 
-use crate::catalog::CatalogError;
+use crate::catalog::{self, BackupId, CatalogError, Kind};
 use crate::error::Failure;
 use crate::pipeline::PipelineError;
 use crate::sources::postgres::SourceError;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
+
+/// Removes what a failed run stored. If the store is unreachable this fails too; the claim
+/// object then marks the leftovers for the next run's sweep.
+pub(crate) async fn discard(store: &Store, kind: Kind, id: &BackupId) {
+    if let Err(error) = catalog::remove_data(store, kind, id).await {
+        tracing::warn!(
+            kind = %kind,
+            id = %id,
+            %error,
+            "could not remove the data of the failed backup; the next run of this kind removes it"
+        );
+    }
+}
 
 pub(crate) fn store_error(error: StoreError) -> anyhow::Error {
     if error.is_config() {

@@ -92,7 +92,7 @@ pub async fn backup(
     let (objects, files, stop) = match outcome {
         Ok(done) => done,
         Err(error) => {
-            discard(store, &id).await;
+            super::discard(store, Kind::PgBase, &id).await;
             return Err(error.context(format!("pg-base backup {id} failed; nothing was committed")));
         }
     };
@@ -130,7 +130,7 @@ pub async fn backup(
         objects,
     };
     if let Err(error) = catalog::commit(store, &manifest).await {
-        discard(store, &id).await;
+        super::discard(store, Kind::PgBase, &id).await;
         return Err(catalog_error(error).context(format!(
             "pg-base backup {id} failed while writing its manifest; nothing was committed"
         )));
@@ -414,17 +414,6 @@ async fn upload_stream(
         },
         copied,
     ))
-}
-
-async fn discard(store: &Store, id: &BackupId) {
-    if let Err(error) = catalog::remove_data(store, Kind::PgBase, id).await {
-        tracing::warn!(
-            id = %id,
-            %error,
-            "could not remove the data of the failed backup; `gc-backup retention` removes \
-             orphaned data"
-        );
-    }
 }
 
 #[cfg(test)]

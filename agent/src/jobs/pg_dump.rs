@@ -8,7 +8,7 @@ use super::{catalog_error, pipeline_error, source_error, store_error};
 use crate::catalog::manifest::{
     Compression, DumpFormat, MANIFEST_FORMAT, Manifest, PgDumpFacts, SourceFacts, StoredObject,
 };
-use crate::catalog::{self, BackupId, Kind, layout};
+use crate::catalog::{self, Kind, layout};
 use crate::config::Config;
 use crate::error::Failure;
 use crate::pipeline;
@@ -86,7 +86,7 @@ pub async fn backup(
     let summary = match stored {
         Ok(summary) => summary,
         Err(error) => {
-            discard(store, &id).await;
+            super::discard(store, Kind::PgDump, &id).await;
             return Err(error.context(format!("pg-dump backup {id} failed; nothing was committed")));
         }
     };
@@ -121,7 +121,7 @@ pub async fn backup(
         }],
     };
     if let Err(error) = catalog::commit(store, &manifest).await {
-        discard(store, &id).await;
+        super::discard(store, Kind::PgDump, &id).await;
         return Err(catalog_error(error).context(format!(
             "pg-dump backup {id} failed while writing its manifest; nothing was committed"
         )));
@@ -137,17 +137,4 @@ pub async fn backup(
         "backup completed"
     );
     Ok(manifest)
-}
-
-/// Removes what a failed run stored. If the store is unreachable this fails too; the claim
-/// object then marks the leftovers for retention's orphan sweep.
-async fn discard(store: &Store, id: &BackupId) {
-    if let Err(error) = catalog::remove_data(store, Kind::PgDump, id).await {
-        tracing::warn!(
-            id = %id,
-            %error,
-            "could not remove the data of the failed backup; `gc-backup retention` removes \
-             orphaned data"
-        );
-    }
 }
