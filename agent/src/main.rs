@@ -57,13 +57,17 @@ fn main() -> ExitCode {
 /// glibc raises its mmap threshold after the first large free, after which freed part buffers
 /// (megabytes each) stay in per-thread arenas instead of going back to the OS, and peak RSS
 /// drifts past the pipeline's designed bound (measured: +9 MB on a base backup). A fixed
-/// threshold keeps every buffer of 1 MiB or more in its own mapping, returned on free.
+/// threshold keeps every buffer of 1 MiB or more in its own mapping, returned on free. Fixing
+/// it also freezes the trim threshold at 128 KiB, which made the heap hand back and re-fault
+/// the 256 KiB chunk buffers over and over (371k minor faults on a 2.9 GiB base backup), so
+/// the heap may keep 16 MiB free (151k faults, 1.2 s less system CPU, same RSS).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn tune_allocator() {
     // SAFETY: mallopt only sets an allocator parameter; it is called before any thread starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 
