@@ -13,17 +13,11 @@ set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 cd "$ROOT"
 
-BENCH_DIR=${BENCH_DIR:-/var/tmp/gc-backup-bench}
 REPEAT=${REPEAT:-3}
-ensure_rust
-ensure_postgres
-ensure_seaweedfs
+bench_setup basebench
 apt_install pgbackrest openssl time
 command -v aws >/dev/null || python3 -m pip install -q awscli
-[ -f "$BENCH_DIR/pg/data/PG_VERSION" ] || { echo "run benches/pg_dump_e2e.sh prepare first" >&2; exit 2; }
 
-work=$(mktemp -d /var/tmp/gcb-basebench.XXXXXX)
-chmod 755 "$work"
 WEED_PID=
 cleanup() {
   psql -X -q -d postgres -c "ALTER SYSTEM RESET archive_command" >/dev/null 2>&1 || true

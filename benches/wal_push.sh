@@ -14,16 +14,10 @@ set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 cd "$ROOT"
 
-BENCH_DIR=${BENCH_DIR:-/var/tmp/gc-backup-bench}
-ensure_rust
-ensure_postgres
-ensure_seaweedfs
+bench_setup walbench
 apt_install pgbackrest barman-cli-cloud openssl
 command -v aws >/dev/null || python3 -m pip install -q awscli
-[ -f "$BENCH_DIR/pg/data/PG_VERSION" ] || { echo "run benches/pg_dump_e2e.sh prepare first" >&2; exit 2; }
 
-work=$(mktemp -d /var/tmp/gcb-walbench.XXXXXX)
-chmod 755 "$work"
 WEED_PID=
 cleanup() {
   [ -n "$WEED_PID" ] && kill "$WEED_PID" 2>/dev/null && wait "$WEED_PID" 2>/dev/null

@@ -8,15 +8,9 @@ set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 cd "$ROOT"
 
-BENCH_DIR=${BENCH_DIR:-/var/tmp/gc-backup-bench}
 DURATION=${DURATION:-60}
-ensure_rust
-ensure_postgres
-ensure_seaweedfs
-[ -f "$BENCH_DIR/pg/data/PG_VERSION" ] || { echo "run benches/pg_dump_e2e.sh prepare first" >&2; exit 2; }
+bench_setup walsustained
 
-work=$(mktemp -d /var/tmp/gcb-walsustained.XXXXXX)
-chmod 755 "$work"
 WEED_PID=
 sidecar=
 cleanup() {

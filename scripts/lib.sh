@@ -151,3 +151,16 @@ CONF
   mkdir -p "$work/pgbackrest-lock" "$work/pgbackrest-spool"
   chown postgres: "$work/pgbackrest-lock" "$work/pgbackrest-spool"
 }
+
+# bench_setup NAME: what the benchmarks on the loaded bench cluster share: the tools, the
+# cluster of benches/pg_dump_e2e.sh prepare in BENCH_DIR, and a work dir in $work (mode 755,
+# so that the postgres user can read configs there).
+bench_setup() {
+  BENCH_DIR=${BENCH_DIR:-/var/tmp/gc-backup-bench}
+  ensure_rust
+  ensure_postgres
+  ensure_seaweedfs
+  [ -f "$BENCH_DIR/pg/data/PG_VERSION" ] || { echo "run benches/pg_dump_e2e.sh prepare first" >&2; exit 2; }
+  work=$(mktemp -d "/var/tmp/gcb-$1.XXXXXX")
+  chmod 755 "$work"
+}

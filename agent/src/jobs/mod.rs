@@ -18,6 +18,22 @@ use crate::pipeline::PipelineError;
 use crate::sources::postgres::SourceError;
 use crate::store::{Store, StoreError};
 
+/// Writes the manifest that makes a backup exist; if that fails, removes the run's data so
+/// nothing half-committed is left.
+pub(crate) async fn commit_or_discard(
+    store: &Store,
+    manifest: &crate::catalog::Manifest,
+) -> anyhow::Result<()> {
+    if let Err(error) = catalog::commit(store, manifest).await {
+        discard(store, manifest.kind, &manifest.id).await;
+        return Err(catalog_error(error).context(format!(
+            "{} backup {} failed while writing its manifest; nothing was committed",
+            manifest.kind, manifest.id
+        )));
+    }
+    Ok(())
+}
+
 /// Removes what a failed run stored. If the store is unreachable this fails too; the claim
 /// object then marks the leftovers for the next run's sweep.
 pub(crate) async fn discard(store: &Store, kind: Kind, id: &BackupId) {

@@ -129,12 +129,7 @@ pub async fn backup(
         })),
         objects,
     };
-    if let Err(error) = catalog::commit(store, &manifest).await {
-        super::discard(store, Kind::PgBase, &id).await;
-        return Err(catalog_error(error).context(format!(
-            "pg-base backup {id} failed while writing its manifest; nothing was committed"
-        )));
-    }
+    super::commit_or_discard(store, &manifest).await?;
     tracing::info!(
         kind = "pg-base",
         id = %id,

@@ -120,12 +120,7 @@ pub async fn backup(
             parts: summary.parts,
         }],
     };
-    if let Err(error) = catalog::commit(store, &manifest).await {
-        super::discard(store, Kind::PgDump, &id).await;
-        return Err(catalog_error(error).context(format!(
-            "pg-dump backup {id} failed while writing its manifest; nothing was committed"
-        )));
-    }
+    super::commit_or_discard(store, &manifest).await?;
     tracing::info!(
         kind = "pg-dump",
         id = %id,
