@@ -6,10 +6,20 @@
 //! - [`SegmentNo`]: segment arithmetic for a given segment size, so that the segment holding an
 //!   LSN, and the names of the segments after it, can be computed.
 //!
-//! The restore planner (which base backup and which WAL a target needs) builds on these.
+//! - [`history::TimelinePath`]: a timeline history file, as the spans recovery follows.
+//! - [`target`]: recovery targets as operators write them, and the settings PostgreSQL needs.
+//! - [`plan::plan`]: which base backup a target needs, and whether the archived WAL reaches it.
 
 use std::fmt;
 use std::str::FromStr;
+
+pub mod history;
+pub mod plan;
+pub mod target;
+
+pub use history::{TimelinePath, TimelineSpan};
+pub use plan::{Archive, BaseBackup, PlanError, RestorePlan};
+pub use target::{RecoveryTarget, TargetAction};
 
 /// PostgreSQL's default WAL segment size (`--wal-segsize` can change it per cluster).
 pub const DEFAULT_SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
@@ -22,6 +32,15 @@ pub enum PitrError {
     NotLsn(String),
     #[error("WAL segment size {0} is not a power of two between 1 MiB and 1 GiB")]
     BadSegmentSize(u64),
+    #[error("history file of timeline {0} has a line PostgreSQL would not write: '{1}'")]
+    BadHistory(u32, String),
+    #[error(
+        "'{0}' has no time zone; write it with one, e.g. '{0}+09' or '{0}Z' (UTC), \
+         so that the restore does not guess"
+    )]
+    TimeWithoutZone(String),
+    #[error("'{0}' is not a time (expected e.g. '2024-01-15 10:30:00+09' or RFC 3339)")]
+    NotTime(String),
 }
 
 /// A write-ahead log position.
