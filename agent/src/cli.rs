@@ -10,7 +10,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::manifest::{DumpFormat, Manifest, SourceFacts};
-use crate::catalog::{self, Kind, Selector};
+use crate::catalog::{self, BackupId, Kind, Selector};
 use crate::config::{Config, Overrides, StoreLocation};
 use crate::error::Failure;
 use crate::jobs::{self, pg_dump::PgDumpRequest, restore_pg_dump::RestoreTarget};
@@ -75,6 +75,9 @@ pub enum Command {
     /// Restore one archived WAL file: restore_command = 'gc-backup wal-fetch %f %p'.
     /// Exits 1 when the archive does not have it, 255 on any other failure.
     WalFetch(WalFetchArgs),
+    /// Check backups: re-read every object against its checksums, and the WAL chain of each
+    /// base backup; with --restore, run a restore drill
+    Verify(VerifyArgs),
     /// Started by wal-fetch: downloads the next segments into its spool
     #[command(hide = true)]
     WalPrefetch(WalPrefetchArgs),
@@ -141,19 +144,97 @@ pub struct ListArgs {
 pub enum RestoreCommand {
     /// Restore a pg_dump backup to a file, stdout, or a database
     PgDump(RestorePgDumpArgs),
-    /// Restore a base backup into an empty directory, set up to recover from the WAL archive
-    /// (to its end, on the latest timeline) when PostgreSQL starts there
+    /// Point-in-time restore: a base backup into an empty directory, set up to recover from the
+    /// WAL archive to the target (default: the end of the archive, on the newest timeline);
+    /// with --start, the recovery runs now
     Pg(RestorePgArgs),
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").multiple(false)))]
 pub struct RestorePgArgs {
     /// The new data directory (absent or empty)
     #[arg(long, value_name = "DIR")]
     pub pgdata: PathBuf,
-    /// The base backup to start from (default: the latest)
+    /// Recover to this moment; a time zone is required, e.g. '2024-01-15 10:30:00+09'
+    #[arg(long, value_name = "T", group = "target", value_parser = parse_time)]
+    pub target_time: Option<chrono::DateTime<chrono::Utc>>,
+    /// Recover to this WAL position, e.g. 16/B374D848
+    #[arg(long, value_name = "L", group = "target", value_parser = parse_lsn)]
+    pub target_lsn: Option<pitr::Lsn>,
+    /// Recover to the commit of this transaction id
+    #[arg(long, value_name = "X", group = "target")]
+    pub target_xid: Option<u64>,
+    /// Recover to this restore point (pg_create_restore_point)
+    #[arg(long, value_name = "N", group = "target")]
+    pub target_name: Option<String>,
+    /// What the server does at the target
+    #[arg(long, value_enum, default_value_t = ActionArg::Promote, requires = "target")]
+    pub target_action: ActionArg,
+    /// The base backup to start from (default: the newest that ended before the target)
     #[arg(long, value_name = "ID", value_parser = parse_selector, default_value = "latest")]
     pub backup: Selector,
+    /// Run the recovery now with a temporary server, and report what it reached
+    #[arg(long)]
+    pub start: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ActionArg {
+    Promote,
+    Pause,
+    Shutdown,
+}
+
+impl RestorePgArgs {
+    fn target(&self) -> pitr::RecoveryTarget {
+        use pitr::RecoveryTarget;
+        if let Some(time) = self.target_time {
+            RecoveryTarget::Time(time)
+        } else if let Some(lsn) = self.target_lsn {
+            RecoveryTarget::Lsn(lsn)
+        } else if let Some(xid) = self.target_xid {
+            RecoveryTarget::Xid(xid)
+        } else if let Some(name) = &self.target_name {
+            RecoveryTarget::Name(name.clone())
+        } else {
+            RecoveryTarget::Latest
+        }
+    }
+
+    fn action(&self) -> pitr::TargetAction {
+        match self.target_action {
+            ActionArg::Promote => pitr::TargetAction::Promote,
+            ActionArg::Pause => pitr::TargetAction::Pause,
+            ActionArg::Shutdown => pitr::TargetAction::Shutdown,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Only this kind: pg-dump, pg-base, redis, etcd
+    #[arg(long, value_parser = parse_kind)]
+    pub kind: Option<Kind>,
+    /// Only this backup
+    #[arg(value_parser = parse_backup_id)]
+    pub id: Option<BackupId>,
+    /// Restore drill: restore the base backup (default: the latest) to the end of the archive in
+    /// a temporary directory, recover it, run pg_amcheck, report the time taken, clean up
+    #[arg(long)]
+    pub restore: bool,
+}
+
+fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    pitr::target::parse_time(text).map_err(|e| e.to_string())
+}
+
+fn parse_lsn(text: &str) -> Result<pitr::Lsn, String> {
+    text.parse().map_err(|e: pitr::PitrError| e.to_string())
+}
+
+fn parse_backup_id(text: &str) -> Result<BackupId, String> {
+    text.parse()
 }
 
 #[derive(Debug, Args)]
@@ -254,28 +335,40 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Restore(RestoreCommand::Pg(args)) => {
-            let config_file = cli
-                .global
-                .config
-                .clone()
-                .or_else(|| {
-                    std::env::var_os("GC_BACKUP_CONFIG")
-                        .filter(|v| !v.is_empty())
-                        .map(PathBuf::from)
-                })
-                .map(|p| std::path::absolute(&p).unwrap_or(p));
             let request = jobs::restore_pg::RestorePgRequest {
-                pgdata: args.pgdata,
-                backup: args.backup,
-                config_file,
+                pgdata: std::path::absolute(&args.pgdata).unwrap_or(args.pgdata.clone()),
+                backup: args.backup.clone(),
+                target: args.target(),
+                action: args.action(),
+                start: args.start.then(jobs::restore_pg::StartOptions::default),
+                restore_env: restore_env(&cli.global),
             };
-            let manifest = jobs::restore_pg::restore(&store, &request).await?;
-            eprintln!(
-                "Restored pg-base backup {} into {}. Start PostgreSQL there to replay the archived WAL.",
-                manifest.id,
-                request.pgdata.display()
-            );
+            let report = jobs::restore_pg::restore(&config, &store, &request, &cancel).await?;
+            report_restore(&report, &request);
             Ok(())
+        }
+        Command::Verify(args) => {
+            if args.restore {
+                if args.kind.is_some_and(|k| k != Kind::PgBase) {
+                    return Err(
+                        Failure::Config("a restore drill restores pg-base backups".into()).into(),
+                    );
+                }
+                let selector = args.id.map_or(Selector::Latest, Selector::Id);
+                let drill = jobs::verify::drill(
+                    &config,
+                    &store,
+                    selector,
+                    restore_env(&cli.global),
+                    &cancel,
+                )
+                .await?;
+                report_drill(&drill);
+                return Ok(());
+            }
+            let checked =
+                jobs::verify::verify(&store, args.kind, args.id.as_ref(), &cancel).await?;
+            report_verify(&checked)
         }
         Command::WalPush(args) => {
             let pushed = jobs::wal::push(&config, &store, &args.path).await?;
@@ -309,6 +402,129 @@ impl Command {
     pub fn is_postgres_hook(&self) -> bool {
         matches!(self, Command::WalPush(_) | Command::WalFetch(_))
     }
+}
+
+/// What wal-fetch needs to find the store when PostgreSQL runs it: the config file and a
+/// store URL given as flags (the environment reaches it anyway when `--start` runs it).
+fn restore_env(global: &GlobalArgs) -> Vec<(String, String)> {
+    let config_file = global.config.clone().or_else(|| {
+        std::env::var_os("GC_BACKUP_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    let mut env = Vec::new();
+    if let Some(file) = config_file {
+        let file = std::path::absolute(&file).unwrap_or(file);
+        env.push(("GC_BACKUP_CONFIG".to_string(), file.display().to_string()));
+    }
+    if let Some(url) = &global.store {
+        env.push(("GC_BACKUP_STORE".to_string(), url.clone()));
+    }
+    env
+}
+
+fn report_restore(
+    report: &jobs::restore_pg::RestorePgReport,
+    request: &jobs::restore_pg::RestorePgRequest,
+) {
+    let plan = &report.plan;
+    eprintln!(
+        "Restored pg-base backup {} into {}: {} in {:.1}s ({}/s); WAL {} .. {} checked ({} segments, timeline {}).",
+        report.manifest.id,
+        request.pgdata.display(),
+        human_bytes(report.raw_bytes),
+        report.restore_elapsed.as_secs_f64(),
+        human_bytes(
+            (report.raw_bytes as f64 / report.restore_elapsed.as_secs_f64().max(0.001)) as u64
+        ),
+        plan.first_wal,
+        plan.last_wal,
+        plan.segments,
+        plan.timeline,
+    );
+    match &report.recovery {
+        None => eprintln!(
+            "Start PostgreSQL on {} to recover to {}.",
+            request.pgdata.display(),
+            request.target
+        ),
+        Some(recovery) => {
+            eprintln!(
+                "Recovered to {} in {:.1}s ({} WAL files replayed): {}; replay ended at {}; last transaction {}; timeline {}; {}.",
+                request.target,
+                recovery.elapsed.as_secs_f64(),
+                recovery.segments_restored,
+                recovery.stopped.as_deref().unwrap_or("end of the archive"),
+                recovery.redo_done.as_deref().unwrap_or("?"),
+                recovery
+                    .last_transaction
+                    .as_deref()
+                    .unwrap_or("none replayed"),
+                recovery.timeline.map_or("?".into(), |t| t.to_string()),
+                recovery.action_done,
+            );
+        }
+    }
+}
+
+fn report_drill(drill: &jobs::verify::Drill) {
+    let restore = &drill.restore;
+    let recovery = restore.recovery.as_ref();
+    println!(
+        "Restore drill of pg-base {}: base restore {:.1}s ({}), recovery {:.1}s ({} WAL files), \
+         recovery point {} (last transaction {}), pg_amcheck {}; RTO {:.1}s",
+        restore.manifest.id,
+        restore.restore_elapsed.as_secs_f64(),
+        human_bytes(restore.raw_bytes),
+        recovery.map_or(0.0, |r| r.elapsed.as_secs_f64()),
+        recovery.map_or(0, |r| r.segments_restored),
+        recovery.and_then(|r| r.redo_done.as_deref()).unwrap_or("?"),
+        recovery
+            .and_then(|r| r.last_transaction.as_deref())
+            .unwrap_or("none replayed"),
+        recovery
+            .and_then(|r| r.amcheck.as_deref())
+            .unwrap_or("not run"),
+        drill.elapsed.as_secs_f64(),
+    );
+}
+
+fn report_verify(checked: &[jobs::verify::Checked]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut bad = 0;
+    for backup in checked {
+        let verdict = if backup.problems.is_empty() {
+            "ok"
+        } else {
+            "FAILED"
+        };
+        bad += usize::from(!backup.problems.is_empty());
+        let mut line = format!(
+            "{:<8} {:<17} {:<6} {} objects, {} checked",
+            backup.kind,
+            backup.id,
+            verdict,
+            backup.objects,
+            human_bytes(backup.raw_bytes)
+        );
+        if let Some(wal) = &backup.wal {
+            line.push_str(&format!("; {wal}"));
+        }
+        for problem in &backup.problems {
+            line.push_str(&format!("\n    {problem}"));
+        }
+        writeln!(out, "{line}").context("writing to stdout")?;
+    }
+    out.flush().context("writing to stdout")?;
+    if bad > 0 {
+        return Err(Failure::Corrupt(format!(
+            "verify found problems in {bad} of {} backups",
+            checked.len()
+        ))
+        .into());
+    }
+    eprintln!("Verified {} backups: all good.", checked.len());
+    Ok(())
 }
 
 fn start_prefetch(global: &GlobalArgs, dest: &std::path::Path, name: &str) {

@@ -152,6 +152,19 @@ pub fn wal_key(file: &pitr::WalFile) -> ObjectKey {
     }
 }
 
+/// The WAL file an archive key holds, or `None` for anything else under `wal/`.
+pub fn parse_wal_key(key: &ObjectKey) -> Option<pitr::WalFile> {
+    let rest = key.as_ref().strip_prefix("wal/")?;
+    let name = rest.rsplit('/').next()?.strip_suffix(".zst")?;
+    let file = pitr::WalFile::parse(name).ok()?;
+    // Only where wal_key would have put it: a stray copy elsewhere is not the archive's.
+    (wal_key(&file) == *key).then_some(file)
+}
+
+pub fn wal_prefix() -> ObjectKey {
+    ObjectKey::from("wal")
+}
+
 pub fn claim_key(kind: Kind, id: &BackupId) -> ObjectKey {
     data_key(kind, id, "_claim.json")
 }
@@ -191,6 +204,16 @@ mod tests {
         );
         let history = pitr::WalFile::parse("00000002.history").unwrap();
         assert_eq!(wal_key(&history).as_ref(), "wal/00000002.history.zst");
+        assert_eq!(parse_wal_key(&wal_key(&segment)), Some(segment));
+        assert_eq!(parse_wal_key(&wal_key(&history)), Some(history));
+        for stray in [
+            "wal/0000000200000016000000B3.zst",
+            "wal/0000000200000017/0000000200000016000000B3.zst",
+            "wal/0000000200000016/0000000200000016000000B3",
+            "wal/0000000200000016/x.zst",
+        ] {
+            assert_eq!(parse_wal_key(&ObjectKey::from(stray)), None, "{stray}");
+        }
         assert_eq!(
             data_key(Kind::PgDump, &id, "dump.zst").as_ref(),
             "data/pg-dump/20260115T020000Z/dump.zst"

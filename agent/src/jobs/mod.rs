@@ -5,11 +5,14 @@
 //! Errors leave here as `anyhow::Error` carrying a [`Failure`] where the caller can act on
 //! them (exit codes), with the object, backup or database named in the message.
 
+pub mod archive;
 pub mod pg_base;
 pub mod pg_dump;
 pub mod prefetch;
+pub mod recovery;
 pub mod restore_pg;
 pub mod restore_pg_dump;
+pub mod verify;
 pub mod wal;
 
 use crate::catalog::{self, BackupId, CatalogError, Kind};
@@ -92,4 +95,9 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Whether this process runs as root (then files it writes for PostgreSQL need chown).
+pub(crate) fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }

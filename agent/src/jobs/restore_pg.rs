@@ -1,68 +1,221 @@
-//! `restore pg --pgdata DIR [--backup ID]`: a base backup into an empty directory, set up to
-//! recover from the WAL archive through `gc-backup wal-fetch` when PostgreSQL starts on it.
+//! `restore pg --pgdata DIR [target] [--backup ID] [--start]`: point-in-time restore.
 //!
-//! Recovery targets, timeline checks and `--start` come with point-in-time restore; this is the
-//! part they build on: every tar stream downloaded with its SHA-256 checked and unpacked,
-//! `backup_label`/`tablespace_map` written from the manifest, `restore_command` and
-//! `recovery_target_timeline = 'latest'` set, `recovery.signal` created.
+//! Everything that can be checked is checked before DIR is touched: DIR is empty, the base
+//! backup for the target exists, the WAL chain from it to the target is complete in the
+//! archive across timeline switches, and (with `--start`) the server binaries of the backup's
+//! major version are installed. Then the tar streams are downloaded in parallel, each checked
+//! against its SHA-256 while it is unpacked, and the recovery settings are written:
+//! `restore_command` calling this binary's `wal-fetch`, the target, `recovery.signal`.
 
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::{StreamExt, TryStreamExt};
+use pitr::{PlanError, RecoveryTarget, RestorePlan, TargetAction};
+use tokio_util::sync::CancellationToken;
 
-use super::{catalog_error, pipeline_error};
-use crate::catalog::manifest::{Manifest, SourceFacts};
+use super::recovery::{self, RecoveryOptions, RecoveryReport};
+use super::{archive, catalog_error, pipeline_error};
+use crate::catalog::manifest::Manifest;
 use crate::catalog::{self, Kind, Selector};
+use crate::config::Config;
 use crate::error::Failure;
 use crate::pipeline::{self, Sink};
 use crate::store::Store;
+
+/// Tar streams unpacked at once.
+const PARALLEL_STREAMS: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct RestorePgRequest {
     pub pgdata: PathBuf,
     pub backup: Selector,
-    /// The config file wal-fetch should read (it runs in PostgreSQL's environment).
-    pub config_file: Option<PathBuf>,
+    pub target: RecoveryTarget,
+    pub action: TargetAction,
+    /// Run the recovery with a temporary server, and with these extra settings.
+    pub start: Option<StartOptions>,
+    /// Environment wal-fetch needs in restore_command (the config file, a --store given on
+    /// the command line): it runs in PostgreSQL's environment, not ours.
+    pub restore_env: Vec<(String, String)>,
 }
 
-pub async fn restore(store: &Store, request: &RestorePgRequest) -> anyhow::Result<Manifest> {
-    let manifest = catalog::find(store, Kind::PgBase, &request.backup)
-        .await
-        .map_err(catalog_error)?;
-    let SourceFacts::PgBase(facts) = &manifest.source else {
-        anyhow::bail!("backup {} is not a pg-base backup", manifest.id);
-    };
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    pub settings: Vec<(String, String)>,
+    /// Run pg_amcheck on the recovered cluster (the restore drill).
+    pub amcheck: bool,
+}
+
+#[derive(Debug)]
+pub struct RestorePgReport {
+    pub manifest: Manifest,
+    pub plan: RestorePlan,
+    pub raw_bytes: u64,
+    /// Download and unpack of the base backup.
+    pub restore_elapsed: Duration,
+    pub recovery: Option<RecoveryReport>,
+}
+
+pub async fn restore(
+    config: &Config,
+    store: &Store,
+    request: &RestorePgRequest,
+    cancel: &CancellationToken,
+) -> anyhow::Result<RestorePgReport> {
     let dir = &request.pgdata;
-    let created = prepare_dir(dir)?;
-    tracing::info!(kind = "pg-base", id = %manifest.id, pgdata = %dir.display(), "restore started");
-    let result = async {
-        for object in &manifest.objects {
-            unpack(store, object, dir).await?;
-        }
-        let exe = std::env::current_exe().context("locating this gc-backup binary")?;
-        let config_file = request.config_file.clone();
-        let label = facts.backup_label.clone();
-        let map = facts.tablespace_map.clone();
+    let existed = check_empty(dir)?;
+    if request.start.is_some() && existed && super::running_as_root() {
+        recovery::server_owner(dir)?;
+    }
+    if request.start.is_some() && !existed && super::running_as_root() {
+        return Err(Failure::Config(format!(
+            "{} does not exist; with --start as root, create it owned by the database user \
+             first (install -d -o postgres -m 700 {}) so that PostgreSQL can run as that user",
+            dir.display(),
+            dir.display()
+        ))
+        .into());
+    }
+    let (manifest, plan) = choose(store, &request.backup, &request.target).await?;
+    let (_, facts) = archive::base_backup(&manifest)?;
+    let bin_dir = match &request.start {
+        Some(_) => Some(recovery::server_bin_dir(
+            config.postgres.bin_dir.as_deref(),
+            facts.server_version_num / 10000,
+        )?),
+        None => None,
+    };
+    tracing::info!(
+        kind = "pg-base",
+        id = %manifest.id,
+        timeline = plan.timeline,
+        first_wal = %plan.first_wal,
+        last_wal = %plan.last_wal,
+        segments = plan.segments,
+        target = %request.target,
+        "restore planned; WAL chain complete"
+    );
+
+    let started = Instant::now();
+    let created = create_dir(dir, existed)?;
+    let unpacked = async {
+        tokio::select! {
+            result = unpack_all(store, &manifest, dir) => result,
+            () = cancel.cancelled() => Err(Failure::Interrupted("restore interrupted".into()).into()),
+        }?;
+        let settings = RecoverySettings {
+            label: facts.backup_label.clone(),
+            tablespace_map: facts.tablespace_map.clone(),
+            exe: std::env::current_exe().context("locating this gc-backup binary")?,
+            restore_env: request.restore_env.clone(),
+            target: pitr::target::recovery_settings(&request.target, request.action),
+        };
         let dir = dir.clone();
-        tokio::task::spawn_blocking(move || {
-            write_recovery_files(&dir, &label, map.as_deref(), &exe, config_file.as_deref())
-        })
-        .await
-        .context("worker failed")?
+        tokio::task::spawn_blocking(move || settings.write(&dir))
+            .await
+            .context("worker failed")?
     }
     .await;
-    if let Err(error) = result {
+    if let Err(error) = unpacked {
         // Leave DIR as empty as it was (or gone, if we made it): never a half-restored cluster.
         let _ = clear(dir, created);
         return Err(error.context(format!("restore of pg-base backup {} failed", manifest.id)));
     }
-    Ok(manifest)
+    let restore_elapsed = started.elapsed();
+    let raw_bytes = manifest.objects.iter().map(|o| o.raw_bytes).sum();
+
+    let recovery = match (&request.start, bin_dir) {
+        (Some(start), Some(bin_dir)) => {
+            let options = RecoveryOptions {
+                bin_dir,
+                target: request.target.clone(),
+                action: request.action,
+                settings: start.settings.clone(),
+                amcheck_as: start.amcheck.then(|| amcheck_role(config, dir)),
+            };
+            Some(
+                recovery::run(dir, &options, cancel)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "recovery of pg-base backup {} in {} failed",
+                            manifest.id,
+                            dir.display()
+                        )
+                    })?,
+            )
+        }
+        _ => None,
+    };
+    Ok(RestorePgReport {
+        manifest,
+        plan,
+        raw_bytes,
+        restore_elapsed,
+        recovery,
+    })
 }
 
-/// DIR must be absent or empty. Returns whether it was created.
-fn prepare_dir(dir: &Path) -> anyhow::Result<bool> {
+/// The base backup for `target` and the checked plan, from the catalog and the archive.
+pub async fn choose(
+    store: &Store,
+    selector: &Selector,
+    target: &RecoveryTarget,
+) -> anyhow::Result<(Manifest, RestorePlan)> {
+    let (mut manifests, unreadable) = catalog::list(store, Some(Kind::PgBase))
+        .await
+        .map_err(catalog_error)?;
+    for problem in &unreadable {
+        tracing::warn!("{problem}");
+    }
+    let chosen = match selector {
+        Selector::Latest => None,
+        Selector::Id(id) => Some(manifests.iter().position(|m| &m.id == id).ok_or_else(|| {
+            Failure::NotFound(format!("no pg-base backup {id} in {}", store.name()))
+        })?),
+    };
+    let mut bases = Vec::with_capacity(manifests.len());
+    let mut segment_size = pitr::DEFAULT_SEGMENT_SIZE;
+    for manifest in &manifests {
+        let (base, facts) = archive::base_backup(manifest)?;
+        segment_size = facts.wal_segment_size;
+        bases.push(base);
+    }
+    let wal = archive::load(store, segment_size).await?;
+    let plan = pitr::plan::plan(&bases, &wal, target, chosen).map_err(plan_error)?;
+    Ok((manifests.swap_remove(plan.backup), plan))
+}
+
+/// Refusals of the request are usage errors (exit 2); a broken archive is a failure (exit 3).
+fn plan_error(error: PlanError) -> anyhow::Error {
+    match error {
+        PlanError::NoBackup => Failure::NotFound(error.to_string()).into(),
+        PlanError::TargetBeforeBackups { .. }
+        | PlanError::TargetBeforeBackup { .. }
+        | PlanError::TargetAfterArchive { .. }
+        | PlanError::NotOnPath { .. } => Failure::Config(error.to_string()).into(),
+        PlanError::MissingHistory(_) | PlanError::Gap { .. } | PlanError::Unfinished { .. } => {
+            anyhow::Error::new(error)
+        }
+    }
+}
+
+/// The role pg_amcheck connects as: the configured user, else the owner's name (initdb's default
+/// superuser).
+fn amcheck_role(config: &Config, dir: &Path) -> String {
+    config.postgres.user.clone().unwrap_or_else(|| {
+        std::fs::metadata(dir)
+            .ok()
+            .and_then(|m| nix::unistd::User::from_uid(m.uid().into()).ok().flatten())
+            .map_or_else(|| "postgres".into(), |user| user.name)
+    })
+}
+
+/// DIR must be absent or empty. Returns whether it exists.
+fn check_empty(dir: &Path) -> anyhow::Result<bool> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -72,18 +225,21 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<bool> {
                 ))
                 .into());
             }
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("setting the mode of {}", dir.display()))?;
-            Ok(false)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("setting the mode of {}", dir.display()))?;
             Ok(true)
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
     }
+}
+
+/// Creates DIR if needed, with the mode PostgreSQL demands. Returns whether it was created.
+fn create_dir(dir: &Path, existed: bool) -> anyhow::Result<bool> {
+    if !existed {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    Ok(!existed)
 }
 
 fn clear(dir: &Path, created: bool) -> std::io::Result<()> {
@@ -99,6 +255,14 @@ fn clear(dir: &Path, created: bool) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn unpack_all(store: &Store, manifest: &Manifest, dir: &Path) -> anyhow::Result<()> {
+    futures::stream::iter(&manifest.objects)
+        .map(|object| unpack(store, object, dir))
+        .buffer_unordered(PARALLEL_STREAMS)
+        .try_collect::<()>()
+        .await
 }
 
 /// Streams one tar object through its check into a tar reader on another thread.
@@ -118,56 +282,76 @@ async fn unpack(store: &Store, object: &catalog::StoredObject, dir: &Path) -> an
     unpacked.with_context(|| format!("unpacking {} into {}", object.key, dir.display()))
 }
 
-fn write_recovery_files(
-    dir: &Path,
-    label: &str,
-    tablespace_map: Option<&str>,
-    exe: &Path,
-    config_file: Option<&Path>,
-) -> anyhow::Result<()> {
-    let write = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
-    };
-    write("backup_label", label)?;
-    if let Some(map) = tablespace_map {
-        write("tablespace_map", map)?;
-    }
-    let env = config_file.map_or(String::new(), |f| {
-        format!("GC_BACKUP_CONFIG={} ", shell_quote(f))
-    });
-    let restore_command = format!("{env}{} wal-fetch %f %p", shell_quote(exe));
-    let settings = format!(
-        "\n# Written by gc-backup restore pg\nrestore_command = '{}'\nrecovery_target_timeline = 'latest'\n",
-        restore_command.replace('\'', "''")
-    );
-    let auto_conf = dir.join("postgresql.auto.conf");
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&auto_conf)
-        .and_then(|mut f| f.write_all(settings.as_bytes()))
-        .with_context(|| format!("writing {}", auto_conf.display()))?;
-    write("recovery.signal", "")?;
-    // PostgreSQL runs as the directory's owner; the files we wrote must be theirs.
-    let owner = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
-    chown_tree(dir, owner.uid(), owner.gid())
+/// What goes into the restored directory besides the backup's files.
+struct RecoverySettings {
+    label: String,
+    tablespace_map: Option<String>,
+    exe: PathBuf,
+    restore_env: Vec<(String, String)>,
+    target: Vec<(String, String)>,
 }
 
-fn shell_quote(path: &Path) -> String {
-    let text = path.display().to_string();
+impl RecoverySettings {
+    fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+        };
+        write("backup_label", &self.label)?;
+        if let Some(map) = &self.tablespace_map {
+            write("tablespace_map", map)?;
+        }
+        if !dir.join("postgresql.conf").exists() {
+            // The cluster kept its configuration outside PGDATA (Debian's /etc/postgresql).
+            tracing::warn!(
+                "the backup has no postgresql.conf (the cluster's configuration lived outside \
+                 its data directory); wrote an empty one, bring your own before production use"
+            );
+            write(
+                "postgresql.conf",
+                "# Written by gc-backup restore pg: the backup had none.\n",
+            )?;
+        }
+        let env: String = self
+            .restore_env
+            .iter()
+            .map(|(name, value)| format!("{name}={} ", shell_quote(value)))
+            .collect();
+        let exe = shell_quote(&self.exe.display().to_string());
+        let restore_command = format!("{env}{exe} wal-fetch %f %p");
+        let mut lines = String::from("\n# Written by gc-backup restore pg\n");
+        let settings = std::iter::once(("restore_command".to_string(), restore_command))
+            .chain(self.target.iter().cloned());
+        for (name, value) in settings {
+            lines.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
+        }
+        let auto_conf = dir.join("postgresql.auto.conf");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&auto_conf)
+            .and_then(|mut f| f.write_all(lines.as_bytes()))
+            .with_context(|| format!("writing {}", auto_conf.display()))?;
+        write("recovery.signal", "")?;
+        // PostgreSQL runs as the directory's owner; the files we wrote must be theirs.
+        let owner = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+        chown_tree(dir, owner.uid(), owner.gid())
+    }
+}
+
+fn shell_quote(text: &str) -> String {
     if text
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
     {
-        text
+        text.to_string()
     } else {
-        format!("\"{}\"", text.replace('"', "\\\""))
+        format!("'{}'", text.replace('\'', "'\\''"))
     }
 }
 
 fn chown_tree(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-    if std::fs::metadata(dir)?.uid() == uid && !running_as_root() {
+    if !super::running_as_root() {
         return Ok(());
     }
     let mut pending = vec![dir.to_path_buf()];
@@ -181,8 +365,4 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }

@@ -101,7 +101,19 @@ async fn compare_with_archived(
 /// not have it; the caller turns every other error into a fatal exit for PostgreSQL.
 pub async fn fetch(store: &Store, name: &str, dest: &Path) -> anyhow::Result<u64> {
     let file = parse_name(name)?;
-    let key = layout::wal_key(&file);
+    let raw = read(store, &file).await?;
+    let size = raw.len() as u64;
+    let dest = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || write_new(&dest, &raw))
+        .await
+        .context("write worker failed")??;
+    Ok(size)
+}
+
+/// The content of an archived WAL file, checked against its header.
+pub async fn read(store: &Store, file: &WalFile) -> anyhow::Result<Vec<u8>> {
+    let name = file.name();
+    let key = layout::wal_key(file);
     let stored = match store.get_bytes(&key).await {
         Ok(stored) => stored,
         Err(StoreError::NotFound { .. }) => {
@@ -113,16 +125,10 @@ pub async fn fetch(store: &Store, name: &str, dest: &Path) -> anyhow::Result<u64
         }
         Err(error) => return Err(store_error(error).context(format!("fetching {name} failed"))),
     };
-    let raw = tokio::task::spawn_blocking(move || wal_object::decode(&stored))
+    tokio::task::spawn_blocking(move || wal_object::decode(&stored))
         .await
         .context("decompression worker failed")?
-        .map_err(|e| Failure::Corrupt(format!("{key} in {} {e}", store.name())))?;
-    let size = raw.len() as u64;
-    let dest = dest.to_path_buf();
-    tokio::task::spawn_blocking(move || write_new(&dest, &raw))
-        .await
-        .context("write worker failed")??;
-    Ok(size)
+        .map_err(|e| Failure::Corrupt(format!("{key} in {} {e}", store.name())).into())
 }
 
 /// Writes through a temporary name beside `dest` and renames, so DEST is whole or absent.

@@ -1,0 +1,457 @@
+//! `restore pg --start`: recovery run to its end by a temporary server that cannot clash with
+//! anything else on the host — no TCP listener, its socket in a private directory, its own
+//! authentication file — watched through its log until the target is reached and the action
+//! done, then stopped cleanly.
+//!
+//! The log is the source of truth because it is what PostgreSQL says about the recovery itself
+//! (`recovery stopping before commit …`, `redo done at …`, `selected new timeline ID`), and it is
+//! there even for the `shutdown` action, when no connection is possible. `lc_messages = 'C'`
+//! keeps it in the English this parser reads.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use pitr::{RecoveryTarget, TargetAction};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Failure;
+
+/// The socket port of the temporary server: only a file name in its private directory.
+const PORT: u16 = 5432;
+
+#[derive(Debug, Clone)]
+pub struct RecoveryOptions {
+    /// Where `postgres` (and `pg_amcheck`) of the backup's major version are.
+    pub bin_dir: PathBuf,
+    pub target: RecoveryTarget,
+    pub action: TargetAction,
+    /// Settings for this run only (the drill turns archiving off).
+    pub settings: Vec<(String, String)>,
+    /// Run `pg_amcheck --all` as this role once the server accepts connections.
+    pub amcheck_as: Option<String>,
+}
+
+/// What recovery reached, from the server's own log.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// PostgreSQL's "recovery stopping …" line, when a target stopped it.
+    pub stopped: Option<String>,
+    /// The LSN replay ended at.
+    pub redo_done: Option<String>,
+    /// The commit time of the last transaction replayed.
+    pub last_transaction: Option<String>,
+    /// The timeline the cluster is on when recovery ended (new after a promotion).
+    pub timeline: Option<u32>,
+    /// "promoted", "paused", or "shut down".
+    pub action_done: String,
+    pub segments_restored: u64,
+    pub elapsed: Duration,
+    /// pg_amcheck's summary, when it ran.
+    pub amcheck: Option<String>,
+}
+
+/// What the log has said so far.
+#[derive(Debug, Default)]
+struct LogState {
+    report: RecoveryReport,
+    ready: bool,
+    paused: bool,
+    shutdown_at_target: bool,
+    /// The timeline of the last WAL file restored: where recovery is without a promotion.
+    restored_timeline: Option<u32>,
+    last_fatal: Option<String>,
+    tail: Vec<String>,
+}
+
+impl LogState {
+    fn observe(&mut self, line: &str) {
+        if self.tail.len() == 20 {
+            self.tail.remove(0);
+        }
+        self.tail.push(line.to_string());
+        let Some((level, message)) = split_level(line) else {
+            return;
+        };
+        if matches!(level, "FATAL" | "PANIC") {
+            self.last_fatal = Some(message.to_string());
+            return;
+        }
+        if level != "LOG" {
+            return;
+        }
+        if message.starts_with("recovery stopping ") {
+            self.report.stopped = Some(message.to_string());
+        } else if let Some(rest) = message.strip_prefix("redo done at ") {
+            self.report.redo_done = rest.split_whitespace().next().map(str::to_string);
+        } else if let Some(rest) =
+            message.strip_prefix("last completed transaction was at log time ")
+        {
+            self.report.last_transaction = Some(rest.to_string());
+        } else if let Some(rest) = message.strip_prefix("selected new timeline ID: ") {
+            self.report.timeline = rest.trim().parse().ok();
+        } else if let Some(rest) = message.strip_prefix("restored log file \"") {
+            self.report.segments_restored += 1;
+            if let Some(Ok(file)) = rest.split('"').next().map(pitr::WalFile::parse) {
+                self.restored_timeline = Some(file.timeline());
+            }
+        } else if message.starts_with("pausing at the end of recovery")
+            || message.starts_with("recovery has paused")
+        {
+            self.paused = true;
+        } else if message.starts_with("database system is ready to accept connections") {
+            self.ready = true;
+        } else if message.starts_with("shutdown at recovery target") {
+            self.shutdown_at_target = true;
+        }
+    }
+
+    fn reason(&self) -> String {
+        self.last_fatal
+            .clone()
+            .or_else(|| self.tail.last().cloned())
+            .unwrap_or_else(|| "no message".into())
+    }
+}
+
+/// `… LOG:  message` → ("LOG", "message"), whatever the line prefix.
+fn split_level(line: &str) -> Option<(&str, &str)> {
+    ["LOG", "FATAL", "PANIC", "ERROR", "WARNING"]
+        .iter()
+        .find_map(|level| {
+            let marker = format!("{level}:  ");
+            line.find(&marker)
+                .map(|at| (*level, line[at + marker.len()..].trim_end()))
+        })
+}
+
+/// The user the server must run as: the owner of `dir`. Root may start it as that user; nobody
+/// may start it as root.
+pub fn server_owner(dir: &Path) -> anyhow::Result<(u32, u32)> {
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if meta.uid() == 0 {
+        return Err(Failure::Config(format!(
+            "{} is owned by root, and PostgreSQL does not run as root: create it owned by the \
+             database user (e.g. install -d -o postgres -m 700 {}) and run again",
+            dir.display(),
+            dir.display()
+        ))
+        .into());
+    }
+    if !super::running_as_root() && meta.uid() != nix::unistd::getuid().as_raw() {
+        return Err(Failure::Config(format!(
+            "{} belongs to another user; run as its owner or as root",
+            dir.display()
+        ))
+        .into());
+    }
+    Ok((meta.uid(), meta.gid()))
+}
+
+/// The server binaries of exactly `major`: a physical backup starts only on its own major.
+pub fn server_bin_dir(configured: Option<&Path>, major: u32) -> anyhow::Result<PathBuf> {
+    let dir = configured.map_or_else(
+        || PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+        Path::to_path_buf,
+    );
+    if dir.join("postgres").is_file() {
+        Ok(dir)
+    } else {
+        Err(Failure::Config(format!(
+            "the backup is of PostgreSQL {major}, and {} has no postgres binary: install \
+             PostgreSQL {major}'s server, or set GC_BACKUP_PG_BIN_DIR",
+            dir.display()
+        ))
+        .into())
+    }
+}
+
+/// Starts the server on `dir`, waits for the outcome, stops it.
+pub async fn run(
+    dir: &Path,
+    options: &RecoveryOptions,
+    cancel: &CancellationToken,
+) -> anyhow::Result<RecoveryReport> {
+    let started = Instant::now();
+    let (uid, gid) = server_owner(dir)?;
+    let private = tempfile::Builder::new()
+        .prefix("gc-backup-recovery-")
+        .tempdir()
+        .context("creating the temporary server's socket directory")?;
+    let socket_dir = private.path().to_path_buf();
+    let hba = socket_dir.join("pg_hba.conf");
+    std::fs::write(
+        &hba,
+        "# Only this private socket directory: trust its owner.\nlocal all all trust\n",
+    )
+    .with_context(|| format!("writing {}", hba.display()))?;
+    for path in [&socket_dir, &hba] {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .with_context(|| format!("changing the owner of {}", path.display()))?;
+    }
+    std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", socket_dir.display()))?;
+
+    let mut command = tokio::process::Command::new(options.bin_dir.join("postgres"));
+    command.arg("-D").arg(dir);
+    let fixed = [
+        ("listen_addresses", String::new()),
+        ("unix_socket_directories", socket_dir.display().to_string()),
+        ("port", PORT.to_string()),
+        ("hba_file", hba.display().to_string()),
+        ("hot_standby", "on".into()),
+        ("lc_messages", "C".into()),
+        ("logging_collector", "off".into()),
+        ("log_destination", "stderr".into()),
+        ("log_min_messages", "warning".into()),
+        ("log_line_prefix", "%m [%p] ".into()),
+    ];
+    for (name, value) in fixed
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.clone()))
+        .chain(options.settings.iter().cloned())
+    {
+        command.arg("-c").arg(format!("{name}={value}"));
+    }
+    command
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        // Ctrl-C reaches us, not the server: we stop it, in order.
+        .process_group(0)
+        .kill_on_drop(true);
+    if super::running_as_root() {
+        command.uid(uid).gid(gid);
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", options.bin_dir.join("postgres").display()))?;
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw)
+        .context("the server exited at once")?;
+    let stderr = child.stderr.take().context("no stderr pipe")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let mut state = LogState::default();
+    let mut stopping = false;
+    let mut interrupted = false;
+    let stop = |pid: Pid| kill(pid, Signal::SIGINT);
+    let status = loop {
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => {
+                    tracing::debug!(target: "postgres", "{line}");
+                    state.observe(&line);
+                    if state.report.segments_restored > 0 && state.report.segments_restored % 64 == 0
+                        && line.contains("restored log file") {
+                        tracing::info!(segments = state.report.segments_restored, "replaying archived WAL");
+                    }
+                    if !stopping && (state.ready || state.paused) {
+                        if state.ready && let Some(role) = &options.amcheck_as {
+                            state.report.amcheck = Some(amcheck(&options.bin_dir, &socket_dir, role).await);
+                        }
+                        stopping = true;
+                        let _ = stop(pid);
+                    }
+                }
+                // The pipe closed: the server is exiting; wait for it below.
+                Ok(None) | Err(_) => break child.wait().await.context("waiting for the server")?,
+            },
+            () = cancel.cancelled(), if !interrupted => {
+                interrupted = true;
+                stopping = true;
+                let _ = stop(pid);
+            }
+        }
+    };
+    state.report.elapsed = started.elapsed();
+    if interrupted {
+        return Err(Failure::Interrupted(format!(
+            "recovery interrupted; the server on {} was stopped",
+            dir.display()
+        ))
+        .into());
+    }
+    judge(state, status.success(), stopping, options)
+}
+
+/// Exit 0 only when the target was reached and the action done.
+fn judge(
+    state: LogState,
+    exited_cleanly: bool,
+    we_stopped_it: bool,
+    options: &RecoveryOptions,
+) -> anyhow::Result<RecoveryReport> {
+    let mut report = state.report.clone();
+    report.timeline = report.timeline.or(state.restored_timeline);
+    let has_target = options.target != RecoveryTarget::Latest;
+    let action_done = if state.shutdown_at_target {
+        "shut down"
+    } else if state.paused {
+        "paused"
+    } else if state.ready {
+        "promoted"
+    } else {
+        ""
+    };
+    let reached = !has_target || report.stopped.is_some();
+    let finished = exited_cleanly && (we_stopped_it || state.shutdown_at_target);
+    if !action_done.is_empty() && reached && finished {
+        if let Some(amcheck) = &report.amcheck
+            && !amcheck.starts_with("ok")
+        {
+            anyhow::bail!("pg_amcheck found problems in the recovered cluster: {amcheck}");
+        }
+        report.action_done = action_done.to_string();
+        return Ok(report);
+    }
+    let reason = state.reason();
+    if reason.contains("recovery ended before configured recovery target was reached") {
+        anyhow::bail!(
+            "recovery ended before reaching the target {}: the archive ends at {} (last \
+             transaction {}); the data directory is left as recovery left it",
+            options.target,
+            report.redo_done.as_deref().unwrap_or("an unknown LSN"),
+            report.last_transaction.as_deref().unwrap_or("unknown"),
+        );
+    }
+    anyhow::bail!("the recovery server stopped before recovery finished: {reason}")
+}
+
+/// Runs pg_amcheck on every database; "ok" or the end of its report.
+async fn amcheck(bin_dir: &Path, socket_dir: &Path, role: &str) -> String {
+    let output = tokio::process::Command::new(bin_dir.join("pg_amcheck"))
+        .arg("--host")
+        .arg(socket_dir)
+        .args(["--port", &PORT.to_string(), "--username", role])
+        .args([
+            "--all",
+            "--install-missing",
+            "--heapallindexed",
+            "--no-password",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .await;
+    match output {
+        Ok(output) if output.status.success() => {
+            "ok: every relation of every database checked".into()
+        }
+        Ok(output) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let lines: Vec<&str> = text.lines().rev().take(5).collect();
+            format!(
+                "failed: {}",
+                lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            )
+        }
+        Err(error) => format!("failed: cannot run pg_amcheck: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_after(lines: &[&str]) -> LogState {
+        let mut state = LogState::default();
+        for line in lines {
+            state.observe(line);
+        }
+        state
+    }
+
+    fn options(target: RecoveryTarget) -> RecoveryOptions {
+        RecoveryOptions {
+            bin_dir: PathBuf::new(),
+            target,
+            action: TargetAction::Promote,
+            settings: Vec::new(),
+            amcheck_as: None,
+        }
+    }
+
+    const PROMOTED: &[&str] = &[
+        "2026-11-28 16:00:00.001 UTC [7] LOG:  starting point-in-time recovery to 2026-11-28 15:59:00+00",
+        "2026-11-28 16:00:00.002 UTC [7] LOG:  restored log file \"000000010000000000000005\" from archive",
+        "2026-11-28 16:00:00.003 UTC [7] LOG:  consistent recovery state reached at 0/5000100",
+        "2026-11-28 16:00:00.004 UTC [7] LOG:  recovery stopping before commit of transaction 745, time 2026-11-28 15:59:01.5+00",
+        "2026-11-28 16:00:00.005 UTC [7] LOG:  redo done at 0/6000A28 system usage: CPU: user: 0.00 s",
+        "2026-11-28 16:00:00.006 UTC [7] LOG:  last completed transaction was at log time 2026-11-28 15:58:59.9+00",
+        "2026-11-28 16:00:00.007 UTC [7] LOG:  selected new timeline ID: 2",
+        "2026-11-28 16:00:00.008 UTC [7] LOG:  archive recovery complete",
+        "2026-11-28 16:00:00.009 UTC [6] LOG:  database system is ready to accept connections",
+    ];
+
+    #[test]
+    fn a_promotion_at_the_target_is_read_from_the_log() {
+        let state = state_after(PROMOTED);
+        let time = pitr::target::parse_time("2026-11-28 15:59:00+00").unwrap();
+        let report = judge(state, true, true, &options(RecoveryTarget::Time(time))).unwrap();
+        assert_eq!(report.action_done, "promoted");
+        assert_eq!(report.redo_done.as_deref(), Some("0/6000A28"));
+        assert_eq!(report.timeline, Some(2));
+        assert_eq!(report.segments_restored, 1);
+        assert!(report.stopped.unwrap().contains("transaction 745"));
+        assert_eq!(
+            report.last_transaction.as_deref(),
+            Some("2026-11-28 15:58:59.9+00")
+        );
+    }
+
+    #[test]
+    fn recovery_that_ends_early_is_a_failure_said_plainly() {
+        let state = state_after(&[
+            "2026-11-28 16:00:00.002 UTC [7] LOG:  restored log file \"000000010000000000000005\" from archive",
+            "2026-11-28 16:00:00.005 UTC [7] LOG:  redo done at 0/6000A28 system usage: CPU: user: 0.00 s",
+            "2026-11-28 16:00:00.006 UTC [7] FATAL:  recovery ended before configured recovery target was reached",
+            "2026-11-28 16:00:00.007 UTC [6] LOG:  startup process (PID 7) exited with exit code 1",
+        ]);
+        let error = judge(state, false, false, &options(RecoveryTarget::Xid(99))).unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("before reaching the target transaction 99"),
+            "{text}"
+        );
+        assert!(text.contains("0/6000A28"), "{text}");
+    }
+
+    #[test]
+    fn a_promotion_without_the_target_line_is_not_success() {
+        // PostgreSQL before 13 promoted at the end of WAL even with a target set.
+        let lines: Vec<&str> = PROMOTED
+            .iter()
+            .copied()
+            .filter(|l| !l.contains("recovery stopping"))
+            .collect();
+        let state = state_after(&lines);
+        assert!(judge(state, true, true, &options(RecoveryTarget::Xid(745))).is_err());
+        let state = state_after(&lines);
+        assert!(judge(state, true, true, &options(RecoveryTarget::Latest)).is_ok());
+    }
+
+    #[test]
+    fn the_shutdown_action_and_a_crash_are_told_apart() {
+        let mut lines = PROMOTED[..5].to_vec();
+        lines.push("2026-11-28 16:00:00.009 UTC [6] LOG:  shutdown at recovery target");
+        let target = RecoveryTarget::Lsn("0/6000A28".parse().unwrap());
+        let report = judge(state_after(&lines), true, false, &options(target.clone())).unwrap();
+        assert_eq!(report.action_done, "shut down");
+        let crashed = state_after(&[
+            "2026-11-28 16:00:00.002 UTC [7] FATAL:  could not open file \"pg_wal/x\": Permission denied",
+        ]);
+        let error = judge(crashed, false, false, &options(target)).unwrap_err();
+        assert!(error.to_string().contains("Permission denied"), "{error}");
+    }
+}

@@ -1,0 +1,193 @@
+//! `verify`: re-reads every object of the backups and checks it against its manifest, and
+//! checks that the archived WAL continues unbroken from each base backup to the newest
+//! segment. `verify --restore`: the weekly restore drill, measured.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use pitr::{PlanError, RecoveryTarget, TargetAction};
+use tokio_util::sync::CancellationToken;
+
+use super::restore_pg::{self, RestorePgReport, RestorePgRequest, StartOptions};
+use super::{archive, catalog_error, pipeline_error};
+use crate::catalog::manifest::Manifest;
+use crate::catalog::{self, BackupId, Kind, Selector};
+use crate::config::Config;
+use crate::error::Failure;
+use crate::pipeline;
+use crate::store::Store;
+
+/// The result of checking one backup.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub kind: Kind,
+    pub id: BackupId,
+    pub objects: usize,
+    pub raw_bytes: u64,
+    /// What the WAL check found (pg-base only).
+    pub wal: Option<String>,
+    /// Everything wrong with it; empty when it is good.
+    pub problems: Vec<String>,
+}
+
+pub async fn verify(
+    store: &Store,
+    kind: Option<Kind>,
+    id: Option<&BackupId>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Vec<Checked>> {
+    let (manifests, unreadable) = catalog::list(store, kind).await.map_err(catalog_error)?;
+    let mut checked = Vec::new();
+    if id.is_none() {
+        // An unreadable manifest is a backup nobody can restore: a problem, not a warning.
+        checked.extend(unreadable.iter().map(|problem| Checked {
+            kind: kind.unwrap_or(Kind::PgBase),
+            id: BackupId::at(chrono::DateTime::UNIX_EPOCH),
+            objects: 0,
+            raw_bytes: 0,
+            wal: None,
+            problems: vec![problem.to_string()],
+        }));
+    }
+    let selected: Vec<&Manifest> = manifests
+        .iter()
+        .filter(|m| id.is_none_or(|id| &m.id == id))
+        .collect();
+    if selected.is_empty() {
+        return Err(Failure::NotFound(match id {
+            Some(id) => format!("no backup {id} in {}", store.name()),
+            None => format!("no backups in {}", store.name()),
+        })
+        .into());
+    }
+    let wal_check = WalCheck::load(store, &manifests).await?;
+    for manifest in selected {
+        if cancel.is_cancelled() {
+            return Err(Failure::Interrupted("verify interrupted".into()).into());
+        }
+        let mut result = Checked {
+            kind: manifest.kind,
+            id: manifest.id.clone(),
+            objects: manifest.objects.len(),
+            raw_bytes: manifest.raw_bytes,
+            wal: None,
+            problems: Vec::new(),
+        };
+        for object in &manifest.objects {
+            if let Err(error) = pipeline::download(store, object, Box::new(std::io::sink())).await {
+                let error = pipeline_error(error);
+                if !matches!(error.downcast_ref::<Failure>(), Some(Failure::Corrupt(_))) {
+                    // The store itself failed: nothing more can be verified now.
+                    return Err(error.context(format!("verifying {}", object.key)));
+                }
+                result.problems.push(format!("{error}"));
+            }
+        }
+        if manifest.kind == Kind::PgBase
+            && let Some(wal_check) = &wal_check
+        {
+            match wal_check.check(manifest) {
+                Ok(summary) => result.wal = Some(summary),
+                Err(problem) => result.problems.push(problem),
+            }
+        }
+        checked.push(result);
+    }
+    Ok(checked)
+}
+
+/// The archive and every base backup, to check each backup's WAL chain.
+struct WalCheck {
+    bases: Vec<pitr::BaseBackup>,
+    archive: pitr::Archive,
+}
+
+impl WalCheck {
+    async fn load(store: &Store, manifests: &[Manifest]) -> anyhow::Result<Option<Self>> {
+        let mut bases = Vec::new();
+        let mut segment_size = None;
+        for manifest in manifests.iter().filter(|m| m.kind == Kind::PgBase) {
+            let (base, facts) = archive::base_backup(manifest)?;
+            segment_size = Some(facts.wal_segment_size);
+            bases.push(base);
+        }
+        let Some(segment_size) = segment_size else {
+            return Ok(None);
+        };
+        let archive = archive::load(store, segment_size).await?;
+        Ok(Some(WalCheck { bases, archive }))
+    }
+
+    fn check(&self, manifest: &Manifest) -> Result<String, String> {
+        let Some(index) = self.bases.iter().position(|b| b.id == manifest.id.as_str()) else {
+            return Err("not a readable pg-base manifest".into());
+        };
+        match pitr::plan::plan(
+            &self.bases,
+            &self.archive,
+            &RecoveryTarget::Latest,
+            Some(index),
+        ) {
+            Ok(plan) => Ok(format!(
+                "WAL {} .. {} complete ({} segments, timeline {})",
+                plan.first_wal, plan.last_wal, plan.segments, plan.timeline
+            )),
+            // A backup of a branch that was abandoned restores only along that branch.
+            Err(error @ PlanError::NotOnPath { .. }) => Ok(format!("note: {error}")),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+}
+
+/// What a restore drill measured.
+#[derive(Debug)]
+pub struct Drill {
+    pub restore: RestorePgReport,
+    /// From the start of the restore to the recovered, checked cluster: the RTO.
+    pub elapsed: Duration,
+}
+
+/// Restores `selector` to the end of the archive in a temporary directory, recovers it with a
+/// temporary server that archives nothing, runs pg_amcheck, and removes it all.
+pub async fn drill(
+    config: &Config,
+    store: &Store,
+    selector: Selector,
+    restore_env: Vec<(String, String)>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Drill> {
+    let scratch = tempfile::Builder::new()
+        .prefix("gc-backup-drill-")
+        .tempdir()
+        .context("creating the drill's temporary directory (set TMPDIR to choose where)")?;
+    let pgdata: PathBuf = scratch.path().join("data");
+    std::fs::create_dir(&pgdata).with_context(|| format!("creating {}", pgdata.display()))?;
+    if super::running_as_root() {
+        let user = nix::unistd::User::from_name("postgres")
+            .ok()
+            .flatten()
+            .ok_or_else(|| Failure::Config("a drill as root runs PostgreSQL as the user 'postgres', which does not exist here".into()))?;
+        for path in [scratch.path(), pgdata.as_path()] {
+            std::os::unix::fs::chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                .with_context(|| format!("changing the owner of {}", path.display()))?;
+        }
+    }
+    let request = RestorePgRequest {
+        pgdata,
+        backup: selector,
+        target: RecoveryTarget::Latest,
+        action: TargetAction::Promote,
+        start: Some(StartOptions {
+            // The drill's promotion must not reach the archive as a new timeline.
+            settings: vec![("archive_mode".into(), "off".into())],
+            amcheck: true,
+        }),
+        restore_env,
+    };
+    let started = Instant::now();
+    let restore = restore_pg::restore(config, store, &request, cancel).await?;
+    let elapsed = started.elapsed();
+    drop(scratch);
+    Ok(Drill { restore, elapsed })
+}
