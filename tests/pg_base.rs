@@ -10,11 +10,7 @@ use std::process::Command;
 use harness::{Agent, Postgres, Seaweed, archiving_cluster, assert_fails};
 
 fn agent_for(pg: &Postgres, weed: &Seaweed, prefix: &str) -> Agent {
-    let mut env = pg.env();
-    env.extend(weed.env(prefix));
-    env.push(("PGDATABASE".into(), "postgres".into()));
-    env.push(("PGDATA".into(), pg.data_dir().to_str().unwrap().into()));
-    Agent::new(env)
+    harness::agent_for_cluster(pg, weed, prefix)
 }
 
 /// pgbench's invariant: every transaction adds the same delta to one account, teller and
@@ -32,11 +28,7 @@ fn pgbench_sums(pg: &Postgres) -> String {
 fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
     let weed = Seaweed::start();
     let (pg, config) = archiving_cluster(&weed, "base");
-    harness::run_ok(
-        Command::new(pg.bin.join("pgbench"))
-            .envs(pg.env())
-            .args(["-i", "-s", "3", "-q", "postgres"]),
-    );
+    pg.pgbench(&["-i", "-s", "3", "-q"]);
     let agent = agent_for(&pg, &weed, "base");
 
     // Writes go on during the whole backup.
@@ -57,13 +49,7 @@ fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
         "CREATE TABLE after_backup AS SELECT 42 AS answer",
     );
     let expected = pgbench_sums(&pg);
-    let last = pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
-    pg.wait_for(
-        "postgres",
-        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
-        "t",
-        60,
-    );
+    pg.archive_everything();
 
     let listed = agent.list_json();
     let entry = listed.iter().find(|e| e["id"] == id.as_str()).unwrap();
@@ -113,16 +99,7 @@ fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
         restored.psql("postgres", "SELECT answer FROM after_backup"),
         "42"
     );
-    let amcheck = Command::new(restored.bin.join("pg_amcheck"))
-        .envs(restored.env())
-        .args(["--install-missing", "--heapallindexed", "postgres"])
-        .output()
-        .unwrap();
-    assert!(
-        amcheck.status.success(),
-        "pg_amcheck: {}",
-        String::from_utf8_lossy(&amcheck.stdout)
-    );
+    restored.assert_amcheck("postgres", &["--install-missing"]);
 }
 
 #[test]

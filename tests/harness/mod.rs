@@ -265,6 +265,43 @@ impl Postgres {
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 
+    /// Runs pgbench with `args` against `postgres` and waits for it.
+    pub fn pgbench(&self, args: &[&str]) {
+        run_ok(
+            Command::new(self.bin.join("pgbench"))
+                .envs(self.env())
+                .args(args)
+                .arg("postgres"),
+        );
+    }
+
+    /// Switches to a new segment and waits until it and everything before it is archived.
+    pub fn archive_everything(&self) {
+        let last = self.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
+        self.wait_for(
+            "postgres",
+            &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
+            "t",
+            60,
+        );
+    }
+
+    /// pg_amcheck of every table and index of `db`, heap against indexes; panics on a problem.
+    pub fn assert_amcheck(&self, db: &str, extra: &[&str]) {
+        let output = Command::new(self.bin.join("pg_amcheck"))
+            .envs(self.env())
+            .args(extra)
+            .args(["--heapallindexed", db])
+            .output()
+            .expect("run pg_amcheck");
+        assert!(
+            output.status.success(),
+            "pg_amcheck: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     pub fn create_database(&self, name: &str) {
         self.psql("postgres", &format!("CREATE DATABASE {name}"));
     }
@@ -364,6 +401,15 @@ pub fn archiving_cluster(weed: &Seaweed, prefix: &str) -> (Postgres, PathBuf) {
     // The config and binary must outlive the server.
     pg.adopt(staging);
     (pg, config)
+}
+
+/// An agent for `pg` that stores into `prefix` of `weed`, with PGDATA set.
+pub fn agent_for_cluster(pg: &Postgres, weed: &Seaweed, prefix: &str) -> Agent {
+    let mut env = pg.env();
+    env.extend(weed.env(prefix));
+    env.push(("PGDATABASE".into(), "postgres".into()));
+    env.push(("PGDATA".into(), pg.data_dir().to_str().unwrap().into()));
+    Agent::new(env)
 }
 
 /// SeaweedFS's all-in-one server with an S3 gateway and one bucket.
@@ -664,6 +710,17 @@ impl Seaweed {
         });
         keys.sort();
         keys
+    }
+
+    /// Deletes one object (a key from [`Seaweed::keys`]): data lost from the store.
+    pub fn delete(&self, key: &str) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime
+            .block_on(self.object_store().delete(&ObjectKey::from(key)))
+            .expect("delete");
     }
 
     /// SIGKILL: the server dies mid-request, as in a node failure.

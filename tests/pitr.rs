@@ -1,0 +1,306 @@
+//! Point-in-time restore end to end: marker rows written between timestamps, restore points,
+//! WAL switches and pgbench traffic; `restore pg --start` to a time, a restore point, an xid
+//! and an LSN, each holding exactly the rows it should; a promoted restore becoming timeline 2
+//! that a later restore to latest follows; the refusals; verify and the restore drill. The
+//! source cluster keeps running on the same host throughout.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{Agent, Postgres, Seaweed, archiving_cluster, assert_fails};
+
+fn agent_for(pg: &Postgres, weed: &Seaweed, prefix: &str, config: &std::path::Path) -> Agent {
+    let mut agent = harness::agent_for_cluster(pg, weed, prefix);
+    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    agent
+}
+
+fn insert_marker(pg: &Postgres, id: u32) {
+    pg.psql("postgres", &format!("INSERT INTO markers VALUES ({id})"));
+}
+
+fn markers(pg: &Postgres) -> String {
+    pg.psql(
+        "postgres",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM markers",
+    )
+}
+
+/// An empty data directory the server's user owns.
+fn empty_pgdata() -> tempfile::TempDir {
+    let dir = harness::shared_temp_dir("pitr-restored");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    harness::run_ok(Command::new("chown").arg("postgres:postgres").arg(&data));
+    dir
+}
+
+/// `restore pg --start` with `args`; returns the recovered cluster started again, and the
+/// command's report.
+fn restore(agent: &Agent, args: &[&str]) -> (Postgres, String) {
+    let dir = empty_pgdata();
+    let data = dir.path().join("data");
+    let mut all = vec![
+        "restore",
+        "pg",
+        "--pgdata",
+        data.to_str().unwrap(),
+        "--start",
+    ];
+    all.extend_from_slice(args);
+    let output = agent.run(&all);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "restore {args:?} failed:\n{stderr}"
+    );
+    assert!(
+        !data.join("postmaster.pid").exists(),
+        "the temporary server still runs"
+    );
+    (Postgres::start_restored(dir), stderr)
+}
+
+#[test]
+fn restores_to_a_time_a_restore_point_an_xid_and_an_lsn_hold_exactly_their_rows() {
+    let weed = Seaweed::start();
+    let (pg, config) = archiving_cluster(&weed, "pitr");
+    pg.pgbench(&["-i", "-s", "2", "-q"]);
+    pg.psql(
+        "postgres",
+        "CREATE EXTENSION amcheck; CREATE TABLE markers (id int PRIMARY KEY)",
+    );
+    let agent = agent_for(&pg, &weed, "pitr", &config);
+    let first = agent.backup(&["backup", "pg-base"]);
+
+    insert_marker(&pg, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let after_1 = pg.psql("postgres", "SELECT clock_timestamp()::text");
+    std::thread::sleep(Duration::from_millis(300));
+    pg.pgbench(&["-c", "2", "-T", "2", "-n"]);
+    insert_marker(&pg, 2);
+    pg.psql("postgres", "SELECT pg_create_restore_point('after_2')");
+    pg.archive_everything();
+    // A second backup, after the restore point: the name target must be told to use the first.
+    let second = agent.backup(&["backup", "pg-base"]);
+    insert_marker(&pg, 3);
+    let after_3 = pg.psql("postgres", "SELECT pg_current_wal_insert_lsn()::text");
+    pg.psql("postgres", "SELECT pg_switch_wal()");
+    pg.pgbench(&["-c", "2", "-T", "2", "-n"]);
+    let xid_4 = pg.psql(
+        "postgres",
+        "BEGIN; INSERT INTO markers VALUES (4); SELECT pg_current_xact_id(); COMMIT;",
+    );
+    insert_marker(&pg, 5);
+    pg.archive_everything();
+    assert_eq!(markers(&pg), "1,2,3,4,5");
+
+    // A time, answered by the first backup (the second ended after it); the server pauses.
+    let (at_time, report) = restore(
+        &agent,
+        &["--target-time", &after_1, "--target-action", "pause"],
+    );
+    assert!(
+        report.contains(&format!("pg-base backup {first}")),
+        "{report}"
+    );
+    assert!(report.contains("paused"), "{report}");
+    assert_eq!(markers(&at_time), "1");
+    at_time.assert_amcheck("postgres", &[]);
+    drop(at_time);
+
+    // A restore point made before the second backup: named with --backup.
+    let (at_name, report) = restore(
+        &agent,
+        &[
+            "--target-name",
+            "after_2",
+            "--backup",
+            &first,
+            "--target-action",
+            "pause",
+        ],
+    );
+    assert!(report.contains("restore point \"after_2\""), "{report}");
+    assert_eq!(markers(&at_name), "1,2");
+    drop(at_name);
+
+    // An xid, from the newest backup; the server shuts down at the target. Starting it again
+    // with the pause action replays to the same point.
+    let dir = empty_pgdata();
+    let data = dir.path().join("data");
+    let output = agent.run(&[
+        "restore",
+        "pg",
+        "--pgdata",
+        data.to_str().unwrap(),
+        "--start",
+        "--target-xid",
+        &xid_4,
+        "--target-action",
+        "shutdown",
+    ]);
+    let report = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{report}");
+    assert!(
+        report.contains(&format!("pg-base backup {second}")),
+        "{report}"
+    );
+    assert!(report.contains("shut down"), "{report}");
+    let auto_conf = data.join("postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&auto_conf).unwrap();
+    text.push_str("recovery_target_action = 'pause'\n");
+    std::fs::write(&auto_conf, text).unwrap();
+    let at_xid = Postgres::start_restored(dir);
+    at_xid.wait_for(
+        "postgres",
+        "SELECT pg_get_wal_replay_pause_state()",
+        "paused",
+        60,
+    );
+    assert_eq!(markers(&at_xid), "1,2,3,4");
+    drop(at_xid);
+
+    // An LSN, promoted: a new timeline, whose history file reaches the archive.
+    let (at_lsn, report) = restore(&agent, &["--target-lsn", &after_3]);
+    assert!(report.contains("timeline 2; promoted"), "{report}");
+    assert_eq!(markers(&at_lsn), "1,2,3");
+    at_lsn.assert_amcheck("postgres", &[]);
+    // Work goes on on timeline 2 (a failover to the restored cluster).
+    insert_marker(&at_lsn, 6);
+    at_lsn.archive_everything();
+    assert!(
+        weed.keys("pitr/wal")
+            .iter()
+            .any(|k| k.ends_with("00000002.history.zst"))
+    );
+
+    // Latest follows the newest timeline: timeline 2's rows, not timeline 1's later ones.
+    let (latest, report) = restore(&agent, &[]);
+    assert!(report.contains("timeline 3; promoted"), "{report}");
+    assert_eq!(markers(&latest), "1,2,3,6");
+    latest.assert_amcheck("postgres", &[]);
+}
+
+#[test]
+fn refusals_leave_the_directory_untouched_and_verify_finds_a_missing_segment() {
+    let weed = Seaweed::start();
+    let (pg, config) = archiving_cluster(&weed, "refuse");
+    pg.psql("postgres", "CREATE TABLE markers (id int PRIMARY KEY)");
+    let agent = agent_for(&pg, &weed, "refuse", &config);
+
+    let nothing = agent.home().join("nothing");
+    let refused = |args: &[&str], code: i32, needle: &str| {
+        let mut all = vec!["restore", "pg", "--pgdata", nothing.to_str().unwrap()];
+        all.extend_from_slice(args);
+        assert_fails(&agent.run(&all), code, needle);
+        assert!(!nothing.exists(), "{args:?} created the directory");
+    };
+    refused(&[], 1, "no base backup");
+    agent.backup(&["backup", "pg-base"]);
+    for i in 0..3 {
+        insert_marker(&pg, i);
+        pg.psql("postgres", "SELECT pg_switch_wal()");
+    }
+    pg.archive_everything();
+
+    refused(
+        &["--target-time", "2020-01-01 00:00:00Z"],
+        2,
+        "before the earliest usable base backup",
+    );
+    refused(
+        &["--target-time", "2099-01-01 00:00:00+09"],
+        2,
+        "after the newest archived WAL",
+    );
+    refused(
+        &["--target-lsn", "FF/0"],
+        2,
+        "after the newest archived WAL",
+    );
+    refused(
+        &["--backup", "20200101T000000Z"],
+        1,
+        "no pg-base backup 20200101T000000Z",
+    );
+    // A time without a zone is a usage error before anything else happens.
+    let output = agent.run(&[
+        "restore",
+        "pg",
+        "--pgdata",
+        nothing.to_str().unwrap(),
+        "--target-time",
+        "2026-01-15 10:30:00",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no time zone"));
+    // Two targets at once are refused by the command line.
+    let output = agent.run(&[
+        "restore",
+        "pg",
+        "--pgdata",
+        nothing.to_str().unwrap(),
+        "--target-xid",
+        "5",
+        "--target-name",
+        "x",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+
+    // verify reads everything back and finds the chain whole; the drill restores and checks
+    // without adding a timeline to the archive.
+    let verified = agent.ok(&["verify"]);
+    assert!(
+        verified.contains(" ok ") && verified.contains("complete"),
+        "{verified}"
+    );
+    let histories = || -> Vec<String> {
+        let keys = weed.keys("refuse/wal");
+        keys.into_iter()
+            .filter(|k| k.contains(".history"))
+            .collect()
+    };
+    let histories_before = histories();
+    let drill = agent.ok(&["verify", "--restore"]);
+    assert!(
+        drill.contains("pg_amcheck ok") && drill.contains("RTO"),
+        "{drill}"
+    );
+    assert_eq!(
+        histories_before,
+        histories(),
+        "the drill archived a timeline"
+    );
+
+    // A segment lost from the middle of the archive: named by restore and by verify.
+    let keys = weed.keys("refuse/wal");
+    let segment_name = |key: &str| {
+        let name = key
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .trim_end_matches(".zst")
+            .to_string();
+        (name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())).then_some(name)
+    };
+    let segments: Vec<&String> = keys.iter().filter(|k| segment_name(k).is_some()).collect();
+    let victim = segments[segments.len() - 2].clone();
+    let name = segment_name(&victim).unwrap();
+    weed.delete(&victim);
+    let dir = agent.home().join("gap");
+    std::fs::create_dir(&dir).unwrap();
+    assert_fails(
+        &agent.run(&["restore", "pg", "--pgdata", dir.to_str().unwrap()]),
+        3,
+        &format!("WAL segment {name} is missing"),
+    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    let output = agent.run(&["verify", "--kind", "pg-base"]);
+    assert_fails(&output, 3, "verify found problems in 1 of 1 backups");
+    assert!(String::from_utf8_lossy(&output.stdout).contains(&name));
+}
