@@ -449,12 +449,15 @@ fn report_restore(
             request.target
         ),
         Some(recovery) => {
+            let stopped = recovery
+                .stopped
+                .as_deref()
+                .map_or(String::new(), |line| format!(" {line};"));
             eprintln!(
-                "Recovered to {} in {:.1}s ({} WAL files replayed): {}; replay ended at {}; last transaction {}; timeline {}; {}.",
+                "Recovered to {} in {:.1}s ({} WAL files replayed):{stopped} replay ended at {}; last transaction {}; timeline {}; {}.",
                 request.target,
                 recovery.elapsed.as_secs_f64(),
                 recovery.segments_restored,
-                recovery.stopped.as_deref().unwrap_or("end of the archive"),
                 recovery.redo_done.as_deref().unwrap_or("?"),
                 recovery
                     .last_transaction

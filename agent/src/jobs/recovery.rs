@@ -314,9 +314,16 @@ fn judge(
     }
     let reason = state.reason();
     if reason.contains("recovery ended before configured recovery target was reached") {
+        // Where a transaction or restore point lies cannot be known before replay.
+        let hint = match options.target {
+            RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => {
+                "; if the target lies before the base backup, name an older one with --backup"
+            }
+            _ => "",
+        };
         anyhow::bail!(
             "recovery ended before reaching the target {}: the archive ends at {} (last \
-             transaction {}); the data directory is left as recovery left it",
+             transaction {}); the data directory is left as recovery left it{hint}",
             options.target,
             report.redo_done.as_deref().unwrap_or("an unknown LSN"),
             report.last_transaction.as_deref().unwrap_or("unknown"),
