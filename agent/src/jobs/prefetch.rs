@@ -60,9 +60,21 @@ pub fn clear(dest: &Path) {
     }
 }
 
+/// Whether `GC_BACKUP_WAL_PREFETCH` leaves prefetching on (it is, unless 0, off or false).
+fn enabled() -> bool {
+    std::env::var("GC_BACKUP_WAL_PREFETCH")
+        .map(|v| {
+            !matches!(
+                v.to_ascii_lowercase().as_str(),
+                "0" | "off" | "false" | "no"
+            )
+        })
+        .unwrap_or(true)
+}
+
 /// Starts a detached prefetcher for the segments after `name`, unless one is running.
 pub fn start_behind(dest: &Path, name: &str, config_file: Option<&Path>, store_url: Option<&str>) {
-    if !matches!(WalFile::parse(name), Ok(WalFile::Segment { .. })) {
+    if !matches!(WalFile::parse(name), Ok(WalFile::Segment { .. })) || !enabled() {
         return;
     }
     let dir = spool_dir(dest);

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Point-in-time restore of the ~2.5 GB bench cluster plus ~1 GB of WAL written after the base
+# backup, from the same SeaweedFS over HTTPS, side by side:
+#
+#   gc-backup restore pg --start                     (wal-fetch with prefetch, the default)
+#   gc-backup restore pg --start, prefetch off       (GC_BACKUP_WAL_PREFETCH=0)
+#   pgbackrest restore (process-max=2), then the server started on it until recovery is done
+#                                                    (restore_command = pgbackrest archive-get)
+#
+# Both tools archive the very same WAL (archive_command pushes to both), and both recoveries
+# run on a server with the same settings: no TCP, a private socket directory. Reported: wall
+# time to a recovered, stopped cluster; the base-restore part and the replay part; the replay
+# throughput (WAL bytes / replay seconds); ratios against gc-backup. One run (REPEAT=n for
+# more rounds, medians shown). Needs the cluster of benches/pg_dump_e2e.sh prepare.
+set -euo pipefail
+source "$(dirname "$0")/../scripts/lib.sh"
+cd "$ROOT"
+
+REPEAT=${REPEAT:-1}
+WAL_GIB=${WAL_GIB:-1}
+bench_setup restorebench
+apt_install pgbackrest openssl time
+
+WEED_PID=
+cleanup() {
+  psql -X -q -d postgres -c "ALTER SYSTEM RESET archive_command" >/dev/null 2>&1 || true
+  stop_postgres "$BENCH_DIR/pg"
+  for d in "$work"/restore-*; do
+    [ -f "$d/postmaster.pid" ] && as_postgres "$PG_BIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1
+  done
+  [ -n "$WEED_PID" ] && kill "$WEED_PID" 2>/dev/null && wait "$WEED_PID" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+log "building gc-backup (release)"
+cargo build --release --locked --quiet
+cp "$ROOT/target/release/gc-backup" "$work/gc-backup"
+GC_BACKUP="$work/gc-backup"
+
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+chmod 644 "$work/cert.pem"
+WEED_TLS_CERT="$work/cert.pem" WEED_TLS_KEY="$work/key.pem" start_seaweedfs "$work/s3" bench
+https="https://localhost:$S3_HTTPS_PORT"
+
+PG_EXTRA_OPTS="-c shared_buffers=256MB -c max_wal_size=4GB -c archive_mode=on" start_postgres "$BENCH_DIR/pg"
+export PGDATABASE=bench
+pgdata=$(psql -X -At -c "SHOW data_directory")
+pgdata_bytes=$(du -sb --exclude=pg_wal "$pgdata" | cut -f1)
+
+cat >"$work/gc-backup.toml" <<CONF
+[store]
+url = "s3://bench/gcb"
+endpoint = "$https"
+ca-file = "$work/cert.pem"
+access-key-id = "bench"
+secret-access-key = "bench-secret"
+CONF
+chmod 644 "$work/gc-backup.toml"
+export GC_BACKUP_CONFIG="$work/gc-backup.toml"
+write_pgbackrest_conf "$work" "$pgdata" "$BENCH_DIR/pg" repo1-bundle=y process-max=2 start-fast=y
+as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
+
+# The same WAL reaches both archives.
+psql -X -q -d postgres \
+  -c "ALTER SYSTEM SET archive_command = 'GC_BACKUP_CONFIG=$work/gc-backup.toml $GC_BACKUP wal-push %p && pgbackrest --config=$work/pgbackrest.conf --stanza=bench archive-push %p'" \
+  -c "SELECT pg_reload_conf()" >/dev/null
+wait_archived() {
+  local last
+  last=$(psql -X -At -d postgres -c "SELECT pg_walfile_name(pg_switch_wal())")
+  until [ "$(psql -X -At -d postgres -c "SELECT last_archived_wal >= '$last' FROM pg_stat_archiver")" = t ]; do sleep 0.5; done
+}
+
+log "base backups of both tools"
+PGDATA="$pgdata" "$GC_BACKUP" backup pg-base >/dev/null
+as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench --type=full backup
+wait_archived
+
+log "writing ${WAL_GIB} GiB of WAL with pgbench"
+start_lsn=$(psql -X -At -c "SELECT pg_current_wal_lsn()")
+target=$((WAL_GIB * 1024 * 1024 * 1024))
+while [ "$(psql -X -At -c "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$start_lsn')::bigint")" -lt "$target" ]; do
+  "$PG_BIN/pgbench" -n -c 4 -j 2 -T 20 bench >/dev/null 2>&1
+done
+wal_bytes=$(psql -X -At -c "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$start_lsn')::bigint")
+wait_archived
+log "$((wal_bytes / 1048576)) MiB of WAL archived"
+
+# Keep the page cache from favouring whichever runs second.
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
+fresh_dir() {
+  local dir="$work/restore-$1"
+  rm -rf "$dir"
+  install -d -o postgres -g postgres -m 700 "$dir"
+  echo "$dir"
+}
+socket_opts() {
+  local sock="$work/sock-$1"
+  install -d -o postgres -g postgres -m 700 "$sock"
+  echo "-c listen_addresses= -c unix_socket_directories=$sock -c port=5432 -c hot_standby=on"
+}
+
+results="$work/results"
+: >"$results"
+# record NAME WALL BASE REPLAY
+record() { printf '%s\t%s\t%s\t%s\n' "$@" >>"$results"; log "$1: $2 s (base $3 s, replay $4 s)"; }
+
+run_gc_backup() {
+  local name=$1 dir
+  dir=$(fresh_dir "$2")
+  drop_caches
+  /usr/bin/time -f "%e" -o "$work/time" env ${3:-} "$GC_BACKUP" restore pg --pgdata "$dir" --start 2>"$work/err" || {
+    echo "$name failed:" >&2; tail -5 "$work/err" >&2; exit 1; }
+  local base replay
+  base=$(grep -o 'MiB in [0-9.]*s\|GiB in [0-9.]*s' "$work/err" | grep -o '[0-9.]*s$' | tr -d s)
+  replay=$(grep -o 'Recovered to .* in [0-9.]*s' "$work/err" | grep -o '[0-9.]*s$' | tr -d s)
+  record "$name" "$(cat "$work/time")" "$base" "$replay"
+  rm -rf "$dir"
+}
+
+run_pgbackrest() {
+  local dir start base_done ready
+  dir=$(fresh_dir pgbackrest)
+  drop_caches
+  start=$(date +%s.%N)
+  as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench --pg1-path="$dir" \
+    --process-max=2 --type=default restore
+  base_done=$(date +%s.%N)
+  as_postgres "$PG_BIN/pg_ctl" -D "$dir" -o "$(socket_opts pgbackrest) -c lc_messages=C" \
+    -l "$work/pgbackrest-recovery.log" -w -t 3600 start >/dev/null
+  # pg_ctl returns once hot standby accepts connections; recovery is done at promotion.
+  until grep -q "database system is ready to accept connections" "$work/pgbackrest-recovery.log"; do
+    grep -q "FATAL\|PANIC" "$work/pgbackrest-recovery.log" && { tail "$work/pgbackrest-recovery.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  as_postgres "$PG_BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
+  ready=$(date +%s.%N)
+  record "pgbackrest restore (process-max 2) + recovery" "$(echo "$ready - $start" | bc)" \
+    "$(echo "$base_done - $start" | bc)" "$(echo "$ready - $base_done" | bc)"
+  rm -rf "$dir"
+}
+
+for round in $(seq 1 "$REPEAT"); do
+  run_gc_backup "gc-backup restore pg --start" gcb
+  run_gc_backup "gc-backup restore pg --start, no prefetch" gcb-noprefetch GC_BACKUP_WAL_PREFETCH=0
+  run_pgbackrest
+done
+
+python3 - "$results" "$pgdata_bytes" "$wal_bytes" <<'PY'
+import sys
+runs = {}
+for line in open(sys.argv[1]):
+    f = line.rstrip("\n").split("\t")
+    runs.setdefault(f[0], []).append([f[0]] + [float(x) for x in f[1:]])
+pgdata, wal = int(sys.argv[2]), int(sys.argv[3])
+rows = {}
+for name, group in runs.items():
+    group.sort(key=lambda f: f[1])
+    rows[name] = group[(len(group) - 1) // 2]
+ours = rows["gc-backup restore pg --start"][1]
+print(f"PGDATA without pg_wal: {pgdata / 2**30:.2f} GiB; WAL replayed: {wal / 2**30:.2f} GiB")
+print(f"{'run':48} {'total s':>8} {'base s':>7} {'base MiB/s':>10} {'replay s':>8} {'WAL MiB/s':>9} {'vs gc-backup':>12}")
+for name, f in rows.items():
+    _, total, base, replay = f
+    print(f"{name:48} {total:8.1f} {base:7.1f} {pgdata / 2**20 / base:10.1f} {replay:8.1f} "
+          f"{wal / 2**20 / replay:9.1f} {total / ours:11.2f}x")
+print("vs gc-backup: the run's total time divided by gc-backup's (2.00x = gc-backup takes half the time).")
+PY
