@@ -238,32 +238,50 @@ pub async fn run(
         .map(Pid::from_raw)
         .context("the server exited at once")?;
     let stderr = child.stderr.take().context("no stderr pipe")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let mut state = LogState::default();
+    // The log is read on its own task so that the server never blocks on a full pipe, even
+    // while pg_amcheck runs; it publishes only "ready" and "paused", which never waits.
+    let (events_tx, mut events) = tokio::sync::watch::channel((false, false));
+    let reader = tokio::spawn(async move {
+        let mut state = LogState::default();
+        let mut lines = BufReader::new(stderr).split(b'\n');
+        while let Ok(Some(bytes)) = lines.next_segment().await {
+            let line = String::from_utf8_lossy(&bytes);
+            tracing::debug!(target: "postgres", "{line}");
+            let before = state.report.segments_restored;
+            state.observe(&line);
+            let restored = state.report.segments_restored;
+            if restored != before && restored % 64 == 0 {
+                tracing::info!(segments = restored, "replaying archived WAL");
+            }
+            events_tx.send_if_modified(|flags| {
+                let now = (state.ready, state.paused);
+                let changed = *flags != now;
+                *flags = now;
+                changed
+            });
+        }
+        state
+    });
     let mut stopping = false;
     let mut interrupted = false;
+    let mut log_open = true;
+    let mut amcheck_report = None;
     let stop = |pid: Pid| kill(pid, Signal::SIGINT);
     let status = loop {
         tokio::select! {
-            line = lines.next_line() => match line {
-                Ok(Some(line)) => {
-                    tracing::debug!(target: "postgres", "{line}");
-                    state.observe(&line);
-                    if state.report.segments_restored > 0 && state.report.segments_restored % 64 == 0
-                        && line.contains("restored log file") {
-                        tracing::info!(segments = state.report.segments_restored, "replaying archived WAL");
-                    }
-                    if !stopping && (state.ready || state.paused) {
-                        if state.ready && let Some(role) = &options.amcheck_as {
-                            state.report.amcheck = Some(amcheck(&options.bin_dir, &socket_dir, role).await);
-                        }
-                        stopping = true;
-                        let _ = stop(pid);
-                    }
+            status = child.wait() => break status.context("waiting for the server")?,
+            changed = events.changed(), if !stopping && log_open => {
+                log_open = changed.is_ok();
+                let (ready, paused) = *events.borrow_and_update();
+                if !(ready || paused) {
+                    continue;
                 }
-                // The pipe closed: the server is exiting; wait for it below.
-                Ok(None) | Err(_) => break child.wait().await.context("waiting for the server")?,
-            },
+                if ready && let Some(role) = &options.amcheck_as {
+                    amcheck_report = Some(amcheck(&options.bin_dir, &socket_dir, role).await);
+                }
+                stopping = true;
+                let _ = stop(pid);
+            }
             () = cancel.cancelled(), if !interrupted => {
                 interrupted = true;
                 stopping = true;
@@ -271,6 +289,8 @@ pub async fn run(
             }
         }
     };
+    let mut state = reader.await.context("the log reader failed")?;
+    state.report.amcheck = amcheck_report;
     state.report.elapsed = started.elapsed();
     if interrupted {
         return Err(Failure::Interrupted(format!(
