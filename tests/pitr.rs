@@ -127,6 +127,7 @@ fn restores_to_a_time_a_restore_point_an_xid_and_an_lsn_hold_exactly_their_rows(
     );
     assert!(report.contains("restore point \"after_2\""), "{report}");
     assert_eq!(markers(&at_name), "1,2");
+    at_name.assert_amcheck("postgres", &[]);
     drop(at_name);
 
     // An xid, from the newest backup; the server shuts down at the target. Starting it again
@@ -163,6 +164,7 @@ fn restores_to_a_time_a_restore_point_an_xid_and_an_lsn_hold_exactly_their_rows(
         60,
     );
     assert_eq!(markers(&at_xid), "1,2,3,4");
+    at_xid.assert_amcheck("postgres", &[]);
     drop(at_xid);
 
     // An LSN, promoted: a new timeline, whose history file reaches the archive.
