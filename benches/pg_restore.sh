@@ -97,6 +97,7 @@ fresh_dir() {
 }
 socket_opts() {
   local sock="$work/sock-$1"
+  rm -rf "$sock"
   install -d -o postgres -g postgres -m 700 "$sock"
   echo "-c listen_addresses= -c unix_socket_directories=$sock -c port=5432 -c hot_standby=on"
 }
@@ -127,11 +128,12 @@ run_pgbackrest() {
   as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench --pg1-path="$dir" \
     --process-max=2 --type=default restore
   base_done=$(date +%s.%N)
-  as_postgres "$PG_BIN/pg_ctl" -D "$dir" -o "$(socket_opts pgbackrest) -c lc_messages=C" \
-    -l "$work/pgbackrest-recovery.log" -w -t 3600 start >/dev/null
+  local opts log="$work/sock-pgbackrest/recovery.log"
+  opts=$(socket_opts pgbackrest)
+  as_postgres "$PG_BIN/pg_ctl" -D "$dir" -o "$opts -c lc_messages=C" -l "$log" -w -t 3600 start >/dev/null
   # pg_ctl returns once hot standby accepts connections; recovery is done at promotion.
-  until grep -q "database system is ready to accept connections" "$work/pgbackrest-recovery.log"; do
-    grep -q "FATAL\|PANIC" "$work/pgbackrest-recovery.log" && { tail "$work/pgbackrest-recovery.log" >&2; exit 1; }
+  until grep -q "database system is ready to accept connections" "$log"; do
+    grep -q "FATAL\|PANIC" "$log" && { tail "$log" >&2; exit 1; }
     sleep 0.2
   done
   as_postgres "$PG_BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
