@@ -403,18 +403,7 @@ fn a_corrupted_object_fails_the_restore_and_writes_no_file() {
         .into_iter()
         .find(|k| k.ends_with(".zst"))
         .unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let s3 = weed.object_store();
-    runtime.block_on(async {
-        use object_store::ObjectStoreExt;
-        let path = object_store::path::Path::from(key.as_str());
-        let mut bytes = s3.get(&path).await.unwrap().bytes().await.unwrap().to_vec();
-        let middle = bytes.len() / 2;
-        bytes[middle] ^= 0x01;
-        s3.put(&path, bytes::Bytes::from(bytes).into())
-            .await
-            .unwrap();
-    });
+    weed.flip_byte(&key);
 
     let file = agent.home().join("restored.dump");
     let output = agent.run(&[

@@ -279,6 +279,36 @@ fn refusals_leave_the_directory_untouched_and_verify_finds_a_missing_segment() {
         "the drill archived a timeline"
     );
 
+    // Bit rot in a base backup: verify names the object, restore fails and leaves DIR empty.
+    let object = weed
+        .keys("refuse/data/pg-base")
+        .into_iter()
+        .find(|k| k.ends_with(".zst"))
+        .unwrap();
+    weed.flip_byte(&object);
+    let output = agent.run(&["verify"]);
+    assert_fails(&output, 3, "verify found problems in 1 of 1 backups");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        listing.contains("FAILED") && listing.contains(object.trim_start_matches("refuse/")),
+        "{listing}"
+    );
+    let dir = agent.home().join("rotten");
+    std::fs::create_dir(&dir).unwrap();
+    let output = agent.run(&["restore", "pg", "--pgdata", dir.to_str().unwrap()]);
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "a corrupt restore left files"
+    );
+    weed.flip_byte(&object);
+
     // A segment lost from the middle of the archive: named by restore and by verify.
     let keys = weed.keys("refuse/wal");
     let segment_name = |key: &str| {

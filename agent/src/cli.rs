@@ -492,16 +492,17 @@ fn report_drill(drill: &jobs::verify::Drill) {
     );
 }
 
-fn report_verify(checked: &[jobs::verify::Checked]) -> anyhow::Result<()> {
+fn report_verify(report: &jobs::verify::VerifyReport) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    let mut bad = 0;
-    for backup in checked {
+    for problem in &report.unreadable {
+        writeln!(out, "unreadable manifest: {problem}").context("writing to stdout")?;
+    }
+    for backup in &report.checked {
         let verdict = if backup.problems.is_empty() {
             "ok"
         } else {
             "FAILED"
         };
-        bad += usize::from(!backup.problems.is_empty());
         let mut line = format!(
             "{:<8} {:<17} {:<6} {} objects, {} checked",
             backup.kind,
@@ -519,15 +520,16 @@ fn report_verify(checked: &[jobs::verify::Checked]) -> anyhow::Result<()> {
         writeln!(out, "{line}").context("writing to stdout")?;
     }
     out.flush().context("writing to stdout")?;
-    if bad > 0 {
-        return Err(Failure::Corrupt(format!(
-            "verify found problems in {bad} of {} backups",
-            checked.len()
-        ))
-        .into());
+    let total = report.checked.len() + report.unreadable.len();
+    match report.problems() {
+        0 => {
+            eprintln!("Verified {total} backups: all good.");
+            Ok(())
+        }
+        bad => Err(
+            Failure::Corrupt(format!("verify found problems in {bad} of {total} backups")).into(),
+        ),
     }
-    eprintln!("Verified {} backups: all good.", checked.len());
-    Ok(())
 }
 
 fn start_prefetch(global: &GlobalArgs, dest: &std::path::Path, name: &str) {

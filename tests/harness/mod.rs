@@ -723,6 +723,25 @@ impl Seaweed {
             .expect("delete");
     }
 
+    /// Flips one bit in the middle of a stored object, in place, as bit rot would.
+    pub fn flip_byte(&self, key: &str) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let s3 = self.object_store();
+        runtime.block_on(async {
+            use object_store::ObjectStoreExt;
+            let path = ObjectKey::from(key);
+            let mut bytes = s3.get(&path).await.unwrap().bytes().await.unwrap().to_vec();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x01;
+            s3.put(&path, bytes::Bytes::from(bytes).into())
+                .await
+                .unwrap();
+        });
+    }
+
     /// SIGKILL: the server dies mid-request, as in a node failure.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

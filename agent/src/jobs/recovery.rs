@@ -190,9 +190,13 @@ pub async fn run(
         "# Only this private socket directory: trust its owner.\nlocal all all trust\n",
     )
     .with_context(|| format!("writing {}", hba.display()))?;
-    for path in [&socket_dir, &hba] {
-        std::os::unix::fs::chown(path, Some(uid), Some(gid))
-            .with_context(|| format!("changing the owner of {}", path.display()))?;
+    // Root runs the server as DIR's owner, who must own its socket directory; anyone else
+    // runs it as themselves and owns it already.
+    if super::running_as_root() {
+        for path in [&socket_dir, &hba] {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .with_context(|| format!("changing the owner of {}", path.display()))?;
+        }
     }
     std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("setting the mode of {}", socket_dir.display()))?;

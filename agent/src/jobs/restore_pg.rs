@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use pitr::{PlanError, RecoveryTarget, RestorePlan, TargetAction};
 use tokio_util::sync::CancellationToken;
 
@@ -102,10 +102,7 @@ pub async fn restore(
     let started = Instant::now();
     let created = create_dir(dir, existed)?;
     let unpacked = async {
-        tokio::select! {
-            result = unpack_all(store, &manifest, dir) => result,
-            () = cancel.cancelled() => Err(Failure::Interrupted("restore interrupted".into()).into()),
-        }?;
+        unpack_all(store, &manifest, dir, cancel).await?;
         let settings = RecoverySettings {
             label: facts.backup_label.clone(),
             tablespace_map: facts.tablespace_map.clone(),
@@ -257,16 +254,59 @@ fn clear(dir: &Path, created: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn unpack_all(store: &Store, manifest: &Manifest, dir: &Path) -> anyhow::Result<()> {
-    futures::stream::iter(&manifest.objects)
-        .map(|object| unpack(store, object, dir))
+/// Unpacks every tar stream, [`PARALLEL_STREAMS`] at a time. The first failure (or SIGTERM)
+/// stops the others, and this returns only once every unpacking thread has finished, so that
+/// the caller can empty DIR without a thread still writing into it.
+async fn unpack_all(
+    store: &Store,
+    manifest: &Manifest,
+    dir: &Path,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let abort = cancel.child_token();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(&manifest.objects)
+        .map(|object| {
+            let abort = abort.clone();
+            async move {
+                let result = unpack(store, object, dir, &abort).await;
+                if result.is_err() {
+                    abort.cancel();
+                }
+                result
+            }
+        })
         .buffer_unordered(PARALLEL_STREAMS)
-        .try_collect::<()>()
-        .await
+        .collect()
+        .await;
+    if cancel.is_cancelled() {
+        return Err(Failure::Interrupted("restore interrupted".into()).into());
+    }
+    // The stream that failed first says why; the others only stopped because of it.
+    let errors = results.into_iter().filter_map(Result::err);
+    let (stopped, failed): (Vec<_>, Vec<_>) =
+        errors.partition(|e| e.downcast_ref::<Stopped>().is_some());
+    match failed.into_iter().chain(stopped).next() {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
 }
 
-/// Streams one tar object through its check into a tar reader on another thread.
-async fn unpack(store: &Store, object: &catalog::StoredObject, dir: &Path) -> anyhow::Result<()> {
+/// A stream stopped because another one failed.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped after another stream failed")]
+struct Stopped;
+
+/// Streams one tar object through its check into a tar reader on another thread, and waits for
+/// that thread whatever happens.
+async fn unpack(
+    store: &Store,
+    object: &catalog::StoredObject,
+    dir: &Path,
+    abort: &CancellationToken,
+) -> anyhow::Result<()> {
+    if abort.is_cancelled() {
+        return Err(Stopped.into());
+    }
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
     let target = dir.to_path_buf();
     let unpacker = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -276,9 +316,13 @@ async fn unpack(store: &Store, object: &catalog::StoredObject, dir: &Path) -> an
         archive.unpack(&target)
     });
     let sink: Sink = Box::new(writer);
-    let downloaded = pipeline::download(store, object, sink).await.map(drop);
+    // Dropping the download closes the pipe's writer, which ends the tar reader.
+    let downloaded = tokio::select! {
+        result = pipeline::download(store, object, sink) => result.map(drop).map_err(pipeline_error),
+        () = abort.cancelled() => Err(Stopped.into()),
+    };
     let unpacked = unpacker.await.context("unpack worker failed")?;
-    downloaded.map_err(pipeline_error)?;
+    downloaded?;
     unpacked.with_context(|| format!("unpacking {} into {}", object.key, dir.display()))
 }
 

@@ -31,25 +31,40 @@ pub struct Checked {
     pub problems: Vec<String>,
 }
 
+/// What `verify` found: each backup checked, and manifests that could not be read at all.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub checked: Vec<Checked>,
+    /// A manifest nobody can read is a backup nobody can restore: a problem, not a warning.
+    pub unreadable: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn problems(&self) -> usize {
+        self.unreadable.len()
+            + self
+                .checked
+                .iter()
+                .filter(|c| !c.problems.is_empty())
+                .count()
+    }
+}
+
 pub async fn verify(
     store: &Store,
     kind: Option<Kind>,
     id: Option<&BackupId>,
     cancel: &CancellationToken,
-) -> anyhow::Result<Vec<Checked>> {
+) -> anyhow::Result<VerifyReport> {
     let (manifests, unreadable) = catalog::list(store, kind).await.map_err(catalog_error)?;
-    let mut checked = Vec::new();
-    if id.is_none() {
-        // An unreadable manifest is a backup nobody can restore: a problem, not a warning.
-        checked.extend(unreadable.iter().map(|problem| Checked {
-            kind: kind.unwrap_or(Kind::PgBase),
-            id: BackupId::at(chrono::DateTime::UNIX_EPOCH),
-            objects: 0,
-            raw_bytes: 0,
-            wal: None,
-            problems: vec![problem.to_string()],
-        }));
-    }
+    let mut report = VerifyReport {
+        checked: Vec::new(),
+        unreadable: if id.is_none() {
+            unreadable.iter().map(ToString::to_string).collect()
+        } else {
+            Vec::new()
+        },
+    };
     let selected: Vec<&Manifest> = manifests
         .iter()
         .filter(|m| id.is_none_or(|id| &m.id == id))
@@ -92,9 +107,9 @@ pub async fn verify(
                 Err(problem) => result.problems.push(problem),
             }
         }
-        checked.push(result);
+        report.checked.push(result);
     }
-    Ok(checked)
+    Ok(report)
 }
 
 /// The archive and every base backup, to check each backup's WAL chain.
