@@ -111,12 +111,14 @@ run_gc_backup() {
   local name=$1 dir
   dir=$(fresh_dir "$2")
   drop_caches
-  /usr/bin/time -f "%e" -o "$work/time" env ${3:-} "$GC_BACKUP" restore pg --pgdata "$dir" --start 2>"$work/err" || {
+  /usr/bin/time -f "%e" -o "$work/time" env GC_BACKUP_LOG=postgres=debug,gc_backup=info ${3:-} \
+    "$GC_BACKUP" restore pg --pgdata "$dir" --start 2>"$work/err" || {
     echo "$name failed:" >&2; tail -5 "$work/err" >&2; exit 1; }
   local base replay
   base=$(grep -o 'MiB in [0-9.]*s\|GiB in [0-9.]*s' "$work/err" | grep -o '[0-9.]*s$' | tr -d s)
   replay=$(grep -o 'Recovered to .* in [0-9.]*s' "$work/err" | grep -o '[0-9.]*s$' | tr -d s)
   record "$name" "$(cat "$work/time")" "$base" "$replay"
+  [ -n "${BENCH_LOGS:-}" ] && mkdir -p "$BENCH_LOGS" && cp "$work/err" "$BENCH_LOGS/$2-$round.log"
   rm -rf "$dir"
 }
 
@@ -130,7 +132,8 @@ run_pgbackrest() {
   base_done=$(date +%s.%N)
   local opts log="$work/sock-pgbackrest/recovery.log"
   opts=$(socket_opts pgbackrest)
-  as_postgres "$PG_BIN/pg_ctl" -D "$dir" -o "$opts -c lc_messages=C" -l "$log" -w -t 3600 start >/dev/null
+  as_postgres "$PG_BIN/pg_ctl" -D "$dir" -o "$opts -c lc_messages=C -c log_line_prefix='%m [%p] '" \
+    -l "$log" -w -t 3600 start >/dev/null
   # pg_ctl returns once hot standby accepts connections; recovery is done at promotion.
   until grep -q "database system is ready to accept connections" "$log"; do
     grep -q "FATAL\|PANIC" "$log" && { tail "$log" >&2; exit 1; }
@@ -138,6 +141,7 @@ run_pgbackrest() {
   done
   as_postgres "$PG_BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
   ready=$(date +%s.%N)
+  [ -n "${BENCH_LOGS:-}" ] && mkdir -p "$BENCH_LOGS" && cp "$log" "$BENCH_LOGS/pgbackrest-$round.log"
   record "pgbackrest restore (process-max 2) + recovery" "$(echo "$ready - $start" | bc)" \
     "$(echo "$base_done - $start" | bc)" "$(echo "$ready - $base_done" | bc)"
   rm -rf "$dir"
