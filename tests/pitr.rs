@@ -102,7 +102,14 @@ fn restores_to_a_time_a_restore_point_an_xid_and_an_lsn_hold_exactly_their_rows(
     // A time, answered by the first backup (the second ended after it); the server pauses.
     let (at_time, report) = restore(
         &agent,
-        &["--target-time", &after_1, "--target-action", "pause"],
+        &[
+            "--target-time",
+            &after_1,
+            "--target-action",
+            "pause",
+            "--archive-mode",
+            "off",
+        ],
     );
     assert!(
         report.contains(&format!("pg-base backup {first}")),
@@ -110,6 +117,7 @@ fn restores_to_a_time_a_restore_point_an_xid_and_an_lsn_hold_exactly_their_rows(
     );
     assert!(report.contains("paused"), "{report}");
     assert_eq!(markers(&at_time), "1");
+    assert_eq!(at_time.psql("postgres", "SHOW archive_mode"), "off");
     at_time.assert_amcheck("postgres", &[]);
     drop(at_time);
 

@@ -177,6 +177,16 @@ pub struct RestorePgArgs {
     /// Run the recovery now with a temporary server, and report what it reached
     #[arg(long)]
     pub start: bool,
+    /// off: the restored cluster does not archive (a restore for inspection must not push a
+    /// timeline of its own into this archive); preserve: its own archive settings apply
+    #[arg(long, value_enum, default_value_t = ArchiveMode::Preserve)]
+    pub archive_mode: ArchiveMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArchiveMode {
+    Preserve,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -340,6 +350,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 backup: args.backup.clone(),
                 target: args.target(),
                 action: args.action(),
+                archive_off: args.archive_mode == ArchiveMode::Off,
                 start: args.start.then(jobs::restore_pg::StartOptions::default),
                 restore_env: restore_env(&cli.global),
             };

@@ -31,8 +31,6 @@ pub struct RecoveryOptions {
     pub bin_dir: PathBuf,
     pub target: RecoveryTarget,
     pub action: TargetAction,
-    /// Settings for this run only (the drill turns archiving off).
-    pub settings: Vec<(String, String)>,
     /// Run `pg_amcheck --all` as this role once the server accepts connections.
     pub amcheck_as: Option<String>,
 }
@@ -215,11 +213,7 @@ pub async fn run(
         ("log_min_messages", "warning".into()),
         ("log_line_prefix", "%m [%p] ".into()),
     ];
-    for (name, value) in fixed
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.clone()))
-        .chain(options.settings.iter().cloned())
-    {
+    for (name, value) in fixed {
         command.arg("-c").arg(format!("{name}={value}"));
     }
     command
@@ -408,7 +402,6 @@ mod tests {
             bin_dir: PathBuf::new(),
             target,
             action: TargetAction::Promote,
-            settings: Vec::new(),
             amcheck_as: None,
         }
     }

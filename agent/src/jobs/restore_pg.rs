@@ -35,7 +35,10 @@ pub struct RestorePgRequest {
     pub backup: Selector,
     pub target: RecoveryTarget,
     pub action: TargetAction,
-    /// Run the recovery with a temporary server, and with these extra settings.
+    /// Write `archive_mode = 'off'`: a restore for inspection must never push a timeline of
+    /// its own into the archive it came from.
+    pub archive_off: bool,
+    /// Run the recovery now with a temporary server.
     pub start: Option<StartOptions>,
     /// Environment wal-fetch needs in restore_command (the config file, a --store given on
     /// the command line): it runs in PostgreSQL's environment, not ours.
@@ -44,7 +47,6 @@ pub struct RestorePgRequest {
 
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
-    pub settings: Vec<(String, String)>,
     /// Run pg_amcheck on the recovered cluster (the restore drill).
     pub amcheck: bool,
 }
@@ -108,7 +110,14 @@ pub async fn restore(
             tablespace_map: facts.tablespace_map.clone(),
             exe: std::env::current_exe().context("locating this gc-backup binary")?,
             restore_env: request.restore_env.clone(),
-            target: pitr::target::recovery_settings(&request.target, request.action),
+            target: pitr::target::recovery_settings(&request.target, request.action)
+                .into_iter()
+                .chain(
+                    request
+                        .archive_off
+                        .then(|| ("archive_mode".into(), "off".into())),
+                )
+                .collect(),
         };
         let dir = dir.clone();
         tokio::task::spawn_blocking(move || settings.write(&dir))
@@ -130,7 +139,6 @@ pub async fn restore(
                 bin_dir,
                 target: request.target.clone(),
                 action: request.action,
-                settings: start.settings.clone(),
                 amcheck_as: start.amcheck.then(|| amcheck_role(config, dir)),
             };
             Some(

@@ -193,11 +193,9 @@ pub async fn drill(
         backup: selector,
         target: RecoveryTarget::Latest,
         action: TargetAction::Promote,
-        start: Some(StartOptions {
-            // The drill's promotion must not reach the archive as a new timeline.
-            settings: vec![("archive_mode".into(), "off".into())],
-            amcheck: true,
-        }),
+        // The drill's promotion must not reach the archive as a new timeline.
+        archive_off: true,
+        start: Some(StartOptions { amcheck: true }),
         restore_env,
     };
     let started = Instant::now();
