@@ -147,10 +147,17 @@ run_pgbackrest() {
   rm -rf "$dir"
 }
 
+# CONTENDERS narrows a run while tuning (e.g. CONTENDERS=gcb WAL_GIB=0); a reported run uses
+# all three.
+CONTENDERS=${CONTENDERS:-gcb gcb-noprefetch pgbackrest}
 for round in $(seq 1 "$REPEAT"); do
-  run_gc_backup "gc-backup restore pg --start" gcb
-  run_gc_backup "gc-backup restore pg --start, no prefetch" gcb-noprefetch GC_BACKUP_WAL_PREFETCH=0
-  run_pgbackrest
+  for contender in $CONTENDERS; do
+    case $contender in
+      gcb) run_gc_backup "gc-backup restore pg --start" gcb ;;
+      gcb-noprefetch) run_gc_backup "gc-backup restore pg --start, no prefetch" gcb-noprefetch GC_BACKUP_WAL_PREFETCH=0 ;;
+      pgbackrest) run_pgbackrest ;;
+    esac
+  done
 done
 
 python3 - "$results" "$pgdata_bytes" "$wal_bytes" <<'PY'
@@ -164,12 +171,12 @@ rows = {}
 for name, group in runs.items():
     group.sort(key=lambda f: f[1])
     rows[name] = group[(len(group) - 1) // 2]
-ours = rows["gc-backup restore pg --start"][1]
+ours = rows.get("gc-backup restore pg --start", next(iter(rows.values())))[1]
 print(f"PGDATA without pg_wal: {pgdata / 2**30:.2f} GiB; WAL replayed: {wal / 2**30:.2f} GiB")
 print(f"{'run':48} {'total s':>8} {'base s':>7} {'base MiB/s':>10} {'replay s':>8} {'WAL MiB/s':>9} {'vs gc-backup':>12}")
 for name, f in rows.items():
     _, total, base, replay = f
     print(f"{name:48} {total:8.1f} {base:7.1f} {pgdata / 2**20 / base:10.1f} {replay:8.1f} "
-          f"{wal / 2**20 / replay:9.1f} {total / ours:11.2f}x")
+          f"{wal / 2**20 / max(replay, 0.001):9.1f} {total / ours:11.2f}x")
 print("vs gc-backup: the run's total time divided by gc-backup's (2.00x = gc-backup takes half the time).")
 PY
