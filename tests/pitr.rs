@@ -62,6 +62,10 @@ fn restore(agent: &Agent, args: &[&str]) -> (Postgres, String) {
         !data.join("postmaster.pid").exists(),
         "the temporary server still runs"
     );
+    assert!(
+        !data.join("pg_wal/gc-backup-prefetch").exists(),
+        "the prefetch spool outlived the recovery"
+    );
     (Postgres::start_restored(dir), stderr)
 }
 

@@ -1,11 +1,16 @@
 //! Prefetching for restore_command: PostgreSQL asks for one segment at a time and waits for
-//! each, so wal-fetch starts a detached `gc-backup wal-prefetch NAME` that downloads the next
-//! [`AHEAD`] segments in parallel into a spool beside DEST. The next wal-fetch then only
-//! renames a file that was already checked.
+//! each, so wal-fetch starts a detached `gc-backup wal-prefetch NAME` that keeps the next
+//! [`AHEAD`] segments downloaded ([`PARALLEL`] at a time) in a spool beside DEST. The next
+//! wal-fetch then only renames a file that was already checked.
 //!
-//! The spool (`<DEST dir>/gc-backup-prefetch/`) holds at most [`AHEAD`] segments plus those
-//! being written (under temporary names). A lock file keeps one prefetcher at a time; one
-//! whose process is gone is replaced. At the end of the archive the spool is emptied.
+//! One prefetcher follows the whole recovery: each wal-fetch records the segment asked for
+//! (`position`), and the prefetcher tops the spool up as recovery consumes it, so recovery
+//! costs one process and one connection pool instead of one of each per segment. It exits at
+//! the end of the archive (or of the timeline it follows), or after [`IDLE`] without progress
+//! (a paused recovery). The spool (`<DEST dir>/gc-backup-prefetch/`) holds at most [`AHEAD`]
+//! segments plus those being written (under temporary names). A lock file keeps one
+//! prefetcher at a time; one whose process is gone is replaced. At the end of the archive the
+//! spool is emptied.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -24,6 +29,11 @@ pub const AHEAD: u64 = 8;
 const PARALLEL: usize = 4;
 const SPOOL_DIR: &str = "gc-backup-prefetch";
 const LOCK: &str = "prefetch.lock";
+const POSITION: &str = "position";
+/// A prefetcher whose spool has not moved for this long exits.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a prefetcher with a full spool looks again.
+const POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 pub fn spool_dir(dest: &Path) -> PathBuf {
     dest.parent().unwrap_or(Path::new(".")).join(SPOOL_DIR)
@@ -35,9 +45,13 @@ pub fn take(dest: &Path, name: &str) -> bool {
     std::fs::rename(&spooled, dest).is_ok()
 }
 
-/// Removes spooled segments before `name` (recovery has moved past them).
+/// Records that recovery asked for `name`, and removes spooled segments before it.
 pub fn forget_before(dest: &Path, name: &str) {
-    let Ok(entries) = std::fs::read_dir(spool_dir(dest)) else {
+    let dir = spool_dir(dest);
+    if dir.is_dir() {
+        let _ = std::fs::write(dir.join(POSITION), name);
+    }
+    let Ok(entries) = std::fs::read_dir(&dir) else {
         return;
     };
     for entry in entries.flatten() {
@@ -150,22 +164,97 @@ pub async fn run(config: &Config, store: &Store, name: &str, dir: &Path) -> anyh
 async fn prefetch(_config: &Config, store: &Store, name: &str, dir: &Path) -> anyhow::Result<()> {
     let file = WalFile::parse(name).map_err(|e| Failure::Config(e.to_string()))?;
     let size = pitr::DEFAULT_SEGMENT_SIZE;
-    let (timeline, first) = (
-        file.timeline(),
-        file.segment_no(size).unwrap_or(SegmentNo(0)),
-    );
-    let wanted: Vec<String> = (1..=AHEAD)
-        .map(|i| SegmentNo(first.0 + i).file_name(timeline, size))
-        .filter(|n| !dir.join(n).exists())
-        .collect();
-    futures::stream::iter(wanted)
-        .map(|segment| async move {
+    let timeline = file.timeline();
+    let segment_of = |name: &str| match WalFile::parse(name) {
+        Ok(file) if file.timeline() == timeline => file.segment_no(size),
+        _ => None,
+    };
+    let start = file.segment_no(size).unwrap_or(SegmentNo(0));
+    let mut next = start.next();
+    let mut downloads = futures::stream::FuturesUnordered::new();
+    let mut end_of_archive = false;
+    let mut last_position = String::new();
+    let mut moved = std::time::Instant::now();
+    loop {
+        // Recovery may have fetched past us directly: never download what it has read.
+        let position = std::fs::read_to_string(dir.join(POSITION)).unwrap_or_default();
+        if position != last_position {
+            last_position.clone_from(&position);
+            moved = std::time::Instant::now();
+        }
+        let current = segment_of(position.trim()).map_or(start, |at| at.max(start));
+        next = next.max(current.next());
+        // Never more than AHEAD past recovery's position, even while downloads fail.
+        let horizon = current.0 + AHEAD;
+        let spooled = spooled_count(dir);
+        while !end_of_archive
+            && next.0 <= horizon
+            && downloads.len() < PARALLEL
+            && spooled + downloads.len() < AHEAD as usize
+        {
+            let segment = next.file_name(timeline, size);
+            next = next.next();
             let target = dir.join(&segment);
-            // wal::fetch writes through a temporary name and renames: never a partial file.
-            let _ = wal::fetch(store, &segment, &target).await;
-        })
-        .buffer_unordered(PARALLEL)
-        .collect::<Vec<()>>()
-        .await;
-    Ok(())
+            if target.exists() {
+                continue;
+            }
+            downloads.push(async move {
+                // wal::fetch writes through a temporary name and renames: never a partial file.
+                let result = wal::fetch(store, &segment, &target).await;
+                !matches!(
+                    result
+                        .as_ref()
+                        .err()
+                        .and_then(|e| e.downcast_ref::<Failure>()),
+                    Some(Failure::NotFound(_))
+                )
+            });
+        }
+        if downloads.is_empty() {
+            if end_of_archive || moved.elapsed() > IDLE {
+                return Ok(());
+            }
+            tokio::time::sleep(POLL).await;
+            continue;
+        }
+        tokio::select! {
+            Some(found) = downloads.next() => end_of_archive |= !found,
+            () = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+/// Segments waiting in the spool.
+fn spooled_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|e| e.file_name().len() == 24)
+            .count()
+    })
+}
+
+/// Stops the prefetcher of the data directory whose `pg_wal` is given, and removes its spool:
+/// once the server that recovered from it is down, nothing may go on writing there.
+pub fn stop_in(pg_wal: &Path) {
+    let dir = pg_wal.join(SPOOL_DIR);
+    let holder = std::fs::read_to_string(dir.join(LOCK))
+        .ok()
+        .and_then(|text| text.trim().parse::<i32>().ok())
+        .filter(|pid| *pid > 0);
+    if let Some(pid) = holder {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        // Only our own prefetcher: the pid must still be a gc-backup wal-prefetch.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("wal-prefetch") {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

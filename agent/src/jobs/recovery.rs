@@ -287,6 +287,7 @@ pub async fn run(
             }
         }
     };
+    super::prefetch::stop_in(&dir.join("pg_wal"));
     let mut state = reader.await.context("the log reader failed")?;
     state.report.amcheck = amcheck_report;
     state.report.elapsed = started.elapsed();
