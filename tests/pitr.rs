@@ -348,3 +348,54 @@ fn refusals_leave_the_directory_untouched_and_verify_finds_a_missing_segment() {
     assert_fails(&output, 3, "verify found problems in 1 of 1 backups");
     assert!(String::from_utf8_lossy(&output.stdout).contains(&name));
 }
+
+/// SIGTERM while recovery waits on a store that stopped answering: the temporary server is
+/// stopped, the command exits 130 with one line, and nothing keeps running on the directory.
+#[test]
+fn sigterm_during_recovery_stops_the_temporary_server() {
+    let weed = Seaweed::start();
+    let (pg, config) = archiving_cluster(&weed, "sigterm");
+    let agent = agent_for(&pg, &weed, "sigterm", &config);
+    agent.backup(&["backup", "pg-base"]);
+    pg.psql("postgres", "CREATE TABLE later AS SELECT 1 AS one");
+    pg.archive_everything();
+
+    let dir = empty_pgdata();
+    let data = dir.path().join("data");
+    let child = agent
+        .command(&[
+            "restore",
+            "pg",
+            "--pgdata",
+            data.to_str().unwrap(),
+            "--start",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the server runs, the store hangs: recovery waits in wal-fetch's timeouts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !data.join("postmaster.pid").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    weed.freeze();
+    std::thread::sleep(Duration::from_millis(500));
+    harness::run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let started = std::time::Instant::now();
+    let output = child.wait_with_output().unwrap();
+    assert_fails(&output, 130, "recovery interrupted");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?} to stop",
+        started.elapsed()
+    );
+    assert!(
+        !data.join("postmaster.pid").exists(),
+        "the server still runs"
+    );
+}

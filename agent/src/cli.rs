@@ -387,7 +387,12 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => crate::daemon::run(config, store, cancel).await,
-        Command::WalFetch(args) => match jobs::wal::fetch(&store, &args.name, &args.dest).await {
+        // PostgreSQL signals restore_command on shutdown: stop at once (exit 255), never
+        // leave it waiting on a store that does not answer.
+        Command::WalFetch(args) => match tokio::select! {
+            fetched = jobs::wal::fetch(&store, &args.name, &args.dest) => fetched,
+            () = cancel.cancelled() => Err(Failure::Interrupted(format!("fetching {} interrupted", args.name)).into()),
+        } {
             Ok(bytes) => {
                 tracing::debug!(name = %args.name, bytes, "WAL restored");
                 jobs::prefetch::forget_before(&args.dest, &args.name);

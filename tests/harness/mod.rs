@@ -750,6 +750,14 @@ impl Seaweed {
         }
     }
 
+    /// SIGSTOP: the server hangs, as behind a dead network path (requests time out instead of
+    /// being refused). Killing it later still works.
+    pub fn freeze(&self) {
+        if let Some(child) = &self.child {
+            run_ok(Command::new("kill").args(["-STOP", &child.id().to_string()]));
+        }
+    }
+
     /// Starts again on the same ports and data.
     pub fn restart(&mut self) {
         self.kill();

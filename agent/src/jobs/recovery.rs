@@ -24,6 +24,8 @@ use crate::error::Failure;
 
 /// The socket port of the temporary server: only a file name in its private directory.
 const PORT: u16 = 5432;
+/// How long an interrupted server gets before the next, harder, shutdown signal.
+const GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct RecoveryOptions {
@@ -64,6 +66,7 @@ struct LogState {
     /// The timeline of the last WAL file restored: where recovery is without a promotion.
     restored_timeline: Option<u32>,
     last_fatal: Option<String>,
+    last_fetch_error: Option<String>,
     tail: Vec<String>,
 }
 
@@ -73,6 +76,11 @@ impl LogState {
             self.tail.remove(0);
         }
         self.tail.push(line.to_string());
+        // restore_command's own error line, which says why a WAL file could not be restored.
+        if let Some(error) = line.strip_prefix("gc-backup: error: ") {
+            self.last_fetch_error = Some(error.trim_end().to_string());
+            return;
+        }
         let Some((level, message)) = split_level(line) else {
             return;
         };
@@ -110,10 +118,17 @@ impl LogState {
     }
 
     fn reason(&self) -> String {
-        self.last_fatal
+        let reason = self
+            .last_fatal
             .clone()
             .or_else(|| self.tail.last().cloned())
-            .unwrap_or_else(|| "no message".into())
+            .unwrap_or_else(|| "no message".into());
+        match &self.last_fetch_error {
+            Some(fetch) if reason.contains("could not restore file") => {
+                format!("{reason} (wal-fetch: {fetch})")
+            }
+            _ => reason,
+        }
     }
 }
 
@@ -239,32 +254,43 @@ pub async fn run(
     // The log is read on its own task so that the server never blocks on a full pipe, even
     // while pg_amcheck runs; it publishes only "ready" and "paused", which never waits.
     let (events_tx, mut events) = tokio::sync::watch::channel((false, false));
+    // Shared, because the pipe can outlive the server: restore_command's children inherit it.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(LogState::default()));
+    let reader_log = log.clone();
     let reader = tokio::spawn(async move {
-        let mut state = LogState::default();
         let mut lines = BufReader::new(stderr).split(b'\n');
         while let Ok(Some(bytes)) = lines.next_segment().await {
             let line = String::from_utf8_lossy(&bytes);
             tracing::debug!(target: "postgres", "{line}");
+            let Ok(mut state) = reader_log.lock() else {
+                break;
+            };
             let before = state.report.segments_restored;
             state.observe(&line);
             let restored = state.report.segments_restored;
             if restored != before && restored % 64 == 0 {
                 tracing::info!(segments = restored, "replaying archived WAL");
             }
+            let now = (state.ready, state.paused);
+            drop(state);
             events_tx.send_if_modified(|flags| {
-                let now = (state.ready, state.paused);
                 let changed = *flags != now;
                 *flags = now;
                 changed
             });
         }
-        state
     });
     let mut stopping = false;
     let mut interrupted = false;
     let mut log_open = true;
     let mut amcheck_report = None;
     let stop = |pid: Pid| kill(pid, Signal::SIGINT);
+    // After SIGTERM: a fast shutdown first; a server that has not stopped after GRACE (its
+    // startup process can sit in restore_command, waiting on a store that does not answer)
+    // gets an immediate shutdown, which is harmless for a cluster still in recovery.
+    let escalation = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(escalation);
+    let mut escalations = [Signal::SIGQUIT, Signal::SIGKILL].into_iter();
     let status = loop {
         tokio::select! {
             status = child.wait() => break status.context("waiting for the server")?,
@@ -284,11 +310,32 @@ pub async fn run(
                 interrupted = true;
                 stopping = true;
                 let _ = stop(pid);
+                escalation.as_mut().reset(tokio::time::Instant::now() + GRACE);
+            }
+            () = &mut escalation, if interrupted => {
+                match escalations.next() {
+                    Some(signal) => {
+                        tracing::warn!(?signal, "the recovery server did not stop; escalating");
+                        let _ = kill(pid, signal);
+                        escalation.as_mut().reset(tokio::time::Instant::now() + GRACE);
+                    }
+                    None => escalation.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(3600)),
+                }
             }
         }
     };
+    if interrupted {
+        // restore_command's shell and wal-fetch are still in the server's process group.
+        let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
+    }
     super::prefetch::stop_in(&dir.join("pg_wal"));
-    let mut state = reader.await.context("the log reader failed")?;
+    // The server's last lines are in the pipe; a straggler holding it open is not waited for.
+    let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+    let mut state = std::mem::take(
+        &mut *log
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the log reader failed"))?,
+    );
     state.report.amcheck = amcheck_report;
     state.report.elapsed = started.elapsed();
     if interrupted {
@@ -476,6 +523,17 @@ mod tests {
         let crashed = state_after(&[
             "2026-11-28 16:00:00.002 UTC [7] FATAL:  could not open file \"pg_wal/x\": Permission denied",
         ]);
+        let unreachable = state_after(&[
+            "gc-backup: error: fetching 00000002.history failed: s3://b is unreachable",
+            "2026-11-28 16:00:00.002 UTC [7] FATAL:  could not restore file \"00000002.history\" from archive: child process exited with exit code 255",
+        ]);
+        let error = judge(unreachable, false, false, &options(RecoveryTarget::Latest)).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("(wal-fetch: fetching 00000002.history failed: s3://b is unreachable)"),
+            "{error}"
+        );
         let error = judge(crashed, false, false, &options(target)).unwrap_err();
         assert!(error.to_string().contains("Permission denied"), "{error}");
     }
