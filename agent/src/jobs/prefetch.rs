@@ -1,12 +1,12 @@
 //! Prefetching for restore_command: PostgreSQL asks for one segment at a time and waits for
 //! each, so wal-fetch starts a detached `gc-backup wal-prefetch NAME` that keeps the next
-//! [`AHEAD`] segments downloaded ([`PARALLEL`] at a time) in a spool beside DEST. The next
+//! [`AHEAD`] segments downloaded (`PARALLEL` at a time) in a spool beside DEST. The next
 //! wal-fetch then only renames a file that was already checked.
 //!
 //! One prefetcher follows the whole recovery: each wal-fetch records the segment asked for
 //! (`position`), and the prefetcher tops the spool up as recovery consumes it, so recovery
 //! costs one process and one connection pool instead of one of each per segment. It exits at
-//! the end of the archive (or of the timeline it follows), or after [`IDLE`] without progress
+//! the end of the archive (or of the timeline it follows), or after `IDLE` without progress
 //! (a paused recovery). The spool (`<DEST dir>/gc-backup-prefetch/`) holds at most [`AHEAD`]
 //! segments plus those being written (under temporary names). A lock file keeps one
 //! prefetcher at a time; one whose process is gone is replaced. At the end of the archive the
