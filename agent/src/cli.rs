@@ -111,6 +111,15 @@ pub enum BackupCommand {
     PgDump(PgDumpArgs),
     /// Physical base backup of the running cluster (needs WAL archiving through wal-push)
     PgBase(PgBaseArgs),
+    /// RDB snapshot of Redis over the replication protocol, checked (CRC-64) while it streams
+    Redis(RedisArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RedisArgs {
+    /// redis://[user[:password]@]host[:port] [env: GC_BACKUP_REDIS_URL; password: REDISCLI_AUTH]
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +157,18 @@ pub enum RestoreCommand {
     /// WAL archive to the target (default: the end of the archive, on the newest timeline);
     /// with --start, the recovery runs now
     Pg(RestorePgArgs),
+    /// Restore a Redis snapshot as DIR/dump.rdb (a new file, checked before it is named)
+    Redis(RestoreRedisArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreRedisArgs {
+    /// A backup id or "latest"
+    #[arg(value_parser = parse_selector)]
+    pub backup: Selector,
+    /// The directory for dump.rdb (created if missing; an existing dump.rdb is refused)
+    #[arg(long, value_name = "DIR")]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -316,6 +337,22 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             let manifest = jobs::pg_base::backup(&config, &store, &request, &cancel).await?;
             say_where(&config, &manifest);
             print_last_line(manifest.id.as_str())
+        }
+        Command::Backup(BackupCommand::Redis(args)) => {
+            let endpoint = jobs::redis::endpoint(&config, args.redis_url.as_deref())?;
+            let manifest = jobs::redis::backup(&config, &store, &endpoint, &cancel).await?;
+            say_where(&config, &manifest);
+            print_last_line(manifest.id.as_str())
+        }
+        Command::Restore(RestoreCommand::Redis(args)) => {
+            let report = jobs::redis::restore(&store, &args.backup, &args.output, &cancel).await?;
+            eprintln!(
+                "Restored redis backup {} to {} in {:.1}s; checksums verified.",
+                report.manifest.id,
+                report.path.display(),
+                report.elapsed.as_secs_f64()
+            );
+            Ok(())
         }
         Command::List(args) => {
             let (manifests, unreadable) = catalog::list(&store, args.kind)
@@ -620,6 +657,7 @@ struct ListEntry<'a> {
 fn list_facts(source: &SourceFacts) -> serde_json::Value {
     match source {
         SourceFacts::PgDump(facts) => serde_json::to_value(facts).unwrap_or_default(),
+        SourceFacts::Redis(facts) => serde_json::to_value(facts).unwrap_or_default(),
         SourceFacts::PgBase(facts) => serde_json::json!({
             "system_identifier": facts.system_identifier,
             "server_version": facts.server_version,
@@ -685,6 +723,10 @@ fn print_table(store: &Store, manifests: &[Manifest]) -> anyhow::Result<()> {
                 };
                 format!("{} ({}){tables}", facts.database, facts.format.as_str())
             }
+            SourceFacts::Redis(facts) => format!(
+                "{} (Redis {}, RDB {})",
+                facts.server, facts.redis_version, facts.rdb_version
+            ),
             SourceFacts::PgBase(facts) => format!(
                 "timeline {} {}..{} ({} files)",
                 facts.timeline,

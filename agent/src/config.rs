@@ -58,6 +58,7 @@ pub struct FileConfig {
     pub store: StoreSection,
     pub pipeline: PipelineSection,
     pub postgres: PostgresSection,
+    pub redis: RedisSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -110,6 +111,15 @@ pub struct PostgresSection {
     pub pgdata: Option<PathBuf>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RedisSection {
+    /// `redis://[user[:password]@]host[:port]`.
+    pub url: Option<String>,
+    /// Used when the URL carries none.
+    pub password: Option<Secret>,
+}
+
 impl FileConfig {
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| {
@@ -152,6 +162,15 @@ pub struct Config {
     pub store: StoreConfig,
     pub pipeline: PipelineConfig,
     pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+}
+
+/// Where Redis is: the URL as given (flags may still override it) and a password for URLs
+/// without one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RedisConfig {
+    pub url: Option<String>,
+    pub password: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -275,10 +294,18 @@ impl Config {
             )));
         }
         let postgres = resolve_postgres(file.postgres, &env)?;
+        let redis = RedisConfig {
+            url: env("GC_BACKUP_REDIS_URL").or(file.redis.url),
+            // redis-cli's variable, so an existing secret mount works unchanged.
+            password: env("REDISCLI_AUTH")
+                .map(Secret::new)
+                .or(file.redis.password),
+        };
         Ok(Self {
             store,
             pipeline,
             postgres,
+            redis,
         })
     }
 

@@ -42,6 +42,21 @@ pub struct Compression {
 pub enum SourceFacts {
     PgDump(PgDumpFacts),
     PgBase(Box<PgBaseFacts>),
+    Redis(RedisFacts),
+}
+
+/// An RDB snapshot taken over the replication protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFacts {
+    /// `redis://host:port`, never with a password.
+    pub server: String,
+    pub redis_version: String,
+    pub rdb_version: u32,
+    /// The CRC-64 trailer the snapshot was checked against, hex; none if the server writes none.
+    pub crc64: Option<String>,
+    /// Sent diskless (`$EOF:` framing) or from the server's RDB file.
+    pub diskless: bool,
 }
 
 /// A physical base backup: where recovery starts and what it needs.

@@ -10,6 +10,7 @@ pub mod pg_base;
 pub mod pg_dump;
 pub mod prefetch;
 pub mod recovery;
+pub mod redis;
 pub mod restore_pg;
 pub mod restore_pg_dump;
 pub mod verify;
@@ -35,6 +36,41 @@ pub(crate) async fn commit_or_discard(
         )));
     }
     Ok(())
+}
+
+/// The manifest of a backup made of one object that the pipeline stored.
+pub(crate) fn single_object_manifest(
+    kind: Kind,
+    id: &BackupId,
+    start_time: chrono::DateTime<chrono::Utc>,
+    config: &crate::config::Config,
+    source: crate::catalog::manifest::SourceFacts,
+    key: &crate::store::ObjectKey,
+    summary: &crate::pipeline::UploadSummary,
+) -> crate::catalog::Manifest {
+    use crate::catalog::manifest::{Compression, MANIFEST_FORMAT, StoredObject};
+    crate::catalog::Manifest {
+        format: MANIFEST_FORMAT,
+        id: id.clone(),
+        kind,
+        start_time,
+        end_time: chrono::Utc::now(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        raw_bytes: summary.raw_bytes,
+        stored_bytes: summary.stored_bytes,
+        compression: Compression {
+            algorithm: "zstd".to_string(),
+            level: config.pipeline.zstd_level,
+        },
+        source,
+        objects: vec![StoredObject {
+            key: key.to_string(),
+            raw_bytes: summary.raw_bytes,
+            stored_bytes: summary.stored_bytes,
+            raw_sha256: summary.raw_sha256.clone(),
+            parts: summary.parts,
+        }],
+    }
 }
 
 /// Removes what a failed run stored. If the store is unreachable this fails too; the claim

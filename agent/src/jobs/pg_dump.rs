@@ -5,9 +5,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use super::{catalog_error, pipeline_error, source_error, store_error};
-use crate::catalog::manifest::{
-    Compression, DumpFormat, MANIFEST_FORMAT, Manifest, PgDumpFacts, SourceFacts, StoredObject,
-};
+use crate::catalog::manifest::{DumpFormat, Manifest, PgDumpFacts, SourceFacts};
 use crate::catalog::{self, Kind, layout};
 use crate::config::Config;
 use crate::error::Failure;
@@ -91,35 +89,23 @@ pub async fn backup(
         }
     };
 
-    let manifest = Manifest {
-        format: MANIFEST_FORMAT,
-        id: id.clone(),
-        kind: Kind::PgDump,
+    let source = SourceFacts::PgDump(PgDumpFacts {
+        database: facts.database.clone(),
+        server_version: Some(facts.server_version.clone()),
+        server_version_num: Some(facts.server_version_num),
+        pg_dump_version,
+        format: request.format,
+        tables: request.tables.clone(),
+    });
+    let manifest = super::single_object_manifest(
+        Kind::PgDump,
+        &id,
         start_time,
-        end_time: Utc::now(),
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        raw_bytes: summary.raw_bytes,
-        stored_bytes: summary.stored_bytes,
-        compression: Compression {
-            algorithm: "zstd".to_string(),
-            level: config.pipeline.zstd_level,
-        },
-        source: SourceFacts::PgDump(PgDumpFacts {
-            database: facts.database.clone(),
-            server_version: Some(facts.server_version.clone()),
-            server_version_num: Some(facts.server_version_num),
-            pg_dump_version,
-            format: request.format,
-            tables: request.tables.clone(),
-        }),
-        objects: vec![StoredObject {
-            key: key.to_string(),
-            raw_bytes: summary.raw_bytes,
-            stored_bytes: summary.stored_bytes,
-            raw_sha256: summary.raw_sha256.clone(),
-            parts: summary.parts,
-        }],
-    };
+        config,
+        source,
+        &key,
+        &summary,
+    );
     super::commit_or_discard(store, &manifest).await?;
     tracing::info!(
         kind = "pg-dump",

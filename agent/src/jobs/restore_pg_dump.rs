@@ -91,7 +91,9 @@ pub async fn restore(
     })
 }
 
-async fn restore_to_file(
+/// Writes `object` to the new file `path`, through `<path>.partial`, fsynced and renamed only
+/// once its checks passed.
+pub(crate) async fn restore_to_file(
     store: &Store,
     object: &catalog::StoredObject,
     path: &Path,

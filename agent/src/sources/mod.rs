@@ -2,3 +2,4 @@
 
 pub mod pgdata;
 pub mod postgres;
+pub mod redis;

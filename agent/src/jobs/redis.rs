@@ -1,0 +1,166 @@
+//! `backup redis` and `restore redis`: an RDB snapshot from the replication protocol through
+//! the pipeline into the store, committed only when the snapshot's CRC-64 checked out; and back
+//! into `DIR/dump.rdb`, checked against its SHA-256.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::io::StreamReader;
+use tokio_util::sync::CancellationToken;
+
+use super::{catalog_error, pipeline_error, store_error};
+use crate::catalog::manifest::{Manifest, RedisFacts, SourceFacts};
+use crate::catalog::{self, Kind, Selector, layout};
+use crate::config::Config;
+use crate::error::Failure;
+use crate::pipeline;
+use crate::sources::redis::{RedisEndpoint, RedisError, Session};
+use crate::store::Store;
+
+/// Chunks queued between the socket reader and the pipeline.
+const CHUNK_QUEUE: usize = 4;
+const OBJECT: &str = "dump.rdb.zst";
+
+fn redis_error(error: RedisError) -> anyhow::Error {
+    match error {
+        RedisError::Config(message) => Failure::Config(message).into(),
+        RedisError::Failed(message) => anyhow::anyhow!(message),
+    }
+}
+
+/// The server to back up: `--redis-url`, else the configuration; a password from the
+/// configuration (or `REDISCLI_AUTH`) when the URL has none.
+pub fn endpoint(config: &Config, flag: Option<&str>) -> anyhow::Result<RedisEndpoint> {
+    let url = flag
+        .map(str::to_string)
+        .or_else(|| config.redis.url.clone())
+        .ok_or_else(|| {
+            Failure::Config(
+                "no Redis to back up: give --redis-url, GC_BACKUP_REDIS_URL or [redis] url".into(),
+            )
+        })?;
+    let mut endpoint = RedisEndpoint::parse(&url).map_err(redis_error)?;
+    if endpoint.password.is_none() {
+        endpoint.password.clone_from(&config.redis.password);
+    }
+    Ok(endpoint)
+}
+
+/// Takes an RDB snapshot of `endpoint` and returns its committed manifest.
+pub async fn backup(
+    config: &Config,
+    store: &Store,
+    endpoint: &RedisEndpoint,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Manifest> {
+    // Connect and authenticate first: a wrong password fails before anything is stored.
+    let mut session = Session::open(endpoint).await.map_err(redis_error)?;
+    let redis_version = session.server_version().await.map_err(redis_error)?;
+
+    let start_time = Utc::now();
+    catalog::sweep_abandoned(store, Kind::Redis, start_time)
+        .await
+        .map_err(catalog_error)?;
+    let id = catalog::claim_id(store, Kind::Redis, start_time)
+        .await
+        .map_err(catalog_error)?;
+    tracing::info!(kind = "redis", id = %id, server = %endpoint, %redis_version, "backup started");
+    let key = layout::data_key(Kind::Redis, &id, OBJECT);
+
+    let stored = async {
+        let snapshot = session.sync().await.map_err(redis_error)?;
+        let (chunks, received) = tokio::sync::mpsc::channel(CHUNK_QUEUE);
+        let reader = StreamReader::new(ReceiverStream::new(received));
+        let (read, uploaded) = tokio::join!(
+            snapshot.stream(chunks),
+            pipeline::upload(store, &key, reader, &config.pipeline, cancel)
+        );
+        // The snapshot's own verdict first: it explains an upload that stopped because of it.
+        let facts = read.map_err(redis_error)?;
+        let summary = uploaded.map_err(pipeline_error)?;
+        let meta = store.head(&key).await.map_err(store_error)?;
+        if meta.size != summary.stored_bytes || summary.raw_bytes != facts.bytes {
+            return Err(anyhow::Error::new(Failure::Corrupt(format!(
+                "{key}: {} bytes stored and {} raw after upload, but {} and {} were expected",
+                meta.size, summary.raw_bytes, summary.stored_bytes, facts.bytes
+            ))));
+        }
+        Ok((facts, summary))
+    }
+    .await;
+    let (facts, summary) = match stored {
+        Ok(done) => done,
+        Err(error) => {
+            super::discard(store, Kind::Redis, &id).await;
+            return Err(error.context(format!("redis backup {id} failed; nothing was committed")));
+        }
+    };
+
+    let source = SourceFacts::Redis(RedisFacts {
+        server: endpoint.to_string(),
+        redis_version,
+        rdb_version: facts.rdb_version,
+        crc64: facts.crc64.clone(),
+        diskless: facts.diskless,
+    });
+    let manifest =
+        super::single_object_manifest(Kind::Redis, &id, start_time, config, source, &key, &summary);
+    super::commit_or_discard(store, &manifest).await?;
+    tracing::info!(
+        kind = "redis",
+        id = %id,
+        raw_bytes = summary.raw_bytes,
+        stored_bytes = summary.stored_bytes,
+        rdb_version = facts.rdb_version,
+        diskless = facts.diskless,
+        seconds = summary.elapsed.as_secs_f64(),
+        peak_rss_bytes = super::peak_rss_bytes().unwrap_or_default(),
+        "backup completed"
+    );
+    Ok(manifest)
+}
+
+#[derive(Debug)]
+pub struct RestoreRedisReport {
+    pub manifest: Manifest,
+    pub path: PathBuf,
+    pub elapsed: Duration,
+}
+
+/// Writes the snapshot to `DIR/dump.rdb` (a new file, checked before it gets its name).
+pub async fn restore(
+    store: &Store,
+    selector: &Selector,
+    dir: &Path,
+    cancel: &CancellationToken,
+) -> anyhow::Result<RestoreRedisReport> {
+    let manifest = catalog::find(store, Kind::Redis, selector)
+        .await
+        .map_err(catalog_error)?;
+    let [object] = manifest.objects.as_slice() else {
+        anyhow::bail!(
+            "redis backup {} has {} objects, expected 1",
+            manifest.id,
+            manifest.objects.len()
+        );
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("dump.rdb");
+    let started = Instant::now();
+    tokio::select! {
+        result = super::restore_pg_dump::restore_to_file(store, object, &path) => {
+            result.with_context(|| format!("restore of redis backup {} failed", manifest.id))?;
+        }
+        () = cancel.cancelled() => {
+            return Err(Failure::Interrupted(format!("restore of redis backup {} interrupted", manifest.id)).into());
+        }
+    }
+    Ok(RestoreRedisReport {
+        manifest,
+        path,
+        elapsed: started.elapsed(),
+    })
+}

@@ -1,0 +1,548 @@
+//! Redis as a source: an RDB snapshot taken the way a replica takes one, over the replication
+//! protocol, so that nothing is written to the server's disk or ours.
+//!
+//! The session: `AUTH` (when a password is set), `REPLCONF capa eof` (the server may then send
+//! a diskless snapshot framed by a 40-byte end mark instead of a length), `REPLCONF rdb-only 1`
+//! (Redis 7: send the snapshot only, no command stream after it; older servers refuse it and
+//! are simply read up to the end of the snapshot), then `SYNC`. The payload is checked while it
+//! streams: the `REDIS` magic and format version first, and the CRC-64 trailer at the end. A
+//! mismatch or a short payload is an error pushed into the stream, so the upload is aborted.
+
+use std::fmt;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::config::Secret;
+
+/// Bytes read from the server at a time.
+const READ_CHUNK: usize = 256 * 1024;
+/// Length of the end mark of a diskless (`$EOF:`) payload.
+const EOF_MARK_LEN: usize = 40;
+
+const CRC64: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_REDIS);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    /// A usage problem: bad URL, wrong password, unknown user.
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Where Redis is and who we are to it. The password never appears in `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+impl fmt::Display for RedisEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "redis://{}:{}", self.host, self.port)
+    }
+}
+
+impl fmt::Debug for RedisEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisEndpoint({self})")
+    }
+}
+
+impl RedisEndpoint {
+    /// Parses `redis://[[user]:password@]host[:port][/db]`. `rediss://` (TLS) is refused for
+    /// now with a message saying so.
+    pub fn parse(url: &str) -> Result<Self, RedisError> {
+        let bad = |why: &str| RedisError::Config(format!("redis URL {}: {why}", redact(url)));
+        let rest = if let Some(rest) = url.strip_prefix("redis://") {
+            rest
+        } else if url.starts_with("rediss://") {
+            return Err(bad(
+                "TLS (rediss://) is not supported yet; use redis:// on a trusted network",
+            ));
+        } else {
+            return Err(bad("expected redis://host:port"));
+        };
+        let rest = rest.split(['/', '?']).next().unwrap_or_default();
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((userinfo, hostport)) => (Some(userinfo), hostport),
+            None => (None, rest),
+        };
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(info) => {
+                let (user, password) = match info.split_once(':') {
+                    Some((user, password)) => (user, Some(password)),
+                    None => (info, None),
+                };
+                let decode = |text: &str| percent_decode(text).ok_or_else(|| bad("bad %-escape"));
+                let user = Some(decode(user)?).filter(|u| !u.is_empty());
+                let password = password.map(decode).transpose()?.map(Secret::new);
+                (user, password)
+            }
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+                let port = port.parse().map_err(|_| bad("the port is not a number"))?;
+                (host, port)
+            }
+            _ => (hostport, 6379),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        Ok(RedisEndpoint {
+            host: host.to_string(),
+            port,
+            username,
+            password,
+        })
+    }
+}
+
+/// The URL with any password replaced, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A session with the server.
+pub struct Session {
+    stream: BufStream<TcpStream>,
+    endpoint: RedisEndpoint,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Session({})", self.endpoint)
+    }
+}
+
+/// One reply line of the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    Status(String),
+    Error(String),
+    Bulk(Option<Vec<u8>>),
+    Integer(i64),
+}
+
+impl Session {
+    /// Connects and authenticates. A wrong password or user is a [`RedisError::Config`].
+    pub async fn open(endpoint: &RedisEndpoint) -> Result<Self, RedisError> {
+        let address = (endpoint.host.as_str(), endpoint.port);
+        let tcp = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            TcpStream::connect(address),
+        )
+        .await
+        .map_err(|_| RedisError::Failed(format!("{endpoint} did not answer within 10 s")))?
+        .map_err(|e| RedisError::Failed(format!("cannot connect to {endpoint}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let mut session = Session {
+            stream: BufStream::with_capacity(READ_CHUNK, 64 * 1024, tcp),
+            endpoint: endpoint.clone(),
+        };
+        if let Some(password) = &endpoint.password {
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = &endpoint.username {
+                args.push(user.as_bytes());
+            }
+            args.push(password.expose().as_bytes());
+            match session.call(&args).await? {
+                Reply::Status(_) => {}
+                Reply::Error(message) => {
+                    return Err(RedisError::Config(format!(
+                        "{endpoint} refused the credentials: {message}"
+                    )));
+                }
+                other => return Err(session.unexpected("AUTH", &other)),
+            }
+        }
+        Ok(session)
+    }
+
+    /// `INFO server`'s `redis_version`.
+    pub async fn server_version(&mut self) -> Result<String, RedisError> {
+        match self.call(&[b"INFO", b"server"]).await? {
+            Reply::Bulk(Some(text)) => Ok(String::from_utf8_lossy(&text)
+                .lines()
+                .find_map(|l| l.strip_prefix("redis_version:"))
+                .unwrap_or("unknown")
+                .trim()
+                .to_string()),
+            Reply::Error(message) if message.starts_with("NOAUTH") => {
+                Err(RedisError::Config(format!(
+                    "{} needs a password (in the URL or REDISCLI_AUTH)",
+                    self.endpoint
+                )))
+            }
+            other => Err(self.unexpected("INFO", &other)),
+        }
+    }
+
+    /// Asks for a snapshot and returns a reader task streaming it into `chunks`.
+    pub async fn sync(mut self) -> Result<Snapshot, RedisError> {
+        // Both are optional: a server that does not know them sends a length-framed snapshot
+        // and the command stream after it, which the reader stops before.
+        for capability in [
+            &[b"REPLCONF" as &[u8], b"capa", b"eof"][..],
+            &[b"REPLCONF", b"rdb-only", b"1"],
+        ] {
+            match self.call(capability).await? {
+                Reply::Status(_) | Reply::Error(_) => {}
+                other => return Err(self.unexpected("REPLCONF", &other)),
+            }
+        }
+        self.send(&[b"SYNC"]).await?;
+        // The server sends newlines while it prepares the snapshot.
+        let line = loop {
+            let line = self.read_line().await?;
+            if !line.is_empty() {
+                break line;
+            }
+        };
+        let framing = if let Some(error) = line.strip_prefix('-') {
+            let kind = if error.starts_with("NOAUTH") || error.starts_with("NOPERM") {
+                RedisError::Config
+            } else {
+                RedisError::Failed
+            };
+            return Err(kind(format!("{} refused SYNC: {error}", self.endpoint)));
+        } else if let Some(mark) = line.strip_prefix("$EOF:") {
+            let mark = mark.as_bytes().to_vec();
+            if mark.len() != EOF_MARK_LEN {
+                return Err(RedisError::Failed(format!(
+                    "{} sent a bad end mark",
+                    self.endpoint
+                )));
+            }
+            Framing::EndMark(mark)
+        } else if let Some(length) = line.strip_prefix('$').and_then(|n| n.parse::<u64>().ok()) {
+            Framing::Length(length)
+        } else {
+            return Err(RedisError::Failed(format!(
+                "{} answered SYNC with {line:?}",
+                self.endpoint
+            )));
+        };
+        Ok(Snapshot {
+            session: self,
+            framing,
+        })
+    }
+
+    async fn call(&mut self, args: &[&[u8]]) -> Result<Reply, RedisError> {
+        self.send(args).await?;
+        self.read_reply().await
+    }
+
+    async fn send(&mut self, args: &[&[u8]]) -> Result<(), RedisError> {
+        let mut frame = format!("*{}\r\n", args.len()).into_bytes();
+        for arg in args {
+            frame.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            frame.extend_from_slice(arg);
+            frame.extend_from_slice(b"\r\n");
+        }
+        let io =
+            |e: std::io::Error| RedisError::Failed(format!("writing to {}: {e}", self.endpoint));
+        self.stream.write_all(&frame).await.map_err(io)?;
+        self.stream.flush().await.map_err(io)
+    }
+
+    async fn read_line(&mut self) -> Result<String, RedisError> {
+        let mut line = Vec::new();
+        let read = self
+            .stream
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|e| RedisError::Failed(format!("reading from {}: {e}", self.endpoint)))?;
+        if read == 0 {
+            return Err(RedisError::Failed(format!(
+                "{} closed the connection",
+                self.endpoint
+            )));
+        }
+        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            line.pop();
+        }
+        Ok(String::from_utf8_lossy(&line).into_owned())
+    }
+
+    async fn read_reply(&mut self) -> Result<Reply, RedisError> {
+        let line = self.read_line().await?;
+        let (kind, rest) = line.split_at(line.len().min(1));
+        Ok(match kind {
+            "+" => Reply::Status(rest.to_string()),
+            "-" => Reply::Error(rest.to_string()),
+            ":" => Reply::Integer(rest.parse().unwrap_or_default()),
+            "$" => match rest.parse::<i64>() {
+                Ok(length) if length >= 0 => {
+                    let length = usize::try_from(length).unwrap_or_default();
+                    let mut body = vec![0; length + 2];
+                    self.stream.read_exact(&mut body).await.map_err(|e| {
+                        RedisError::Failed(format!("reading from {}: {e}", self.endpoint))
+                    })?;
+                    body.truncate(length);
+                    Reply::Bulk(Some(body))
+                }
+                _ => Reply::Bulk(None),
+            },
+            _ => Reply::Error(format!("unexpected reply {line:?}")),
+        })
+    }
+
+    fn unexpected(&self, command: &str, reply: &Reply) -> RedisError {
+        RedisError::Failed(format!(
+            "{} answered {command} with {reply:?}",
+            self.endpoint
+        ))
+    }
+}
+
+/// How the snapshot's end is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    /// Diskless: the payload ends with these 40 bytes.
+    EndMark(Vec<u8>),
+}
+
+/// A snapshot the server has started to send.
+#[derive(Debug)]
+pub struct Snapshot {
+    session: Session,
+    framing: Framing,
+}
+
+/// What the reader saw of the snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RdbFacts {
+    pub bytes: u64,
+    /// The RDB format version from the header.
+    pub rdb_version: u32,
+    /// The CRC-64 trailer, hex; `None` when the server writes none (`rdbchecksum no`).
+    pub crc64: Option<String>,
+    /// `$EOF:` framing (diskless) or a length.
+    pub diskless: bool,
+}
+
+impl Snapshot {
+    /// Reads the payload into `chunks`, checking it; on a problem an error is the last item
+    /// sent, so the pipeline aborts instead of completing the object.
+    pub async fn stream(
+        self,
+        chunks: mpsc::Sender<std::io::Result<Bytes>>,
+    ) -> Result<RdbFacts, RedisError> {
+        let endpoint = self.session.endpoint.clone();
+        let result = self.read_checked(&chunks).await;
+        if let Err(error) = &result {
+            let _ = chunks
+                .send(Err(std::io::Error::other(error.to_string())))
+                .await;
+        }
+        drop(chunks);
+        result.map_err(|e| match e {
+            RedisError::Failed(message) => {
+                RedisError::Failed(format!("snapshot from {endpoint}: {message}"))
+            }
+            other => other,
+        })
+    }
+
+    async fn read_checked(
+        self,
+        chunks: &mpsc::Sender<std::io::Result<Bytes>>,
+    ) -> Result<RdbFacts, RedisError> {
+        let Snapshot {
+            mut session,
+            framing,
+        } = self;
+        let diskless = matches!(framing, Framing::EndMark(_));
+        let mut check = RdbCheck::default();
+        let mut remaining = match &framing {
+            Framing::Length(length) => Some(*length),
+            Framing::EndMark(_) => None,
+        };
+        // Diskless: the last 40 bytes read are held back until more data shows they are not
+        // the end mark.
+        let mut held = BytesMut::new();
+        loop {
+            let want = remaining.map_or(READ_CHUNK, |left| {
+                READ_CHUNK.min(usize::try_from(left).unwrap_or(READ_CHUNK))
+            });
+            if want == 0 {
+                break;
+            }
+            let mut buffer = BytesMut::with_capacity(want);
+            let read = (&mut session.stream)
+                .take(want as u64)
+                .read_buf(&mut buffer)
+                .await
+                .map_err(|e| RedisError::Failed(format!("reading: {e}")))?;
+            if read == 0 {
+                return Err(RedisError::Failed(format!(
+                    "the connection closed after {} bytes, before the end of the snapshot",
+                    check.bytes + held.len() as u64
+                )));
+            }
+            let data = match &framing {
+                Framing::Length(_) => {
+                    remaining = remaining.map(|left| left - read as u64);
+                    buffer.freeze()
+                }
+                Framing::EndMark(mark) => {
+                    held.extend_from_slice(&buffer);
+                    if let Some(at) = memchr::memmem::find(&held, mark) {
+                        // Anything after the mark is the command stream, not the snapshot.
+                        let data = held.split_to(at).freeze();
+                        check.feed(&data)?;
+                        send(chunks, data).await?;
+                        break;
+                    }
+                    let keep = held.len().min(EOF_MARK_LEN - 1);
+                    held.split_to(held.len() - keep).freeze()
+                }
+            };
+            check.feed(&data)?;
+            send(chunks, data).await?;
+        }
+        let facts = check.finish()?;
+        Ok(RdbFacts { diskless, ..facts })
+    }
+}
+
+async fn send(
+    chunks: &mpsc::Sender<std::io::Result<Bytes>>,
+    data: Bytes,
+) -> Result<(), RedisError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    chunks
+        .send(Ok(data))
+        .await
+        .map_err(|_| RedisError::Failed("the upload stopped".into()))
+}
+
+/// The RDB checks, fed as the bytes go by: magic and version at the start, CRC-64 of all but
+/// the last 8 bytes against those 8 bytes at the end.
+#[derive(Default)]
+struct RdbCheck {
+    bytes: u64,
+    header: Vec<u8>,
+    /// The last 8 bytes seen, not yet fed to the CRC.
+    tail: Vec<u8>,
+    digest_state: Option<crc::Digest<'static, u64, crc::Table<16>>>,
+}
+
+impl fmt::Debug for RdbCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RdbCheck({} bytes)", self.bytes)
+    }
+}
+
+impl RdbCheck {
+    fn feed(&mut self, data: &[u8]) -> Result<(), RedisError> {
+        self.bytes += data.len() as u64;
+        if self.header.len() < 9 {
+            let need = 9 - self.header.len();
+            self.header.extend_from_slice(&data[..need.min(data.len())]);
+            if self.header.len() >= 5 && &self.header[..5] != b"REDIS" {
+                return Err(RedisError::Failed(
+                    "the payload is not an RDB file (no REDIS magic)".into(),
+                ));
+            }
+        }
+        let digest = self.digest_state.get_or_insert_with(|| CRC64.digest());
+        // Everything but the last 8 bytes of the stream goes into the CRC.
+        let mut joined = std::mem::take(&mut self.tail);
+        if joined.len() + data.len() <= 8 {
+            joined.extend_from_slice(data);
+            self.tail = joined;
+            return Ok(());
+        }
+        let total = joined.len() + data.len();
+        let flush = total - 8;
+        if flush <= joined.len() {
+            digest.update(&joined[..flush]);
+            let mut tail = joined[flush..].to_vec();
+            tail.extend_from_slice(data);
+            self.tail = tail;
+        } else {
+            digest.update(&joined);
+            let from_data = flush - joined.len();
+            digest.update(&data[..from_data]);
+            self.tail = data[from_data..].to_vec();
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<RdbFacts, RedisError> {
+        if self.header.len() < 9 || self.tail.len() < 8 {
+            return Err(RedisError::Failed(format!(
+                "the snapshot is too short ({} bytes)",
+                self.bytes
+            )));
+        }
+        let version: u32 = std::str::from_utf8(&self.header[5..9])
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| RedisError::Failed("the RDB header has no version".into()))?;
+        let stored = u64::from_le_bytes(self.tail[..8].try_into().unwrap_or_default());
+        let computed = self.digest_state.map_or(0, |d| d.finalize());
+        let crc64 = if version < 5 || stored == 0 {
+            // Written with rdbchecksum no (or too old to have one): nothing to compare.
+            tracing::warn!(
+                rdb_version = version,
+                "the snapshot carries no CRC-64; only its SHA-256 will protect it"
+            );
+            None
+        } else if stored != computed {
+            return Err(RedisError::Failed(format!(
+                "CRC-64 mismatch: the snapshot says {stored:016x}, its bytes give {computed:016x}"
+            )));
+        } else {
+            Some(format!("{stored:016x}"))
+        };
+        Ok(RdbFacts {
+            bytes: self.bytes,
+            rdb_version: version,
+            crc64,
+            diskless: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+//! A throwaway `redis-server` on a free loopback port, with a password, in its own temp dir.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, run_ok, shared_temp_dir};
+
+pub const PASSWORD: &str = "gcb-redis-secret";
+
+pub struct Redis {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub port: u16,
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = PathBuf::from("/usr/bin").join(name);
+    assert!(
+        path.exists(),
+        "{name} is missing: apt-get install redis-server redis-tools (scripts/test does)"
+    );
+    path
+}
+
+impl Redis {
+    /// Starts a server; `diskless` chooses how it sends snapshots to replicas (`$EOF:` framing
+    /// or a length).
+    pub fn start(diskless: bool) -> Self {
+        Self::start_in(shared_temp_dir("redis"), None, diskless)
+    }
+
+    /// Starts a server on `dump.rdb` of `data_dir` (a restored snapshot).
+    pub fn start_on(data_dir: &Path) -> Self {
+        Self::start_in(shared_temp_dir("redis-restored"), Some(data_dir), false)
+    }
+
+    fn start_in(dir: tempfile::TempDir, data_dir: Option<&Path>, diskless: bool) -> Self {
+        let port = free_port();
+        let data = data_dir.map_or_else(|| dir.path().to_path_buf(), Path::to_path_buf);
+        let child = Command::new(binary("redis-server"))
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&data)
+            .args(["--dbfilename", "dump.rdb", "--requirepass", PASSWORD])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--enable-debug-command",
+                "yes",
+            ])
+            .args(["--repl-diskless-sync", if diskless { "yes" } else { "no" }])
+            .args(["--repl-diskless-sync-delay", "0"])
+            .arg("--logfile")
+            .arg(dir.path().join("redis.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let redis = Redis {
+            dir,
+            child: Some(child),
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while redis.try_cli(&["PING"]).as_deref() != Some("PONG") {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://:{PASSWORD}@127.0.0.1:{}", self.port)
+    }
+
+    fn try_cli(&self, args: &[&str]) -> Option<String> {
+        let output = Command::new(binary("redis-cli"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "--no-auth-warning",
+            ])
+            .args(["-a", PASSWORD])
+            .args(args)
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+    }
+
+    /// Runs one redis-cli command and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
+    }
+
+    /// Keys of every type, binary values, expiries, and ~`bulk_keys` strings in bulk.
+    pub fn populate(&self, bulk_keys: u32) {
+        self.cli(&["DEBUG", "POPULATE", &bulk_keys.to_string(), "bulk", "512"]);
+        self.cli(&["RPUSH", "list:1", "a", "b", "c", "ファイル"]);
+        self.cli(&[
+            "HSET", "file:42", "name", "a.txt", "size", "1024", "owner", "7",
+        ]);
+        self.cli(&["SADD", "set:tags", "x", "y", "z"]);
+        self.cli(&["ZADD", "zset:scores", "1", "one", "2.5", "two"]);
+        self.cli(&["XADD", "stream:events", "*", "kind", "upload", "id", "42"]);
+        self.cli(&["SET", "session:1", "token", "EX", "3600"]);
+        self.cli(&["SETRANGE", "binary", "3", "\u{1}\u{2}\r\n\u{ff}"]);
+    }
+
+    /// `DEBUG DIGEST`: equal digests, equal datasets.
+    pub fn digest(&self) -> String {
+        self.cli(&["DEBUG", "DIGEST"])
+    }
+}
+
+/// `redis-check-rdb FILE` succeeds.
+pub fn check_rdb(file: &Path) {
+    run_ok(Command::new(binary("redis-check-rdb")).arg(file));
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = &self.dir;
+    }
+}
