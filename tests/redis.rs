@@ -125,3 +125,29 @@ fn a_flipped_bit_in_the_store_fails_the_restore_and_writes_no_file() {
     assert!(!out.join("dump.rdb").exists());
     assert!(!out.join("dump.rdb.partial").exists());
 }
+
+#[test]
+fn rediss_with_a_private_ca_and_a_client_certificate() {
+    let weed = Seaweed::start();
+    let source = Redis::start_tls();
+    source.populate(2_000);
+    let digest = source.digest();
+    let mut agent = agent_for(&weed, "tls", &source);
+
+    // The server's CA is not trusted yet: a TLS error, nothing stored.
+    let output = agent.run(&["backup", "redis"]);
+    assert_fails(&output, 3, "TLS with rediss://127.0.0.1");
+    assert!(weed.keys("tls").is_empty());
+
+    agent.set(
+        "GC_BACKUP_REDIS_CA_FILE",
+        source.ca_file().to_str().unwrap(),
+    );
+    let (cert, key) = source.client_certificate();
+    agent.set("GC_BACKUP_REDIS_CERT_FILE", cert.to_str().unwrap());
+    agent.set("GC_BACKUP_REDIS_KEY_FILE", key.to_str().unwrap());
+    let id = agent.backup(&["backup", "redis"]);
+    let out = agent.home().join("restored");
+    agent.ok(&["restore", "redis", &id, "--output", out.to_str().unwrap()]);
+    assert_eq!(Redis::start_on(&out).digest(), digest);
+}

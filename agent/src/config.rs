@@ -118,6 +118,10 @@ pub struct RedisSection {
     pub url: Option<String>,
     /// Used when the URL carries none.
     pub password: Option<Secret>,
+    /// For `rediss://`: extra CA certificates (PEM), and a client certificate and key.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -171,6 +175,9 @@ pub struct Config {
 pub struct RedisConfig {
     pub url: Option<String>,
     pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -300,6 +307,15 @@ impl Config {
             password: env("REDISCLI_AUTH")
                 .map(Secret::new)
                 .or(file.redis.password),
+            ca_file: env("GC_BACKUP_REDIS_CA_FILE")
+                .map(PathBuf::from)
+                .or(file.redis.ca_file),
+            cert_file: env("GC_BACKUP_REDIS_CERT_FILE")
+                .map(PathBuf::from)
+                .or(file.redis.cert_file),
+            key_file: env("GC_BACKUP_REDIS_KEY_FILE")
+                .map(PathBuf::from)
+                .or(file.redis.key_file),
         };
         Ok(Self {
             store,

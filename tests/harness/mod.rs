@@ -413,6 +413,55 @@ pub fn agent_for_cluster(pg: &Postgres, weed: &Seaweed, prefix: &str) -> Agent {
     Agent::new(env)
 }
 
+/// A throwaway CA in `dir`: `ca.pem` (the certificate to trust) and `ca.key`.
+pub fn private_ca(dir: &Path) {
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=gcb-test-ca", "-keyout"])
+            .arg(dir.join("ca.key"))
+            .arg("-out")
+            .arg(dir.join("ca.pem")),
+    );
+}
+
+/// `NAME.pem` and `NAME.key` in `dir`, signed by [`private_ca`]'s CA, with one extension line
+/// (e.g. `subjectAltName=IP:127.0.0.1`).
+pub fn signed_certificate(dir: &Path, name: &str, extension: &str) -> (PathBuf, PathBuf) {
+    let path = |suffix: &str| dir.join(format!("{name}.{suffix}"));
+    let (cert, key) = (path("pem"), path("key"));
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj"])
+            .arg(format!("/CN={name}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(path("csr")),
+    );
+    std::fs::write(
+        path("ext"),
+        format!("{extension}\nbasicConstraints=CA:FALSE\n"),
+    )
+    .expect("write ext");
+    run_ok(
+        Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
+            .arg(path("csr"))
+            .arg("-CA")
+            .arg(dir.join("ca.pem"))
+            .arg("-CAkey")
+            .arg(dir.join("ca.key"))
+            .arg("-extfile")
+            .arg(path("ext"))
+            .arg("-out")
+            .arg(&cert),
+    );
+    (cert, key)
+}
+
 /// SeaweedFS's all-in-one server with an S3 gateway and one bucket.
 pub struct Seaweed {
     dir: tempfile::TempDir,
@@ -435,7 +484,7 @@ impl Seaweed {
     }
 
     pub fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("cert.pem")
+        self.dir.path().join("ca.pem")
     }
 
     pub fn https_endpoint(&self) -> String {
@@ -484,51 +533,9 @@ impl Seaweed {
         let mut fixed = fixed;
         if tls {
             // A private CA, and a server certificate for 127.0.0.1 signed by it.
-            let path = |name: &str| dir.path().join(name);
-            let (cert, key) = (path("server.pem"), path("server.key"));
-            run_ok(
-                Command::new("openssl")
-                    .args([
-                        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    ])
-                    .args(["-subj", "/CN=gcb-test-ca", "-keyout"])
-                    .arg(path("ca.key"))
-                    .arg("-out")
-                    .arg(path("cert.pem")),
-            );
-            run_ok(
-                Command::new("openssl")
-                    .args([
-                        "req",
-                        "-newkey",
-                        "rsa:2048",
-                        "-nodes",
-                        "-subj",
-                        "/CN=127.0.0.1",
-                    ])
-                    .arg("-keyout")
-                    .arg(&key)
-                    .arg("-out")
-                    .arg(path("server.csr")),
-            );
-            std::fs::write(
-                path("server.ext"),
-                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-            )
-            .expect("write ext");
-            run_ok(
-                Command::new("openssl")
-                    .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
-                    .arg(path("server.csr"))
-                    .arg("-CA")
-                    .arg(path("cert.pem"))
-                    .arg("-CAkey")
-                    .arg(path("ca.key"))
-                    .arg("-extfile")
-                    .arg(path("server.ext"))
-                    .arg("-out")
-                    .arg(&cert),
-            );
+            private_ca(dir.path());
+            let (cert, key) =
+                signed_certificate(dir.path(), "server", "subjectAltName=IP:127.0.0.1");
             fixed.push(format!("-s3.cert.file={}", cert.display()));
             fixed.push(format!("-s3.key.file={}", key.display()));
         }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, run_ok, shared_temp_dir};
+use super::{free_port, private_ca, run_ok, shared_temp_dir, signed_certificate};
 
 pub const PASSWORD: &str = "gcb-redis-secret";
 
@@ -12,6 +12,8 @@ pub struct Redis {
     dir: tempfile::TempDir,
     child: Option<Child>,
     pub port: u16,
+    /// TLS only (`--tls-port`), requiring client certificates from [`Redis::ca_file`]'s CA.
+    tls: bool,
 }
 
 fn binary(name: &str) -> PathBuf {
@@ -27,19 +29,65 @@ impl Redis {
     /// Starts a server; `diskless` chooses how it sends snapshots to replicas (`$EOF:` framing
     /// or a length).
     pub fn start(diskless: bool) -> Self {
-        Self::start_in(shared_temp_dir("redis"), None, diskless)
+        Self::start_in(shared_temp_dir("redis"), None, diskless, false)
     }
 
     /// Starts a server on `dump.rdb` of `data_dir` (a restored snapshot).
     pub fn start_on(data_dir: &Path) -> Self {
-        Self::start_in(shared_temp_dir("redis-restored"), Some(data_dir), false)
+        Self::start_in(
+            shared_temp_dir("redis-restored"),
+            Some(data_dir),
+            false,
+            false,
+        )
     }
 
-    fn start_in(dir: tempfile::TempDir, data_dir: Option<&Path>, diskless: bool) -> Self {
+    /// A server that speaks only TLS and requires a client certificate (Redis' default).
+    pub fn start_tls() -> Self {
+        let dir = shared_temp_dir("redis-tls");
+        private_ca(dir.path());
+        signed_certificate(dir.path(), "server", "subjectAltName=IP:127.0.0.1");
+        signed_certificate(dir.path(), "client", "extendedKeyUsage=clientAuth");
+        Self::start_in(dir, None, true, true)
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The client certificate and key the server accepts.
+    pub fn client_certificate(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.path().join("client.pem"),
+            self.dir.path().join("client.key"),
+        )
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        data_dir: Option<&Path>,
+        diskless: bool,
+        tls: bool,
+    ) -> Self {
         let port = free_port();
         let data = data_dir.map_or_else(|| dir.path().to_path_buf(), Path::to_path_buf);
-        let child = Command::new(binary("redis-server"))
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = Command::new(binary("redis-server"));
+        if tls {
+            let file = |name: &str| dir.path().join(name);
+            command
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(file("server.pem"))
+                .arg("--tls-key-file")
+                .arg(file("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(file("ca.pem"))
+                .args(["--tls-auth-clients", "yes"]);
+        } else {
+            command.args(["--port", &port.to_string()]);
+        }
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(&data)
             .args(["--dbfilename", "dump.rdb", "--requirepass", PASSWORD])
@@ -64,21 +112,28 @@ impl Redis {
             dir,
             child: Some(child),
             port,
+            tls,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while redis.try_cli(&["PING"]).as_deref() != Some("PONG") {
-            assert!(Instant::now() < deadline, "redis-server did not start");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start: {}",
+                std::fs::read_to_string(redis.dir.path().join("redis.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         redis
     }
 
     pub fn url(&self) -> String {
-        format!("redis://:{PASSWORD}@127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://:{PASSWORD}@127.0.0.1:{}", self.port)
     }
 
     fn try_cli(&self, args: &[&str]) -> Option<String> {
-        let output = Command::new(binary("redis-cli"))
+        let mut command = Command::new(binary("redis-cli"));
+        command
             .args([
                 "-h",
                 "127.0.0.1",
@@ -86,10 +141,19 @@ impl Redis {
                 &self.port.to_string(),
                 "--no-auth-warning",
             ])
-            .args(["-a", PASSWORD])
-            .args(args)
-            .output()
-            .ok()?;
+            .args(["-a", PASSWORD]);
+        if self.tls {
+            let (cert, key) = self.client_certificate();
+            command
+                .arg("--tls")
+                .arg("--cacert")
+                .arg(self.ca_file())
+                .arg("--cert")
+                .arg(cert)
+                .arg("--key")
+                .arg(key);
+        }
+        let output = command.args(args).output().ok()?;
         output
             .status
             .success()

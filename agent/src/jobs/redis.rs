@@ -46,6 +46,11 @@ pub fn endpoint(config: &Config, flag: Option<&str>) -> anyhow::Result<RedisEndp
     if endpoint.password.is_none() {
         endpoint.password.clone_from(&config.redis.password);
     }
+    if let Some(files) = &mut endpoint.tls {
+        files.ca_file.clone_from(&config.redis.ca_file);
+        files.cert_file.clone_from(&config.redis.cert_file);
+        files.key_file.clone_from(&config.redis.key_file);
+    }
     Ok(endpoint)
 }
 

@@ -4,16 +4,23 @@
 //! The session: `AUTH` (when a password is set), `REPLCONF capa eof` (the server may then send
 //! a diskless snapshot framed by a 40-byte end mark instead of a length), `REPLCONF rdb-only 1`
 //! (Redis 7: send the snapshot only, no command stream after it; older servers refuse it and
-//! are simply read up to the end of the snapshot), then `SYNC`. The payload is checked while it
+//! are simply read up to the end of the snapshot), then `SYNC`. `rediss://` speaks TLS
+//! (rustls), trusting the system's roots plus an optional CA file, with an optional client
+//! certificate for servers that require one (Redis' default `tls-auth-clients yes`). The payload is checked while it
 //! streams: the `REDIS` magic and format version first, and the CRC-64 trailer at the end. A
 //! mismatch or a short payload is an error pushed into the stream, so the upload is aborted.
 
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::config::Secret;
 
@@ -41,11 +48,28 @@ pub struct RedisEndpoint {
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// `rediss://`: TLS, with these files.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for a TLS connection; all optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Extra CA certificates to trust (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key, for servers that require one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl fmt::Display for RedisEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "redis://{}:{}", self.host, self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
     }
 }
 
@@ -56,18 +80,15 @@ impl fmt::Debug for RedisEndpoint {
 }
 
 impl RedisEndpoint {
-    /// Parses `redis://[[user]:password@]host[:port][/db]`. `rediss://` (TLS) is refused for
-    /// now with a message saying so.
+    /// Parses `redis[s]://[[user]:password@]host[:port][/db]`; `rediss://` is TLS.
     pub fn parse(url: &str) -> Result<Self, RedisError> {
         let bad = |why: &str| RedisError::Config(format!("redis URL {}: {why}", redact(url)));
-        let rest = if let Some(rest) = url.strip_prefix("redis://") {
-            rest
-        } else if url.starts_with("rediss://") {
-            return Err(bad(
-                "TLS (rediss://) is not supported yet; use redis:// on a trusted network",
-            ));
+        let (rest, tls) = if let Some(rest) = url.strip_prefix("redis://") {
+            (rest, None)
+        } else if let Some(rest) = url.strip_prefix("rediss://") {
+            (rest, Some(TlsFiles::default()))
         } else {
-            return Err(bad("expected redis://host:port"));
+            return Err(bad("expected redis://host:port or rediss://host:port"));
         };
         let rest = rest.split(['/', '?']).next().unwrap_or_default();
         let (userinfo, hostport) = match rest.rsplit_once('@') {
@@ -103,7 +124,55 @@ impl RedisEndpoint {
             port,
             username,
             password,
+            tls,
         })
+    }
+}
+
+/// Anything a session can run over: plain TCP or TLS.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
+
+/// A TLS client configuration: the system's roots, the CA file, the client certificate.
+fn tls_config(files: &TlsFiles) -> Result<rustls::ClientConfig, RedisError> {
+    let config_error = |what: &str, path: &std::path::Path, e: &dyn fmt::Display| {
+        RedisError::Config(format!("{what} {}: {e}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = &files.ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| config_error("cannot read CA file", path, &e))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| config_error("bad CA file", path, &e))?;
+            roots
+                .add(cert)
+                .map_err(|e| config_error("bad CA certificate in", path, &e))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| RedisError::Failed(format!("TLS set-up: {e}")))?
+        .with_root_certificates(roots);
+    match (&files.cert_file, &files.key_file) {
+        (Some(cert_path), Some(key_path)) => {
+            let certs = CertificateDer::pem_file_iter(cert_path)
+                .map_err(|e| config_error("cannot read certificate", cert_path, &e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| config_error("bad certificate", cert_path, &e))?;
+            let key = PrivateKeyDer::from_pem_file(key_path)
+                .map_err(|e| config_error("cannot read key", key_path, &e))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| config_error("certificate and key do not match:", cert_path, &e))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(RedisError::Config(
+            "a Redis client certificate needs both cert-file and key-file".into(),
+        )),
     }
 }
 
@@ -138,7 +207,7 @@ fn percent_decode(text: &str) -> Option<String> {
 
 /// A session with the server.
 pub struct Session {
-    stream: BufStream<TcpStream>,
+    stream: BufStream<Box<dyn Connection>>,
     endpoint: RedisEndpoint,
 }
 
@@ -169,8 +238,22 @@ impl Session {
         .map_err(|_| RedisError::Failed(format!("{endpoint} did not answer within 10 s")))?
         .map_err(|e| RedisError::Failed(format!("cannot connect to {endpoint}: {e}")))?;
         let _ = tcp.set_nodelay(true);
+        let connection: Box<dyn Connection> = match &endpoint.tls {
+            None => Box::new(tcp),
+            Some(files) => {
+                let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(files)?));
+                let name = ServerName::try_from(endpoint.host.clone()).map_err(|e| {
+                    RedisError::Config(format!("{}: not a TLS server name: {e}", endpoint.host))
+                })?;
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| RedisError::Failed(format!("TLS with {endpoint} failed: {e}")))?;
+                Box::new(tls)
+            }
+        };
         let mut session = Session {
-            stream: BufStream::with_capacity(READ_CHUNK, 64 * 1024, tcp),
+            stream: BufStream::with_capacity(READ_CHUNK, 64 * 1024, connection),
             endpoint: endpoint.clone(),
         };
         if let Some(password) = &endpoint.password {

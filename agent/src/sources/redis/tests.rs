@@ -65,7 +65,11 @@ fn urls_carry_user_and_password_and_never_show_the_password() {
     assert_eq!((endpoint.username, endpoint.port), (None, 6379));
     assert_eq!(redact("redis://:pw@127.0.0.1"), "redis://:***@127.0.0.1");
 
-    for bad in ["http://x", "redis://", "redis://h:port", "rediss://h:6379"] {
+    let endpoint = RedisEndpoint::parse("rediss://redis:6380").unwrap();
+    assert_eq!(endpoint.tls, Some(TlsFiles::default()));
+    assert_eq!(endpoint.to_string(), "rediss://redis:6380");
+
+    for bad in ["http://x", "redis://", "redis://h:port", "rediss://"] {
         assert!(RedisEndpoint::parse(bad).is_err(), "{bad}");
     }
 }
