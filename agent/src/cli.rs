@@ -117,7 +117,7 @@ pub enum BackupCommand {
 
 #[derive(Debug, Args)]
 pub struct RedisArgs {
-    /// redis://[user[:password]@]host[:port] [env: GC_BACKUP_REDIS_URL; password: REDISCLI_AUTH]
+    /// redis://host:port or rediss://host:port, with user:password@ optional [env: GC_BACKUP_REDIS_URL; password: REDISCLI_AUTH]
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
 }
