@@ -164,3 +164,33 @@ bench_setup() {
   work=$(mktemp -d "/var/tmp/gcb-$1.XXXXXX")
   chmod 755 "$work"
 }
+
+# bench_https_cluster: what the base-backup and restore benchmarks share after bench_setup: the
+# release binary copied where the postgres user can run it ($GC_BACKUP), SeaweedFS with HTTPS
+# on a self-signed localhost certificate (pgBackRest insists on TLS; $https), the bench cluster
+# started with archive_mode=on ($pgdata, $pgdata_bytes, PGDATABASE=bench), and
+# $work/gc-backup.toml pointing at s3://bench/gcb over HTTPS. The caller's cleanup stops them.
+bench_https_cluster() {
+  log "building gc-backup (release)"
+  cargo build --release --locked --quiet
+  cp "$ROOT/target/release/gc-backup" "$work/gc-backup"
+  GC_BACKUP="$work/gc-backup"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
+    -addext "subjectAltName=DNS:localhost" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+  chmod 644 "$work/cert.pem"
+  WEED_TLS_CERT="$work/cert.pem" WEED_TLS_KEY="$work/key.pem" start_seaweedfs "$work/s3" bench
+  https="https://localhost:$S3_HTTPS_PORT"
+  PG_EXTRA_OPTS="-c shared_buffers=256MB -c max_wal_size=4GB -c archive_mode=on" start_postgres "$BENCH_DIR/pg"
+  export PGDATABASE=bench
+  pgdata=$(psql -X -At -c "SHOW data_directory")
+  pgdata_bytes=$(du -sb --exclude=pg_wal "$pgdata" | cut -f1)
+  cat >"$work/gc-backup.toml" <<CONF
+[store]
+url = "s3://bench/gcb"
+endpoint = "$https"
+ca-file = "$work/cert.pem"
+access-key-id = "bench"
+secret-access-key = "bench-secret"
+CONF
+  chmod 644 "$work/gc-backup.toml"
+}
