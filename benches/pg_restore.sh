@@ -42,10 +42,15 @@ as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench stanza-cr
 psql -X -q -d postgres \
   -c "ALTER SYSTEM SET archive_command = 'GC_BACKUP_CONFIG=$work/gc-backup.toml $GC_BACKUP wal-push %p && pgbackrest --config=$work/pgbackrest.conf --stanza=bench archive-push %p'" \
   -c "SELECT pg_reload_conf()" >/dev/null
+# The segment's .done file is the archiver's own word (pg_stat_archiver can lag behind it).
 wait_archived() {
-  local last
+  local last deadline=$((SECONDS + 600))
   last=$(psql -X -At -d postgres -c "SELECT pg_walfile_name(pg_switch_wal())")
-  until [ "$(psql -X -At -d postgres -c "SELECT last_archived_wal >= '$last' FROM pg_stat_archiver")" = t ]; do sleep 0.5; done
+  until [ -f "$pgdata/pg_wal/archive_status/$last.done" ] ||
+    [ "$(psql -X -At -d postgres -c "SELECT last_archived_wal >= '$last' FROM pg_stat_archiver")" = t ]; do
+    [ "$SECONDS" -lt "$deadline" ] || { echo "WAL $last was not archived within 10 minutes" >&2; exit 1; }
+    sleep 0.5
+  done
 }
 
 log "base backups of both tools"
