@@ -73,6 +73,24 @@ pub(crate) fn single_object_manifest(
     }
 }
 
+/// Asks the store for the object's size after upload: a store that kept fewer (or more) bytes
+/// than were sent must not get a manifest.
+pub(crate) async fn check_stored_size(
+    store: &Store,
+    key: &crate::store::ObjectKey,
+    sent: u64,
+) -> anyhow::Result<()> {
+    let meta = store.head(key).await.map_err(store_error)?;
+    if meta.size != sent {
+        return Err(Failure::Corrupt(format!(
+            "{key} is {} bytes in the store after upload, but {sent} bytes were sent",
+            meta.size
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// Removes what a failed run stored. If the store is unreachable this fails too; the claim
 /// object then marks the leftovers for the next run's sweep.
 pub(crate) async fn discard(store: &Store, kind: Kind, id: &BackupId) {

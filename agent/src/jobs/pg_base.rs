@@ -17,7 +17,7 @@ use tokio_postgres::Client;
 use tokio_util::io::StreamReader;
 use tokio_util::sync::CancellationToken;
 
-use super::{catalog_error, pipeline_error, source_error, store_error};
+use super::{catalog_error, pipeline_error, source_error};
 use crate::catalog::manifest::{
     Compression, MANIFEST_FORMAT, Manifest, PgBaseFacts, SourceFacts, StoredObject,
 };
@@ -344,14 +344,7 @@ async fn copy_and_stop(
     }
     for object in &objects {
         let key = crate::store::ObjectKey::from(object.key.as_str());
-        let meta = store.head(&key).await.map_err(store_error)?;
-        if meta.size != object.stored_bytes {
-            return Err(Failure::Corrupt(format!(
-                "{key} is {} bytes in the store after upload, but {} bytes were sent",
-                meta.size, object.stored_bytes
-            ))
-            .into());
-        }
+        super::check_stored_size(store, &key, object.stored_bytes).await?;
     }
     let stopped = tokio::select! {
         stopped = stop_backup(client, &config.postgres, preflight.server_version_num) => stopped.map_err(source_error)?,

@@ -4,11 +4,10 @@
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::{catalog_error, pipeline_error, source_error, store_error};
+use super::{catalog_error, pipeline_error, source_error};
 use crate::catalog::manifest::{DumpFormat, Manifest, PgDumpFacts, SourceFacts};
 use crate::catalog::{self, Kind, layout};
 use crate::config::Config;
-use crate::error::Failure;
 use crate::pipeline;
 use crate::sources::postgres;
 use crate::store::Store;
@@ -70,13 +69,7 @@ pub async fn backup(
         };
         // The stream ended; only pg_dump's exit status says whether it was the whole dump.
         dump.finish().await.map_err(source_error)?;
-        let meta = store.head(&key).await.map_err(store_error)?;
-        if meta.size != summary.stored_bytes {
-            return Err(anyhow::Error::new(Failure::Corrupt(format!(
-                "{key} is {} bytes in the store after upload, but {} bytes were sent",
-                meta.size, summary.stored_bytes
-            ))));
-        }
+        super::check_stored_size(store, &key, summary.stored_bytes).await?;
         Ok(summary)
     }
     .await;

@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::StreamReader;
 use tokio_util::sync::CancellationToken;
 
-use super::{catalog_error, pipeline_error, store_error};
+use super::{catalog_error, pipeline_error};
 use crate::catalog::manifest::{Manifest, RedisFacts, SourceFacts};
 use crate::catalog::{self, Kind, Selector, layout};
 use crate::config::Config;
@@ -86,13 +86,13 @@ pub async fn backup(
         // The snapshot's own verdict first: it explains an upload that stopped because of it.
         let facts = read.map_err(redis_error)?;
         let summary = uploaded.map_err(pipeline_error)?;
-        let meta = store.head(&key).await.map_err(store_error)?;
-        if meta.size != summary.stored_bytes || summary.raw_bytes != facts.bytes {
+        if summary.raw_bytes != facts.bytes {
             return Err(anyhow::Error::new(Failure::Corrupt(format!(
-                "{key}: {} bytes stored and {} raw after upload, but {} and {} were expected",
-                meta.size, summary.raw_bytes, summary.stored_bytes, facts.bytes
+                "{key}: the pipeline took {} bytes, but the snapshot had {}",
+                summary.raw_bytes, facts.bytes
             ))));
         }
+        super::check_stored_size(store, &key, summary.stored_bytes).await?;
         Ok((facts, summary))
     }
     .await;
