@@ -1,7 +1,8 @@
 //! `backup redis` against real `redis-server` processes: snapshots taken over the replication
 //! protocol in both framings (diskless `$EOF:` and length), restored to `dump.rdb` that a new
 //! server loads with the same `DEBUG DIGEST` and that `redis-check-rdb` accepts; a wrong
-//! password; a stored object with one flipped bit.
+//! password; a stored object with one flipped bit; Redis 7's AOF set, with unchanged files not
+//! uploaded twice and with writes and rewrites going on during the backup.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -150,4 +151,181 @@ fn rediss_with_a_private_ca_and_a_client_certificate() {
     let out = agent.home().join("restored");
     agent.ok(&["restore", "redis", &id, "--output", out.to_str().unwrap()]);
     assert_eq!(Redis::start_on(&out).digest(), digest);
+}
+
+fn aof_agent(weed: &Seaweed, prefix: &str, source: &Redis) -> Agent {
+    let mut agent = agent_for(weed, prefix, source);
+    agent.set(
+        "GC_BACKUP_REDIS_AOF_DIR",
+        source.aof_dir().to_str().unwrap(),
+    );
+    agent
+}
+
+fn aof_files(entry: &serde_json::Value) -> Vec<(String, String, bool)> {
+    entry["aof"]["files"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no AOF set in {entry}"))
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap().to_string(),
+                f["key"].as_str().unwrap().to_string(),
+                f["reused"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_aof_set_restores_and_unchanged_files_are_not_uploaded_again() {
+    let weed = Seaweed::start();
+    let source = Redis::start_aof();
+    source.populate(5_000);
+    // DEBUG POPULATE bypasses the AOF; a rewrite puts the dataset into the base file.
+    source.rewrite_aof();
+    source.cli(&["SET", "after-rewrite", "1"]);
+    let first_digest = source.digest();
+    let agent = aof_agent(&weed, "aof", &source);
+    let first = agent.backup(&["backup", "redis"]);
+
+    for n in 0..200 {
+        source.cli(&["RPUSH", "queue", &n.to_string()]);
+    }
+    let second_digest = source.digest();
+    let second = agent.backup(&["backup", "redis"]);
+
+    let listed = agent.list_json();
+    let entry = |id: &str| listed.iter().find(|e| e["id"] == id).unwrap().clone();
+    let (first_files, second_files) = (aof_files(&entry(&first)), aof_files(&entry(&second)));
+    assert_eq!(first_files.len(), 2, "{first_files:?}");
+    assert!(first_files.iter().all(|(_, _, reused)| !reused));
+    assert!(first_files[0].0.ends_with(".base.rdb"));
+    // The base did not change: the second backup names the first one's object.
+    assert_eq!(second_files[0].0, first_files[0].0);
+    assert!(second_files[0].2, "{second_files:?}");
+    assert_eq!(second_files[0].1, first_files[0].1);
+    assert!(second_files[0].1.contains(&first));
+    // The incremental file grew: uploaded again, under the second backup.
+    assert!(!second_files[1].2);
+    assert!(second_files[1].1.contains(&second));
+    assert!(
+        !weed
+            .keys(&format!("aof/data/redis/{second}"))
+            .iter()
+            .any(|k| k.contains(".base.rdb")),
+        "the unchanged base file was uploaded again"
+    );
+
+    for (id, digest) in [(&first, &first_digest), (&second, &second_digest)] {
+        let out = agent.home().join(format!("restored-{id}"));
+        agent.ok(&["restore", "redis", id, "--output", out.to_str().unwrap()]);
+        let manifest = out.join("appendonlydir/appendonly.aof.manifest");
+        redis::check_aof(&manifest);
+        redis::check_rdb(&out.join("dump.rdb"));
+        assert_eq!(
+            Redis::start_on_aof(&out).digest(),
+            *digest,
+            "the dataset loaded from the restored AOF of {id} differs"
+        );
+        assert_eq!(Redis::start_on(&out).digest(), *digest, "dump.rdb of {id}");
+    }
+
+    // One flipped byte in the stored incremental file: the restore fails and leaves nothing.
+    weed.flip_byte(&format!("aof/{}", second_files[1].1));
+    let out = agent.home().join("rotten");
+    let output = agent.run(&[
+        "restore",
+        "redis",
+        &second,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_fails(&output, 3, &second);
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .map(|dir| dir.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "a failed restore left {left:?}");
+}
+
+#[test]
+fn writes_and_rewrites_during_an_aof_backup_leave_a_consistent_set() {
+    let weed = Seaweed::start();
+    let source = Redis::start_aof();
+    source.populate(2_000);
+    source.rewrite_aof();
+    let agent = aof_agent(&weed, "busy", &source);
+
+    // Every transaction bumps a counter and appends the new value to a list, so any
+    // consistent state has LLEN log == counter and the log is 1..=counter in order.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let mut connection = source.connect();
+        let mut rewriter = source.connect();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                connection.call(&["MULTI"]);
+                connection.call(&["INCR", "counter"]);
+                connection.call(&["RPUSH", "log", &n.to_string()]);
+                connection.call(&["SET", &format!("key:{n}"), &"v".repeat(100)]);
+                assert_eq!(connection.call(&["EXEC"]), "*3");
+                if n.is_multiple_of(3_000) {
+                    // Refused while one is running; either way the manifest keeps changing.
+                    rewriter.call(&["BGREWRITEAOF"]);
+                }
+            }
+            n
+        })
+    };
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(agent.backup(&["backup", "redis"]));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(
+        written > 100,
+        "the writer barely ran ({written} transactions)"
+    );
+
+    for id in &ids {
+        let out = agent.home().join(format!("restored-{id}"));
+        agent.ok(&["restore", "redis", id, "--output", out.to_str().unwrap()]);
+        redis::check_aof(&out.join("appendonlydir/appendonly.aof.manifest"));
+        let restored = Redis::start_on_aof(&out);
+        let counter: u64 = restored.cli(&["GET", "counter"]).parse().unwrap_or(0);
+        assert_eq!(
+            restored.cli(&["LLEN", "log"]),
+            counter.to_string(),
+            "backup {id}"
+        );
+        if counter > 0 {
+            assert_eq!(restored.cli(&["LINDEX", "log", "-1"]), counter.to_string());
+            assert_eq!(
+                restored.cli(&["EXISTS", &format!("key:{counter}")]),
+                "1",
+                "backup {id}"
+            );
+            assert_eq!(
+                restored.cli(&["EXISTS", &format!("key:{}", counter + 1)]),
+                "0"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_aof_dir_that_is_not_one_is_refused_before_anything_is_stored() {
+    let weed = Seaweed::start();
+    let source = Redis::start(true);
+    let mut agent = agent_for(&weed, "notaof", &source);
+    let empty = agent.home().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    agent.set("GC_BACKUP_REDIS_AOF_DIR", empty.to_str().unwrap());
+    let output = agent.run(&["backup", "redis"]);
+    assert_fails(&output, 2, "has no AOF manifest");
+    assert!(weed.keys("notaof").is_empty());
 }

@@ -111,7 +111,8 @@ pub enum BackupCommand {
     PgDump(PgDumpArgs),
     /// Physical base backup of the running cluster (needs WAL archiving through wal-push)
     PgBase(PgBaseArgs),
-    /// RDB snapshot of Redis over the replication protocol, checked (CRC-64) while it streams
+    /// RDB snapshot of Redis over the replication protocol, checked (CRC-64) while it streams;
+    /// with --aof-dir, also Redis 7's AOF files as a consistent set
     Redis(RedisArgs),
 }
 
@@ -120,6 +121,9 @@ pub struct RedisArgs {
     /// redis://host:port or rediss://host:port, with user:password@ optional [env: GC_BACKUP_REDIS_URL; password: REDISCLI_AUTH]
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
+    /// Redis 7's AOF directory, shared with Redis (unchanged files are not uploaded again) [env: GC_BACKUP_REDIS_AOF_DIR]
+    #[arg(long, value_name = "DIR")]
+    pub aof_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -157,7 +161,8 @@ pub enum RestoreCommand {
     /// WAL archive to the target (default: the end of the archive, on the newest timeline);
     /// with --start, the recovery runs now
     Pg(RestorePgArgs),
-    /// Restore a Redis snapshot as DIR/dump.rdb (a new file, checked before it is named)
+    /// Restore a Redis backup as DIR/dump.rdb, and its AOF set as DIR/appendonlydir (new files
+    /// only, each checked before it is named)
     Redis(RestoreRedisArgs),
 }
 
@@ -166,7 +171,8 @@ pub struct RestoreRedisArgs {
     /// A backup id or "latest"
     #[arg(value_parser = parse_selector)]
     pub backup: Selector,
-    /// The directory for dump.rdb (created if missing; an existing dump.rdb is refused)
+    /// The directory for dump.rdb and the AOF directory (created if missing; existing ones are
+    /// refused)
     #[arg(long, value_name = "DIR")]
     pub output: PathBuf,
 }
@@ -340,14 +346,23 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         }
         Command::Backup(BackupCommand::Redis(args)) => {
             let endpoint = jobs::redis::endpoint(&config, args.redis_url.as_deref())?;
-            let manifest = jobs::redis::backup(&config, &store, &endpoint, &cancel).await?;
+            let aof_dir = args.aof_dir.or_else(|| config.redis.aof_dir.clone());
+            let manifest =
+                jobs::redis::backup(&config, &store, &endpoint, aof_dir.as_deref(), &cancel)
+                    .await?;
             say_where(&config, &manifest);
             print_last_line(manifest.id.as_str())
         }
         Command::Restore(RestoreCommand::Redis(args)) => {
             let report = jobs::redis::restore(&store, &args.backup, &args.output, &cancel).await?;
+            let aof = report.aof_dir.as_ref().map_or(String::new(), |dir| {
+                format!(
+                    " and its AOF set to {} (a Redis with appendonly yes loads the AOF)",
+                    dir.display()
+                )
+            });
             eprintln!(
-                "Restored redis backup {} to {} in {:.1}s; checksums verified.",
+                "Restored redis backup {} to {}{aof} in {:.1}s; checksums verified.",
                 report.manifest.id,
                 report.path.display(),
                 report.elapsed.as_secs_f64()
@@ -723,10 +738,15 @@ fn print_table(store: &Store, manifests: &[Manifest]) -> anyhow::Result<()> {
                 };
                 format!("{} ({}){tables}", facts.database, facts.format.as_str())
             }
-            SourceFacts::Redis(facts) => format!(
-                "{} (Redis {}, RDB {})",
-                facts.server, facts.redis_version, facts.rdb_version
-            ),
+            SourceFacts::Redis(facts) => {
+                let aof = facts.aof.as_ref().map_or(String::new(), |aof| {
+                    format!(" + AOF ({} files)", aof.files.len())
+                });
+                format!(
+                    "{} (Redis {}, RDB {}){aof}",
+                    facts.server, facts.redis_version, facts.rdb_version
+                )
+            }
             SourceFacts::PgBase(facts) => format!(
                 "timeline {} {}..{} ({} files)",
                 facts.timeline,

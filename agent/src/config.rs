@@ -122,6 +122,8 @@ pub struct RedisSection {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// Redis 7's AOF directory (`dir`/`appenddirname`), shared with the sidecar.
+    pub aof_dir: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -178,6 +180,7 @@ pub struct RedisConfig {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    pub aof_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -316,6 +319,9 @@ impl Config {
             key_file: env("GC_BACKUP_REDIS_KEY_FILE")
                 .map(PathBuf::from)
                 .or(file.redis.key_file),
+            aof_dir: env("GC_BACKUP_REDIS_AOF_DIR")
+                .map(PathBuf::from)
+                .or(file.redis.aof_dir),
         };
         Ok(Self {
             store,

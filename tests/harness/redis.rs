@@ -29,7 +29,44 @@ impl Redis {
     /// Starts a server; `diskless` chooses how it sends snapshots to replicas (`$EOF:` framing
     /// or a length).
     pub fn start(diskless: bool) -> Self {
-        Self::start_in(shared_temp_dir("redis"), None, diskless, false)
+        Self::start_in(shared_temp_dir("redis"), None, diskless, false, false)
+    }
+
+    /// A server with `appendonly yes`: its AOF set is in [`Redis::aof_dir`].
+    pub fn start_aof() -> Self {
+        Self::start_in(shared_temp_dir("redis-aof"), None, true, false, true)
+    }
+
+    /// Starts a server with `appendonly yes` on `data_dir` (a restored AOF set).
+    pub fn start_on_aof(data_dir: &Path) -> Self {
+        Self::start_in(
+            shared_temp_dir("redis-restored"),
+            Some(data_dir),
+            false,
+            false,
+            true,
+        )
+    }
+
+    /// Redis' `appendonlydir` (with [`Redis::start_aof`]).
+    pub fn aof_dir(&self) -> PathBuf {
+        self.dir.path().join("appendonlydir")
+    }
+
+    /// Rewrites the AOF (the dataset moves into a new base file) and waits until it is done.
+    pub fn rewrite_aof(&self) {
+        self.cli(&["BGREWRITEAOF"]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let info = self.cli(&["INFO", "persistence"]);
+            if info.contains("aof_rewrite_in_progress:0")
+                && info.contains("aof_rewrite_scheduled:0")
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the AOF rewrite did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Starts a server on `dump.rdb` of `data_dir` (a restored snapshot).
@@ -37,6 +74,7 @@ impl Redis {
         Self::start_in(
             shared_temp_dir("redis-restored"),
             Some(data_dir),
+            false,
             false,
             false,
         )
@@ -48,7 +86,7 @@ impl Redis {
         private_ca(dir.path());
         signed_certificate(dir.path(), "server", "subjectAltName=IP:127.0.0.1");
         signed_certificate(dir.path(), "client", "extendedKeyUsage=clientAuth");
-        Self::start_in(dir, None, true, true)
+        Self::start_in(dir, None, true, true, false)
     }
 
     pub fn ca_file(&self) -> PathBuf {
@@ -68,6 +106,7 @@ impl Redis {
         data_dir: Option<&Path>,
         diskless: bool,
         tls: bool,
+        appendonly: bool,
     ) -> Self {
         let port = free_port();
         let data = data_dir.map_or_else(|| dir.path().to_path_buf(), Path::to_path_buf);
@@ -95,7 +134,7 @@ impl Redis {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if appendonly { "yes" } else { "no" },
                 "--enable-debug-command",
                 "yes",
             ])
@@ -180,6 +219,19 @@ impl Redis {
         self.cli(&["SETRANGE", "binary", "3", "\u{1}\u{2}\r\n\u{ff}"]);
     }
 
+    /// A plain-TCP connection that speaks RESP: for writers that must not pay a process per
+    /// command.
+    pub fn connect(&self) -> Connection {
+        assert!(!self.tls, "connect() speaks plain TCP");
+        let stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let mut connection = Connection {
+            reader: std::io::BufReader::new(stream.try_clone().expect("clone socket")),
+            writer: stream,
+        };
+        assert_eq!(connection.call(&["AUTH", PASSWORD]), "+OK");
+        connection
+    }
+
     /// `DEBUG DIGEST`: equal digests, equal datasets.
     pub fn digest(&self) -> String {
         self.cli(&["DEBUG", "DIGEST"])
@@ -199,4 +251,55 @@ impl Drop for Redis {
         }
         let _ = &self.dir;
     }
+}
+
+pub struct Connection {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+}
+
+impl Connection {
+    /// Sends a command and returns the reply's first line (`+OK`, `:42`, `*3`, …), reading and
+    /// discarding the rest of the reply.
+    pub fn call(&mut self, args: &[&str]) -> String {
+        use std::io::Write;
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        self.writer.write_all(request.as_bytes()).expect("send");
+        let first = self.line();
+        self.skip_rest(&first);
+        first
+    }
+
+    fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("reply");
+        line.trim_end().to_string()
+    }
+
+    fn skip_rest(&mut self, first: &str) {
+        use std::io::Read;
+        let count = |s: &str| s[1..].parse::<i64>().unwrap_or(-1);
+        match first.as_bytes().first() {
+            Some(b'$') if count(first) >= 0 => {
+                let mut payload = vec![0; count(first) as usize + 2];
+                self.reader.read_exact(&mut payload).expect("bulk reply");
+            }
+            Some(b'*') => {
+                for _ in 0..count(first).max(0) {
+                    let next = self.line();
+                    self.skip_rest(&next);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `redis-check-aof MANIFEST` succeeds.
+pub fn check_aof(manifest: &Path) {
+    run_ok(Command::new(binary("redis-check-aof")).arg(manifest));
 }

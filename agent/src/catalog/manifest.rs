@@ -57,6 +57,36 @@ pub struct RedisFacts {
     pub crc64: Option<String>,
     /// Sent diskless (`$EOF:` framing) or from the server's RDB file.
     pub diskless: bool,
+    /// The append-only file set, when the backup was taken with `--aof-dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aof: Option<AofFacts>,
+}
+
+/// Redis 7's multi-part AOF, copied as a consistent set after the RDB snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AofFacts {
+    /// The directory that was copied; restore recreates one of the same name.
+    pub dir: String,
+    /// The manifest's file name (`<appendfilename>.manifest`).
+    pub manifest_name: String,
+    /// The manifest to restore: Redis' own, without entries for history files.
+    pub manifest: String,
+    /// The base and incremental files, in load order.
+    pub files: Vec<AofFileFacts>,
+    /// Copies it took until Redis left the set alone (above 1 when a rewrite ran meanwhile).
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AofFileFacts {
+    pub name: String,
+    /// Its object in the manifest's `objects`. An unchanged file keeps the key of the backup
+    /// that first stored it, so deleting a backup must spare objects newer ones name.
+    pub key: String,
+    /// Stored by an earlier backup and not uploaded again.
+    pub reused: bool,
 }
 
 /// A physical base backup: where recovery starts and what it needs.

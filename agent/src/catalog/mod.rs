@@ -158,11 +158,18 @@ pub async fn claim_id(
             tool_version: env!("CARGO_PKG_VERSION"),
         };
         let body = serde_json::to_vec(&claim).unwrap_or_default();
-        match store
-            .put_new(&layout::claim_key(kind, &id), Bytes::from(body))
-            .await
-        {
-            Ok(()) => return Ok(id),
+        let claim_key = layout::claim_key(kind, &id);
+        match store.put_new(&claim_key, Bytes::from(body)).await {
+            // A committed backup's claim is gone, so its manifest must be asked too: a run
+            // that finished within the same second had this id.
+            Ok(()) => match store.head(&layout::manifest_key(kind, &id)).await {
+                Err(StoreError::NotFound { .. }) => return Ok(id),
+                Ok(_) => {
+                    store.delete(&claim_key).await?;
+                    id = id.next();
+                }
+                Err(other) => return Err(other.into()),
+            },
             Err(StoreError::AlreadyExists { .. }) => id = id.next(),
             Err(other) => return Err(other.into()),
         }
@@ -253,6 +260,36 @@ async fn read_manifest(store: &Store, key: &ObjectKey) -> Result<Manifest, Catal
         });
     }
     Ok(manifest)
+}
+
+/// Up to `count` manifests of `kind`, newest id first, reading only those: cheap enough to run
+/// before every backup however long the history. Unreadable ones are skipped.
+pub async fn newest(
+    store: &Store,
+    kind: Kind,
+    count: usize,
+) -> Result<Vec<Manifest>, CatalogError> {
+    let mut keys: Vec<(BackupId, ObjectKey)> = store
+        .list(&layout::manifests_prefix(Some(kind)))
+        .await?
+        .into_iter()
+        .filter_map(|meta| {
+            let (_, id) = layout::parse_manifest_key(&meta.location)?;
+            Some((id, meta.location))
+        })
+        .collect();
+    keys.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut manifests = Vec::new();
+    for (_, key) in keys.into_iter().take(count) {
+        match read_manifest(store, &key).await {
+            Ok(manifest) => manifests.push(manifest),
+            Err(CatalogError::Store(error)) if !matches!(error, StoreError::NotFound { .. }) => {
+                return Err(error.into());
+            }
+            Err(error) => tracing::warn!(%error, "skipping an unreadable manifest"),
+        }
+    }
+    Ok(manifests)
 }
 
 /// The manifest a selector means: an exact id, or the backup of that kind that ended last.
@@ -375,6 +412,30 @@ mod tests {
         assert_eq!(b.as_str(), "20260115T020001Z");
         let other_kind = claim_id(&store, Kind::Redis, now).await.unwrap();
         assert_eq!(other_kind, a);
+    }
+
+    #[tokio::test]
+    async fn an_id_committed_within_the_same_second_is_not_claimed_again() {
+        let store = Store::memory();
+        let now: DateTime<Utc> = "2026-01-15T02:00:00Z".parse().unwrap();
+        let first = claim_id(&store, Kind::Redis, now).await.unwrap();
+        let mut done = manifest(
+            first.as_str(),
+            "2026-01-15T02:00:00Z",
+            "2026-01-15T02:00:00Z",
+        );
+        done.kind = Kind::Redis;
+        commit(&store, &done).await.unwrap();
+        // The commit removed the claim; the manifest still holds the id.
+        let second = claim_id(&store, Kind::Redis, now).await.unwrap();
+        assert_eq!(second.as_str(), "20260115T020001Z");
+        assert!(
+            store
+                .head(&layout::claim_key(Kind::Redis, &first))
+                .await
+                .is_err(),
+            "the probe claim was left behind"
+        );
     }
 
     #[tokio::test]

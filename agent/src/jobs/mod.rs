@@ -11,6 +11,7 @@ pub mod pg_dump;
 pub mod prefetch;
 pub mod recovery;
 pub mod redis;
+pub mod redis_aof;
 pub mod restore_pg;
 pub mod restore_pg_dump;
 pub mod verify;

@@ -11,12 +11,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::StreamReader;
 use tokio_util::sync::CancellationToken;
 
-use super::{catalog_error, pipeline_error};
+use super::{catalog_error, pipeline_error, redis_aof};
 use crate::catalog::manifest::{Manifest, RedisFacts, SourceFacts};
 use crate::catalog::{self, Kind, Selector, layout};
 use crate::config::Config;
 use crate::error::Failure;
 use crate::pipeline;
+use crate::sources::aof::{AofError, AofManifest};
 use crate::sources::redis::{RedisEndpoint, RedisError, Session};
 use crate::store::Store;
 
@@ -54,13 +55,22 @@ pub fn endpoint(config: &Config, flag: Option<&str>) -> anyhow::Result<RedisEndp
     Ok(endpoint)
 }
 
-/// Takes an RDB snapshot of `endpoint` and returns its committed manifest.
+/// Takes an RDB snapshot of `endpoint`, then (with `aof_dir`) copies its AOF set, and returns
+/// the committed manifest.
 pub async fn backup(
     config: &Config,
     store: &Store,
     endpoint: &RedisEndpoint,
+    aof_dir: Option<&Path>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Manifest> {
+    // A directory that is not an AOF set is a configuration error, found before anything runs.
+    if let Some(dir) = aof_dir {
+        AofManifest::read(dir).map_err(|error| match error {
+            AofError::NotAof(message) => anyhow::Error::new(Failure::Config(message)),
+            other => anyhow::Error::new(Failure::Config(other.to_string())),
+        })?;
+    }
     // Connect and authenticate first: a wrong password fails before anything is stored.
     let mut session = Session::open(endpoint).await.map_err(redis_error)?;
     let redis_version = session.server_version().await.map_err(redis_error)?;
@@ -93,10 +103,14 @@ pub async fn backup(
             ))));
         }
         super::check_stored_size(store, &key, summary.stored_bytes).await?;
-        Ok((facts, summary))
+        let aof = match aof_dir {
+            Some(dir) => Some(redis_aof::copy_set(config, store, &id, dir, cancel).await?),
+            None => None,
+        };
+        Ok((facts, summary, aof))
     }
     .await;
-    let (facts, summary) = match stored {
+    let (facts, summary, aof) = match stored {
         Ok(done) => done,
         Err(error) => {
             super::discard(store, Kind::Redis, &id).await;
@@ -110,9 +124,26 @@ pub async fn backup(
         rdb_version: facts.rdb_version,
         crc64: facts.crc64.clone(),
         diskless: facts.diskless,
+        aof: aof.as_ref().map(|copy| copy.facts.clone()),
     });
-    let manifest =
+    let mut manifest =
         super::single_object_manifest(Kind::Redis, &id, start_time, config, source, &key, &summary);
+    if let Some(copy) = aof {
+        tracing::info!(
+            kind = "redis",
+            id = %id,
+            files = copy.objects.len(),
+            reused = copy.facts.files.iter().filter(|f| f.reused).count(),
+            uploaded_raw_bytes = copy.uploaded_raw_bytes,
+            attempts = copy.facts.attempts,
+            "AOF set copied"
+        );
+        for object in copy.objects {
+            manifest.raw_bytes += object.raw_bytes;
+            manifest.stored_bytes += object.stored_bytes;
+            manifest.objects.push(object);
+        }
+    }
     super::commit_or_discard(store, &manifest).await?;
     tracing::info!(
         kind = "redis",
@@ -131,11 +162,15 @@ pub async fn backup(
 #[derive(Debug)]
 pub struct RestoreRedisReport {
     pub manifest: Manifest,
+    /// `DIR/dump.rdb`.
     pub path: PathBuf,
+    /// `DIR/<appenddirname>`, when the backup has an AOF set.
+    pub aof_dir: Option<PathBuf>,
     pub elapsed: Duration,
 }
 
-/// Writes the snapshot to `DIR/dump.rdb` (a new file, checked before it gets its name).
+/// Writes the snapshot to `DIR/dump.rdb` and the AOF set, if any, to `DIR/<its directory>`:
+/// new files only, each checked before it gets its name.
 pub async fn restore(
     store: &Store,
     selector: &Selector,
@@ -145,27 +180,64 @@ pub async fn restore(
     let manifest = catalog::find(store, Kind::Redis, selector)
         .await
         .map_err(catalog_error)?;
-    let [object] = manifest.objects.as_slice() else {
-        anyhow::bail!(
-            "redis backup {} has {} objects, expected 1",
+    let SourceFacts::Redis(facts) = &manifest.source else {
+        anyhow::bail!("backup {} is not a redis backup", manifest.id);
+    };
+    let (Some(object), expected) = (
+        manifest.objects.first(),
+        1 + facts.aof.as_ref().map_or(0, |a| a.files.len()),
+    ) else {
+        anyhow::bail!("redis backup {} has no objects", manifest.id);
+    };
+    if manifest.objects.len() != expected {
+        return Err(Failure::Corrupt(format!(
+            "redis backup {} has {} objects, expected {expected}",
             manifest.id,
             manifest.objects.len()
-        );
-    };
+        ))
+        .into());
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("dump.rdb");
-    let started = Instant::now();
-    tokio::select! {
-        result = super::restore_pg_dump::restore_to_file(store, object, &path) => {
-            result.with_context(|| format!("restore of redis backup {} failed", manifest.id))?;
-        }
-        () = cancel.cancelled() => {
-            return Err(Failure::Interrupted(format!("restore of redis backup {} interrupted", manifest.id)).into());
+    let aof_target = facts.aof.as_ref().map(|aof| dir.join(&aof.dir));
+    // Refuse before writing anything, so that a refused restore leaves DIR as it was.
+    for existing in std::iter::once(&path).chain(aof_target.as_ref()) {
+        if existing.exists() {
+            return Err(Failure::Config(format!(
+                "{} already exists; restore writes only new files",
+                existing.display()
+            ))
+            .into());
         }
     }
+    let started = Instant::now();
+    let work = async {
+        super::restore_pg_dump::restore_to_file(store, object, &path).await?;
+        match &facts.aof {
+            Some(aof) => {
+                let written = redis_aof::restore_set(store, &manifest, aof, dir).await;
+                if written.is_err() {
+                    // All or nothing: the snapshot goes too.
+                    let _ = std::fs::remove_file(&path);
+                }
+                written.map(Some)
+            }
+            None => Ok(None),
+        }
+    };
+    let aof_dir = tokio::select! {
+        result = work => {
+            result.with_context(|| format!("restore of redis backup {} failed", manifest.id))?
+        }
+        () = cancel.cancelled() => {
+            let _ = std::fs::remove_file(&path);
+            return Err(Failure::Interrupted(format!("restore of redis backup {} interrupted", manifest.id)).into());
+        }
+    };
     Ok(RestoreRedisReport {
         manifest,
         path,
+        aof_dir,
         elapsed: started.elapsed(),
     })
 }

@@ -1,5 +1,6 @@
 //! Sources turn a live system into a byte stream. One module per datastore.
 
+pub mod aof;
 pub mod pgdata;
 pub mod postgres;
 pub mod redis;

@@ -1,0 +1,148 @@
+use super::*;
+
+fn command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// A stream and the offsets where it may be cut (0 included).
+fn sample() -> (Vec<u8>, Vec<u64>) {
+    let records: Vec<(Vec<u8>, bool)> = vec![
+        (command(&[b"SELECT", b"0"]), true),
+        (command(&[b"set", b"a", b"1"]), true),
+        (b"#TS:1700000000\r\n".to_vec(), true),
+        // Binary payload with CRLF and '*' inside, and an empty one.
+        (command(&[b"SET", b"bin", b"\r\n*3\r\n$\x00\xff"]), true),
+        (command(&[b"SET", b"empty", b""]), true),
+        (command(&[b"MULTI"]), false),
+        (command(&[b"set", b"b", b"2"]), false),
+        (command(&[b"incr", b"c"]), false),
+        (command(&[b"EXEC"]), true),
+        (command(&[b"multi"]), false),
+        (command(&[b"del", b"a"]), false),
+        (command(&[b"exec"]), true),
+        (command(&[b"PEXPIREAT", b"session", b"1700000000000"]), true),
+    ];
+    let mut stream = Vec::new();
+    let mut safe = vec![0];
+    for (bytes, cut_after) in records {
+        stream.extend_from_slice(&bytes);
+        if cut_after {
+            safe.push(stream.len() as u64);
+        }
+    }
+    (stream, safe)
+}
+
+#[test]
+fn every_prefix_is_cut_at_the_last_safe_boundary() {
+    let (stream, safe) = sample();
+    for len in 0..=stream.len() {
+        for chunk in [1, 2, 3, 7, 64, usize::MAX] {
+            let mut boundaries = CommandBoundaries::default();
+            for piece in stream[..len].chunks(chunk.min(stream.len().max(1))) {
+                boundaries.feed(piece).unwrap();
+            }
+            let expected = safe.iter().copied().filter(|&s| s <= len as u64).max();
+            assert_eq!(
+                Some(boundaries.safe_end()),
+                expected,
+                "prefix of {len} bytes fed in chunks of {chunk}"
+            );
+        }
+    }
+}
+
+#[test]
+fn garbage_is_refused_with_its_offset() {
+    let (mut stream, _) = sample();
+    let at = stream.len();
+    stream.extend_from_slice(b"SET x 1\r\n");
+    let mut boundaries = CommandBoundaries::default();
+    let (offset, reason) = boundaries.feed(&stream).unwrap_err();
+    assert_eq!(offset, at as u64);
+    assert!(reason.contains("expected '*'"), "{reason}");
+
+    let mut bad_crlf = command(&[b"SET", b"k", b"v"]);
+    let last = bad_crlf.len() - 1;
+    bad_crlf[last] = b'x';
+    assert!(CommandBoundaries::default().feed(&bad_crlf).is_err());
+    assert!(CommandBoundaries::default().feed(b"*2\r\n$x\r\n").is_err());
+    assert!(CommandBoundaries::default().feed(b"$3\r\nabc\r\n").is_err());
+}
+
+#[test]
+fn manifest_lines_are_parsed_and_history_is_left_out() {
+    let text = "file appendonly.aof.2.base.rdb seq 2 type b\n\
+                file appendonly.aof.1.incr.aof seq 1 type h\n\
+                file appendonly.aof.2.incr.aof seq 2 type i\n\
+                file appendonly.aof.3.incr.aof seq 3 type i\n";
+    let manifest = AofManifest::parse("appendonly.aof.manifest".into(), text.into()).unwrap();
+    let live: Vec<&str> = manifest.live().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        live,
+        [
+            "appendonly.aof.2.base.rdb",
+            "appendonly.aof.2.incr.aof",
+            "appendonly.aof.3.incr.aof"
+        ]
+    );
+    assert_eq!(
+        manifest.growing().unwrap().name,
+        "appendonly.aof.3.incr.aof"
+    );
+    assert_eq!(
+        manifest.without_history(),
+        "file appendonly.aof.2.base.rdb seq 2 type b\n\
+         file appendonly.aof.2.incr.aof seq 2 type i\n\
+         file appendonly.aof.3.incr.aof seq 3 type i\n"
+    );
+}
+
+#[test]
+fn manifests_that_are_not_plain_are_refused() {
+    let parse = |text: &str| AofManifest::parse("m.manifest".into(), text.into());
+    assert!(parse("file ../etc/passwd seq 1 type b\n").is_err());
+    assert!(parse("file \"a b\" seq 1 type b\n").is_err());
+    assert!(parse("file a seq 1\n").is_err());
+    assert!(parse("file a seq 1 type b\nfile b seq 2 type b\n").is_err());
+    assert!(parse("file a seq 1 type h\n").is_err());
+    assert!(parse("").is_err());
+}
+
+#[test]
+fn a_directory_without_a_manifest_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = AofManifest::read(dir.path()).unwrap_err();
+    assert!(matches!(error, AofError::NotAof(_)), "{error}");
+}
+
+#[test]
+fn file_prefixes_are_cut_and_hashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.incr.aof");
+    let (stream, safe) = sample();
+    // A command cut in the middle at the end, as Redis may be writing it.
+    let mut growing = stream.clone();
+    growing.extend_from_slice(&command(&[b"SET", b"k", b"v"])[..7]);
+    std::fs::write(&path, &growing).unwrap();
+    let end = complete_prefix(&path, growing.len() as u64).unwrap();
+    assert_eq!(end, *safe.last().unwrap());
+    assert_eq!(end, stream.len() as u64);
+    let expected = hex::encode(Sha256::digest(&stream));
+    assert_eq!(sha256_prefix(&path, end).unwrap(), Some(expected));
+    assert_eq!(
+        sha256_prefix(&path, growing.len() as u64 + 1).unwrap(),
+        None
+    );
+    assert!(
+        complete_prefix(&dir.path().join("gone"), 1)
+            .unwrap_err()
+            .is_not_found()
+    );
+}
