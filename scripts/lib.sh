@@ -46,6 +46,8 @@ ensure_seaweedfs() {
 
 ensure_rust() {
   command -v cargo >/dev/null || { echo "cargo is missing: install Rust 1.95 (rustup)" >&2; exit 2; }
+  # etcd-client generates its gRPC code with protoc at build time.
+  apt_install protobuf-compiler
 }
 
 # Runs a command as the postgres user when we are root (PostgreSQL refuses root).

@@ -59,6 +59,7 @@ pub struct FileConfig {
     pub pipeline: PipelineSection,
     pub postgres: PostgresSection,
     pub redis: RedisSection,
+    pub etcd: EtcdSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +127,19 @@ pub struct RedisSection {
     pub aof_dir: Option<PathBuf>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EtcdSection {
+    /// `https://etcd-0:2379`, …: tried in order, the snapshot comes from the first that answers.
+    pub endpoints: Vec<String>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    /// For https:// endpoints: the cluster's CA, and the client certificate and key.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
 impl FileConfig {
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| {
@@ -169,6 +183,19 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
+    pub etcd: EtcdConfig,
+}
+
+/// Where etcd is and how to authenticate; environment names follow etcdctl's (`ETCDCTL_*`), so
+/// the secrets an etcd backup CronJob already mounts work unchanged.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 /// Where Redis is: the URL as given (flags may still override it) and a password for URLs
@@ -323,11 +350,13 @@ impl Config {
                 .map(PathBuf::from)
                 .or(file.redis.aof_dir),
         };
+        let etcd = resolve_etcd(file.etcd, &env);
         Ok(Self {
             store,
             pipeline,
             postgres,
             redis,
+            etcd,
         })
     }
 
@@ -650,6 +679,38 @@ fn parse_duration(key: &str, text: Option<&str>) -> Result<Option<Duration>, Con
     .transpose()
 }
 
+fn resolve_etcd(file: EtcdSection, env: &dyn Fn(&str) -> Option<String>) -> EtcdConfig {
+    let endpoints = env("GC_BACKUP_ETCD_ENDPOINTS")
+        .or_else(|| env("ETCDCTL_ENDPOINTS"))
+        .map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or(file.endpoints);
+    // etcdctl's ETCDCTL_USER is `name` or `name:password`.
+    let (user, password) = match env("ETCDCTL_USER") {
+        Some(user) => match user.split_once(':') {
+            Some((name, password)) => (Some(name.to_string()), Some(Secret::new(password))),
+            None => (Some(user), env("ETCDCTL_PASSWORD").map(Secret::new)),
+        },
+        None => (
+            file.user,
+            env("ETCDCTL_PASSWORD").map(Secret::new).or(file.password),
+        ),
+    };
+    EtcdConfig {
+        endpoints,
+        user,
+        password,
+        ca_file: env("ETCDCTL_CACERT").map(PathBuf::from).or(file.ca_file),
+        cert_file: env("ETCDCTL_CERT").map(PathBuf::from).or(file.cert_file),
+        key_file: env("ETCDCTL_KEY").map(PathBuf::from).or(file.key_file),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -699,6 +760,45 @@ mod tests {
             }
         );
         assert_eq!(with_flags.pipeline.zstd_level, 1);
+    }
+
+    #[test]
+    fn etcd_settings_come_from_etcdctl_names_over_the_file() {
+        let toml = r#"
+            [etcd]
+            endpoints = ["https://etcd-0:2379", "https://etcd-1:2379"]
+            user = "backup"
+            password = "from-file"
+            ca-file = "/etc/etcd/ca.crt"
+        "#;
+        let file_only = resolve_with(toml, &[], Overrides::default()).unwrap().etcd;
+        assert_eq!(file_only.endpoints.len(), 2);
+        assert_eq!(file_only.user.as_deref(), Some("backup"));
+        assert_eq!(
+            file_only.password.as_ref().map(Secret::expose),
+            Some("from-file")
+        );
+
+        let env = [
+            ("ETCDCTL_ENDPOINTS", "https://a:2379, https://b:2379"),
+            ("ETCDCTL_USER", "root:pw"),
+            ("ETCDCTL_CACERT", "/ca.pem"),
+            ("ETCDCTL_CERT", "/c.pem"),
+            ("ETCDCTL_KEY", "/c.key"),
+        ];
+        let etcd = resolve_with(toml, &env, Overrides::default()).unwrap().etcd;
+        assert_eq!(etcd.endpoints, ["https://a:2379", "https://b:2379"]);
+        assert_eq!(etcd.user.as_deref(), Some("root"));
+        assert_eq!(etcd.password.as_ref().map(Secret::expose), Some("pw"));
+        assert_eq!(etcd.ca_file, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(etcd.key_file, Some(PathBuf::from("/c.key")));
+
+        let ours = [
+            ("GC_BACKUP_ETCD_ENDPOINTS", "http://c:2379"),
+            ("ETCDCTL_ENDPOINTS", "http://d:2379"),
+        ];
+        let etcd = resolve_with("", &ours, Overrides::default()).unwrap().etcd;
+        assert_eq!(etcd.endpoints, ["http://c:2379"]);
     }
 
     #[test]

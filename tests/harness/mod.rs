@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod conformance;
+pub mod etcd;
 pub mod redis;
 
 use std::net::{TcpListener, TcpStream};

@@ -43,6 +43,23 @@ pub enum SourceFacts {
     PgDump(PgDumpFacts),
     PgBase(Box<PgBaseFacts>),
     Redis(RedisFacts),
+    Etcd(EtcdFacts),
+}
+
+/// An etcd snapshot (`Maintenance.Snapshot` of one member).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdFacts {
+    /// The member it came from, as given in the endpoints.
+    pub endpoint: String,
+    pub etcd_version: String,
+    /// Hex, as `etcdctl endpoint status` shows them.
+    pub cluster_id: String,
+    pub member_id: String,
+    /// The store revision when the snapshot was asked for.
+    pub revision: i64,
+    /// The SHA-256 trailer the database was checked against, hex.
+    pub sha256: String,
 }
 
 /// An RDB snapshot taken over the replication protocol.

@@ -6,6 +6,7 @@
 //! them (exit codes), with the object, backup or database named in the message.
 
 pub mod archive;
+pub mod etcd;
 pub mod pg_base;
 pub mod pg_dump;
 pub mod prefetch;
@@ -72,6 +73,40 @@ pub(crate) fn single_object_manifest(
             parts: summary.parts,
         }],
     }
+}
+
+/// Uploads as `key` what a source pushes into a channel (at most `queue` chunks waiting), and
+/// checks the result: the source's verdict first (it explains an upload that stopped because
+/// of it), then the upload's, then that both counted the same bytes and the store holds them.
+/// The source returns its facts and the bytes it sent.
+pub(crate) async fn upload_snapshot<T, F>(
+    config: &crate::config::Config,
+    store: &Store,
+    key: &crate::store::ObjectKey,
+    queue: usize,
+    source: impl FnOnce(tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>) -> F,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(T, crate::pipeline::UploadSummary)>
+where
+    F: std::future::Future<Output = anyhow::Result<(T, u64)>>,
+{
+    let (chunks, received) = tokio::sync::mpsc::channel(queue);
+    let reader =
+        tokio_util::io::StreamReader::new(tokio_stream::wrappers::ReceiverStream::new(received));
+    let (read, uploaded) = tokio::join!(
+        source(chunks),
+        crate::pipeline::upload(store, key, reader, &config.pipeline, cancel)
+    );
+    let (facts, bytes) = read?;
+    let summary = uploaded.map_err(pipeline_error)?;
+    if summary.raw_bytes != bytes {
+        return Err(anyhow::Error::new(Failure::Corrupt(format!(
+            "{key}: the pipeline took {} bytes, but the source sent {bytes}",
+            summary.raw_bytes
+        ))));
+    }
+    check_stored_size(store, key, summary.stored_bytes).await?;
+    Ok((facts, summary))
 }
 
 /// Asks the store for the object's size after upload: a store that kept fewer (or more) bytes

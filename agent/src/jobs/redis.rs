@@ -7,16 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::Utc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::io::StreamReader;
 use tokio_util::sync::CancellationToken;
 
-use super::{catalog_error, pipeline_error, redis_aof};
+use super::{catalog_error, redis_aof};
 use crate::catalog::manifest::{Manifest, RedisFacts, SourceFacts};
 use crate::catalog::{self, Kind, Selector, layout};
 use crate::config::Config;
 use crate::error::Failure;
-use crate::pipeline;
 use crate::sources::aof::{AofError, AofManifest};
 use crate::sources::redis::{RedisEndpoint, RedisError, Session};
 use crate::store::Store;
@@ -87,27 +84,24 @@ pub async fn backup(
 
     let stored = async {
         let snapshot = session.sync().await.map_err(redis_error)?;
-        let (chunks, received) = tokio::sync::mpsc::channel(CHUNK_QUEUE);
-        let reader = StreamReader::new(ReceiverStream::new(received));
-        let (read, uploaded) = tokio::join!(
-            snapshot.stream(chunks),
-            pipeline::upload(store, &key, reader, &config.pipeline, cancel)
-        );
-        // The snapshot's own verdict first: it explains an upload that stopped because of it.
-        let facts = read.map_err(redis_error)?;
-        let summary = uploaded.map_err(pipeline_error)?;
-        if summary.raw_bytes != facts.bytes {
-            return Err(anyhow::Error::new(Failure::Corrupt(format!(
-                "{key}: the pipeline took {} bytes, but the snapshot had {}",
-                summary.raw_bytes, facts.bytes
-            ))));
-        }
-        super::check_stored_size(store, &key, summary.stored_bytes).await?;
+        let (facts, summary) = super::upload_snapshot(
+            config,
+            store,
+            &key,
+            CHUNK_QUEUE,
+            |chunks| async {
+                let facts = snapshot.stream(chunks).await.map_err(redis_error)?;
+                let bytes = facts.bytes;
+                Ok((facts, bytes))
+            },
+            cancel,
+        )
+        .await?;
         let aof = match aof_dir {
             Some(dir) => Some(redis_aof::copy_set(config, store, &id, dir, cancel).await?),
             None => None,
         };
-        Ok((facts, summary, aof))
+        anyhow::Ok((facts, summary, aof))
     }
     .await;
     let (facts, summary, aof) = match stored {

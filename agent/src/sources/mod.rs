@@ -1,6 +1,7 @@
 //! Sources turn a live system into a byte stream. One module per datastore.
 
 pub mod aof;
+pub mod etcd;
 pub mod pgdata;
 pub mod postgres;
 pub mod redis;
