@@ -58,47 +58,17 @@ log "dataset: $(cli INFO memory | grep used_memory_human | tr -d '\r')"
 
 results="$work/results"
 : >"$results"
-measure() {
-  local name=$1 stored_cmd=$2 cmd=$3
-  sync
-  /usr/bin/time -f "%e %U %S %M" -o "$work/time" bash -c "$cmd" >"$work/out" 2>"$work/err" || {
-    echo "$name failed:" >&2; tail -5 "$work/err" >&2; exit 1; }
-  read -r wall user sys rss_kib <"$work/time"
-  local agent_rss=-
-  if grep -q peak_rss_bytes "$work/err"; then
-    agent_rss=$(($(grep -o 'peak_rss_bytes[^0-9]*[0-9]*' "$work/err" | grep -o '[0-9]*$' | tail -n 1) / 1048576))
-  fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$wall" "$(echo "$user + $sys" | bc)" "$((rss_kib / 1024))" \
-    "$agent_rss" "$(bash -c "$stored_cmd")" >>"$results"
-  log "$name: ${wall}s"
-}
 s3_size() { echo "aws s3api head-object --bucket bench --key '$1' --query ContentLength --output text"; }
 url="redis://:$password@127.0.0.1:$port"
 
 for round in $(seq 1 "$REPEAT"); do
-  measure "gc-backup backup redis" \
+  bench_measure "$results" "gc-backup backup redis" \
     "GC_BACKUP_STORE=s3://bench/gcb '$GC_BACKUP' list --kind redis --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1][\"stored_bytes\"])'" \
     "GC_BACKUP_STORE=s3://bench/gcb GC_BACKUP_LOG_FORMAT=json '$GC_BACKUP' backup redis --redis-url '$url'"
-  measure "redis-cli --rdb - | zstd -1 | aws s3 cp -" "$(s3_size "pipe/dump-$round.rdb.zst")" \
+  bench_measure "$results" "redis-cli --rdb - | zstd -1 | aws s3 cp -" "$(s3_size "pipe/dump-$round.rdb.zst")" \
     "redis-cli -h 127.0.0.1 -p $port -a $password --no-auth-warning --rdb - 2>/dev/null | zstd -1 -q | aws s3 cp - s3://bench/pipe/dump-$round.rdb.zst"
-  measure "redis-cli --rdb f && aws s3 cp f" "$(s3_size "file/dump-$round.rdb")" \
+  bench_measure "$results" "redis-cli --rdb f && aws s3 cp f" "$(s3_size "file/dump-$round.rdb")" \
     "redis-cli -h 127.0.0.1 -p $port -a $password --no-auth-warning --rdb '$work/dump.rdb' >/dev/null && aws s3 cp --quiet '$work/dump.rdb' s3://bench/file/dump-$round.rdb && rm -f '$work/dump.rdb'"
 done
 
-python3 - "$results" <<'PY'
-import sys
-runs = {}
-for line in open(sys.argv[1]):
-    f = line.rstrip("\n").split("\t")
-    runs.setdefault(f[0], []).append(f)
-rows = {}
-for name, group in runs.items():
-    group.sort(key=lambda f: float(f[1]))
-    rows[name] = group[(len(group) - 1) // 2]
-ours = float(rows["gc-backup backup redis"][1])
-print(f"{'run':44} {'wall s':>7} {'cpu s':>6} {'RSS MiB':>7} {'agent':>6} {'stored MiB':>10} {'vs gc-backup':>12}")
-for name, f in rows.items():
-    wall = float(f[1])
-    print(f"{name:44} {wall:7.2f} {float(f[2]):6.2f} {int(f[3]):7d} {f[4]:>6} {int(f[5]) / 2**20:10.1f} {wall / ours:11.2f}x")
-print("vs gc-backup: the run's wall time divided by gc-backup's (above 1 = gc-backup is faster).")
-PY
+bench_table "$results" "gc-backup backup redis"

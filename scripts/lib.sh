@@ -196,3 +196,44 @@ secret-access-key = "bench-secret"
 CONF
   chmod 644 "$work/gc-backup.toml"
 }
+
+# bench_measure RESULTS NAME STORED_BYTES_CMD CMD: runs CMD under /usr/bin/time and appends a
+# row to RESULTS: name, wall s, CPU s, peak RSS MiB of the largest process, gc-backup's own
+# peak RSS MiB (from its JSON log, "-" for others), stored bytes (STORED_BYTES_CMD's output).
+bench_measure() {
+  local results=$1 name=$2 stored_cmd=$3 cmd=$4 dir
+  dir=$(dirname "$results")
+  sync
+  /usr/bin/time -f "%e %U %S %M" -o "$dir/time" bash -c "$cmd" >"$dir/out" 2>"$dir/err" || {
+    echo "$name failed:" >&2; tail -5 "$dir/err" >&2; exit 1; }
+  read -r wall user sys rss_kib <"$dir/time"
+  local agent_rss=-
+  if grep -q peak_rss_bytes "$dir/err"; then
+    agent_rss=$(($(grep -o 'peak_rss_bytes[^0-9]*[0-9]*' "$dir/err" | grep -o '[0-9]*$' | tail -n 1) / 1048576))
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$wall" "$(echo "$user + $sys" | bc)" "$((rss_kib / 1024))" \
+    "$agent_rss" "$(bash -c "$stored_cmd")" >>"$results"
+  log "$name: ${wall}s"
+}
+
+# bench_table RESULTS OURS: the median run of each contender (by wall time), with its wall
+# time divided by OURS' (above 1 = gc-backup is faster).
+bench_table() {
+  python3 - "$1" "$2" <<'PY'
+import sys
+runs = {}
+for line in open(sys.argv[1]):
+    f = line.rstrip("\n").split("\t")
+    runs.setdefault(f[0], []).append(f)
+rows = {}
+for name, group in runs.items():
+    group.sort(key=lambda f: float(f[1]))
+    rows[name] = group[(len(group) - 1) // 2]
+ours = float(rows[sys.argv[2]][1])
+print(f"{'run':44} {'wall s':>7} {'cpu s':>6} {'RSS MiB':>7} {'agent':>6} {'stored MiB':>10} {'vs gc-backup':>12}")
+for name, f in rows.items():
+    wall = float(f[1])
+    print(f"{name:44} {wall:7.2f} {float(f[2]):6.2f} {int(f[3]):7d} {f[4]:>6} {int(f[5]) / 2**20:10.1f} {wall / ours:11.2f}x")
+print("vs gc-backup: the run's wall time divided by gc-backup's (above 1 = gc-backup is faster).")
+PY
+}

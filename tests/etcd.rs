@@ -61,7 +61,9 @@ fn a_snapshot_restores_to_a_member_with_the_same_data() {
         .into_iter()
         .find(|k| k.ends_with(".zst"))
         .unwrap();
+    agent.ok(&["verify", "--kind", "etcd"]);
     weed.flip_byte(&key);
+    assert_fails(&agent.run(&["verify", "--kind", "etcd"]), 3, "problem");
     let rotten = agent.home().join("rotten.db");
     let output = agent.run(&["restore", "etcd", &id, "--output", rotten.to_str().unwrap()]);
     assert_fails(&output, 3, &id);

@@ -910,6 +910,12 @@ mod tests {
         );
         assert_eq!(config.postgres.dbname.as_deref(), Some("gc_storage"));
         assert_eq!(config.pipeline.part_size, 8 * MIB);
+        assert_eq!(
+            config.redis.aof_dir.as_deref(),
+            Some(Path::new("/data/appendonlydir"))
+        );
+        assert_eq!(config.etcd.endpoints.len(), 1);
+        assert!(config.etcd.key_file.is_some());
     }
 
     #[test]
