@@ -22,8 +22,8 @@ work=$(mktemp -d /var/tmp/gcb-etcdbench.XXXXXX)
 ETCD_PID=
 WEED_PID=
 cleanup() {
-  [ -n "$ETCD_PID" ] && kill "$ETCD_PID" 2>/dev/null && wait "$ETCD_PID" 2>/dev/null
-  [ -n "$WEED_PID" ] && kill "$WEED_PID" 2>/dev/null && wait "$WEED_PID" 2>/dev/null
+  stop_pid "$ETCD_PID"
+  stop_pid "$WEED_PID"
   rm -rf "$work"
 }
 trap cleanup EXIT

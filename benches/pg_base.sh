@@ -22,7 +22,7 @@ WEED_PID=
 cleanup() {
   psql -X -q -d postgres -c "ALTER SYSTEM RESET archive_command" >/dev/null 2>&1 || true
   stop_postgres "$BENCH_DIR/pg"
-  [ -n "$WEED_PID" ] && kill "$WEED_PID" 2>/dev/null && wait "$WEED_PID" 2>/dev/null
+  stop_pid "$WEED_PID"
   rm -rf "$work"
 }
 trap cleanup EXIT

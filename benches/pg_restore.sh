@@ -28,7 +28,7 @@ cleanup() {
   for d in "$work"/restore-*; do
     [ -f "$d/postmaster.pid" ] && as_postgres "$PG_BIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1
   done
-  [ -n "$WEED_PID" ] && kill "$WEED_PID" 2>/dev/null && wait "$WEED_PID" 2>/dev/null
+  stop_pid "$WEED_PID"
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -24,8 +24,8 @@ work=$(mktemp -d /var/tmp/gcb-redisbench.XXXXXX)
 REDIS_PID=
 WEED_PID=
 cleanup() {
-  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null
-  [ -n "$WEED_PID" ] && kill "$WEED_PID" 2>/dev/null && wait "$WEED_PID" 2>/dev/null
+  stop_pid "$REDIS_PID"
+  stop_pid "$WEED_PID"
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -20,7 +20,7 @@ command -v aws >/dev/null || python3 -m pip install -q awscli
 
 WEED_PID=
 cleanup() {
-  [ -n "$WEED_PID" ] && kill "$WEED_PID" 2>/dev/null && wait "$WEED_PID" 2>/dev/null
+  stop_pid "$WEED_PID"
   stop_postgres "$BENCH_DIR/pg"
   rm -rf "$work"
 }

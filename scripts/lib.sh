@@ -5,6 +5,14 @@
 SEAWEEDFS_VERSION=4.48
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+# stop_pid PID: stops a background server and reaps it. Never fails: a cleanup trap under
+# `set -e` would otherwise stop at the first server's exit status and leak the rest.
+stop_pid() {
+  [ -n "${1:-}" ] || return 0
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 as_root() {

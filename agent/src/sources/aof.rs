@@ -77,7 +77,8 @@ impl AofManifest {
         for entry in listing {
             let entry = entry.map_err(|e| AofError::io(dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".manifest") {
+            // Redis writes a new manifest as `temp-<name>` and renames it into place.
+            if name.ends_with(".manifest") && !name.starts_with("temp-") {
                 manifests.push(name);
             }
         }

@@ -123,6 +123,16 @@ fn a_directory_without_a_manifest_is_a_configuration_error() {
 }
 
 #[test]
+fn the_manifest_redis_is_writing_during_a_rewrite_is_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = "file appendonly.aof.1.base.rdb seq 1 type b\n";
+    std::fs::write(dir.path().join("appendonly.aof.manifest"), line).unwrap();
+    std::fs::write(dir.path().join("temp-appendonly.aof.manifest"), "half").unwrap();
+    let manifest = AofManifest::read(dir.path()).unwrap();
+    assert_eq!(manifest.file_name, "appendonly.aof.manifest");
+}
+
+#[test]
 fn file_prefixes_are_cut_and_hashed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.incr.aof");
