@@ -78,6 +78,9 @@ pub enum Command {
     /// Check backups: re-read every object against its checksums, and the WAL chain of each
     /// base backup; with --restore, run a restore drill
     Verify(VerifyArgs),
+    /// Delete what the retention policy says has expired (backups, their data, old WAL, data
+    /// of runs that never finished), printing the plan with a reason for each item
+    Retention(RetentionArgs),
     /// Started by wal-fetch: downloads the next segments into its spool
     #[command(hide = true)]
     WalPrefetch(WalPrefetchArgs),
@@ -89,6 +92,21 @@ pub struct WalPrefetchArgs {
     pub name: String,
     /// The spool directory
     pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RetentionArgs {
+    /// Print the plan, delete nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Plan as if it were this time (with a zone, e.g. 2026-12-31T00:00:00Z): "what would
+    /// happen on date X"
+    #[arg(long, value_name = "TIME", value_parser = parse_now)]
+    pub now: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn parse_now(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    pitr::target::parse_time(text).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -480,6 +498,12 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => crate::daemon::run(config, store, cancel).await,
+        Command::Retention(args) => {
+            let now = args.now.unwrap_or_else(chrono::Utc::now);
+            let report = jobs::retention::run(&store, &config.retention, now, args.dry_run).await?;
+            print_retention(&report, args.dry_run);
+            Ok(())
+        }
         // PostgreSQL signals restore_command on shutdown: stop at once (exit 255), never
         // leave it waiting on a store that does not answer.
         Command::WalFetch(args) => match tokio::select! {
@@ -830,4 +854,55 @@ fn human_bytes(bytes: u64) -> String {
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
+}
+
+/// The plan, one line per backup and deleted object; WAL in one line (there can be thousands).
+fn print_retention(report: &jobs::retention::RetentionReport, dry_run: bool) {
+    use retention::Target;
+    let mut out = std::io::stdout().lock();
+    let mut wal: Vec<&str> = Vec::new();
+    let mut wal_reason = "";
+    for decision in &report.plan.decisions {
+        let verb = match (decision.delete, dry_run) {
+            (false, _) => "keep",
+            (true, true) => "would delete",
+            (true, false) => "deleted",
+        };
+        match &decision.target {
+            Target::Wal { key } => {
+                wal.push(key);
+                wal_reason = &decision.reason;
+            }
+            target => {
+                let _ = writeln!(out, "{verb:<12} {target:<48} {}", decision.reason);
+            }
+        }
+    }
+    if let (Some(first), Some(last)) = (wal.iter().min(), wal.iter().max()) {
+        let verb = if dry_run { "would delete" } else { "deleted" };
+        let _ = writeln!(
+            out,
+            "{verb:<12} {} WAL files, {first} … {last}: {wal_reason}",
+            wal.len()
+        );
+    }
+    let backups = report
+        .plan
+        .deletions()
+        .filter(|d| matches!(d.target, Target::Backup { .. }))
+        .count();
+    let objects = report
+        .plan
+        .deletions()
+        .filter(|d| matches!(d.target, Target::Object { .. }))
+        .count();
+    let summary = format!(
+        "retention at {}: {} {backups} backups, {objects} data objects, {} WAL files",
+        report
+            .now
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        if dry_run { "would delete" } else { "deleted" },
+        wal.len()
+    );
+    eprintln!("{summary}");
 }

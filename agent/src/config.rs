@@ -60,6 +60,39 @@ pub struct FileConfig {
     pub postgres: PostgresSection,
     pub redis: RedisSection,
     pub etcd: EtcdSection,
+    pub schedule: ScheduleSection,
+    pub retention: RetentionSection,
+    pub metrics: MetricsSection,
+}
+
+/// Cron expressions for `gc-backup run`: 5 fields, or 6 with seconds first. A kind without
+/// one is not scheduled.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ScheduleSection {
+    pub pg_dump: Option<String>,
+    pub pg_base: Option<String>,
+    pub redis: Option<String>,
+    pub etcd: Option<String>,
+    pub retention: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RetentionSection {
+    /// pg-dump and pg-base (a recovery window), and the WAL they need.
+    pub pg: Option<String>,
+    pub redis: Option<String>,
+    pub etcd: Option<String>,
+    /// How old data without a manifest must be before retention removes it.
+    pub orphan_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where `gc-backup run` serves /metrics, /health and /health/ready.
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -184,7 +217,70 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub etcd: EtcdConfig,
+    pub schedule: Schedules,
+    pub retention: retention::Policy,
+    pub metrics_listen: std::net::SocketAddr,
 }
+
+/// The daemon's schedules, parsed.
+#[derive(Debug, Clone, Default)]
+pub struct Schedules {
+    pub pg_dump: Option<Schedule>,
+    pub pg_base: Option<Schedule>,
+    pub redis: Option<Schedule>,
+    pub etcd: Option<Schedule>,
+    pub retention: Option<Schedule>,
+}
+
+/// A cron expression, checked when the configuration is read.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub expression: String,
+    pub cron: croner::Cron,
+}
+
+impl Schedule {
+    pub fn parse(key: &str, expression: &str) -> Result<Self, ConfigError> {
+        let fields = expression.split_whitespace().count();
+        if !(5..=6).contains(&fields) {
+            return Err(err(format!(
+                "schedule.{key} '{expression}' has {fields} fields; use 5 (minute hour day month \
+                 weekday) or 6 (seconds first)"
+            )));
+        }
+        let parser = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Optional)
+            .year(croner::parser::Year::Disallowed)
+            .build();
+        let cron = parser.parse(expression).map_err(|e| {
+            err(format!(
+                "schedule.{key} '{expression}' is not a cron expression: {e}"
+            ))
+        })?;
+        Ok(Self {
+            expression: expression.to_string(),
+            cron,
+        })
+    }
+
+    /// The first run strictly after `after`.
+    pub fn next_after(
+        &self,
+        after: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.cron.find_next_occurrence(&after, false).ok()
+    }
+}
+
+/// The runbook's retention: PostgreSQL 30 days, Redis 7, etcd 14.
+pub const DEFAULT_RETENTION: retention::Policy = retention::Policy {
+    pg: chrono::TimeDelta::days(30),
+    redis: chrono::TimeDelta::days(7),
+    etcd: chrono::TimeDelta::days(14),
+    orphan_grace: chrono::TimeDelta::hours(24),
+};
+
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9188";
 
 /// Where etcd is and how to authenticate; environment names follow etcdctl's (`ETCDCTL_*`), so
 /// the secrets an etcd backup CronJob already mounts work unchanged.
@@ -351,12 +447,25 @@ impl Config {
                 .or(file.redis.aof_dir),
         };
         let etcd = resolve_etcd(file.etcd, &env);
+        let schedule = resolve_schedules(&file.schedule)?;
+        let retention = resolve_retention(&file.retention)?;
+        let listen = env("GC_BACKUP_METRICS_LISTEN")
+            .or(file.metrics.listen)
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
+        let metrics_listen = listen.parse().map_err(|_| {
+            err(format!(
+                "metrics.listen '{listen}' is not an address:port (e.g. 0.0.0.0:9188)"
+            ))
+        })?;
         Ok(Self {
             store,
             pipeline,
             postgres,
             redis,
             etcd,
+            schedule,
+            retention,
+            metrics_listen,
         })
     }
 
@@ -679,6 +788,49 @@ fn parse_duration(key: &str, text: Option<&str>) -> Result<Option<Duration>, Con
     .transpose()
 }
 
+fn resolve_schedules(file: &ScheduleSection) -> Result<Schedules, ConfigError> {
+    let parse = |key: &str, value: &Option<String>| {
+        value
+            .as_deref()
+            .map(|expression| Schedule::parse(key, expression))
+            .transpose()
+    };
+    Ok(Schedules {
+        pg_dump: parse("pg-dump", &file.pg_dump)?,
+        pg_base: parse("pg-base", &file.pg_base)?,
+        redis: parse("redis", &file.redis)?,
+        etcd: parse("etcd", &file.etcd)?,
+        retention: parse("retention", &file.retention)?,
+    })
+}
+
+fn resolve_retention(file: &RetentionSection) -> Result<retention::Policy, ConfigError> {
+    let window = |key: &str, value: &Option<String>, default: chrono::TimeDelta| {
+        let Some(duration) = parse_duration(&format!("retention.{key}"), value.as_deref())? else {
+            return Ok(default);
+        };
+        let delta = chrono::TimeDelta::from_std(duration)
+            .map_err(|_| err(format!("retention.{key} is too long")))?;
+        if delta < chrono::TimeDelta::hours(1) {
+            return Err(err(format!(
+                "retention.{key} must be at least 1h (got {})",
+                value.as_deref().unwrap_or_default()
+            )));
+        }
+        Ok(delta)
+    };
+    Ok(retention::Policy {
+        pg: window("pg", &file.pg, DEFAULT_RETENTION.pg)?,
+        redis: window("redis", &file.redis, DEFAULT_RETENTION.redis)?,
+        etcd: window("etcd", &file.etcd, DEFAULT_RETENTION.etcd)?,
+        orphan_grace: window(
+            "orphan-grace",
+            &file.orphan_grace,
+            DEFAULT_RETENTION.orphan_grace,
+        )?,
+    })
+}
+
 fn resolve_etcd(file: EtcdSection, env: &dyn Fn(&str) -> Option<String>) -> EtcdConfig {
     let endpoints = env("GC_BACKUP_ETCD_ENDPOINTS")
         .or_else(|| env("ETCDCTL_ENDPOINTS"))
@@ -799,6 +951,68 @@ mod tests {
         ];
         let etcd = resolve_with("", &ours, Overrides::default()).unwrap().etcd;
         assert_eq!(etcd.endpoints, ["http://c:2379"]);
+    }
+
+    #[test]
+    fn the_daemon_configuration_of_the_runbook_parses() {
+        let toml = r#"
+            [store]
+            url = "s3://gc-storage-backup/prod"
+            [postgres]
+            pgdata = "/var/lib/postgresql/data"
+            [redis]
+            url = "redis://redis:6379"
+            aof-dir = "/data/appendonlydir"
+            [etcd]
+            endpoints = ["https://etcd:2379"]
+            [schedule]
+            pg-dump = "0 2 * * *"
+            pg-base = "0 3 * * *"
+            redis = "*/5 * * * *"
+            etcd = "0 2 * * *"
+            retention = "0 * * * *"
+            [retention]
+            pg = "30d"
+            redis = "7d"
+            etcd = "14d"
+            [metrics]
+            listen = "0.0.0.0:9188"
+        "#;
+        let config = resolve_with(toml, &[], Overrides::default()).unwrap();
+        let redis = config.schedule.redis.as_ref().unwrap();
+        let at: chrono::DateTime<chrono::Utc> = "2026-01-15T02:03:10Z".parse().unwrap();
+        assert_eq!(
+            redis.next_after(at).unwrap().to_rfc3339(),
+            "2026-01-15T02:05:00+00:00"
+        );
+        assert_eq!(config.retention, DEFAULT_RETENTION);
+        assert_eq!(config.metrics_listen.port(), 9188);
+
+        // Six fields: seconds first.
+        let fast = resolve_with(
+            "[schedule]\nredis = \"*/2 * * * * *\"\n",
+            &[],
+            Overrides::default(),
+        )
+        .unwrap();
+        let next = fast.schedule.redis.unwrap().next_after(at).unwrap();
+        assert_eq!(next.to_rfc3339(), "2026-01-15T02:03:12+00:00");
+    }
+
+    #[test]
+    fn bad_schedules_and_windows_are_refused_with_the_key() {
+        let bad = |toml: &str, needle: &str| {
+            let error = resolve_with(toml, &[], Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(needle), "{error}");
+        };
+        bad("[schedule]\nredis = \"*/5 * *\"\n", "schedule.redis");
+        bad("[schedule]\netcd = \"61 * * * *\"\n", "schedule.etcd");
+        bad("[schedule]\netcd = \"0 0 1 1 * 2030\"\n", "schedule.etcd");
+        bad("[retention]\npg = \"soon\"\n", "retention.pg");
+        bad("[retention]\nredis = \"5m\"\n", "at least 1h");
+        bad("[metrics]\nlisten = \"9188\"\n", "metrics.listen");
     }
 
     #[test]

@@ -732,6 +732,18 @@ impl Seaweed {
             .expect("delete");
     }
 
+    /// Writes an object directly, behind the agent's back (e.g. what a killed run leaves).
+    pub fn put(&self, key: &str, bytes: &[u8]) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let payload = bytes::Bytes::copy_from_slice(bytes).into();
+        runtime
+            .block_on(self.object_store().put(&ObjectKey::from(key), payload))
+            .expect("put");
+    }
+
     /// Flips one bit in the middle of a stored object, in place, as bit rot would.
     pub fn flip_byte(&self, key: &str) {
         let runtime = tokio::runtime::Builder::new_current_thread()

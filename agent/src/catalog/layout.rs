@@ -19,44 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::ObjectKey;
 
-/// What a backup is a backup of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Kind {
-    PgDump,
-    PgBase,
-    Redis,
-    Etcd,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::PgDump, Kind::PgBase, Kind::Redis, Kind::Etcd];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::PgDump => "pg-dump",
-            Kind::PgBase => "pg-base",
-            Kind::Redis => "redis",
-            Kind::Etcd => "etcd",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Kind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Kind::ALL
-            .into_iter()
-            .find(|kind| kind.as_str() == s)
-            .ok_or_else(|| format!("unknown kind '{s}' (kinds: pg-dump, pg-base, redis, etcd)"))
-    }
-}
+/// What a backup is a backup of (defined with the retention planner, which reasons about it).
+pub use retention::Kind;
 
 /// A backup id: its start time in UTC to the second, e.g. `20260115T020000Z`. Ids sort in
 /// time order, and the claim object makes each one unique per kind.

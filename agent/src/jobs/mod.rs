@@ -15,6 +15,7 @@ pub mod redis;
 pub mod redis_aof;
 pub mod restore_pg;
 pub mod restore_pg_dump;
+pub mod retention;
 pub mod verify;
 pub mod wal;
 

@@ -1,0 +1,176 @@
+//! `gc-backup retention`: reads what the store holds, asks the pure `retention` planner what
+//! to delete at `now`, and deletes it — manifests first, then data, then WAL, so that a run
+//! interrupted anywhere leaves only usable backups.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use retention::{
+    Backup, DataObject, Decision, Inventory, Plan, Policy, Target, WalObject, WalStart,
+};
+
+use super::{catalog_error, store_error};
+use crate::catalog::manifest::SourceFacts;
+use crate::catalog::{self, BackupId, Kind, Manifest, layout};
+use crate::error::Failure;
+use crate::store::{ObjectKey, Store};
+
+/// Deletes in flight at once.
+const DELETE_CONCURRENCY: usize = 16;
+
+fn backup_of(manifest: &Manifest) -> Backup {
+    let wal_start = match &manifest.source {
+        SourceFacts::PgBase(facts) => match pitr::WalFile::parse(&facts.start_wal) {
+            Ok(pitr::WalFile::Segment { timeline, log, seg }) => {
+                Some(WalStart { timeline, log, seg })
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    Backup {
+        kind: manifest.kind,
+        id: manifest.id.to_string(),
+        start_time: manifest.start_time,
+        end_time: manifest.end_time,
+        objects: manifest.objects.iter().map(|o| o.key.clone()).collect(),
+        wal_start,
+    }
+}
+
+/// Everything in the store the planner needs. Refuses to go on when a manifest cannot be
+/// read: its backup's objects (and objects it shares) could not be told from orphans.
+pub async fn inventory(store: &Store) -> anyhow::Result<Inventory> {
+    let (manifests, unreadable) = catalog::list(store, None).await.map_err(catalog_error)?;
+    if !unreadable.is_empty() {
+        let names: Vec<String> = unreadable.iter().map(ToString::to_string).collect();
+        return Err(Failure::Corrupt(format!(
+            "retention will not run while a manifest is unreadable (its data could not be told \
+             from orphans): {}",
+            names.join("; ")
+        ))
+        .into());
+    }
+    let mut inventory = Inventory {
+        backups: manifests.iter().map(backup_of).collect(),
+        ..Inventory::default()
+    };
+    for meta in store
+        .list(&ObjectKey::from("data"))
+        .await
+        .map_err(store_error)?
+    {
+        let key = meta.location.to_string();
+        let mut parts = key.splitn(4, '/');
+        let (Some("data"), Some(kind), Some(id), Some(_)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (Ok(kind), Ok(_)) = (kind.parse::<Kind>(), id.parse::<BackupId>()) else {
+            // Not ours to judge.
+            continue;
+        };
+        inventory.data.push(DataObject {
+            kind,
+            id: id.to_string(),
+            key,
+            last_modified: meta.last_modified,
+        });
+    }
+    for meta in store
+        .list(&layout::wal_prefix())
+        .await
+        .map_err(store_error)?
+    {
+        if let Some(file) = layout::parse_wal_key(&meta.location) {
+            inventory.wal.push(WalObject {
+                key: meta.location.to_string(),
+                file,
+            });
+        }
+    }
+    Ok(inventory)
+}
+
+#[derive(Debug)]
+pub struct RetentionReport {
+    pub plan: Plan,
+    pub now: DateTime<Utc>,
+    /// Backups deleted, by kind (all zero on a dry run).
+    pub deleted_backups: BTreeMap<Kind, usize>,
+    pub deleted_objects: usize,
+    pub deleted_wal: usize,
+}
+
+/// Plans at `now` and, unless `dry_run`, carries the plan out.
+pub async fn run(
+    store: &Store,
+    policy: &Policy,
+    now: DateTime<Utc>,
+    dry_run: bool,
+) -> anyhow::Result<RetentionReport> {
+    let inventory = inventory(store).await?;
+    let plan = retention::plan(&inventory, policy, now);
+    let mut report = RetentionReport {
+        plan,
+        now,
+        deleted_backups: BTreeMap::new(),
+        deleted_objects: 0,
+        deleted_wal: 0,
+    };
+    if dry_run {
+        return Ok(report);
+    }
+    let deletions: Vec<Decision> = report.plan.deletions().cloned().collect();
+    // Manifests one by one, in order, before any data: a backup stops existing first.
+    for decision in deletions
+        .iter()
+        .filter(|d| matches!(d.target, Target::Backup { .. }))
+    {
+        let Target::Backup { kind, id } = &decision.target else {
+            continue;
+        };
+        let kind = *kind;
+        let id: BackupId = id
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("retention plan names a bad id: {e}"))?;
+        delete_tolerating_absence(store, &layout::manifest_key(kind, &id)).await?;
+        tracing::info!(kind = %kind, id = %id, reason = %decision.reason, "backup deleted");
+        *report.deleted_backups.entry(kind).or_default() += 1;
+    }
+    let keys = |wal: bool| -> Vec<ObjectKey> {
+        deletions
+            .iter()
+            .filter_map(|d| match (&d.target, wal) {
+                (Target::Object { key }, false) | (Target::Wal { key }, true) => {
+                    Some(ObjectKey::from(key.as_str()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    report.deleted_objects = delete_all(store, keys(false)).await?;
+    report.deleted_wal = delete_all(store, keys(true)).await?;
+    Ok(report)
+}
+
+/// A key already gone (another retention run, a manual delete) is not an error.
+async fn delete_tolerating_absence(store: &Store, key: &ObjectKey) -> anyhow::Result<()> {
+    match store.delete(key).await {
+        Ok(()) | Err(crate::store::StoreError::NotFound { .. }) => Ok(()),
+        Err(error) => Err(store_error(error)),
+    }
+}
+
+async fn delete_all(store: &Store, keys: Vec<ObjectKey>) -> anyhow::Result<usize> {
+    let count = keys.len();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(keys)
+        .map(|key| async move { delete_tolerating_absence(store, &key).await })
+        .buffer_unordered(DELETE_CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    Ok(count)
+}
