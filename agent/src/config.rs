@@ -1000,6 +1000,24 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_configmap_parses() {
+        // The TOML block of docker/k8s/configmap.yaml, as Kubernetes mounts it.
+        let yaml = include_str!("../../docker/k8s/configmap.yaml");
+        let (_, block) = yaml.split_once("gc-backup.toml: |\n").unwrap();
+        let toml: String = block
+            .lines()
+            .take_while(|line| line.is_empty() || line.starts_with("    "))
+            .map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line)))
+            .collect();
+        let config = resolve_with(&toml, &[], Overrides::default()).unwrap();
+        assert!(config.schedule.pg_dump.is_some() && config.schedule.retention.is_some());
+        assert_eq!(config.retention, DEFAULT_RETENTION);
+        assert_eq!(config.metrics_listen.port(), 9188);
+        assert!(config.postgres.pgdata.is_some());
+        assert_eq!(config.etcd.endpoints.len(), 1);
+    }
+
+    #[test]
     fn bad_schedules_and_windows_are_refused_with_the_key() {
         let bad = |toml: &str, needle: &str| {
             let error = resolve_with(toml, &[], Overrides::default())

@@ -799,7 +799,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(env: Vec<(String, String)>) -> Self {
+    pub fn new(mut env: Vec<(String, String)>) -> Self {
+        // `gc-backup run` serves HTTP; tests run in parallel, so never on the fixed default port.
+        if !env.iter().any(|(k, _)| k == "GC_BACKUP_METRICS_LISTEN") {
+            env.push(("GC_BACKUP_METRICS_LISTEN".into(), "127.0.0.1:0".into()));
+        }
         Self {
             home: tempfile::Builder::new()
                 .prefix("gcb-home-")

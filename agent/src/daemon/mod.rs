@@ -1,30 +1,170 @@
-//! The sidecar, `gc-backup run`: long-running work beside PostgreSQL. Today that is
-//! look-ahead WAL archiving ([`archiver`]); schedules, retention, metrics and health come next.
+//! The sidecar, `gc-backup run`: everything that runs beside PostgreSQL for months unattended.
+//! Look-ahead WAL archiving ([`archiver`]) all the time; every backup kind and retention on
+//! their cron schedules ([`schedule`]); metrics and health over HTTP ([`http`], [`metrics`]).
 //!
 //! Shutdown is a parameter: [`run`] returns once `shutdown` fires and the work in flight has
-//! finished, so tests pass their own token and SIGTERM is handled in `main`.
+//! stopped (backups aborted with nothing committed, WAL uploads finished), so tests pass their
+//! own token and SIGTERM is handled in `main`.
 
 pub mod archiver;
+pub mod http;
+pub mod metrics;
+pub mod schedule;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use anyhow::Context;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use self::metrics::JobKind;
+use crate::catalog::{self, Kind};
 use crate::config::Config;
 use crate::error::Failure;
-use crate::store::Store;
+use crate::store::{ObjectKey, Store, StoreError};
+
+/// How often the newest backup of each kind is read from the store for the metrics (backups
+/// made elsewhere, like the etcd CronJob's, count too).
+const CATALOG_REFRESH: Duration = Duration::from_secs(300);
+/// How often the archiver's state is copied into the metrics.
+const WAL_METRICS_EVERY: Duration = Duration::from_secs(5);
+/// How long one readiness check may wait for the store or PostgreSQL.
+const READY_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pgdata = config.postgres.pgdata.clone().ok_or_else(|| {
-        Failure::Config("the sidecar needs the data directory: PGDATA or [postgres] pgdata".into())
-    })?;
-    if !pgdata.join("pg_wal/archive_status").is_dir() {
+    let schedules: Vec<(JobKind, crate::config::Schedule)> = [
+        (JobKind::Backup(Kind::PgDump), &config.schedule.pg_dump),
+        (JobKind::Backup(Kind::PgBase), &config.schedule.pg_base),
+        (JobKind::Backup(Kind::Redis), &config.schedule.redis),
+        (JobKind::Backup(Kind::Etcd), &config.schedule.etcd),
+        (JobKind::Retention, &config.schedule.retention),
+    ]
+    .into_iter()
+    .filter_map(|(job, schedule)| schedule.clone().map(|s| (job, s)))
+    .collect();
+    let pgdata = config.postgres.pgdata.clone();
+    if let Some(pgdata) = &pgdata
+        && !pgdata.join("pg_wal/archive_status").is_dir()
+    {
         return Err(Failure::Config(format!(
             "{} has no pg_wal/archive_status: is it a PostgreSQL data directory?",
             pgdata.display()
         ))
         .into());
     }
-    let status = Arc::new(Mutex::new(archiver::ArchiverStatus::default()));
-    archiver::run(Arc::new(config), store, pgdata, status, shutdown).await
+    if pgdata.is_none() && schedules.is_empty() {
+        return Err(Failure::Config(
+            "nothing to run: set the data directory (PGDATA or [postgres] pgdata) for WAL \
+             archiving, or a [schedule]"
+                .into(),
+        )
+        .into());
+    }
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|e| Failure::Config(format!("cannot listen on {}: {e}", config.metrics_listen)))?;
+    let address = listener
+        .local_addr()
+        .context("reading the HTTP listener's address")?;
+    let handle = metrics::install()?;
+    let config = Arc::new(config);
+    let uses_postgres =
+        pgdata.is_some() || config.schedule.pg_dump.is_some() || config.schedule.pg_base.is_some();
+
+    let mut tasks = JoinSet::new();
+    let endpoints = Arc::new(http::Endpoints {
+        metrics: handle,
+        ready: readiness(config.clone(), store.clone(), uses_postgres),
+    });
+    tasks.spawn(http::serve(listener, endpoints, shutdown.clone()));
+    tracing::info!(%address, "serving /metrics, /health and /health/ready");
+    tasks.spawn(refresh_catalog(store.clone(), shutdown.clone()));
+    for (job, schedule) in schedules {
+        tasks.spawn(schedule::run_on_schedule(
+            job,
+            schedule,
+            config.clone(),
+            store.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let mut archiver_result = Ok(());
+    if let Some(pgdata) = pgdata {
+        let status = Arc::new(Mutex::new(archiver::ArchiverStatus::default()));
+        tasks.spawn(copy_wal_metrics(status.clone(), shutdown.clone()));
+        archiver_result =
+            archiver::run(config.clone(), store, pgdata, status, shutdown.clone()).await;
+        if archiver_result.is_err() {
+            // Without archiving the sidecar is useless: stop everything and say why.
+            shutdown.cancel();
+        }
+    } else {
+        shutdown.cancelled().await;
+    }
+    while tasks.join_next().await.is_some() {}
+    archiver_result
+}
+
+/// The store answers (a HEAD of a key that need not exist), and PostgreSQL does when the
+/// sidecar uses it.
+fn readiness(config: Arc<Config>, store: Store, uses_postgres: bool) -> http::ReadinessCheck {
+    Arc::new(move || {
+        let (config, store) = (config.clone(), store.clone());
+        Box::pin(async move {
+            let probe = ObjectKey::from("manifests/.ready-probe");
+            match tokio::time::timeout(READY_TIMEOUT, store.head(&probe)).await {
+                Ok(Ok(_) | Err(StoreError::NotFound { .. })) => {}
+                Ok(Err(error)) => return Err(format!("store: {error}")),
+                Err(_) => return Err(format!("store: no answer within {READY_TIMEOUT:?}")),
+            }
+            if uses_postgres {
+                let facts = crate::sources::postgres::server_facts(&config.postgres);
+                match tokio::time::timeout(READY_TIMEOUT, facts).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => return Err(format!("postgres: {error}")),
+                    Err(_) => return Err(format!("postgres: no answer within {READY_TIMEOUT:?}")),
+                }
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Keeps `gc_backup_last_success_timestamp_seconds` true to the store: read at start-up (so a
+/// restart does not reset it) and every few minutes.
+async fn refresh_catalog(store: Store, shutdown: CancellationToken) {
+    loop {
+        for kind in Kind::ALL {
+            match catalog::newest(&store, kind, 1).await {
+                Ok(newest) => {
+                    if let Some(manifest) = newest.first() {
+                        metrics::last_success(kind, manifest.end_time);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(kind = %kind, %error, "cannot read the newest backup for the metrics");
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(CATALOG_REFRESH) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn copy_wal_metrics(
+    status: Arc<Mutex<archiver::ArchiverStatus>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Ok(status) = status.lock() {
+            metrics::wal(status.last_archived_at, status.pending, status.failures);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(WAL_METRICS_EVERY) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }

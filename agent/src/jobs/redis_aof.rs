@@ -24,8 +24,10 @@ use crate::store::{ObjectKey, Store, StoreError};
 
 /// Copies tried before giving up on a Redis that keeps rewriting its AOF.
 const MAX_ATTEMPTS: u32 = 5;
-/// Earlier manifests looked at for a previous AOF set to reuse files from.
-const PREVIOUS_LOOKUPS: usize = 5;
+/// Only the newest redis backup is a source of files to reuse: retention never deletes the
+/// newest backup of a kind, so an object this run decides to name cannot be deleted before the
+/// run commits.
+const PREVIOUS_LOOKUPS: usize = 1;
 
 /// What the copy stored: the facts for the manifest, and the objects it names (some of them
 /// stored by earlier backups).
@@ -193,8 +195,8 @@ async fn reusable(
     }
 }
 
-/// The AOF objects of the newest backup that has an AOF set, by file name. Anything that
-/// goes wrong here only costs an upload, so it is a warning.
+/// The AOF objects of the newest redis backup (if it has an AOF set), by file name. Anything
+/// that goes wrong here only costs an upload, so it is a warning.
 async fn previous_files(store: &Store) -> HashMap<String, StoredObject> {
     let newest = match catalog::newest(store, Kind::Redis, PREVIOUS_LOOKUPS).await {
         Ok(manifests) => manifests,

@@ -1,0 +1,179 @@
+//! Every metric `gc-backup run` exports, named here and nowhere else. Labels are bounded:
+//! `kind` is one of the four backup kinds or `retention`, `result` one of three, `stage` two.
+
+use chrono::{DateTime, Utc};
+use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::catalog::Kind;
+
+pub const LAST_SUCCESS: &str = "gc_backup_last_success_timestamp_seconds";
+pub const LAST_FAILURE: &str = "gc_backup_last_failure_timestamp_seconds";
+pub const RUNS: &str = "gc_backup_runs_total";
+pub const DURATION: &str = "gc_backup_duration_seconds";
+pub const BYTES: &str = "gc_backup_bytes_total";
+pub const LAST_SIZE: &str = "gc_backup_last_size_bytes";
+pub const WAL_LAST_ARCHIVED: &str = "gc_backup_wal_last_archived_timestamp_seconds";
+pub const WAL_PENDING: &str = "gc_backup_wal_pending_segments";
+pub const WAL_FAILURES: &str = "gc_backup_wal_archive_failures_total";
+pub const RETENTION_DELETED: &str = "gc_backup_retention_deleted_total";
+pub const RETENTION_LAST_RUN: &str = "gc_backup_retention_last_run_timestamp_seconds";
+pub const START_TIME: &str = "gc_backup_start_time_seconds";
+
+/// What the scheduler runs: a backup kind, or retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Backup(Kind),
+    Retention,
+}
+
+impl JobKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            JobKind::Backup(kind) => kind.as_str(),
+            JobKind::Retention => "retention",
+        }
+    }
+}
+
+impl std::fmt::Display for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunResult {
+    Success,
+    Failure,
+    /// The previous run of the kind was still going when the schedule came round.
+    Skipped,
+}
+
+impl RunResult {
+    fn label(self) -> &'static str {
+        match self {
+            RunResult::Success => "success",
+            RunResult::Failure => "failure",
+            RunResult::Skipped => "skipped",
+        }
+    }
+}
+
+fn seconds(time: DateTime<Utc>) -> f64 {
+    time.timestamp_millis() as f64 / 1000.0
+}
+
+/// Installs the Prometheus recorder (once per process) and describes every metric.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
+    describe_gauge!(
+        LAST_SUCCESS,
+        Unit::Seconds,
+        "End time of the newest successful backup of a kind (from the store)"
+    );
+    describe_gauge!(
+        LAST_FAILURE,
+        Unit::Seconds,
+        "When a run of this kind last failed in this process"
+    );
+    describe_counter!(
+        RUNS,
+        "Scheduled runs by kind and result (success, failure, skipped)"
+    );
+    describe_gauge!(
+        DURATION,
+        Unit::Seconds,
+        "Duration of the last run of a kind"
+    );
+    describe_counter!(
+        BYTES,
+        Unit::Bytes,
+        "Bytes backed up: stage=raw as the source produced them, stage=stored after compression"
+    );
+    describe_gauge!(
+        LAST_SIZE,
+        Unit::Bytes,
+        "Stored size of the last successful backup of a kind"
+    );
+    describe_gauge!(
+        WAL_LAST_ARCHIVED,
+        Unit::Seconds,
+        "When the look-ahead archiver last stored a WAL segment"
+    );
+    describe_gauge!(
+        WAL_PENDING,
+        "WAL segments PostgreSQL has marked .ready and not yet stored"
+    );
+    describe_counter!(
+        WAL_FAILURES,
+        "WAL uploads by the look-ahead archiver that failed"
+    );
+    describe_counter!(RETENTION_DELETED, "Backups deleted by retention, by kind");
+    describe_gauge!(
+        RETENTION_LAST_RUN,
+        Unit::Seconds,
+        "When retention last completed without error"
+    );
+    describe_gauge!(
+        START_TIME,
+        Unit::Seconds,
+        "When this gc-backup run process started"
+    );
+    gauge!(START_TIME).set(seconds(Utc::now()));
+    Ok(handle)
+}
+
+/// Makes a scheduled kind's series exist from the start (at zero), so that dashboards and
+/// `increase()` see the first failure as one.
+pub fn register(job: JobKind) {
+    for result in [RunResult::Success, RunResult::Failure, RunResult::Skipped] {
+        counter!(RUNS, "kind" => job.label(), "result" => result.label()).increment(0);
+    }
+    if let JobKind::Backup(kind) = job {
+        for stage in ["raw", "stored"] {
+            counter!(BYTES, "kind" => kind.as_str(), "stage" => stage).increment(0);
+        }
+    }
+}
+
+/// The newest backup of `kind` in the store ended at `end_time`.
+pub fn last_success(kind: Kind, end_time: DateTime<Utc>) {
+    gauge!(LAST_SUCCESS, "kind" => kind.as_str()).set(seconds(end_time));
+}
+
+pub fn run_finished(job: JobKind, result: RunResult, seconds_taken: f64) {
+    counter!(RUNS, "kind" => job.label(), "result" => result.label()).increment(1);
+    if result == RunResult::Skipped {
+        return;
+    }
+    gauge!(DURATION, "kind" => job.label()).set(seconds_taken);
+    if result == RunResult::Failure {
+        gauge!(LAST_FAILURE, "kind" => job.label()).set(seconds(Utc::now()));
+    }
+}
+
+pub fn backup_stored(kind: Kind, raw_bytes: u64, stored_bytes: u64, end_time: DateTime<Utc>) {
+    counter!(BYTES, "kind" => kind.as_str(), "stage" => "raw").increment(raw_bytes);
+    counter!(BYTES, "kind" => kind.as_str(), "stage" => "stored").increment(stored_bytes);
+    gauge!(LAST_SIZE, "kind" => kind.as_str()).set(stored_bytes as f64);
+    last_success(kind, end_time);
+}
+
+pub fn retention_done(deleted: &std::collections::BTreeMap<Kind, usize>) {
+    for kind in Kind::ALL {
+        let count = deleted.get(&kind).copied().unwrap_or(0) as u64;
+        counter!(RETENTION_DELETED, "kind" => kind.as_str()).increment(count);
+    }
+    gauge!(RETENTION_LAST_RUN).set(seconds(Utc::now()));
+}
+
+pub fn wal(last_archived: Option<DateTime<Utc>>, pending: usize, failures: u64) {
+    if let Some(time) = last_archived {
+        gauge!(WAL_LAST_ARCHIVED).set(seconds(time));
+    }
+    gauge!(WAL_PENDING).set(pending as f64);
+    counter!(WAL_FAILURES).absolute(failures);
+}

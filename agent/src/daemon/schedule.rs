@@ -1,0 +1,129 @@
+//! Cron scheduling like a Kubernetes CronJob with `concurrencyPolicy: Forbid`: one task per
+//! scheduled kind; at each time the schedule names, a run starts unless the previous run of
+//! the same kind is still going, in which case the time is counted as skipped. Kinds run
+//! independently: one that fails or hangs does not hold back the others.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::{self, JobKind, RunResult};
+use crate::catalog::Kind;
+use crate::config::{Config, Schedule};
+use crate::jobs;
+use crate::store::Store;
+
+/// How long a run may take to stop after SIGTERM before the daemon stops waiting for it.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs `job` on `schedule` until `shutdown`; then cancels the run in flight and waits for it
+/// (at most [`STOP_GRACE`]).
+pub async fn run_on_schedule(
+    job: JobKind,
+    schedule: Schedule,
+    config: Arc<Config>,
+    store: Store,
+    shutdown: CancellationToken,
+) {
+    metrics::register(job);
+    tracing::info!(kind = %job, schedule = %schedule.expression, "scheduled");
+    let runs = shutdown.child_token();
+    let mut running: Option<JoinHandle<()>> = None;
+    loop {
+        let Some(next) = schedule.next_after(Utc::now()) else {
+            tracing::error!(kind = %job, schedule = %schedule.expression, "the schedule has no next time");
+            break;
+        };
+        let wait = (next - Utc::now()).to_std().unwrap_or_default();
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => break,
+        }
+        if running.as_ref().is_some_and(|run| !run.is_finished()) {
+            tracing::warn!(kind = %job, "skipped: the previous run is still going");
+            metrics::run_finished(job, RunResult::Skipped, 0.0);
+            continue;
+        }
+        let (config, store, cancel) = (config.clone(), store.clone(), runs.child_token());
+        running = Some(tokio::spawn(async move {
+            run_once(job, &config, &store, &cancel).await;
+        }));
+    }
+    runs.cancel();
+    if let Some(run) = running
+        && tokio::time::timeout(STOP_GRACE, run).await.is_err()
+    {
+        tracing::warn!(kind = %job, "the run in flight did not stop in time");
+    }
+}
+
+/// One run, with its outcome logged (one line) and recorded in the metrics.
+pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &CancellationToken) {
+    let started = Instant::now();
+    let outcome = match job {
+        JobKind::Backup(kind) => backup(kind, config, store, cancel).await.map(|manifest| {
+            metrics::backup_stored(
+                kind,
+                manifest.raw_bytes,
+                manifest.stored_bytes,
+                manifest.end_time,
+            );
+        }),
+        JobKind::Retention => {
+            let report = tokio::select! {
+                report = jobs::retention::run(store, &config.retention, Utc::now(), false) => report,
+                () = cancel.cancelled() => Err(anyhow::anyhow!("retention interrupted")),
+            };
+            report.map(|report| {
+                tracing::info!(
+                    deleted_backups = report.deleted_backups.values().sum::<usize>(),
+                    deleted_objects = report.deleted_objects,
+                    deleted_wal = report.deleted_wal,
+                    "retention completed"
+                );
+                metrics::retention_done(&report.deleted_backups);
+            })
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    match outcome {
+        Ok(()) => metrics::run_finished(job, RunResult::Success, seconds),
+        Err(error) => {
+            tracing::error!(kind = %job, error = format!("{error:#}"), "run failed");
+            metrics::run_finished(job, RunResult::Failure, seconds);
+        }
+    }
+}
+
+async fn backup(
+    kind: Kind,
+    config: &Config,
+    store: &Store,
+    cancel: &CancellationToken,
+) -> anyhow::Result<crate::catalog::Manifest> {
+    match kind {
+        Kind::PgDump => {
+            let request = jobs::pg_dump::PgDumpRequest {
+                format: crate::catalog::manifest::DumpFormat::Custom,
+                tables: Vec::new(),
+            };
+            jobs::pg_dump::backup(config, store, &request, cancel).await
+        }
+        Kind::PgBase => {
+            let request = jobs::pg_base::PgBaseRequest { pgdata: None };
+            jobs::pg_base::backup(config, store, &request, cancel).await
+        }
+        Kind::Redis => {
+            let endpoint = jobs::redis::endpoint(config, None)?;
+            let aof_dir = config.redis.aof_dir.clone();
+            jobs::redis::backup(config, store, &endpoint, aof_dir.as_deref(), cancel).await
+        }
+        Kind::Etcd => {
+            let endpoints = jobs::etcd::endpoints(config, None)?;
+            jobs::etcd::backup(config, store, &endpoints, cancel).await
+        }
+    }
+}

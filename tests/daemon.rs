@@ -1,0 +1,251 @@
+//! `gc-backup run` as the sidecar, with schedules of seconds: it takes backups on time, never
+//! overlaps runs of a kind (a late one is counted as skipped), exports metrics that pass
+//! `promtool check metrics`, turns not-ready while the store is down and ready again when it
+//! returns, and stops cleanly on SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::etcd::Etcd;
+use harness::redis::Redis;
+use harness::{Agent, Seaweed, free_port, run_ok};
+
+/// `GET path` on 127.0.0.1:port: the status code and body (status 0 when nothing answers).
+fn get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn wait_for(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The value of one series in Prometheus text (0 when absent).
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+struct Daemon {
+    child: Child,
+    port: u16,
+}
+
+impl Daemon {
+    fn start(agent: &Agent) -> Self {
+        let port = free_port();
+        let mut command = agent.command(&["run"]);
+        command
+            .env("GC_BACKUP_METRICS_LISTEN", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(agent.home().join("daemon.log")).unwrap(),
+            ));
+        let daemon = Self {
+            child: command.spawn().unwrap(),
+            port,
+        };
+        wait_for("/health", 30, || get(port, "/health").0 == 200);
+        daemon
+    }
+
+    fn metrics(&self) -> String {
+        let (status, body) = get(self.port, "/metrics");
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// SIGTERM, and the exit status once it has stopped.
+    fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        run_ok(Command::new("kill").args(["-TERM", &self.child.id().to_string()]));
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_sidecar_schedules_backups_exports_metrics_and_follows_the_store() {
+    let mut weed = Seaweed::start();
+    let redis = Redis::start(true);
+    redis.populate(200);
+    // Each Redis snapshot waits 3 s for more replicas, so a 1 s schedule must skip.
+    redis.cli(&["CONFIG", "SET", "repl-diskless-sync-delay", "3"]);
+    let etcd = Etcd::start();
+    etcd.populate(20, 32);
+
+    let mut agent = Agent::new(weed.env("daemon"));
+    agent.set("GC_BACKUP_REDIS_URL", &redis.url());
+    agent.set("GC_BACKUP_ETCD_ENDPOINTS", &etcd.endpoint());
+    let config = agent.home().join("gc-backup.toml");
+    std::fs::write(
+        &config,
+        "[schedule]\nredis = \"* * * * * *\"\netcd = \"*/2 * * * * *\"\nretention = \"*/3 * * * * *\"\n",
+    )
+    .unwrap();
+    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+
+    let mut daemon = Daemon::start(&agent);
+    assert_eq!(get(daemon.port, "/health/ready").0, 200);
+    wait_for("two etcd and two redis backups", 60, || {
+        let listed = agent.list_json();
+        let count = |kind: &str| listed.iter().filter(|e| e["kind"] == kind).count();
+        count("etcd") >= 2 && count("redis") >= 2
+    });
+    let metrics = daemon.metrics();
+    assert!(
+        sample(
+            &metrics,
+            r#"gc_backup_runs_total{kind="etcd",result="success"}"#
+        ) >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"gc_backup_runs_total{kind="redis",result="success"}"#
+        ) >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"gc_backup_runs_total{kind="redis",result="skipped"}"#
+        ) >= 1.0,
+        "a 1 s schedule of 3 s runs must skip: {metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"gc_backup_runs_total{kind="etcd",result="failure"}"#
+        ),
+        0.0
+    );
+    let now = chrono::Utc::now().timestamp() as f64;
+    let last_etcd = sample(
+        &metrics,
+        r#"gc_backup_last_success_timestamp_seconds{kind="etcd"}"#,
+    );
+    assert!(
+        (now - last_etcd).abs() < 30.0,
+        "etcd last success {last_etcd}, now {now}"
+    );
+    assert!(sample(&metrics, r#"gc_backup_last_size_bytes{kind="redis"}"#) > 0.0);
+    assert!(
+        sample(
+            &metrics,
+            r#"gc_backup_bytes_total{kind="etcd",stage="raw"}"#
+        ) > 0.0
+    );
+    assert!(
+        sample(&metrics, "gc_backup_retention_last_run_timestamp_seconds") > 0.0,
+        "{metrics}"
+    );
+    assert!(sample(&metrics, "gc_backup_start_time_seconds") > 0.0);
+
+    // The exposition is valid Prometheus text, names and help included.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/test installs the prometheus package)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // The store goes away: not ready, and backups fail (counted); it returns: ready again.
+    weed.kill();
+    wait_for("not ready", 20, || {
+        get(daemon.port, "/health/ready").0 == 503
+    });
+    let (_, reason) = get(daemon.port, "/health/ready");
+    assert!(reason.contains("store"), "{reason}");
+    assert_eq!(
+        get(daemon.port, "/health").0,
+        200,
+        "alive while the store is down"
+    );
+    wait_for("a failed etcd run", 60, || {
+        sample(
+            &daemon.metrics(),
+            r#"gc_backup_runs_total{kind="etcd",result="failure"}"#,
+        ) >= 1.0
+    });
+    assert!(
+        sample(
+            &daemon.metrics(),
+            r#"gc_backup_last_failure_timestamp_seconds{kind="etcd"}"#
+        ) > 0.0
+    );
+    weed.restart();
+    wait_for("ready again", 30, || {
+        get(daemon.port, "/health/ready").0 == 200
+    });
+
+    let (status, took) = daemon.terminate();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    assert!(took < Duration::from_secs(12), "SIGTERM took {took:?}");
+    // Whatever was in flight was aborted: every listed backup is whole.
+    agent.ok(&["verify"]);
+}
