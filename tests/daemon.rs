@@ -249,3 +249,66 @@ fn the_sidecar_schedules_backups_exports_metrics_and_follows_the_store() {
     // Whatever was in flight was aborted: every listed backup is whole.
     agent.ok(&["verify"]);
 }
+
+#[test]
+fn the_sidecar_beside_postgresql_archives_wal_takes_both_backups_and_watches_postgres() {
+    let weed = Seaweed::start();
+    let (pg, _) = harness::archiving_cluster(&weed, "sidecar");
+    let mut agent = harness::agent_for_cluster(&pg, &weed, "sidecar");
+    let config = agent.home().join("gc-backup.toml");
+    std::fs::write(
+        &config,
+        "[schedule]\npg-dump = \"*/2 * * * * *\"\npg-base = \"*/3 * * * * *\"\n",
+    )
+    .unwrap();
+    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+
+    let mut daemon = Daemon::start(&agent);
+    assert_eq!(get(daemon.port, "/health/ready").0, 200);
+    pg.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT generate_series(1, 10000) AS n",
+    );
+    for _ in 0..3 {
+        pg.psql("postgres", "SELECT pg_switch_wal()");
+    }
+    wait_for("a pg-dump and a pg-base backup", 90, || {
+        let listed = agent.list_json();
+        let count = |kind: &str| listed.iter().filter(|e| e["kind"] == kind).count();
+        count("pg-dump") >= 1 && count("pg-base") >= 1
+    });
+    wait_for("the archiver's metrics", 30, || {
+        sample(
+            &daemon.metrics(),
+            "gc_backup_wal_last_archived_timestamp_seconds",
+        ) > 0.0
+    });
+    let metrics = daemon.metrics();
+    assert!(
+        metrics.contains("gc_backup_wal_pending_segments "),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gc_backup_wal_archive_failures_total "),
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"gc_backup_runs_total{kind="pg-base",result="success"}"#
+        ) >= 1.0
+    );
+
+    // PostgreSQL goes away: not ready, saying why; the process stays alive.
+    pg.stop("fast");
+    wait_for("not ready", 20, || {
+        get(daemon.port, "/health/ready").0 == 503
+    });
+    let (_, reason) = get(daemon.port, "/health/ready");
+    assert!(reason.contains("postgres"), "{reason}");
+    assert_eq!(get(daemon.port, "/health").0, 200);
+
+    let (status, _) = daemon.terminate();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    agent.ok(&["verify", "--kind", "pg-dump"]);
+}

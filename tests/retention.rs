@@ -68,6 +68,7 @@ fn retention_in_the_future_deletes_exactly_what_the_rules_say() {
     assert!(shared_base.contains(&old_redis), "{shared_base}");
     // What a killed run leaves: data without a manifest.
     weed.put("ret/data/etcd/20200101T000000Z/snapshot.db.zst", b"half");
+    weed.leave_multipart_open("ret/data/pg-base/20200101T000000Z/base-1.tar.zst");
     let wal_before = weed.keys("ret/wal").len();
 
     let at = |days: i64| (Utc::now() + TimeDelta::days(days)).to_rfc3339();
@@ -80,11 +81,27 @@ fn retention_in_the_future_deletes_exactly_what_the_rules_say() {
         plan.contains("data/etcd/20200101T000000Z/snapshot.db.zst"),
         "{plan}"
     );
+    assert!(
+        plan.contains("would abort  data/pg-base/20200101T000000Z/base-1.tar.zst"),
+        "{plan}"
+    );
     assert_eq!(agent.list_json().len(), 8, "a dry run deleted something");
+    // Not yet stale today.
+    let today = agent.ok(&["retention", "--dry-run"]);
+    assert!(!today.contains("would abort"), "{today}");
     assert!(!weed.keys("ret/data/etcd/20200101T000000Z").is_empty());
 
     // +8 days: Redis' 7-day window has passed, no other.
-    agent.ok(&["retention", "--now", &at(8)]);
+    let done = agent.ok(&["retention", "--now", &at(8)]);
+    assert!(
+        done.contains("aborted      data/pg-base/20200101T000000Z/base-1.tar.zst"),
+        "{done}"
+    );
+    let after_abort = agent.ok(&["retention", "--dry-run", "--now", &at(8)]);
+    assert!(
+        !after_abort.contains("abort"),
+        "the upload is still open: {after_abort}"
+    );
     let after = agent.list_json();
     assert_eq!(ids(&after, "redis"), std::slice::from_ref(&new_redis));
     assert_eq!(ids(&after, "etcd").len(), 2);

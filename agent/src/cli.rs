@@ -500,7 +500,12 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Command::Run => crate::daemon::run(config, store, cancel).await,
         Command::Retention(args) => {
             let now = args.now.unwrap_or_else(chrono::Utc::now);
-            let report = jobs::retention::run(&store, &config.retention, now, args.dry_run).await?;
+            let s3 = match &config.store.location {
+                crate::config::StoreLocation::S3(location) => Some(location),
+                crate::config::StoreLocation::Local { .. } => None,
+            };
+            let report =
+                jobs::retention::run(&store, s3, &config.retention, now, args.dry_run).await?;
             print_retention(&report, args.dry_run);
             Ok(())
         }
@@ -886,6 +891,20 @@ fn print_retention(report: &jobs::retention::RetentionReport, dry_run: bool) {
             wal.len()
         );
     }
+    for upload in &report.stale_uploads {
+        let verb = if dry_run { "would abort" } else { "aborted" };
+        let started = upload
+            .initiated
+            .map_or_else(|| "at an unknown time".to_string(), |t| t.to_rfc3339());
+        let _ = writeln!(
+            out,
+            "{verb:<12} {:<48} multipart upload started {started}, never finished",
+            upload.key
+        );
+    }
+    if let Some(reason) = &report.uploads_unchecked {
+        tracing::warn!("stale multipart uploads not checked: {reason}");
+    }
     let backups = report
         .plan
         .deletions()
@@ -897,12 +916,14 @@ fn print_retention(report: &jobs::retention::RetentionReport, dry_run: bool) {
         .filter(|d| matches!(d.target, Target::Object { .. }))
         .count();
     let summary = format!(
-        "retention at {}: {} {backups} backups, {objects} data objects, {} WAL files",
+        "retention at {}: {} {backups} backups, {objects} data objects, {} WAL files, {} \
+         stale multipart uploads",
         report
             .now
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         if dry_run { "would delete" } else { "deleted" },
-        wal.len()
+        wal.len(),
+        report.stale_uploads.len()
     );
     eprintln!("{summary}");
 }

@@ -744,6 +744,29 @@ impl Seaweed {
             .expect("put");
     }
 
+    /// Starts a multipart upload of `key` with one part and leaves it open, as a run killed
+    /// mid-upload does.
+    pub fn leave_multipart_open(&self, key: &str) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            use object_store::ObjectStoreExt;
+            let mut upload = self
+                .object_store()
+                .put_multipart(&ObjectKey::from(key))
+                .await
+                .expect("start multipart");
+            upload
+                .put_part(vec![7u8; 5 * 1024 * 1024].into())
+                .await
+                .expect("upload part");
+            // Neither completed nor aborted.
+            std::mem::forget(upload);
+        });
+    }
+
     /// Flips one bit in the middle of a stored object, in place, as bit rot would.
     pub fn flip_byte(&self, key: &str) {
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -74,7 +74,7 @@ pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &Can
         }),
         JobKind::Retention => {
             let report = tokio::select! {
-                report = jobs::retention::run(store, &config.retention, Utc::now(), false) => report,
+                report = jobs::retention::run(store, s3_location(config), &config.retention, Utc::now(), false) => report,
                 () = cancel.cancelled() => Err(anyhow::anyhow!("retention interrupted")),
             };
             report.map(|report| {
@@ -82,6 +82,7 @@ pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &Can
                     deleted_backups = report.deleted_backups.values().sum::<usize>(),
                     deleted_objects = report.deleted_objects,
                     deleted_wal = report.deleted_wal,
+                    aborted_uploads = report.stale_uploads.len(),
                     "retention completed"
                 );
                 metrics::retention_done(&report.deleted_backups);
@@ -125,5 +126,12 @@ async fn backup(
             let endpoints = jobs::etcd::endpoints(config, None)?;
             jobs::etcd::backup(config, store, &endpoints, cancel).await
         }
+    }
+}
+
+fn s3_location(config: &Config) -> Option<&crate::config::S3Location> {
+    match &config.store.location {
+        crate::config::StoreLocation::S3(location) => Some(location),
+        crate::config::StoreLocation::Local { .. } => None,
     }
 }

@@ -1,6 +1,7 @@
 //! `gc-backup retention`: reads what the store holds, asks the pure `retention` planner what
 //! to delete at `now`, and deletes it — manifests first, then data, then WAL, so that a run
-//! interrupted anywhere leaves only usable backups.
+//! interrupted anywhere leaves only usable backups — and aborts multipart uploads that killed
+//! runs left open for longer than the grace period.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +14,9 @@ use retention::{
 use super::{catalog_error, store_error};
 use crate::catalog::manifest::SourceFacts;
 use crate::catalog::{self, BackupId, Kind, Manifest, layout};
+use crate::config::S3Location;
 use crate::error::Failure;
+use crate::store::multipart::{self, PendingUpload};
 use crate::store::{ObjectKey, Store};
 
 /// Deletes in flight at once.
@@ -102,11 +105,17 @@ pub struct RetentionReport {
     pub deleted_backups: BTreeMap<Kind, usize>,
     pub deleted_objects: usize,
     pub deleted_wal: usize,
+    /// Multipart uploads older than the grace period (aborted unless a dry run).
+    pub stale_uploads: Vec<PendingUpload>,
+    /// Why stale uploads could not be looked for, if they could not.
+    pub uploads_unchecked: Option<String>,
 }
 
-/// Plans at `now` and, unless `dry_run`, carries the plan out.
+/// Plans at `now` and, unless `dry_run`, carries the plan out. `s3` is the store's location
+/// when it is S3: multipart uploads that killed runs left open are found and aborted there.
 pub async fn run(
     store: &Store,
+    s3: Option<&S3Location>,
     policy: &Policy,
     now: DateTime<Utc>,
     dry_run: bool,
@@ -119,7 +128,25 @@ pub async fn run(
         deleted_backups: BTreeMap::new(),
         deleted_objects: 0,
         deleted_wal: 0,
+        stale_uploads: Vec::new(),
+        uploads_unchecked: None,
     };
+    if let Some(location) = s3 {
+        match multipart::pending(location).await {
+            Ok(Some(uploads)) => {
+                report.stale_uploads = uploads
+                    .into_iter()
+                    .filter(|u| u.initiated.is_none_or(|t| now - t > policy.orphan_grace))
+                    .collect();
+            }
+            Ok(None) => {
+                report.uploads_unchecked =
+                    Some("no static S3 credentials to list multipart uploads with".into());
+            }
+            // Stale uploads cost money, not backups: never a reason to skip the rest.
+            Err(error) => report.uploads_unchecked = Some(error.to_string()),
+        }
+    }
     if dry_run {
         return Ok(report);
     }
@@ -153,6 +180,23 @@ pub async fn run(
     };
     report.deleted_objects = delete_all(store, keys(false)).await?;
     report.deleted_wal = delete_all(store, keys(true)).await?;
+    if let Some(location) = s3 {
+        // Afterwards the list holds only what was aborted.
+        let mut aborted = Vec::new();
+        for upload in std::mem::take(&mut report.stale_uploads) {
+            match multipart::abort(location, &upload).await {
+                Ok(()) => {
+                    tracing::info!(key = %upload.key, "stale multipart upload aborted");
+                    aborted.push(upload);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "a stale multipart upload stays open");
+                    report.uploads_unchecked = Some(error.to_string());
+                }
+            }
+        }
+        report.stale_uploads = aborted;
+    }
     Ok(report)
 }
 

@@ -5,6 +5,8 @@
 //! credentials or the bucket name (a configuration problem), wait for the server (unreachable),
 //! or look at the named object. Messages name the store without credentials.
 
+pub mod multipart;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
