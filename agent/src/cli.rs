@@ -70,7 +70,8 @@ pub enum Command {
     Restore(RestoreCommand),
     /// Archive one WAL file: PostgreSQL's archive_command = 'gc-backup wal-push %p'
     WalPush(WalPushArgs),
-    /// The sidecar: look-ahead WAL archiving (watches pg_wal/archive_status); runs until SIGTERM
+    /// The sidecar: look-ahead WAL archiving, scheduled backups and retention, /metrics
+    /// and /health; runs until SIGTERM
     Run,
     /// Restore one archived WAL file: restore_command = 'gc-backup wal-fetch %f %p'.
     /// Exits 1 when the archive does not have it, 255 on any other failure.
