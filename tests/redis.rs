@@ -231,6 +231,24 @@ fn an_aof_set_restores_and_unchanged_files_are_not_uploaded_again() {
         assert_eq!(Redis::start_on(&out).digest(), *digest, "dump.rdb of {id}");
     }
 
+    agent.ok(&["verify", "--kind", "redis"]);
+    // One flipped byte in the shared base file: verify reads it once and fails both backups
+    // that name it.
+    weed.flip_byte(&format!("aof/{}", first_files[0].1));
+    let verified = agent.run(&["verify", "--kind", "redis"]);
+    assert_eq!(verified.status.code(), Some(3));
+    let lines = String::from_utf8_lossy(&verified.stdout).to_string();
+    for id in [&first, &second] {
+        assert!(
+            lines
+                .lines()
+                .any(|l| l.contains(id.as_str()) && l.contains("FAILED")),
+            "{id} not failed: {lines}"
+        );
+    }
+    weed.flip_byte(&format!("aof/{}", first_files[0].1));
+    agent.ok(&["verify", "--kind", "redis"]);
+
     // One flipped byte in the stored incremental file: the restore fails and leaves nothing.
     weed.flip_byte(&format!("aof/{}", second_files[1].1));
     let out = agent.home().join("rotten");

@@ -77,6 +77,10 @@ pub async fn verify(
         .into());
     }
     let wal_check = WalCheck::load(store, &manifests).await?;
+    // Objects several backups name (Redis AOF files) are read once; their verdict counts for
+    // every backup that names them.
+    let mut verdicts: std::collections::HashMap<(String, String), Option<String>> =
+        std::collections::HashMap::new();
     for manifest in selected {
         if cancel.is_cancelled() {
             return Err(Failure::Interrupted("verify interrupted".into()).into());
@@ -90,14 +94,22 @@ pub async fn verify(
             problems: Vec::new(),
         };
         for object in &manifest.objects {
+            let seen = (object.key.clone(), object.raw_sha256.clone());
+            if let Some(verdict) = verdicts.get(&seen) {
+                result.problems.extend(verdict.clone());
+                continue;
+            }
+            let mut verdict = None;
             if let Err(error) = pipeline::download(store, object, Box::new(std::io::sink())).await {
                 let error = pipeline_error(error);
                 if !matches!(error.downcast_ref::<Failure>(), Some(Failure::Corrupt(_))) {
                     // The store itself failed: nothing more can be verified now.
                     return Err(error.context(format!("verifying {}", object.key)));
                 }
-                result.problems.push(format!("{error}"));
+                verdict = Some(format!("{error}"));
             }
+            result.problems.extend(verdict.clone());
+            verdicts.insert(seen, verdict);
         }
         if manifest.kind == Kind::PgBase
             && let Some(wal_check) = &wal_check
