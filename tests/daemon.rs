@@ -312,3 +312,29 @@ fn the_sidecar_beside_postgresql_archives_wal_takes_both_backups_and_watches_pos
     assert!(status.success(), "exit after SIGTERM: {status:?}");
     agent.ok(&["verify", "--kind", "pg-dump"]);
 }
+
+#[test]
+fn a_scheduled_kind_without_its_settings_is_refused_at_start() {
+    let agent = Agent::new(Vec::new());
+    let config = agent.home().join("gc-backup.toml");
+    let store = agent.home().join("store");
+    for (schedule, needle) in [
+        ("redis", "no Redis to back up"),
+        ("etcd", "no etcd to back up"),
+        (
+            "pg-base",
+            "schedule.pg-base is set but the data directory is not",
+        ),
+    ] {
+        std::fs::write(
+            &config,
+            format!(
+                "[store]\nurl = \"file://{}\"\n[schedule]\n{schedule} = \"0 2 * * *\"\n",
+                store.display()
+            ),
+        )
+        .unwrap();
+        let output = agent.run(&["--config", config.to_str().unwrap(), "run"]);
+        harness::assert_fails(&output, 2, needle);
+    }
+}

@@ -53,6 +53,26 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
         ))
         .into());
     }
+    // A scheduled kind that cannot run is a configuration error now, not a failure at 02:00.
+    for (job, _) in &schedules {
+        match job {
+            JobKind::Backup(Kind::Redis) => {
+                crate::jobs::redis::endpoint(&config, None).context("schedule.redis is set")?;
+            }
+            JobKind::Backup(Kind::Etcd) => {
+                crate::jobs::etcd::endpoints(&config, None).context("schedule.etcd is set")?;
+            }
+            JobKind::Backup(Kind::PgBase) if pgdata.is_none() => {
+                return Err(Failure::Config(
+                    "schedule.pg-base is set but the data directory is not: PGDATA or \
+                     [postgres] pgdata"
+                        .into(),
+                )
+                .into());
+            }
+            _ => {}
+        }
+    }
     if pgdata.is_none() && schedules.is_empty() {
         return Err(Failure::Config(
             "nothing to run: set the data directory (PGDATA or [postgres] pgdata) for WAL \
