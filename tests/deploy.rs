@@ -57,7 +57,15 @@ fn kubernetes_manifests_match_the_api_schemas() {
     let report = String::from_utf8_lossy(&output.stdout).to_string()
         + &String::from_utf8_lossy(&output.stderr);
     assert!(!report.contains("ERROR"), "{report}");
-    for kind in ["statefulset", "configmap", "job", "cronjob", "service"] {
+    for kind in [
+        "statefulset",
+        "deployment",
+        "configmap",
+        "job",
+        "cronjob",
+        "service",
+        "persistentvolumeclaim",
+    ] {
         assert!(
             report.contains(&format!("passed for resource {kind}/")),
             "{kind}: {report}"

@@ -999,22 +999,33 @@ mod tests {
         assert_eq!(next.to_rfc3339(), "2026-01-15T02:03:12+00:00");
     }
 
-    #[test]
-    fn the_kubernetes_configmap_parses() {
-        // The TOML block of docker/k8s/configmap.yaml, as Kubernetes mounts it.
-        let yaml = include_str!("../../docker/k8s/configmap.yaml");
+    /// The `gc-backup.toml` block of a ConfigMap manifest, as Kubernetes mounts it.
+    fn configmap_toml(yaml: &str) -> String {
         let (_, block) = yaml.split_once("gc-backup.toml: |\n").unwrap();
-        let toml: String = block
+        block
             .lines()
             .take_while(|line| line.is_empty() || line.starts_with("    "))
             .map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line)))
-            .collect();
-        let config = resolve_with(&toml, &[], Overrides::default()).unwrap();
+            .collect()
+    }
+
+    #[test]
+    fn the_kubernetes_configmaps_parse() {
+        let postgres_pod = configmap_toml(include_str!("../../docker/k8s/configmap.yaml"));
+        let config = resolve_with(&postgres_pod, &[], Overrides::default()).unwrap();
         assert!(config.schedule.pg_dump.is_some() && config.schedule.retention.is_some());
         assert_eq!(config.retention, DEFAULT_RETENTION);
         assert_eq!(config.metrics_listen.port(), 9188);
         assert!(config.postgres.pgdata.is_some());
         assert_eq!(config.etcd.endpoints.len(), 1);
+
+        let redis_pod = configmap_toml(include_str!("../../docker/k8s/redis-deployment.yaml"));
+        let config = resolve_with(&redis_pod, &[], Overrides::default()).unwrap();
+        assert!(config.schedule.redis.is_some() && config.schedule.retention.is_none());
+        assert_eq!(
+            config.redis.aof_dir.as_deref(),
+            Some(Path::new("/data/appendonlydir"))
+        );
     }
 
     #[test]
