@@ -501,10 +501,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Command::Run => crate::daemon::run(config, store, cancel).await,
         Command::Retention(args) => {
             let now = args.now.unwrap_or_else(chrono::Utc::now);
-            let s3 = match &config.store.location {
-                crate::config::StoreLocation::S3(location) => Some(location),
-                crate::config::StoreLocation::Local { .. } => None,
-            };
+            let s3 = config.store.location.s3();
             let report =
                 jobs::retention::run(&store, s3, &config.retention, now, args.dry_run).await?;
             print_retention(&report, args.dry_run);

@@ -339,6 +339,16 @@ pub struct S3Location {
     pub verify_uploads: bool,
 }
 
+impl StoreLocation {
+    /// The S3 bucket and prefix, when the store is S3.
+    pub fn s3(&self) -> Option<&S3Location> {
+        match self {
+            StoreLocation::S3(location) => Some(location),
+            StoreLocation::Local { .. } => None,
+        }
+    }
+}
+
 impl fmt::Display for StoreLocation {
     /// The location without any credential: safe for logs and messages.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -74,7 +74,7 @@ pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &Can
         }),
         JobKind::Retention => {
             let report = tokio::select! {
-                report = jobs::retention::run(store, s3_location(config), &config.retention, Utc::now(), false) => report,
+                report = jobs::retention::run(store, config.store.location.s3(), &config.retention, Utc::now(), false) => report,
                 () = cancel.cancelled() => Err(anyhow::anyhow!("retention interrupted")),
             };
             report.map(|report| {
@@ -126,12 +126,5 @@ async fn backup(
             let endpoints = jobs::etcd::endpoints(config, None)?;
             jobs::etcd::backup(config, store, &endpoints, cancel).await
         }
-    }
-}
-
-fn s3_location(config: &Config) -> Option<&crate::config::S3Location> {
-    match &config.store.location {
-        crate::config::StoreLocation::S3(location) => Some(location),
-        crate::config::StoreLocation::Local { .. } => None,
     }
 }

@@ -161,7 +161,7 @@ pub async fn restore(
     };
     let started = Instant::now();
     tokio::select! {
-        result = super::restore_pg_dump::restore_to_file(store, object, output) => {
+        result = super::restore_to_file(store, object, output) => {
             anyhow::Context::with_context(result, || format!("restore of etcd backup {} failed", manifest.id))?;
         }
         () = cancel.cancelled() => {

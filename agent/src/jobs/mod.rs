@@ -19,6 +19,8 @@ pub mod retention;
 pub mod verify;
 pub mod wal;
 
+use anyhow::Context;
+
 use crate::catalog::{self, BackupId, CatalogError, Kind};
 use crate::error::Failure;
 use crate::pipeline::PipelineError;
@@ -191,4 +193,59 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// Whether this process runs as root (then files it writes for PostgreSQL need chown).
 pub(crate) fn running_as_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// Writes `object` to the new file `path`, through `<path>.partial`, fsynced and renamed only
+/// once its checks passed.
+pub(crate) async fn restore_to_file(
+    store: &Store,
+    object: &crate::catalog::StoredObject,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    if path.exists() {
+        return Err(anyhow::Error::new(Failure::Config(format!(
+            "{} already exists; restore writes only new files",
+            path.display()
+        ))));
+    }
+    let mut partial_path = path.as_os_str().to_owned();
+    partial_path.push(".partial");
+    let partial_path = std::path::PathBuf::from(partial_path);
+    let file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&partial_path)
+        .with_context(|| format!("cannot create {}", partial_path.display()))?;
+    // Only a file this run created is removed on failure.
+    let mut partial = PartialFile {
+        path: partial_path,
+        renamed: false,
+    };
+    let sink: crate::pipeline::Sink = Box::new(std::io::BufWriter::with_capacity(256 * 1024, file));
+    let sink = crate::pipeline::download(store, object, sink)
+        .await
+        .map_err(pipeline_error)?;
+    drop(sink);
+    let file = std::fs::File::open(&partial.path)
+        .with_context(|| format!("reopening {}", partial.path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", partial.path.display()))?;
+    std::fs::rename(&partial.path, path)
+        .with_context(|| format!("renaming {} to {}", partial.path.display(), path.display()))?;
+    partial.renamed = true;
+    Ok(())
+}
+
+/// Removes a half-written restore file when the restore fails or is interrupted (dropped).
+struct PartialFile {
+    path: std::path::PathBuf,
+    renamed: bool,
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }

@@ -206,7 +206,7 @@ pub async fn restore(
     }
     let started = Instant::now();
     let work = async {
-        super::restore_pg_dump::restore_to_file(store, object, &path).await?;
+        super::restore_to_file(store, object, &path).await?;
         match &facts.aof {
             Some(aof) => {
                 let written = redis_aof::restore_set(store, &manifest, aof, dir).await;

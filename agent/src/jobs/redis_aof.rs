@@ -274,7 +274,7 @@ pub async fn restore_set(
                     manifest.id, file.name, file.key
                 ))
             })?;
-        super::restore_pg_dump::restore_to_file(store, object, &building.path.join(&file.name))
+        super::restore_to_file(store, object, &building.path.join(&file.name))
             .await
             .with_context(|| format!("restoring {}", file.name))?;
     }

@@ -1,9 +1,8 @@
 //! `restore pg-dump`: the stored dump back through zstd and its SHA-256 check into a file,
 //! stdout, or `pg_restore`/`psql` running in one transaction.
 
-use std::fs::File;
 use std::io::BufWriter;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -62,7 +61,7 @@ pub async fn restore(
     tracing::info!(kind = "pg-dump", id = %manifest.id, "restore started");
     let work = async {
         match target {
-            RestoreTarget::File(path) => restore_to_file(store, object, path).await,
+            RestoreTarget::File(path) => super::restore_to_file(store, object, path).await,
             RestoreTarget::Stdout => {
                 let sink: Sink = Box::new(BufWriter::with_capacity(256 * 1024, std::io::stdout()));
                 pipeline::download(store, object, sink)
@@ -89,61 +88,6 @@ pub async fn restore(
         manifest,
         elapsed: started.elapsed(),
     })
-}
-
-/// Writes `object` to the new file `path`, through `<path>.partial`, fsynced and renamed only
-/// once its checks passed.
-pub(crate) async fn restore_to_file(
-    store: &Store,
-    object: &catalog::StoredObject,
-    path: &Path,
-) -> anyhow::Result<()> {
-    if path.exists() {
-        return Err(anyhow::Error::new(Failure::Config(format!(
-            "{} already exists; restore writes only new files",
-            path.display()
-        ))));
-    }
-    let mut partial_path = path.as_os_str().to_owned();
-    partial_path.push(".partial");
-    let partial_path = PathBuf::from(partial_path);
-    let file = File::options()
-        .write(true)
-        .create_new(true)
-        .open(&partial_path)
-        .with_context(|| format!("cannot create {}", partial_path.display()))?;
-    // Only a file this run created is removed on failure.
-    let mut partial = PartialFile {
-        path: partial_path,
-        renamed: false,
-    };
-    let sink: Sink = Box::new(BufWriter::with_capacity(256 * 1024, file));
-    let sink = pipeline::download(store, object, sink)
-        .await
-        .map_err(pipeline_error)?;
-    drop(sink);
-    let file = File::open(&partial.path)
-        .with_context(|| format!("reopening {}", partial.path.display()))?;
-    file.sync_all()
-        .with_context(|| format!("syncing {}", partial.path.display()))?;
-    std::fs::rename(&partial.path, path)
-        .with_context(|| format!("renaming {} to {}", partial.path.display(), path.display()))?;
-    partial.renamed = true;
-    Ok(())
-}
-
-/// Removes a half-written restore file when the restore fails or is interrupted (dropped).
-struct PartialFile {
-    path: PathBuf,
-    renamed: bool,
-}
-
-impl Drop for PartialFile {
-    fn drop(&mut self) {
-        if !self.renamed {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
 }
 
 async fn restore_to_database(
