@@ -54,8 +54,10 @@ ensure_seaweedfs() {
 
 ensure_rust() {
   command -v cargo >/dev/null || { echo "cargo is missing: install Rust 1.95 (rustup)" >&2; exit 2; }
-  # etcd-client generates its gRPC code with protoc at build time.
-  apt_install protobuf-compiler
+  # etcd-client generates its gRPC code with protoc at build time; the well-known types it
+  # imports (google/protobuf/descriptor.proto) come with libprotobuf-dev, which apt only
+  # recommends and --no-install-recommends leaves out.
+  apt_install protobuf-compiler libprotobuf-dev
 }
 
 # Runs a command as the postgres user when we are root (PostgreSQL refuses root).
