@@ -187,11 +187,22 @@ bench_https_cluster() {
   cargo build --release --locked --quiet
   cp "$ROOT/target/release/gc-backup" "$work/gc-backup"
   GC_BACKUP="$work/gc-backup"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
-    -addext "subjectAltName=DNS:localhost" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+  # A private CA and a server certificate it signs: rustls (gc-backup) refuses a self-signed
+  # certificate that is its own CA (CA:TRUE on an end entity), which `openssl req -x509` makes.
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=gc-backup bench CA" \
+    -keyout "$work/ca.key" -out "$work/cert.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$work/key.pem" \
+    -out "$work/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' >"$work/server.ext"
+  openssl x509 -req -in "$work/server.csr" -CA "$work/cert.pem" -CAkey "$work/ca.key" \
+    -CAcreateserial -days 2 -extfile "$work/server.ext" -out "$work/server.pem" 2>/dev/null
   chmod 644 "$work/cert.pem"
-  WEED_TLS_CERT="$work/cert.pem" WEED_TLS_KEY="$work/key.pem" start_seaweedfs "$work/s3" bench
+  WEED_TLS_CERT="$work/server.pem" WEED_TLS_KEY="$work/key.pem" start_seaweedfs "$work/s3" bench
   https="https://localhost:$S3_HTTPS_PORT"
+  # Everyone through TLS: start_seaweedfs pointed AWS_ENDPOINT_URL at the plain port, and that
+  # variable outranks the config file's endpoint for gc-backup (it did until 2026-11-30, so
+  # earlier "HTTPS" figures of ours were plain HTTP) and is what aws-cli uses in the pipes.
+  export AWS_ENDPOINT_URL="$https" AWS_CA_BUNDLE="$work/cert.pem"
   PG_EXTRA_OPTS="-c shared_buffers=256MB -c max_wal_size=4GB -c archive_mode=on" start_postgres "$BENCH_DIR/pg"
   export PGDATABASE=bench
   pgdata=$(psql -X -At -c "SHOW data_directory")
