@@ -108,7 +108,7 @@ pub struct StoreSection {
     pub session_token: Option<Secret>,
     /// Bucket in the host name (AWS style) instead of the path (MinIO style, the default).
     pub virtual_hosted_style: Option<bool>,
-    /// Ask the server to verify a SHA-256 of every uploaded part (default true).
+    /// Ask the server to verify a CRC-64/NVME of every uploaded part (default true).
     pub verify_uploads: Option<bool>,
     /// PEM file of extra CA certificates to trust for an https endpoint (a private CA).
     pub ca_file: Option<PathBuf>,

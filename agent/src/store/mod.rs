@@ -140,8 +140,18 @@ impl Store {
                     builder = builder.with_token(token.expose());
                 }
                 if s3.verify_uploads {
-                    builder = builder.with_checksum_algorithm(Checksum::SHA256);
+                    // CRC-64/NVME costs next to nothing (SIMD) where SHA-256 of every part was
+                    // 6% of a base backup's CPU on our side and more on the server's.
+                    builder = builder.with_checksum_algorithm(Checksum::CRC64NVME);
                 }
+                // Over TLS the signature need not cover a hash of the body as well: TLS already
+                // protects it in transit, and the checksum above lets the server check it. Over
+                // plain http the signed SHA-256 stays.
+                let tls = s3
+                    .endpoint
+                    .as_deref()
+                    .is_none_or(|endpoint| endpoint.starts_with("https://"));
+                builder = builder.with_unsigned_payload(tls);
                 let s3_store = builder.build().map_err(|e| setup(e.to_string()))?;
                 if s3.prefix.is_empty() {
                     Arc::new(s3_store)
