@@ -170,8 +170,10 @@ pub struct StoredObject {
     pub key: String,
     pub raw_bytes: u64,
     pub stored_bytes: u64,
-    /// SHA-256 of the raw (uncompressed) bytes, hex.
-    pub raw_sha256: String,
+    /// SHA-256 of the raw (uncompressed) bytes, hex. Absent for base backups' tars, whose
+    /// files carry CRC-32C each and whose zstd frames carry an XXH64 of their content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_sha256: Option<String>,
     /// Number of uploaded parts (1 for a single PUT).
     pub parts: u32,
 }

@@ -2,9 +2,9 @@
 //! backup API, PGDATA's files streamed as several compressed tar objects at once.
 //!
 //! Order: refuse if archiving does not work → claim the id → start backup mode (one session,
-//! kept open throughout) → stream the tars → stop backup mode, which waits until the WAL the
-//! backup needs is archived → check the stored sizes → commit. A failure or a kill closes the
-//! session, and PostgreSQL leaves backup mode by itself.
+//! kept open throughout) → stream the tars → stop backup mode → wait until every WAL segment
+//! from the start to the stop is in the store → check the stored sizes → commit. A failure or
+//! a kill closes the session, and PostgreSQL leaves backup mode by itself.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,7 +24,7 @@ use crate::catalog::manifest::{
 use crate::catalog::{self, BackupId, Kind, layout};
 use crate::config::{Config, PipelineConfig, PostgresConfig};
 use crate::error::Failure;
-use crate::pipeline::{self, PipelineError, UploadSummary};
+use crate::pipeline::{self, PipelineError, RawDigest, UploadSummary};
 use crate::sources::pgdata::{self, ChannelWriter, CopiedFile, Entry};
 use crate::sources::postgres::{self, SourceError, query_error};
 use crate::store::Store;
@@ -32,9 +32,11 @@ use crate::store::Store;
 /// Raw chunks (256 KiB) queued between a tar writer and its pipeline. When full, the tar
 /// writer waits.
 const TAR_QUEUE: usize = 4;
-/// How long pg_backup_stop may wait for the backup's WAL to be archived. Normally this is
-/// one segment's upload; a broken archive should fail the backup loudly, not after an hour.
+/// How long the backup may wait for its WAL to be archived. Normally this is one segment's
+/// upload; a broken archive should fail the backup loudly, not after an hour.
 const ARCHIVE_WAIT: Duration = Duration::from_secs(300);
+/// The longest pause between two looks at the archive while waiting for the backup's WAL.
+const ARCHIVE_POLL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct PgBaseRequest {
@@ -87,7 +89,14 @@ pub async fn backup(
     .map_err(source_error)?;
     tracing::info!(kind = "pg-base", id = %id, start_lsn = %start_lsn, pgdata = %pgdata.display(), "backup started");
 
-    let outcome = copy_and_stop(config, store, &client, &preflight, &pgdata, &id, cancel).await;
+    let run = Run {
+        config,
+        store,
+        pgdata: &pgdata,
+        id: &id,
+        cancel,
+    };
+    let outcome = copy_and_stop(&run, &client, &preflight, start_lsn).await;
     drop(client); // ends backup mode if it is still on
     let (objects, files, stop) = match outcome {
         Ok(done) => done,
@@ -250,21 +259,16 @@ async fn stop_backup(
     config: &PostgresConfig,
     version_num: u32,
 ) -> Result<Stopped, SourceError> {
-    // wait_for_archive: returns only once the WAL the backup needs is archived.
+    // wait_for_archive off: PostgreSQL would look at the archive status once a second, which
+    // added a second to every backup; await_wal checks the store itself, more often.
     let sql = if version_num >= 150_000 {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)"
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
     } else {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
     };
-    let row = tokio::time::timeout(ARCHIVE_WAIT, client.query_one(sql, &[]))
+    let row = client
+        .query_one(sql, &[])
         .await
-        .map_err(|_| {
-            SourceError::Failed(format!(
-                "the WAL this backup needs was not archived within {} s; check archive_command \
-                 and pg_stat_archiver",
-                ARCHIVE_WAIT.as_secs()
-            ))
-        })?
         .map_err(|e| query_error(config, "stopping the backup", &e))?;
     let lsn: String = row.get(0);
     let map: Option<String> = row.get(2);
@@ -310,15 +314,28 @@ fn stream_count() -> usize {
         .clamp(1, 4)
 }
 
+/// What every stage of one base backup needs.
+struct Run<'a> {
+    config: &'a Config,
+    store: &'a Store,
+    pgdata: &'a Path,
+    id: &'a BackupId,
+    cancel: &'a CancellationToken,
+}
+
 async fn copy_and_stop(
-    config: &Config,
-    store: &Store,
+    run: &Run<'_>,
     client: &Client,
     preflight: &Preflight,
-    pgdata: &Path,
-    id: &BackupId,
-    cancel: &CancellationToken,
+    start_lsn: Lsn,
 ) -> anyhow::Result<(Vec<StoredObject>, Vec<CopiedFile>, Stopped)> {
+    let Run {
+        config,
+        store,
+        pgdata,
+        cancel,
+        ..
+    } = *run;
     let entries = tokio::task::spawn_blocking({
         let pgdata = pgdata.to_path_buf();
         move || pgdata::walk(&pgdata)
@@ -329,11 +346,16 @@ async fn copy_and_stop(
         pgdata::PgDataError::Unsupported(message) => anyhow::Error::new(Failure::Config(message)),
         other => anyhow::Error::new(other),
     })?;
-    let streams = pgdata::split(entries, stream_count());
-    let settings = stream_settings(&config.pipeline, streams.len());
-    let uploads = streams.into_iter().enumerate().map(|(index, entries)| {
+    let (dirs, files) = pgdata::partition(entries);
+    let files = std::sync::Arc::new(files);
+    let streams = stream_count();
+    let settings = stream_settings(&config.pipeline, streams);
+    let uploads = (0..streams).map(|index| {
         let settings = settings.clone();
-        async move { upload_stream(store, pgdata, id, index, entries, &settings, cancel).await }
+        // Stream 0 holds the directories, so that they are restored first.
+        let dirs = if index == 0 { dirs.clone() } else { Vec::new() };
+        let files = files.clone();
+        async move { upload_stream(run, index, dirs, files, &settings).await }
     });
     let mut objects = Vec::new();
     let mut files = Vec::new();
@@ -348,22 +370,110 @@ async fn copy_and_stop(
     }
     let stopped = tokio::select! {
         stopped = stop_backup(client, &config.postgres, preflight.server_version_num) => stopped.map_err(source_error)?,
-        () = cancel.cancelled() => return Err(Failure::Interrupted("interrupted while waiting for WAL archiving".into()).into()),
+        () = cancel.cancelled() => return Err(Failure::Interrupted("interrupted while stopping the backup".into()).into()),
     };
+    let timeline = timeline_of(&stopped.label).unwrap_or(1);
+    let segment_size = preflight.wal_segment_size;
+    let first = SegmentNo::of(start_lsn, segment_size);
+    // The last segment holds the byte before the stop LSN (PostgreSQL's XLByteToPrevSeg).
+    let last = SegmentNo::of(Lsn(stopped.lsn.0.saturating_sub(1)), segment_size).max(first);
+    let needed: Vec<String> = std::iter::successors(Some(first), |s| Some(s.next()))
+        .take_while(|s| *s <= last)
+        .map(|s| s.file_name(timeline, segment_size))
+        .collect();
+    await_wal(run, needed).await?;
+    tracing::debug!(stop_lsn = %stopped.lsn, "backup mode ended; its WAL is archived");
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok((objects, files, stopped))
 }
 
+/// Waits until every segment in `needed` is in the store. A segment PostgreSQL has finished
+/// (`.ready`) but not archived yet is stored here, as the sidecar's look-ahead would, so that
+/// its wal-push then returns at once; the rest is up to archive_command. Checking the store
+/// rather than PostgreSQL's archive status also catches an archive_command that archives
+/// somewhere else: such a backup could never be restored from this store.
+async fn await_wal(run: &Run<'_>, mut needed: Vec<String>) -> anyhow::Result<()> {
+    let (config, store, cancel) = (run.config, run.store, run.cancel);
+    use futures::StreamExt;
+    let wal_dir = run.pgdata.join("pg_wal");
+    let deadline = tokio::time::Instant::now() + ARCHIVE_WAIT;
+    let mut pause = Duration::from_millis(20);
+    // Our own upload may lose a race with PostgreSQL's archiver (which may then recycle the
+    // file): not a failure as long as the segment reaches the store before the deadline.
+    let mut own_failure: Option<String> = None;
+    loop {
+        let looks = futures::stream::iter(needed)
+            .map(|name| async move {
+                let file = pitr::WalFile::parse(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
+                match store.head(&layout::wal_key(&file)).await {
+                    Ok(_) => Ok(None),
+                    Err(crate::store::StoreError::NotFound { .. }) => Ok(Some(name)),
+                    Err(error) => Err(anyhow::Error::new(error).context(format!(
+                        "checking that {name}, which this backup needs, is archived"
+                    ))),
+                }
+            })
+            .buffered(8)
+            .collect::<Vec<anyhow::Result<Option<String>>>>()
+            .await;
+        needed = looks
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut still = Vec::new();
+        for name in needed {
+            let ready = wal_dir.join("archive_status").join(format!("{name}.ready"));
+            let pushed = if tokio::fs::try_exists(&ready).await.unwrap_or(false) {
+                crate::daemon::archiver::upload_one(config, store, &wal_dir.join(&name)).await
+            } else {
+                Err(anyhow::anyhow!("not finished by PostgreSQL yet"))
+            };
+            if let Err(error) = pushed {
+                own_failure = Some(format!("{name}: {error:#}"));
+                still.push(name);
+            }
+        }
+        needed = still;
+        let Some(first) = needed.first() else {
+            return Ok(());
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Failure::Config(format!(
+                "{first} (and {} more WAL segments) that this backup needs did not reach {} \
+                 within {} s: check that archive_command is `gc-backup wal-push %p` with this \
+                 store, and pg_stat_archiver (last attempt here: {})",
+                needed.len() - 1,
+                store.name(),
+                ARCHIVE_WAIT.as_secs(),
+                own_failure.as_deref().unwrap_or("none")
+            ))
+            .into());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = cancel.cancelled() => return Err(Failure::Interrupted("interrupted while waiting for WAL archiving".into()).into()),
+        }
+        pause = (pause * 2).min(ARCHIVE_POLL);
+    }
+}
+
 /// One tar stream: a blocking tar writer feeding a pipeline through a bounded channel.
 async fn upload_stream(
-    store: &Store,
-    pgdata: &Path,
-    id: &BackupId,
+    run: &Run<'_>,
     index: usize,
-    entries: Vec<Entry>,
+    dirs: Vec<Entry>,
+    files: std::sync::Arc<pgdata::FileQueue>,
     settings: &PipelineConfig,
-    cancel: &CancellationToken,
 ) -> anyhow::Result<(StoredObject, Vec<CopiedFile>)> {
+    let Run {
+        store,
+        pgdata,
+        id,
+        cancel,
+        ..
+    } = *run;
     let key = layout::data_key(Kind::PgBase, id, &format!("base.{index}.tar.zst"));
     let (tx, rx) = tokio::sync::mpsc::channel(TAR_QUEUE);
     let stream_no = u32::try_from(index).unwrap_or(u32::MAX);
@@ -371,7 +481,8 @@ async fn upload_stream(
         let pgdata = pgdata.to_path_buf();
         let error_tx = tx.clone();
         move || {
-            let result = pgdata::write_tar(&pgdata, &entries, stream_no, ChannelWriter::new(tx));
+            let result =
+                pgdata::write_tar(&pgdata, &dirs, &files, stream_no, ChannelWriter::new(tx));
             if let Err(error) = &result {
                 // Make the pipeline fail rather than see a clean end of a truncated tar.
                 let _ = error_tx.blocking_send(Err(std::io::Error::other(error.to_string())));
@@ -381,7 +492,7 @@ async fn upload_stream(
     });
     let reader = StreamReader::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     let uploaded: Result<UploadSummary, PipelineError> =
-        pipeline::upload(store, &key, reader, settings, cancel).await;
+        pipeline::upload_with(store, &key, reader, settings, RawDigest::Skip, cancel).await;
     // The tar writer's own result decides whether the stream was whole; of two failures, the
     // one that came first is reported (a store failure makes the writer fail too).
     let copied = writer.await.context("tar worker failed")?;
@@ -392,6 +503,7 @@ async fn upload_stream(
         }
         (Err(error), _) => return Err(pipeline_error(error)),
     };
+    tracing::debug!(key = %key, raw_bytes = summary.raw_bytes, stored_bytes = summary.stored_bytes, elapsed_ms = summary.elapsed.as_millis(), "tar stream stored");
     Ok((
         StoredObject {
             key: key.to_string(),

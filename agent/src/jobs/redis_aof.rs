@@ -185,7 +185,7 @@ async fn reusable(
     };
     let owned = path.to_path_buf();
     let sha256 = blocking(move || aof::sha256_prefix(&owned, len)).await?;
-    if sha256.as_deref() != Some(earlier.raw_sha256.as_str()) {
+    if sha256.is_none() || sha256 != earlier.raw_sha256 {
         return Ok(None);
     }
     match store.head(&ObjectKey::from(earlier.key.as_str())).await {

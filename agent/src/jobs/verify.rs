@@ -79,7 +79,7 @@ pub async fn verify(
     let wal_check = WalCheck::load(store, &manifests).await?;
     // Objects several backups name (Redis AOF files) are read once; their verdict counts for
     // every backup that names them.
-    let mut verdicts: std::collections::HashMap<(String, String), Option<String>> =
+    let mut verdicts: std::collections::HashMap<(String, Option<String>), Option<String>> =
         std::collections::HashMap::new();
     for manifest in selected {
         if cancel.is_cancelled() {

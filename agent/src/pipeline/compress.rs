@@ -7,12 +7,12 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::{Receiver, Sender};
 
-use super::{MAX_PARTS, Piece, PipelineError, part_size_for};
+use super::{MAX_PARTS, Piece, PipelineError, RawDigest, part_size_for};
 use crate::config::PipelineConfig;
 
 pub(super) struct Compressed {
     pub raw_bytes: u64,
-    pub raw_sha256: String,
+    pub raw_sha256: Option<String>,
     pub stored_bytes: u64,
 }
 
@@ -23,6 +23,7 @@ pub(super) fn run(
     mut chunks: Receiver<Piece>,
     parts: Sender<Piece>,
     settings: &PipelineConfig,
+    digest: RawDigest,
     key: &str,
 ) -> Result<Compressed, PipelineError> {
     let writer = PartWriter::new(parts, settings.part_size, key);
@@ -36,7 +37,7 @@ pub(super) fn run(
             .multithread(settings.zstd_workers)
             .map_err(PipelineError::Compress)?;
     }
-    let mut hasher = Sha256::new();
+    let mut hasher = (digest == RawDigest::Sha256).then(Sha256::new);
     let mut raw_bytes = 0u64;
     loop {
         let chunk = match chunks.blocking_recv() {
@@ -44,7 +45,9 @@ pub(super) fn run(
             Some(Piece::End) => break,
             None => return Err(PipelineError::Stopped),
         };
-        hasher.update(&chunk);
+        if let Some(hasher) = &mut hasher {
+            hasher.update(&chunk);
+        }
         raw_bytes += chunk.len() as u64;
         encoder
             .write_all(&chunk)
@@ -57,7 +60,7 @@ pub(super) fn run(
     }
     Ok(Compressed {
         raw_bytes,
-        raw_sha256: hex::encode(hasher.finalize()),
+        raw_sha256: hasher.map(|hasher| hex::encode(hasher.finalize())),
         stored_bytes: writer.stored_bytes,
     })
 }

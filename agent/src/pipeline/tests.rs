@@ -52,6 +52,21 @@ impl AsyncRead for NoiseSource {
     }
 }
 
+/// XORs `mask` into the stored byte at `at(length)` of `key`.
+async fn flip(inner: &InMemory, key: &ObjectKey, at: impl Fn(usize) -> usize, mask: u8) {
+    let mut stored = inner
+        .get(key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let index = at(stored.len());
+    stored[index] ^= mask;
+    inner.put(key, Bytes::from(stored).into()).await.unwrap();
+}
+
 fn object_of(key: &ObjectKey, summary: &UploadSummary) -> StoredObject {
     StoredObject {
         key: key.to_string(),
@@ -77,7 +92,7 @@ async fn round_trip(data: Vec<u8>, part_size: usize, workers: u32) -> UploadSumm
     .await
     .unwrap();
     assert_eq!(summary.raw_bytes, data.len() as u64);
-    assert_eq!(summary.raw_sha256, hex::encode(Sha256::digest(&data)));
+    assert_eq!(summary.raw_sha256, Some(hex::encode(Sha256::digest(&data))));
     let stored = store.head(&key).await.unwrap();
     assert_eq!(stored.size, summary.stored_bytes);
 
@@ -210,17 +225,7 @@ async fn a_flipped_byte_fails_the_restore_before_the_end_reaches_the_sink() {
     let object = object_of(&key, &summary);
 
     // Corrupt a byte in the middle of the stored object.
-    let mut stored = inner
-        .get(&key)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
-    let middle = stored.len() / 2;
-    stored[middle] ^= 0x40;
-    inner.put(&key, Bytes::from(stored).into()).await.unwrap();
+    flip(&inner, &key, |len| len / 2, 0x40).await;
     let sink = SharedSink::default();
     let error = download(&store, &object, Box::new(sink.clone()))
         .await
@@ -231,7 +236,7 @@ async fn a_flipped_byte_fails_the_restore_before_the_end_reaches_the_sink() {
 
     // A manifest that lies about the content is caught by the SHA-256 alone.
     let mut wrong = object.clone();
-    wrong.raw_sha256 = hex::encode(Sha256::digest(b"something else"));
+    wrong.raw_sha256 = Some(hex::encode(Sha256::digest(b"something else")));
     inner
         .put(
             &key,
@@ -250,6 +255,43 @@ async fn a_flipped_byte_fails_the_restore_before_the_end_reaches_the_sink() {
         sink.contents().len() < data.len(),
         "the held-back tail was released"
     );
+}
+
+/// Base backups upload without SHA-256: a flipped byte must still fail the restore, through
+/// zstd's own content checksum.
+#[tokio::test]
+async fn an_unhashed_stream_round_trips_and_its_corruption_is_still_caught() {
+    let inner = Arc::new(InMemory::new());
+    let store = Store::from_object_store(inner.clone(), "memory");
+    let key = ObjectKey::from("data/test/unhashed.zst");
+    let data = noise(300_000, 11);
+    let summary = upload_with(
+        &store,
+        &key,
+        &data[..],
+        &settings(64 * 1024),
+        RawDigest::Skip,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.raw_sha256, None);
+    let object = object_of(&key, &summary);
+    let json = serde_json::to_string(&object).unwrap();
+    assert!(!json.contains("raw_sha256"), "{json}");
+    let sink = SharedSink::default();
+    download(&store, &object, Box::new(sink.clone()))
+        .await
+        .unwrap();
+    assert!(sink.contents() == data, "restored bytes differ");
+
+    // Flip one bit in the last block's data: only the frame's XXH64 can catch that.
+    flip(&inner, &key, |len| len - 100, 0x01).await;
+    let error = download(&store, &object, Box::new(SharedSink::default()))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(error, PipelineError::Corrupt(_)), "{error}");
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! The files of a running cluster's data directory, as tar streams for a base backup.
 //!
 //! [`walk`] lists what a base backup must hold (PostgreSQL's documented exclusions applied);
-//! [`split`] spreads the files over a few streams of about equal size, so that several
-//! compressors run at once; [`write_tar`] writes one stream on a blocking thread. Files change
+//! a [`FileQueue`] hands its files to a few tar streams, so that several compressors run at
+//! once; [`write_tar`] writes one stream on a blocking thread. Files change
 //! while they are copied — that is what the WAL replayed on restore repairs — so a file that
 //! shrank is padded with zeros to the size its header announced, and one that vanished is
 //! left out, as pg_basebackup does.
@@ -162,34 +162,44 @@ pub fn walk(pgdata: &Path) -> Result<Vec<Entry>, PgDataError> {
     Ok(entries)
 }
 
-/// Spreads entries over `streams` lists of about equal bytes (largest file to the lightest
-/// stream). Every directory goes to stream 0, which is restored first.
-pub fn split(entries: Vec<Entry>, streams: usize) -> Vec<Vec<Entry>> {
-    let streams = streams.max(1);
-    let mut out: Vec<Vec<Entry>> = vec![Vec::new(); streams];
-    let mut load = vec![0u64; streams];
-    let (dirs, mut files): (Vec<Entry>, Vec<Entry>) =
-        entries.into_iter().partition(|e| e.kind == EntryKind::Dir);
-    out[0].extend(dirs);
-    files.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.path.cmp(&b.path)));
-    for file in files {
-        let lightest = (0..streams).min_by_key(|&i| load[i]).unwrap_or(0);
-        // Tar headers and padding: count at least a block per file.
-        load[lightest] += file.size.max(512);
-        out[lightest].push(file);
-    }
-    for list in &mut out {
-        list.sort_by(|a, b| {
-            (a.kind != EntryKind::Dir, &a.path).cmp(&(b.kind != EntryKind::Dir, &b.path))
-        });
-    }
-    out
+/// The files of a backup, handed to the tar streams one at a time, largest first.
+///
+/// A fixed split by size left one core idle for a third of a backup: a table of repetitive
+/// rows compresses several times faster than one of random bytes, so equal bytes are not
+/// equal work. Taking the next file when the last one is written ends every stream at about
+/// the same time, and largest-first keeps the last files small.
+#[derive(Debug)]
+pub struct FileQueue {
+    files: std::sync::Mutex<std::vec::IntoIter<Entry>>,
 }
 
-/// Writes `entries` of `pgdata` as one tar stream into `out`. Blocking.
+impl FileQueue {
+    pub fn new(mut files: Vec<Entry>) -> Self {
+        files.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.path.cmp(&b.path)));
+        Self {
+            files: std::sync::Mutex::new(files.into_iter()),
+        }
+    }
+
+    fn next(&self) -> Option<Entry> {
+        // A poisoned lock means another tar writer panicked; that stream fails the backup.
+        self.files.lock().ok()?.next()
+    }
+}
+
+/// Directories (written first, by stream 0, which is restored first) and files (shared).
+pub fn partition(entries: Vec<Entry>) -> (Vec<Entry>, FileQueue) {
+    let (dirs, files): (Vec<Entry>, Vec<Entry>) =
+        entries.into_iter().partition(|e| e.kind == EntryKind::Dir);
+    (dirs, FileQueue::new(files))
+}
+
+/// Writes `dirs`, then files taken from `files` until it is empty, as one tar stream into
+/// `out`. Blocking.
 pub fn write_tar(
     pgdata: &Path,
-    entries: &[Entry],
+    dirs: &[Entry],
+    files: &FileQueue,
     stream: u32,
     out: impl Write,
 ) -> Result<Vec<CopiedFile>, PgDataError> {
@@ -199,7 +209,12 @@ pub fn write_tar(
         path: path.to_string(),
         source: e,
     };
-    for entry in entries {
+    for entry in dirs
+        .iter()
+        .cloned()
+        .chain(std::iter::from_fn(|| files.next()))
+    {
+        let entry = &entry;
         let mut header = tar::Header::new_gnu();
         header.set_mode(entry.mode);
         header.set_mtime(entry.mtime);
@@ -371,38 +386,49 @@ mod tests {
     }
 
     #[test]
-    fn streams_balance_bytes_and_directories_go_first() {
-        let file = |path: &str, size| Entry {
-            path: path.into(),
-            kind: EntryKind::File,
-            size,
-            mode: 0o600,
-            mtime: 0,
+    fn streams_share_the_files_largest_first_and_directories_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("base")).unwrap();
+        for (name, size) in [("a", 10_000), ("b", 6_000), ("c", 5_000), ("d", 1_000)] {
+            std::fs::write(dir.path().join("base").join(name), vec![7u8; size]).unwrap();
+        }
+        let (dirs, files) = partition(walk(dir.path()).unwrap());
+        assert_eq!(dirs.len(), 1);
+        let names = |tar_bytes: &[u8]| -> Vec<String> {
+            tar::Archive::new(tar_bytes)
+                .entries()
+                .unwrap()
+                .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+                .collect()
         };
-        let dir = Entry {
-            path: "base".into(),
-            kind: EntryKind::Dir,
-            size: 0,
-            mode: 0o700,
-            mtime: 0,
-        };
-        let streams = split(
-            vec![
-                file("a", 10_000),
-                file("b", 6_000),
-                file("c", 5_000),
-                dir.clone(),
-                file("d", 1_000),
-            ],
-            2,
+        // Stream 0 writes the directory and takes the largest file; stream 1 the next; they
+        // take turns, as two writers finishing their files would.
+        let mut first = Vec::new();
+        let mut second = Vec::new();
+        let none = FileQueue::new(Vec::new());
+        let one = |queue: &FileQueue| FileQueue::new(queue.next().into_iter().collect());
+        let mut copied = write_tar(dir.path(), &dirs, &one(&files), 0, &mut first).unwrap();
+        copied.extend(write_tar(dir.path(), &[], &one(&files), 1, &mut second).unwrap());
+        copied.extend(write_tar(dir.path(), &[], &files, 1, &mut second).unwrap());
+        assert!(
+            write_tar(dir.path(), &[], &none, 2, Vec::new())
+                .unwrap()
+                .is_empty()
         );
-        assert_eq!(streams[0][0], dir);
-        let bytes: Vec<u64> = streams
-            .iter()
-            .map(|s| s.iter().map(|e| e.size).sum())
-            .collect();
-        assert_eq!(bytes, vec![11_000, 11_000]);
-        assert_eq!(streams.iter().map(Vec::len).sum::<usize>(), 5);
+        assert_eq!(names(&first), vec!["base", "base/a"]);
+        assert_eq!(
+            names(&second),
+            vec!["base/b"],
+            "the reader stops at the first tar's end"
+        );
+        assert_eq!(
+            copied.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(),
+            vec!["base/a", "base/b", "base/c", "base/d"]
+        );
+        assert_eq!(
+            copied.iter().map(|c| c.stream).collect::<Vec<_>>(),
+            vec![0, 1, 1, 1]
+        );
     }
 
     #[test]
@@ -415,7 +441,8 @@ mod tests {
         std::fs::write(dir.path().join("base/1"), b"01234").unwrap();
         std::fs::remove_file(dir.path().join("base/2")).unwrap();
         let mut tar_bytes = Vec::new();
-        let copied = write_tar(dir.path(), &entries, 0, &mut tar_bytes).unwrap();
+        let (dirs, files) = partition(entries);
+        let copied = write_tar(dir.path(), &dirs, &files, 0, &mut tar_bytes).unwrap();
         assert_eq!(copied.len(), 1);
         assert!(copied[0].padded);
         assert_eq!(copied[0].size, 10);
