@@ -14,7 +14,6 @@ use chrono::Utc;
 use futures::future::join_all;
 use pitr::{Lsn, SegmentNo};
 use tokio_postgres::Client;
-use tokio_util::io::StreamReader;
 use tokio_util::sync::CancellationToken;
 
 use super::{catalog_error, pipeline_error, source_error};
@@ -24,14 +23,11 @@ use crate::catalog::manifest::{
 use crate::catalog::{self, BackupId, Kind, layout};
 use crate::config::{Config, PipelineConfig, PostgresConfig};
 use crate::error::Failure;
-use crate::pipeline::{self, PipelineError, RawDigest, UploadSummary};
-use crate::sources::pgdata::{self, ChannelWriter, CopiedFile, Entry};
+use crate::pipeline::{self, RawDigest, WrittenError};
+use crate::sources::pgdata::{self, CopiedFile, Entry};
 use crate::sources::postgres::{self, SourceError, query_error};
 use crate::store::Store;
 
-/// Raw chunks (256 KiB) queued between a tar writer and its pipeline. When full, the tar
-/// writer waits.
-const TAR_QUEUE: usize = 4;
 /// How long the backup may wait for its WAL to be archived. Normally this is one segment's
 /// upload; a broken archive should fail the backup loudly, not after an hour.
 const ARCHIVE_WAIT: Duration = Duration::from_secs(300);
@@ -299,8 +295,13 @@ fn stream_settings(pipeline: &PipelineConfig, streams: usize) -> PipelineConfig 
     }
     let budget = pipeline.part_size * (pipeline.parallel_uploads + 2);
     settings.parallel_uploads = 1;
-    // Each stream also holds its raw queues: the tar channel's and the pipeline's.
-    let queues = streams * (pipeline::RAW_QUEUE_BYTES + TAR_QUEUE * 256 * 1024);
+    // Each stream also holds, at the fast levels, a frame of raw and one of compressed bytes.
+    let frames = if pipeline::uses_frames(pipeline) {
+        2 * pipeline::FRAME_BYTES
+    } else {
+        0
+    };
+    let queues = streams * frames;
     let per_part = budget.saturating_sub(queues) / (streams * 3);
     settings.part_size = (per_part & !(crate::config::MIB - 1))
         .clamp(crate::config::S3_MIN_PART_SIZE, pipeline.part_size);
@@ -475,33 +476,19 @@ async fn upload_stream(
         ..
     } = *run;
     let key = layout::data_key(Kind::PgBase, id, &format!("base.{index}.tar.zst"));
-    let (tx, rx) = tokio::sync::mpsc::channel(TAR_QUEUE);
     let stream_no = u32::try_from(index).unwrap_or(u32::MAX);
-    let writer = tokio::task::spawn_blocking({
-        let pgdata = pgdata.to_path_buf();
-        let error_tx = tx.clone();
-        move || {
-            let result =
-                pgdata::write_tar(&pgdata, &dirs, &files, stream_no, ChannelWriter::new(tx));
-            if let Err(error) = &result {
-                // Make the pipeline fail rather than see a clean end of a truncated tar.
-                let _ = error_tx.blocking_send(Err(std::io::Error::other(error.to_string())));
-            }
-            result
-        }
-    });
-    let reader = StreamReader::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let uploaded: Result<UploadSummary, PipelineError> =
-        pipeline::upload_with(store, &key, reader, settings, RawDigest::Skip, cancel).await;
-    // The tar writer's own result decides whether the stream was whole; of two failures, the
-    // one that came first is reported (a store failure makes the writer fail too).
-    let copied = writer.await.context("tar worker failed")?;
-    let (summary, copied) = match (uploaded, copied) {
-        (Ok(summary), Ok(copied)) => (summary, copied),
-        (Err(PipelineError::Source(_)) | Ok(_), Err(tar_error)) => {
+    let pgdata = pgdata.to_path_buf();
+    // The tar writer compresses on its own thread: no raw queue between it and zstd.
+    let written = pipeline::upload_written(store, &key, settings, RawDigest::Skip, cancel, {
+        move |out| pgdata::write_tar(&pgdata, &dirs, &files, stream_no, out)
+    })
+    .await;
+    let (summary, copied) = match written {
+        Ok(done) => done,
+        Err(WrittenError::Producer(tar_error)) => {
             return Err(anyhow::Error::new(tar_error).context(format!("copying PGDATA into {key}")));
         }
-        (Err(error), _) => return Err(pipeline_error(error)),
+        Err(WrittenError::Pipeline(error)) => return Err(pipeline_error(error)),
     };
     tracing::debug!(key = %key, raw_bytes = summary.raw_bytes, stored_bytes = summary.stored_bytes, elapsed_ms = summary.elapsed.as_millis(), "tar stream stored");
     Ok((

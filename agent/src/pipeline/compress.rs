@@ -1,5 +1,11 @@
 //! The compressor: runs on a blocking thread, hashes the raw bytes, compresses them with zstd
 //! and cuts the compressed stream into parts.
+//!
+//! At the fast levels without zstd workers (the defaults) the stream is a sequence of
+//! independent frames of [`FRAME_BYTES`] raw bytes each, compressed in one call: 1.4× the
+//! speed of zstd's streaming API, whose ring buffer sends most blocks down its slower
+//! external-dictionary path, for 0.1% more bytes (measured on the bench cluster's PGDATA).
+//! Every zstd decoder, `zstd -d` included, reads concatenated frames as one stream.
 
 use std::io::Write;
 
@@ -8,7 +14,16 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::{Receiver, Sender};
 
 use super::{MAX_PARTS, Piece, PipelineError, RawDigest, part_size_for};
-use crate::config::PipelineConfig;
+use crate::config::{MIB, PipelineConfig};
+
+/// Raw bytes per frame when compressing in frames (see the module's doc).
+pub const FRAME_BYTES: usize = 4 * MIB;
+
+/// Whether `settings` compress in frames: fast levels only, where the window (≤ 2 MiB) is
+/// well inside a frame, and no zstd workers, which bring their own job splitting.
+pub fn uses_frames(settings: &PipelineConfig) -> bool {
+    settings.zstd_level <= 3 && settings.zstd_workers == 0
+}
 
 pub(super) struct Compressed {
     pub raw_bytes: u64,
@@ -26,43 +41,175 @@ pub(super) fn run(
     digest: RawDigest,
     key: &str,
 ) -> Result<Compressed, PipelineError> {
-    let writer = PartWriter::new(parts, settings.part_size, key);
-    let mut encoder = zstd::stream::write::Encoder::new(writer, settings.zstd_level)
-        .map_err(PipelineError::Compress)?;
-    encoder
-        .include_checksum(true)
-        .map_err(PipelineError::Compress)?;
-    if settings.zstd_workers > 0 {
-        encoder
-            .multithread(settings.zstd_workers)
-            .map_err(PipelineError::Compress)?;
-    }
-    let mut hasher = (digest == RawDigest::Sha256).then(Sha256::new);
-    let mut raw_bytes = 0u64;
+    let mut writer = CompressingWriter::new(parts, settings, digest, key)?;
     loop {
         let chunk = match chunks.blocking_recv() {
             Some(Piece::Data(chunk)) => chunk,
             Some(Piece::End) => break,
             None => return Err(PipelineError::Stopped),
         };
-        if let Some(hasher) = &mut hasher {
-            hasher.update(&chunk);
-        }
-        raw_bytes += chunk.len() as u64;
-        encoder
+        writer
             .write_all(&chunk)
-            .map_err(|e| classify(e, encoder.get_ref()))?;
+            .map_err(|e| classify(e, writer.encoder.writer()))?;
     }
-    let mut writer = encoder.finish().map_err(PipelineError::Compress)?;
-    writer.send_part().map_err(|e| classify(e, &writer))?;
-    if writer.parts.blocking_send(Piece::End).is_err() {
-        return Err(PipelineError::Stopped);
+    writer.finish()
+}
+
+/// The compressing end of a pipeline as a blocking `Write`: hashes (if asked), compresses and
+/// hands full parts to the uploader, blocking while its queue is full. A producer that runs on
+/// a blocking thread anyway (the tar writer of a base backup) writes into it directly, without
+/// a channel of raw chunks and the copies and thread hand-offs that come with one.
+///
+/// Dropped without [`CompressingWriter::finish`], the uploader sees its queue close without an
+/// end, and aborts the upload.
+pub struct CompressingWriter {
+    encoder: Encoder,
+    hasher: Option<Sha256>,
+    raw_bytes: u64,
+}
+
+impl std::fmt::Debug for CompressingWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompressingWriter")
+            .field("raw_bytes", &self.raw_bytes)
+            .finish_non_exhaustive()
     }
-    Ok(Compressed {
-        raw_bytes,
-        raw_sha256: hasher.map(|hasher| hex::encode(hasher.finalize())),
-        stored_bytes: writer.stored_bytes,
-    })
+}
+
+impl CompressingWriter {
+    pub(super) fn new(
+        parts: Sender<Piece>,
+        settings: &PipelineConfig,
+        digest: RawDigest,
+        key: &str,
+    ) -> Result<Self, PipelineError> {
+        let writer = PartWriter::new(parts, settings.part_size, key);
+        Ok(Self {
+            encoder: Encoder::new(writer, settings).map_err(PipelineError::Compress)?,
+            hasher: (digest == RawDigest::Sha256).then(Sha256::new),
+            raw_bytes: 0,
+        })
+    }
+
+    /// Ends the stream: the last frame, the last part, then the end of the part queue.
+    pub(super) fn finish(self) -> Result<Compressed, PipelineError> {
+        let mut writer = self.encoder.finish()?;
+        writer.send_part().map_err(|e| classify(e, &writer))?;
+        if writer.parts.blocking_send(Piece::End).is_err() {
+            return Err(PipelineError::Stopped);
+        }
+        Ok(Compressed {
+            raw_bytes: self.raw_bytes,
+            raw_sha256: self.hasher.map(|hasher| hex::encode(hasher.finalize())),
+            stored_bytes: writer.stored_bytes,
+        })
+    }
+}
+
+impl Write for CompressingWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.encoder.write_all(data)?;
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(data);
+        }
+        self.raw_bytes += data.len() as u64;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// zstd's streaming encoder, or frames of [`FRAME_BYTES`] compressed one at a time.
+enum Encoder {
+    Stream(zstd::stream::write::Encoder<'static, PartWriter>),
+    Frames(FrameEncoder),
+}
+
+struct FrameEncoder {
+    compressor: zstd::bulk::Compressor<'static>,
+    raw: Vec<u8>,
+    compressed: Vec<u8>,
+    frames: u64,
+    writer: PartWriter,
+}
+
+impl FrameEncoder {
+    fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let taken = (FRAME_BYTES - self.raw.len()).min(data.len());
+            self.raw.extend_from_slice(&data[..taken]);
+            data = &data[taken..];
+            if self.raw.len() == FRAME_BYTES {
+                self.frame()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Compresses the raw bytes gathered so far as one frame and hands it to the writer.
+    fn frame(&mut self) -> std::io::Result<()> {
+        self.compressed.clear();
+        self.compressor
+            .compress_to_buffer(self.raw.as_slice(), &mut self.compressed)?;
+        self.raw.clear();
+        self.frames += 1;
+        self.writer.write_all(&self.compressed)
+    }
+}
+
+impl Encoder {
+    fn new(writer: PartWriter, settings: &PipelineConfig) -> std::io::Result<Self> {
+        if uses_frames(settings) {
+            let mut compressor = zstd::bulk::Compressor::new(settings.zstd_level)?;
+            compressor.include_checksum(true)?;
+            return Ok(Self::Frames(FrameEncoder {
+                compressor,
+                raw: Vec::with_capacity(FRAME_BYTES),
+                compressed: Vec::with_capacity(zstd::zstd_safe::compress_bound(FRAME_BYTES)),
+                frames: 0,
+                writer,
+            }));
+        }
+        let mut encoder = zstd::stream::write::Encoder::new(writer, settings.zstd_level)?;
+        encoder.include_checksum(true)?;
+        if settings.zstd_workers > 0 {
+            encoder.multithread(settings.zstd_workers)?;
+        }
+        Ok(Self::Stream(encoder))
+    }
+
+    fn writer(&self) -> &PartWriter {
+        match self {
+            Self::Stream(encoder) => encoder.get_ref(),
+            Self::Frames(frames) => &frames.writer,
+        }
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Stream(encoder) => encoder.write_all(data),
+            Self::Frames(frames) => frames.write_all(data),
+        }
+    }
+
+    /// Ends the stream: the last frame, or the streaming encoder's epilogue.
+    fn finish(self) -> Result<PartWriter, PipelineError> {
+        match self {
+            Self::Stream(encoder) => encoder
+                .try_finish()
+                .map_err(|(encoder, e)| classify(e, encoder.get_ref())),
+            Self::Frames(mut frames) => {
+                // An empty stream still gets one (empty) frame: the object must decompress.
+                if !frames.raw.is_empty() || frames.frames == 0 {
+                    let framed = frames.frame();
+                    framed.map_err(|e| classify(e, &frames.writer))?;
+                }
+                Ok(frames.writer)
+            }
+        }
+    }
 }
 
 /// A write error from inside zstd may be ours (the uploader stopped, too many parts); tell

@@ -7,8 +7,9 @@
 //!
 //! Each arrow is a bounded channel (capacity in brackets); a full channel blocks the side that
 //! sends, so a slow store slows the source instead of growing memory. Memory is about
-//! `part_size × (parallel_uploads + 2)` plus zstd's window: nothing depends on the size of the
-//! source, and nothing is written to local disk. Any failure drops the channels, which stops
+//! `part_size × (parallel_uploads + 2)` plus zstd's buffers ([`FRAME_BYTES`] twice at the
+//! fast levels, where zstd compresses whole frames; its window otherwise): nothing depends on
+//! the size of the source, and nothing is written to local disk. Any failure drops the channels, which stops
 //! every stage, and aborts the multipart upload. See [`upload`] and [`download`].
 
 mod compress;
@@ -24,10 +25,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PipelineConfig;
 use crate::store::{ObjectKey, Store, StoreError};
 
+pub use compress::{CompressingWriter, FRAME_BYTES, uses_frames};
 pub use download::{Sink, download};
-
-/// Raw bytes a pipeline holds besides its parts: the queued chunks and the one being read.
-pub const RAW_QUEUE_BYTES: usize = (CHUNK_QUEUE + 1) * CHUNK_SIZE;
 
 /// Raw bytes read from the source per message to the compressor.
 pub(crate) const CHUNK_SIZE: usize = 256 * 1024;
@@ -115,21 +114,6 @@ pub async fn upload<R>(
 where
     R: AsyncRead + Unpin + Send,
 {
-    upload_with(store, key, source, settings, RawDigest::Sha256, cancel).await
-}
-
-/// [`upload`], saying whether the raw stream is hashed.
-pub async fn upload_with<R>(
-    store: &Store,
-    key: &ObjectKey,
-    source: R,
-    settings: &PipelineConfig,
-    digest: RawDigest,
-    cancel: &CancellationToken,
-) -> Result<UploadSummary, PipelineError>
-where
-    R: AsyncRead + Unpin + Send,
-{
     let started = std::time::Instant::now();
     let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(CHUNK_QUEUE);
     let (part_tx, part_rx) = tokio::sync::mpsc::channel(PART_QUEUE);
@@ -137,7 +121,7 @@ where
         let settings = settings.clone();
         let key = key.to_string();
         tokio::task::spawn_blocking(move || {
-            compress::run(chunk_rx, part_tx, &settings, digest, &key)
+            compress::run(chunk_rx, part_tx, &settings, RawDigest::Sha256, &key)
         })
     };
     let reading = read_source(source, chunk_tx, cancel);
@@ -157,14 +141,72 @@ where
         _ => return Err(PipelineError::Stopped),
     };
     let (upload, compressed) = stored;
+    Ok(summary(upload, compressed, started))
+}
+
+fn summary(
+    upload: upload::Uploaded,
+    compressed: compress::Compressed,
+    started: std::time::Instant,
+) -> UploadSummary {
     debug_assert_eq!(upload.stored_bytes, compressed.stored_bytes);
-    Ok(UploadSummary {
+    UploadSummary {
         raw_bytes: compressed.raw_bytes,
         raw_sha256: compressed.raw_sha256,
         stored_bytes: upload.stored_bytes,
         parts: upload.parts,
         elapsed: started.elapsed(),
-    })
+    }
+}
+
+/// Why [`upload_written`] failed: its producer, or the pipeline (the cause, not a stage that
+/// stopped because of it).
+#[derive(Debug)]
+pub enum WrittenError<E> {
+    Producer(E),
+    Pipeline(PipelineError),
+}
+
+/// Uploads as `key` what `produce` writes into a [`CompressingWriter`] on a blocking thread,
+/// which compresses there: no channel of raw chunks, no copies between stages. `produce`
+/// failing aborts the upload; a failing upload makes `produce`'s writes fail.
+pub async fn upload_written<T, E>(
+    store: &Store,
+    key: &ObjectKey,
+    settings: &PipelineConfig,
+    digest: RawDigest,
+    cancel: &CancellationToken,
+    produce: impl FnOnce(&mut CompressingWriter) -> Result<T, E> + Send + 'static,
+) -> Result<(UploadSummary, T), WrittenError<E>>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    let started = std::time::Instant::now();
+    let (part_tx, part_rx) = tokio::sync::mpsc::channel(PART_QUEUE);
+    let producer = {
+        let settings = settings.clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut writer = CompressingWriter::new(part_tx, &settings, digest, &key)
+                .map_err(WrittenError::Pipeline)?;
+            // On failure the writer is dropped unfinished: the uploader aborts.
+            let produced = produce(&mut writer).map_err(WrittenError::Producer)?;
+            let compressed = writer.finish().map_err(WrittenError::Pipeline)?;
+            Ok((compressed, produced))
+        })
+    };
+    let uploaded = upload::run(store, key, part_rx, settings.parallel_uploads, cancel).await;
+    let produced = producer
+        .await
+        .map_err(|e| WrittenError::Pipeline(PipelineError::Worker(e.to_string())))
+        .and_then(|r| r);
+    match (uploaded, produced) {
+        (Ok(upload), Ok((compressed, value))) => Ok((summary(upload, compressed, started), value)),
+        (Err(e), _) if !matches!(e, PipelineError::Stopped) => Err(WrittenError::Pipeline(e)),
+        (_, Err(e)) => Err(e),
+        (Err(e), Ok(_)) => Err(WrittenError::Pipeline(e)),
+    }
 }
 
 /// Reads the source in chunks and queues them for the compressor.

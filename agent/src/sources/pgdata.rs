@@ -10,9 +10,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 /// Directories whose contents are never copied (the directory itself is kept, empty).
 const EMPTY_DIRS: &[&str] = &[
@@ -289,53 +287,6 @@ impl<R: Read> Read for PaddedReader<R> {
         self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
         self.remaining -= n as u64;
         Ok(n)
-    }
-}
-
-/// A blocking `Write` that hands 256 KiB chunks to an async reader over a bounded channel
-/// (the tar writer blocks while the pipeline is behind). Turn the receiver into an
-/// `AsyncRead` with `tokio_util::io::StreamReader`.
-#[derive(Debug)]
-pub struct ChannelWriter {
-    tx: mpsc::Sender<std::io::Result<Bytes>>,
-    buffer: BytesMut,
-}
-
-const CHANNEL_CHUNK: usize = 256 * 1024;
-
-impl ChannelWriter {
-    pub fn new(tx: mpsc::Sender<std::io::Result<Bytes>>) -> Self {
-        Self {
-            tx,
-            buffer: BytesMut::with_capacity(CHANNEL_CHUNK),
-        }
-    }
-
-    fn send(&mut self) -> std::io::Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        let chunk = self.buffer.split().freeze();
-        self.buffer.reserve(CHANNEL_CHUNK);
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload stopped"))
-    }
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let room = CHANNEL_CHUNK - self.buffer.len();
-        let taken = room.min(data.len());
-        self.buffer.extend_from_slice(&data[..taken]);
-        if self.buffer.len() >= CHANNEL_CHUNK {
-            self.send()?;
-        }
-        Ok(taken)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.send()
     }
 }
 
