@@ -4,11 +4,12 @@
 #
 #   gc-backup wal-push, cold (no sidecar)
 #   gc-backup wal-push with the sidecar's look-ahead (what PostgreSQL waits for)
-#   pgbackrest archive-push (sync, compress-type=zst level 1; HTTPS, as pgBackRest insists)
+#   pgbackrest archive-push (sync, compress-type=zst level 1)
 #   barman-cloud-wal-archive --gzip
 #   zstd -1 < segment | aws s3 cp - s3://…
 #
-# Prints median and mean milliseconds per segment and the ratio to pgBackRest.
+# All through SeaweedFS's HTTPS port (pgBackRest insists on TLS). Prints median and mean
+# milliseconds per segment and the ratio to pgBackRest.
 # Needs the cluster of benches/pg_dump_e2e.sh prepare (BENCH_DIR).
 set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
@@ -50,9 +51,11 @@ kill "$load" 2>/dev/null || true
 wait "$load" 2>/dev/null || true
 
 log "starting SeaweedFS (HTTP and HTTPS)"
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=localhost" \
-  -addext "subjectAltName=DNS:localhost" -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
-WEED_TLS_CERT="$work/cert.pem" WEED_TLS_KEY="$work/key.pem" start_seaweedfs "$work/s3" bench
+bench_tls "$work"
+WEED_TLS_CERT="$work/server.pem" WEED_TLS_KEY="$work/key.pem" start_seaweedfs "$work/s3" bench
+# Everyone through TLS, as pgBackRest must: gc-backup, barman-cloud and aws-cli alike.
+export AWS_ENDPOINT_URL="https://localhost:$S3_HTTPS_PORT" AWS_CA_BUNDLE="$work/cert.pem"
+export GC_BACKUP_CA_FILE="$work/cert.pem"
 
 # A fake PGDATA for the look-ahead run: the segments .ready in pg_wal/archive_status.
 fake="$work/pgdata"

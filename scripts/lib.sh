@@ -177,9 +177,25 @@ bench_setup() {
   chmod 755 "$work"
 }
 
+# bench_tls DIR: a private CA (DIR/cert.pem, the file to trust) and a certificate it signs for
+# localhost (DIR/server.pem, DIR/key.pem) for SeaweedFS's HTTPS port. rustls (gc-backup) refuses
+# a self-signed certificate that is its own CA (CA:TRUE on an end entity), which is what
+# `openssl req -x509` alone makes.
+bench_tls() {
+  local dir=$1
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=gc-backup bench CA" \
+    -keyout "$dir/ca.key" -out "$dir/cert.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$dir/key.pem" \
+    -out "$dir/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' >"$dir/server.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/cert.pem" -CAkey "$dir/ca.key" \
+    -CAcreateserial -days 2 -extfile "$dir/server.ext" -out "$dir/server.pem" 2>/dev/null
+  chmod 644 "$dir/cert.pem"
+}
+
 # bench_https_cluster: what the base-backup and restore benchmarks share after bench_setup: the
 # release binary copied where the postgres user can run it ($GC_BACKUP), SeaweedFS with HTTPS
-# on a self-signed localhost certificate (pgBackRest insists on TLS; $https), the bench cluster
+# on a certificate of bench_tls's private CA (pgBackRest insists on TLS; $https), the bench cluster
 # started with archive_mode=on ($pgdata, $pgdata_bytes, PGDATABASE=bench), and
 # $work/gc-backup.toml pointing at s3://bench/gcb over HTTPS. The caller's cleanup stops them.
 bench_https_cluster() {
@@ -187,16 +203,7 @@ bench_https_cluster() {
   cargo build --release --locked --quiet
   cp "$ROOT/target/release/gc-backup" "$work/gc-backup"
   GC_BACKUP="$work/gc-backup"
-  # A private CA and a server certificate it signs: rustls (gc-backup) refuses a self-signed
-  # certificate that is its own CA (CA:TRUE on an end entity), which `openssl req -x509` makes.
-  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=gc-backup bench CA" \
-    -keyout "$work/ca.key" -out "$work/cert.pem" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$work/key.pem" \
-    -out "$work/server.csr" 2>/dev/null
-  printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' >"$work/server.ext"
-  openssl x509 -req -in "$work/server.csr" -CA "$work/cert.pem" -CAkey "$work/ca.key" \
-    -CAcreateserial -days 2 -extfile "$work/server.ext" -out "$work/server.pem" 2>/dev/null
-  chmod 644 "$work/cert.pem"
+  bench_tls "$work"
   WEED_TLS_CERT="$work/server.pem" WEED_TLS_KEY="$work/key.pem" start_seaweedfs "$work/s3" bench
   https="https://localhost:$S3_HTTPS_PORT"
   # Everyone through TLS: start_seaweedfs pointed AWS_ENDPOINT_URL at the plain port, and that
