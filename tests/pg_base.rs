@@ -111,6 +111,43 @@ fn a_base_backup_is_refused_when_archiving_is_off() {
     assert!(weed.keys("noarchive").is_empty());
 }
 
+/// archive_command succeeds but archives nowhere: PostgreSQL believes its WAL is archived,
+/// the store does not have it, and a backup that could not be restored from this store must
+/// not be committed.
+#[test]
+fn a_base_backup_whose_wal_never_reaches_the_store_is_refused() {
+    let weed = Seaweed::start();
+    let pg = Postgres::start_with(&[("archive_mode", "on"), ("archive_command", "true")]);
+    let mut agent = agent_for(&pg, &weed, "elsewhere");
+    agent.set("GC_BACKUP_ARCHIVE_TIMEOUT", "3s");
+    // WAL switches throughout, so that the backup's first segment is finished (and marked
+    // archived by `true`) long before the backup looks for it in the store.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    let output = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                pg.psql(
+                    "postgres",
+                    "SELECT pg_switch_wal() FROM (SELECT txid_current()) t",
+                );
+            }
+        });
+        let output = agent.run(&["backup", "pg-base"]);
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        output
+    });
+    assert_fails(&output, 2, "that this backup needs did not reach");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert!(agent.list_json().is_empty());
+    let keys = weed.keys("elsewhere");
+    assert!(
+        keys.iter()
+            .all(|k| !k.contains("/data/") && !k.contains("/manifests/")),
+        "the failed backup left {keys:?}"
+    );
+}
+
 #[test]
 fn a_base_backup_refuses_a_data_directory_of_another_cluster() {
     let weed = Seaweed::start();

@@ -143,6 +143,8 @@ pub struct PostgresSection {
     pub bin_dir: Option<PathBuf>,
     /// Where PGDATA is (used by base backups; the sidecar shares the volume).
     pub pgdata: Option<PathBuf>,
+    /// How long a base backup waits for its WAL to reach the store (default 5m).
+    pub archive_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -413,6 +415,8 @@ pub struct PostgresConfig {
     pub dbname: Option<String>,
     pub bin_dir: Option<PathBuf>,
     pub pgdata: Option<PathBuf>,
+    /// How long a base backup waits for its WAL to reach the store; `None`: the default.
+    pub archive_timeout: Option<Duration>,
 }
 
 pub const MIB: usize = 1024 * 1024;
@@ -762,6 +766,12 @@ fn resolve_postgres(
             .map(PathBuf::from)
             .or(file.bin_dir),
         pgdata: env("PGDATA").map(PathBuf::from).or(file.pgdata),
+        archive_timeout: parse_duration(
+            "postgres.archive-timeout",
+            env("GC_BACKUP_ARCHIVE_TIMEOUT")
+                .or(file.archive_timeout)
+                .as_deref(),
+        )?,
     })
 }
 

@@ -28,8 +28,9 @@ use crate::sources::pgdata::{self, CopiedFile, Entry};
 use crate::sources::postgres::{self, SourceError, query_error};
 use crate::store::Store;
 
-/// How long the backup may wait for its WAL to be archived. Normally this is one segment's
-/// upload; a broken archive should fail the backup loudly, not after an hour.
+/// How long the backup waits for its WAL to be archived unless `postgres.archive-timeout`
+/// says otherwise. Normally this is one segment's upload; a broken archive should fail the
+/// backup loudly, not after an hour.
 const ARCHIVE_WAIT: Duration = Duration::from_secs(300);
 /// The longest pause between two looks at the archive while waiting for the backup's WAL.
 const ARCHIVE_POLL: Duration = Duration::from_millis(250);
@@ -397,7 +398,8 @@ async fn await_wal(run: &Run<'_>, mut needed: Vec<String>) -> anyhow::Result<()>
     let (config, store, cancel) = (run.config, run.store, run.cancel);
     use futures::StreamExt;
     let wal_dir = run.pgdata.join("pg_wal");
-    let deadline = tokio::time::Instant::now() + ARCHIVE_WAIT;
+    let timeout = config.postgres.archive_timeout.unwrap_or(ARCHIVE_WAIT);
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = Duration::from_millis(20);
     // Our own upload may lose a race with PostgreSQL's archiver (which may then recycle the
     // file): not a failure as long as the segment reaches the store before the deadline.
@@ -443,11 +445,11 @@ async fn await_wal(run: &Run<'_>, mut needed: Vec<String>) -> anyhow::Result<()>
         if tokio::time::Instant::now() >= deadline {
             return Err(Failure::Config(format!(
                 "{first} (and {} more WAL segments) that this backup needs did not reach {} \
-                 within {} s: check that archive_command is `gc-backup wal-push %p` with this \
+                 within {}: check that archive_command is `gc-backup wal-push %p` with this \
                  store, and pg_stat_archiver (last attempt here: {})",
                 needed.len() - 1,
                 store.name(),
-                ARCHIVE_WAIT.as_secs(),
+                humantime::format_duration(timeout),
                 own_failure.as_deref().unwrap_or("none")
             ))
             .into());
