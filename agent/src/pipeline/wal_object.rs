@@ -76,13 +76,24 @@ pub fn encode(raw: &[u8], level: i32, workers: u32) -> std::io::Result<(WalHeade
     out.put_u8(VERSION);
     out.put_u64_le(header.raw_size);
     out.put_slice(&header.sha256);
+    if workers == 0 {
+        // One call over the whole segment: zstd's streaming API would wrap its window buffer
+        // and compress most of the segment on its slower external-dictionary path.
+        let mut compressor = zstd::bulk::Compressor::new(level)?;
+        compressor.include_checksum(true)?;
+        let mut stored =
+            Vec::with_capacity(HEADER_LEN + zstd::zstd_safe::compress_bound(raw.len()));
+        stored.extend_from_slice(&out);
+        let mut frame = std::io::Cursor::new(stored);
+        frame.set_position(HEADER_LEN as u64);
+        compressor.compress_to_buffer(raw, &mut frame)?;
+        return Ok((header, Bytes::from(frame.into_inner())));
+    }
     let mut writer = out.writer();
     let mut encoder = zstd::stream::write::Encoder::new(&mut writer, level)?;
     encoder.include_checksum(true)?;
     encoder.set_pledged_src_size(Some(raw.len() as u64))?;
-    if workers > 0 {
-        encoder.multithread(workers)?;
-    }
+    encoder.multithread(workers)?;
     std::io::Write::write_all(&mut encoder, raw)?;
     encoder.finish()?;
     Ok((header, writer.into_inner().freeze()))
