@@ -7,6 +7,10 @@ use super::layout::{BackupId, Kind};
 
 /// Bumped when a field changes meaning; readers refuse versions they do not know.
 pub const MANIFEST_FORMAT: u32 = 1;
+/// Format 2: some objects carry no `raw_sha256` (base backups' tars). Written only where that
+/// is so, so that an older gc-backup refuses such a manifest with a clear message instead of
+/// a parse error, and still reads every other.
+pub const MANIFEST_FORMAT_UNHASHED: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,10 +195,10 @@ impl Manifest {
         }
         let version: Version =
             serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
-        if version.format != MANIFEST_FORMAT {
+        if !(MANIFEST_FORMAT..=MANIFEST_FORMAT_UNHASHED).contains(&version.format) {
             return Err(format!(
-                "manifest format {} is not known to this gc-backup (knows {MANIFEST_FORMAT}); \
-                 use a newer gc-backup",
+                "manifest format {} is not known to this gc-backup (knows {MANIFEST_FORMAT} to \
+                 {MANIFEST_FORMAT_UNHASHED}); use a newer gc-backup",
                 version.format
             ));
         }

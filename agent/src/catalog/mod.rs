@@ -492,6 +492,31 @@ mod tests {
         assert_eq!(left[0].location, layout::claim_key(Kind::PgBase, &live));
     }
 
+    #[test]
+    fn both_manifest_formats_are_read_and_a_newer_one_is_refused_clearly() {
+        let mut unhashed = manifest(
+            "20260101T000000Z",
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:01:00Z",
+        );
+        unhashed.format = manifest::MANIFEST_FORMAT_UNHASHED;
+        for object in &mut unhashed.objects {
+            object.raw_sha256 = None;
+        }
+        let read = Manifest::from_json(&unhashed.to_json()).unwrap();
+        assert_eq!(read, unhashed);
+        let old = manifest(
+            "20260101T000000Z",
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:01:00Z",
+        );
+        assert_eq!(Manifest::from_json(&old.to_json()).unwrap(), old);
+        let mut newer = old.clone();
+        newer.format = manifest::MANIFEST_FORMAT_UNHASHED + 1;
+        let error = Manifest::from_json(&newer.to_json()).unwrap_err();
+        assert!(error.contains("use a newer gc-backup"), "{error}");
+    }
+
     #[tokio::test]
     async fn unreadable_manifests_are_reported_not_hidden() {
         let store = Store::memory();

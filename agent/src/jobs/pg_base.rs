@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{catalog_error, pipeline_error, source_error};
 use crate::catalog::manifest::{
-    Compression, MANIFEST_FORMAT, Manifest, PgBaseFacts, SourceFacts, StoredObject,
+    Compression, MANIFEST_FORMAT_UNHASHED, Manifest, PgBaseFacts, SourceFacts, StoredObject,
 };
 use crate::catalog::{self, BackupId, Kind, layout};
 use crate::config::{Config, PipelineConfig, PostgresConfig};
@@ -106,7 +106,7 @@ pub async fn backup(
     let timeline = timeline_of(&stop.label).unwrap_or(1);
     let segment_size = preflight.wal_segment_size;
     let manifest = Manifest {
-        format: MANIFEST_FORMAT,
+        format: MANIFEST_FORMAT_UNHASHED,
         id: id.clone(),
         kind: Kind::PgBase,
         start_time,

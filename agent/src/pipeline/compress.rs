@@ -60,8 +60,8 @@ pub(super) fn run(
 /// a blocking thread anyway (the tar writer of a base backup) writes into it directly, without
 /// a channel of raw chunks and the copies and thread hand-offs that come with one.
 ///
-/// Dropped without [`CompressingWriter::finish`], the uploader sees its queue close without an
-/// end, and aborts the upload.
+/// Dropped unfinished (its producer failed), the uploader sees its queue close without an end,
+/// and aborts the upload.
 pub struct CompressingWriter {
     encoder: Encoder,
     hasher: Option<Sha256>,
