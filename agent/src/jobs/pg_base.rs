@@ -428,12 +428,12 @@ async fn await_wal(run: &Run<'_>, mut needed: Vec<String>) -> anyhow::Result<()>
         let mut still = Vec::new();
         for name in needed {
             let ready = wal_dir.join("archive_status").join(format!("{name}.ready"));
-            let pushed = if tokio::fs::try_exists(&ready).await.unwrap_or(false) {
-                crate::daemon::archiver::upload_one(config, store, &wal_dir.join(&name)).await
-            } else {
-                Err(anyhow::anyhow!("not finished by PostgreSQL yet"))
-            };
-            if let Err(error) = pushed {
+            if !tokio::fs::try_exists(&ready).await.unwrap_or(false) {
+                still.push(name); // not finished by PostgreSQL yet, or archived elsewhere
+                continue;
+            }
+            let path = wal_dir.join(&name);
+            if let Err(error) = crate::daemon::archiver::upload_one(config, store, &path).await {
                 own_failure = Some(format!("{name}: {error:#}"));
                 still.push(name);
             }
