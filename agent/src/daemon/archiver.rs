@@ -161,9 +161,7 @@ fn record(status: &Mutex<ArchiverStatus>, name: &str, result: anyhow::Result<()>
     }
 }
 
-/// Stores one finished segment ahead of PostgreSQL and leaves the marker that lets its
-/// wal-push return at once.
-pub(crate) async fn upload_one(config: &Config, store: &Store, path: &Path) -> anyhow::Result<()> {
+async fn upload_one(config: &Config, store: &Store, path: &Path) -> anyhow::Result<()> {
     let before = identity(path)?;
     let outcome = wal::push(config, store, path).await?;
     // Only a file that did not change while we read it is vouched for.

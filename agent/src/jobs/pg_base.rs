@@ -390,10 +390,12 @@ async fn copy_and_stop(
 }
 
 /// Waits until every segment in `needed` is in the store. A segment PostgreSQL has finished
-/// (`.ready`) but not archived yet is stored here, as the sidecar's look-ahead would, so that
-/// its wal-push then returns at once; the rest is up to archive_command. Checking the store
-/// rather than PostgreSQL's archive status also catches an archive_command that archives
-/// somewhere else: such a backup could never be restored from this store.
+/// (`.ready`) but not archived yet is stored here with wal-push's own code (PostgreSQL's
+/// wal-push of it then finds the same content archived and returns 0); the rest is up to
+/// archive_command. No sidecar marker is written: without a running sidecar nobody would
+/// remove it. Checking the store rather than PostgreSQL's archive status also catches an
+/// archive_command that archives somewhere else: such a backup could never be restored from
+/// this store.
 async fn await_wal(run: &Run<'_>, mut needed: Vec<String>) -> anyhow::Result<()> {
     let (config, store, cancel) = (run.config, run.store, run.cancel);
     use futures::StreamExt;
@@ -433,7 +435,7 @@ async fn await_wal(run: &Run<'_>, mut needed: Vec<String>) -> anyhow::Result<()>
                 continue;
             }
             let path = wal_dir.join(&name);
-            if let Err(error) = crate::daemon::archiver::upload_one(config, store, &path).await {
+            if let Err(error) = super::wal::push(config, store, &path).await {
                 own_failure = Some(format!("{name}: {error:#}"));
                 still.push(name);
             }

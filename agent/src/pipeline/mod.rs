@@ -9,8 +9,8 @@
 //! sends, so a slow store slows the source instead of growing memory. Memory is about
 //! `part_size × (parallel_uploads + 2)` plus zstd's buffers ([`FRAME_BYTES`] twice at the
 //! fast levels, where zstd compresses whole frames; its window otherwise): nothing depends on
-//! the size of the source, and nothing is written to local disk. Any failure drops the channels, which stops
-//! every stage, and aborts the multipart upload. See [`upload`] and [`download`].
+//! the size of the source, and nothing is written to local disk. Any failure drops the
+//! channels, which stops every stage, and aborts the multipart upload. See [`upload`] and [`download`].
 
 mod compress;
 mod download;

@@ -299,6 +299,79 @@ async fn an_unhashed_stream_round_trips_and_its_corruption_is_still_caught() {
     assert!(matches!(error, PipelineError::Corrupt(_)), "{error}");
 }
 
+#[tokio::test]
+async fn a_failing_producer_aborts_its_upload_and_is_the_error_reported() {
+    let store = Store::memory();
+    let key = ObjectKey::from("data/test/producer-failed.zst");
+    let error = upload_written(
+        &store,
+        &key,
+        &settings(64 * 1024),
+        RawDigest::Skip,
+        &CancellationToken::new(),
+        |out| -> Result<(), &'static str> {
+            // Several parts uploaded already, then the source fails.
+            std::io::Write::write_all(out, &noise(600_000, 5)).map_err(|_| "write failed")?;
+            Err("disk gone")
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(error, WrittenError::Producer("disk gone")),
+        "{error:?}"
+    );
+    assert!(
+        store
+            .list(&ObjectKey::from("data"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_upload_stops_its_producer_and_leaves_nothing() {
+    let store = Store::memory();
+    let key = ObjectKey::from("data/test/producer-cancelled.zst");
+    let cancel = CancellationToken::new();
+    let later = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        later.cancel();
+    });
+    // The producer would write forever: only a failing write can stop it.
+    let error = upload_written(
+        &store,
+        &key,
+        &settings(64 * 1024),
+        RawDigest::Skip,
+        &cancel,
+        |out| -> Result<(), std::io::Error> {
+            let chunk = noise(64 * 1024, 6);
+            loop {
+                std::io::Write::write_all(out, &chunk)?;
+            }
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            WrittenError::Pipeline(PipelineError::Cancelled { .. })
+        ),
+        "{error:?}"
+    );
+    assert!(
+        store
+            .list(&ObjectKey::from("data"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 #[test]
 fn parts_grow_only_past_two_thousand() {
     let base = 8 << 20;
