@@ -52,6 +52,12 @@ impl AsyncRead for NoiseSource {
     }
 }
 
+/// A failed or cancelled upload commits no object.
+async fn assert_nothing_stored(store: &Store) {
+    let left = store.list(&ObjectKey::from("data")).await.unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 /// XORs `mask` into the stored byte at `at(length)` of `key`.
 async fn flip(inner: &InMemory, key: &ObjectKey, at: impl Fn(usize) -> usize, mask: u8) {
     let mut stored = inner
@@ -174,13 +180,7 @@ async fn a_failing_source_aborts_and_leaves_nothing() {
     .await
     .unwrap_err();
     assert!(matches!(error, PipelineError::Source(_)), "{error}");
-    assert!(
-        store
-            .list(&ObjectKey::from("data"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_stored(&store).await;
 }
 
 #[tokio::test]
@@ -202,13 +202,7 @@ async fn cancelling_aborts_the_upload() {
         .await
         .unwrap_err();
     assert!(matches!(error, PipelineError::Cancelled { .. }), "{error}");
-    assert!(
-        store
-            .list(&ObjectKey::from("data"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_stored(&store).await;
 }
 
 #[tokio::test]
@@ -321,13 +315,7 @@ async fn a_failing_producer_aborts_its_upload_and_is_the_error_reported() {
         matches!(error, WrittenError::Producer("disk gone")),
         "{error:?}"
     );
-    assert!(
-        store
-            .list(&ObjectKey::from("data"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_stored(&store).await;
 }
 
 #[tokio::test]
@@ -363,13 +351,7 @@ async fn a_cancelled_upload_stops_its_producer_and_leaves_nothing() {
         ),
         "{error:?}"
     );
-    assert!(
-        store
-            .list(&ObjectKey::from("data"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_stored(&store).await;
 }
 
 #[test]
