@@ -238,6 +238,48 @@ fn sigkill_during_a_base_backup_commits_nothing_ends_backup_mode_and_the_next_ru
     assert_eq!(agent.list_json().len(), 1);
 }
 
+/// The tar writers write into the compressor on their own threads: when the store dies, the
+/// upload's failure must be what is reported (not the writers' broken pipes), every stream
+/// must stop, and nothing may be committed.
+#[test]
+fn the_store_dying_during_a_base_backup_commits_nothing_and_names_the_store() {
+    let mut weed = Seaweed::start();
+    let (pg, _) = archiving_cluster(&weed, "storedies");
+    load_bulk(&pg);
+    let mut agent = agent_for(&pg, &weed, "storedies");
+    let config = agent.home().join("gc-backup.toml");
+    std::fs::write(
+        &config,
+        "[store]\nretry-timeout = \"3s\"\nmax-retries = 2\n",
+    )
+    .unwrap();
+    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    agent.set("GC_BACKUP_PART_SIZE", "5MiB");
+    let child = agent
+        .command(&["backup", "pg-base"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_backup_mode(&pg);
+    weed.kill();
+    let output = child.wait_with_output().unwrap();
+    assert_fails(&output, 3, "nothing was committed");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains("copying PGDATA"),
+        "the writers' broken pipe was reported instead of the store:\n{stderr}"
+    );
+    weed.restart();
+    assert!(agent.list_json().is_empty());
+    let manifests: Vec<String> = weed
+        .keys("storedies")
+        .into_iter()
+        .filter(|k| k.contains("manifests"))
+        .collect();
+    assert!(manifests.is_empty(), "{manifests:?}");
+}
+
 #[test]
 fn postgres_stopping_in_the_middle_of_a_base_backup_fails_it_and_lists_nothing() {
     let weed = Seaweed::start();
