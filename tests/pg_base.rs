@@ -255,12 +255,7 @@ fn the_store_dying_during_a_base_backup_commits_nothing_and_names_the_store() {
     .unwrap();
     agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
     agent.set("GC_BACKUP_PART_SIZE", "5MiB");
-    let child = agent
-        .command(&["backup", "pg-base"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = agent.spawn_captured(&["backup", "pg-base"]);
     wait_for_backup_mode(&pg);
     weed.kill();
     let output = child.wait_with_output().unwrap();
@@ -272,11 +267,7 @@ fn the_store_dying_during_a_base_backup_commits_nothing_and_names_the_store() {
     );
     weed.restart();
     assert!(agent.list_json().is_empty());
-    let manifests: Vec<String> = weed
-        .keys("storedies")
-        .into_iter()
-        .filter(|k| k.contains("manifests"))
-        .collect();
+    let manifests = weed.keys("storedies/manifests");
     assert!(manifests.is_empty(), "{manifests:?}");
 }
 
@@ -286,12 +277,7 @@ fn postgres_stopping_in_the_middle_of_a_base_backup_fails_it_and_lists_nothing()
     let (pg, _) = archiving_cluster(&weed, "stopped");
     load_bulk(&pg);
     let agent = agent_for(&pg, &weed, "stopped");
-    let child = agent
-        .command(&["backup", "pg-base"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = agent.spawn_captured(&["backup", "pg-base"]);
     wait_for_backup_mode(&pg);
     pg.stop("fast");
     let output = child.wait_with_output().unwrap();

@@ -857,6 +857,16 @@ impl Agent {
         command
     }
 
+    /// Started in the background with stdout and stderr captured, for a fault to strike while
+    /// it runs; `wait_with_output` collects the result.
+    pub fn spawn_captured(&self, args: &[&str]) -> std::process::Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn gc-backup")
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         self.command(args).output().expect("run gc-backup")
     }
