@@ -166,7 +166,8 @@ fn restores_to_a_time_a_restore_point_an_xid_and_an_lsn_hold_exactly_their_rows(
     assert!(report.contains("shut down"), "{report}");
     let auto_conf = data.join("postgresql.auto.conf");
     let mut text = std::fs::read_to_string(&auto_conf).unwrap();
-    text.push_str("recovery_target_action = 'pause'\n");
+    // archive_mode off: the promotion below must not put a timeline into the archive.
+    text.push_str("recovery_target_action = 'pause'\narchive_mode = 'off'\n");
     std::fs::write(&auto_conf, text).unwrap();
     let at_xid = Postgres::start_restored(dir);
     at_xid.wait_for(
@@ -177,6 +178,14 @@ fn restores_to_a_time_a_restore_point_an_xid_and_an_lsn_hold_exactly_their_rows(
     );
     assert_eq!(markers(&at_xid), "1,2,3,4");
     at_xid.assert_amcheck("postgres", &[]);
+    // Promoted by hand, as an SRE would after looking: recovery_end_command removes the
+    // prefetcher's spool, so no segment of the old recovery stays behind in pg_wal.
+    at_xid.psql("postgres", "SELECT pg_wal_replay_resume()");
+    at_xid.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", 60);
+    assert!(
+        !at_xid.data_dir().join("pg_wal/gc-backup-prefetch").exists(),
+        "the prefetch spool outlived the promotion"
+    );
     drop(at_xid);
 
     // An LSN, promoted: a new timeline, whose history file reaches the archive.

@@ -6,7 +6,7 @@
 mod harness;
 
 use gc_backup::config::{StoreConfig, StoreLocation};
-use gc_backup::store::Store;
+use gc_backup::store::{OpenMode, Store};
 use harness::{Seaweed, conformance};
 
 #[tokio::test]
@@ -27,7 +27,7 @@ async fn local_directory_store_conforms() {
         retry_timeout: std::time::Duration::from_secs(5),
         connect_timeout: std::time::Duration::from_secs(5),
     };
-    conformance::run_all(&Store::open(&config).unwrap()).await;
+    conformance::run_all(&Store::open(&config, OpenMode::CreateRoot).unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -39,7 +39,7 @@ async fn s3_store_conforms() {
     let config =
         gc_backup::config::Config::resolve(Default::default(), &lookup, &Default::default())
             .unwrap();
-    let store = Store::open(&config.store).unwrap();
+    let store = Store::open(&config.store, OpenMode::Existing).unwrap();
     conformance::run_all(&store).await;
     let keys = tokio::task::spawn_blocking(move || {
         let keys = weed.keys("");

@@ -173,6 +173,23 @@ fn wal_fetch_exit_codes_tell_postgresql_what_to_do() {
     assert_eq!(output.status.code(), Some(255), "wrong credentials");
     agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
 
+    // A local store whose directory is absent (a volume not mounted, a typo) is a store that
+    // cannot be reached, never an empty archive: recovery must stop, not promote. Nothing but
+    // a backup creates it.
+    let unmounted = agent.home().join("not-mounted");
+    let url = format!("file://{}", unmounted.display());
+    let output = agent.run(&[
+        "--store",
+        &url,
+        "wal-fetch",
+        "000000010000000000000007",
+        dest.to_str().unwrap(),
+    ]);
+    harness::assert_fails(&output, 255, "does not exist");
+    let output = agent.run(&["--store", &url, "list"]);
+    harness::assert_fails(&output, 3, "does not exist");
+    assert!(!unmounted.exists(), "a read created the store's directory");
+
     // The store down: retried, then fatal.
     weed.kill();
     let output = fetch(&agent, "000000010000000000000007", &dest);
@@ -290,6 +307,8 @@ fn wal_fetch_prefetches_the_next_segments_into_a_bounded_spool() {
     wait_archived(&pg, segments.last().unwrap());
 
     let agent = Agent::new(weed.env("prefetch"));
+    // The agent's home stands for a data directory in archive recovery.
+    std::fs::write(agent.home().join("recovery.signal"), "").unwrap();
     let wal_dir = agent.home().join("pg_wal");
     std::fs::create_dir_all(&wal_dir).unwrap();
     let dest = wal_dir.join("RECOVERYXLOG");
@@ -300,8 +319,20 @@ fn wal_fetch_prefetches_the_next_segments_into_a_bounded_spool() {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let spool = wal_dir.join("gc-backup-prefetch");
+    // One spool per (store, cluster): find this store's.
+    let spools = wal_dir.join("gc-backup-prefetch");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let spool = loop {
+        let found: Vec<_> = std::fs::read_dir(&spools)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if let [only] = found.as_slice() {
+            break only.clone();
+        }
+        assert!(found.len() < 2, "two spools for one store: {found:?}");
+        assert!(std::time::Instant::now() < deadline, "no spool was made");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     while !segments[1..].iter().all(|n| spool.join(n).exists()) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -316,9 +347,20 @@ fn wal_fetch_prefetches_the_next_segments_into_a_bounded_spool() {
         .count();
     assert!(spooled <= 8, "{spooled} segments in the spool");
 
+    // Another store never gets this store's segments: with prefetch on or off, a wal-fetch
+    // from an empty prefix finds nothing, and the spool keeps what it holds.
+    let mut elsewhere = Agent::new(weed.env("prefetch-elsewhere"));
+    std::fs::remove_file(&dest).unwrap();
+    for prefetch in ["on", "off"] {
+        elsewhere.set("GC_BACKUP_WAL_PREFETCH", prefetch);
+        let output = fetch(&elsewhere, &segments[1], &dest);
+        harness::assert_fails(&output, 1, "not in the archive");
+        assert!(!dest.exists(), "another store's segment was served");
+        assert!(spool.join(&segments[1]).exists());
+    }
+
     // The next segments come from the spool: the store is not needed any more.
     weed.kill();
-    std::fs::remove_file(&dest).unwrap();
     let output = fetch(&agent, &segments[1], &dest);
     assert!(
         output.status.success(),
@@ -336,4 +378,11 @@ fn wal_fetch_prefetches_the_next_segments_into_a_bounded_spool() {
         !spool.join(&segments[1]).exists(),
         "taken from the spool, not copied"
     );
+
+    // recovery_end_command: the spool and its prefetcher are gone once recovery is over.
+    let mut stop = agent.command(&["wal-prefetch-stop"]);
+    stop.current_dir(agent.home());
+    let output = harness::run_ok(&mut stop);
+    assert!(output.status.success());
+    assert!(!spools.exists(), "the spool outlived wal-prefetch-stop");
 }

@@ -14,7 +14,7 @@ use crate::catalog::{self, BackupId, Kind, Selector};
 use crate::config::{Config, Overrides, StoreLocation};
 use crate::error::Failure;
 use crate::jobs::{self, pg_dump::PgDumpRequest, restore_pg_dump::RestoreTarget};
-use crate::store::Store;
+use crate::store::{OpenMode, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -85,6 +85,9 @@ pub enum Command {
     /// Started by wal-fetch: downloads the next segments into its spool
     #[command(hide = true)]
     WalPrefetch(WalPrefetchArgs),
+    /// recovery_end_command: stops the prefetcher and removes its spool in ./pg_wal
+    #[command(hide = true)]
+    WalPrefetchStop,
 }
 
 #[derive(Debug, Args)]
@@ -358,16 +361,20 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    // Likewise for wal-fetch: a segment the prefetcher already checked is a rename away.
-    if let Command::WalFetch(args) = &cli.command
-        && jobs::prefetch::take(&args.dest, &args.name)
-    {
-        jobs::prefetch::forget_before(&args.dest, &args.name);
-        start_prefetch(&cli.global, &args.dest, &args.name);
+    // recovery_end_command runs in the data directory and needs no store: answer before the
+    // configuration is read, so that a configuration problem cannot keep a spool behind.
+    if let Command::WalPrefetchStop = &cli.command {
+        jobs::prefetch::stop_in(std::path::Path::new("pg_wal"));
         return Ok(());
     }
     let config = Config::load(&cli.global.overrides()).map_err(|e| Failure::Config(e.0))?;
-    let store = Store::open(&config.store).map_err(jobs::store_error)?;
+    // Only a backup (or the sidecar that takes them) may create a new local store: for every
+    // other command an absent directory is a store that cannot be reached, never an empty one.
+    let mode = match cli.command {
+        Command::Backup(_) | Command::Run => OpenMode::CreateRoot,
+        _ => OpenMode::Existing,
+    };
+    let store = Store::open(&config.store, mode).map_err(jobs::store_error)?;
     match cli.command {
         Command::Backup(BackupCommand::PgDump(args)) => {
             let request = PgDumpRequest {
@@ -509,26 +516,44 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         }
         // PostgreSQL signals restore_command on shutdown: stop at once (exit 255), never
         // leave it waiting on a store that does not answer.
+        // A segment the prefetcher already checked, from this very store, is a rename away.
+        Command::WalFetch(args)
+            if jobs::prefetch::take(
+                &jobs::prefetch::spool_dir(&args.dest, &store),
+                &args.dest,
+                &args.name,
+            ) =>
+        {
+            let spool = jobs::prefetch::spool_dir(&args.dest, &store);
+            jobs::prefetch::forget_before(&spool, &args.name);
+            start_prefetch(&cli.global, &spool, &args.name);
+            Ok(())
+        }
         Command::WalFetch(args) => match tokio::select! {
             fetched = jobs::wal::fetch(&store, &args.name, &args.dest) => fetched,
             () = cancel.cancelled() => Err(Failure::Interrupted(format!("fetching {} interrupted", args.name)).into()),
         } {
             Ok(bytes) => {
                 tracing::debug!(name = %args.name, bytes, "WAL restored");
-                jobs::prefetch::forget_before(&args.dest, &args.name);
-                start_prefetch(&cli.global, &args.dest, &args.name);
+                let spool = jobs::prefetch::spool_dir(&args.dest, &store);
+                jobs::prefetch::forget_before(&spool, &args.name);
+                start_prefetch(&cli.global, &spool, &args.name);
                 Ok(())
             }
             Err(error) => {
                 if matches!(error.downcast_ref::<Failure>(), Some(Failure::NotFound(_))) {
                     // The end of the archive: nothing more to prefetch.
-                    jobs::prefetch::clear(&args.dest);
+                    jobs::prefetch::clear(&jobs::prefetch::spool_dir(&args.dest, &store));
                 }
                 Err(error)
             }
         },
         Command::WalPrefetch(args) => {
             jobs::prefetch::run(&config, &store, &args.name, &args.dir).await
+        }
+        Command::WalPrefetchStop => {
+            jobs::prefetch::stop_in(std::path::Path::new("pg_wal"));
+            Ok(())
         }
     }
 }
@@ -668,9 +693,9 @@ fn report_verify(report: &jobs::verify::VerifyReport) -> anyhow::Result<()> {
     }
 }
 
-fn start_prefetch(global: &GlobalArgs, dest: &std::path::Path, name: &str) {
+fn start_prefetch(global: &GlobalArgs, spool: &std::path::Path, name: &str) {
     jobs::prefetch::start_behind(
-        dest,
+        spool,
         name,
         global.config.as_deref(),
         global.store.as_deref(),

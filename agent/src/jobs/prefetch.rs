@@ -11,12 +11,20 @@
 //! segments plus those being written (under temporary names). A lock file keeps one
 //! prefetcher at a time; one whose process is gone is replaced. At the end of the archive the
 //! spool is emptied.
+//!
+//! The spool is keyed: `gc-backup-prefetch/<key>/`, where the key is a hash of the store's
+//! location and the system identifier in `global/pg_control`. A wal-fetch that reads another
+//! store (or recovers another cluster into the same place) never takes a segment that came
+//! from elsewhere. Once recovery has ended (no `recovery.signal` nor `standby.signal`, or
+//! PostgreSQL's `recovery_end_command`), the spool is removed: nothing will read it again.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use futures::StreamExt;
 use pitr::{SegmentNo, WalFile};
+
+use sha2::Digest;
 
 use super::wal;
 use crate::config::Config;
@@ -35,23 +43,36 @@ const IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often a prefetcher with a full spool looks again.
 const POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
-pub fn spool_dir(dest: &Path) -> PathBuf {
-    dest.parent().unwrap_or(Path::new(".")).join(SPOOL_DIR)
+/// Where the prefetched segments for a wal-fetch into `dest` from `store` live. `dest` is in
+/// `pg_wal`, so the data directory being recovered is two levels up.
+pub fn spool_dir(dest: &Path, store: &Store) -> PathBuf {
+    let pg_wal = dest.parent().unwrap_or(Path::new("."));
+    let pgdata = pg_wal.parent().unwrap_or(Path::new("."));
+    let cluster = crate::sources::pgdata::system_identifier(pgdata)
+        .map_or_else(|_| "unknown".to_string(), |id| id.to_string());
+    pg_wal
+        .join(SPOOL_DIR)
+        .join(spool_key(store.name(), &cluster))
 }
 
-/// Moves a prefetched `name` to `dest`. True if it was there.
-pub fn take(dest: &Path, name: &str) -> bool {
-    let spooled = spool_dir(dest).join(name);
-    std::fs::rename(&spooled, dest).is_ok()
+/// A short, stable name for (store, cluster): the spool must never serve one store's or one
+/// cluster's segments to a recovery that reads another.
+fn spool_key(store: &str, cluster: &str) -> String {
+    let digest = sha2::Sha256::digest(format!("{store}\n{cluster}").as_bytes());
+    hex::encode(&digest[..8])
+}
+
+/// Moves a prefetched `name` to `dest`. True if it was there (never with prefetch off).
+pub fn take(dir: &Path, dest: &Path, name: &str) -> bool {
+    enabled() && std::fs::rename(dir.join(name), dest).is_ok()
 }
 
 /// Records that recovery asked for `name`, and removes spooled segments before it.
-pub fn forget_before(dest: &Path, name: &str) {
-    let dir = spool_dir(dest);
+pub fn forget_before(dir: &Path, name: &str) {
     if dir.is_dir() {
         let _ = std::fs::write(dir.join(POSITION), name);
     }
-    let Ok(entries) = std::fs::read_dir(&dir) else {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
@@ -63,9 +84,8 @@ pub fn forget_before(dest: &Path, name: &str) {
 }
 
 /// Empties the spool: the archive has no more segments.
-pub fn clear(dest: &Path) {
-    let dir = spool_dir(dest);
-    if let Ok(entries) = std::fs::read_dir(&dir) {
+pub fn clear(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             if entry.file_name() != LOCK {
                 let _ = std::fs::remove_file(entry.path());
@@ -86,17 +106,17 @@ fn enabled() -> bool {
         .unwrap_or(true)
 }
 
-/// Starts a detached prefetcher for the segments after `name`, unless one is running.
-pub fn start_behind(dest: &Path, name: &str, config_file: Option<&Path>, store_url: Option<&str>) {
+/// Starts a detached prefetcher for the segments after `name` into the spool `dir`, unless
+/// one is running there.
+pub fn start_behind(dir: &Path, name: &str, config_file: Option<&Path>, store_url: Option<&str>) {
     if !matches!(WalFile::parse(name), Ok(WalFile::Segment { .. })) || !enabled() {
         return;
     }
-    let dir = spool_dir(dest);
-    if std::fs::create_dir_all(&dir).is_err() || !take_lock(&dir) {
+    if std::fs::create_dir_all(dir).is_err() || !take_lock(dir) {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
-        release_lock(&dir);
+        release_lock(dir);
         return;
     };
     let mut command = std::process::Command::new(exe);
@@ -109,14 +129,14 @@ pub fn start_behind(dest: &Path, name: &str, config_file: Option<&Path>, store_u
     command
         .arg("wal-prefetch")
         .arg(name)
-        .arg(&dir)
+        .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     // Its own process group: PostgreSQL's signals to restore_command do not reach it.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     if command.spawn().is_err() {
-        release_lock(&dir);
+        release_lock(dir);
     }
 }
 
@@ -157,8 +177,23 @@ fn release_lock(dir: &Path) {
 pub async fn run(config: &Config, store: &Store, name: &str, dir: &Path) -> anyhow::Result<()> {
     let _ = std::fs::write(dir.join(LOCK), std::process::id().to_string());
     let result = prefetch(config, store, name, dir).await;
-    release_lock(dir);
+    if recovery_ended(dir) {
+        // Promoted (or never in archive recovery): nobody will take these segments.
+        let _ = std::fs::remove_dir_all(dir);
+        if let Some(root) = dir.parent() {
+            let _ = std::fs::remove_dir(root);
+        }
+    } else {
+        release_lock(dir);
+    }
     result
+}
+
+/// Whether the data directory that holds the spool `dir` (`PGDATA/pg_wal/SPOOL_DIR/key`) has
+/// left archive recovery: PostgreSQL removes its signal files when recovery ends.
+fn recovery_ended(dir: &Path) -> bool {
+    let pgdata = dir.join("../../..");
+    !pgdata.join("recovery.signal").exists() && !pgdata.join("standby.signal").exists()
 }
 
 async fn prefetch(_config: &Config, store: &Store, name: &str, dir: &Path) -> anyhow::Result<()> {
@@ -237,7 +272,17 @@ fn spooled_count(dir: &Path) -> usize {
 /// Stops the prefetcher of the data directory whose `pg_wal` is given, and removes its spool:
 /// once the server that recovered from it is down, nothing may go on writing there.
 pub fn stop_in(pg_wal: &Path) {
-    let dir = pg_wal.join(SPOOL_DIR);
+    let root = pg_wal.join(SPOOL_DIR);
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            stop_prefetcher(&entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Kills the prefetcher that holds the lock of spool `dir`, if it is still ours.
+fn stop_prefetcher(dir: &Path) {
     let holder = std::fs::read_to_string(dir.join(LOCK))
         .ok()
         .and_then(|text| text.trim().parse::<i32>().ok())
@@ -256,5 +301,41 @@ pub fn stop_in(pg_wal: &Path) {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_store_and_cluster_has_its_own_spool() {
+        let a = spool_key("s3://backups/prod at https://minio:9000", "7301");
+        assert_eq!(
+            a,
+            spool_key("s3://backups/prod at https://minio:9000", "7301")
+        );
+        assert_ne!(
+            a,
+            spool_key("s3://backups/prod at https://s3.amazonaws.com", "7301")
+        );
+        assert_ne!(
+            a,
+            spool_key("s3://backups/prod at https://minio:9000", "7302")
+        );
+        assert_eq!(a.len(), 16);
+    }
+
+    #[test]
+    fn recovery_has_ended_when_the_signal_files_are_gone() {
+        let pgdata = tempfile::tempdir().unwrap();
+        let dir = pgdata.path().join("pg_wal").join(SPOOL_DIR).join("key");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(pgdata.path().join("recovery.signal"), "").unwrap();
+        assert!(!recovery_ended(&dir));
+        std::fs::remove_file(pgdata.path().join("recovery.signal")).unwrap();
+        std::fs::write(pgdata.path().join("standby.signal"), "").unwrap();
+        assert!(!recovery_ended(&dir));
+        std::fs::remove_file(pgdata.path().join("standby.signal")).unwrap();
+        assert!(recovery_ended(&dir));
+    }
 }

@@ -53,6 +53,10 @@ pub enum StoreError {
     },
     #[error("cannot use {store}: {detail}")]
     Setup { store: String, detail: String },
+    /// The store cannot be reached at all (a local store's directory is missing: a volume not
+    /// mounted, a typo). Never "not found": `wal-fetch` would end recovery early.
+    #[error("{store} cannot be reached: {detail}")]
+    Unreachable { store: String, detail: String },
 }
 
 impl StoreError {
@@ -75,9 +79,21 @@ pub struct Store {
     name: String,
 }
 
+/// Whether opening a local store may create its directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The store must exist already: reading, restoring, archiving WAL. An absent directory is
+    /// [`StoreError::Unreachable`], so that a mount that is missing is never taken for an
+    /// empty archive.
+    Existing,
+    /// A backup may create the directory of a new local store.
+    CreateRoot,
+}
+
 impl Store {
-    /// Builds the client. Only a local store touches the disk here (it creates its directory).
-    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+    /// Builds the client. Only a local store touches the disk here: it checks its directory,
+    /// and creates it with [`OpenMode::CreateRoot`].
+    pub fn open(config: &StoreConfig, mode: OpenMode) -> Result<Self, StoreError> {
         let name = config.location.to_string();
         let setup = |detail: String| StoreError::Setup {
             store: name.clone(),
@@ -86,8 +102,12 @@ impl Store {
         let mut local_root = None;
         let inner: Arc<dyn ObjectStore> = match &config.location {
             StoreLocation::Local { root, .. } => {
-                std::fs::create_dir_all(root)
-                    .map_err(|e| setup(format!("cannot create {}: {e}", root.display())))?;
+                if mode == OpenMode::CreateRoot {
+                    std::fs::create_dir_all(root)
+                        .map_err(|e| setup(format!("cannot create {}: {e}", root.display())))?;
+                } else if !root.is_dir() {
+                    return Err(missing_root(&name, root));
+                }
                 let local = LocalFileSystem::new_with_prefix(root)
                     .map_err(|e| setup(e.to_string()))?
                     .with_automatic_cleanup(true);
@@ -312,6 +332,11 @@ impl Store {
         error: object_store::Error,
     ) -> StoreError {
         let store = self.name.clone();
+        if let Some(root) = &self.local_root
+            && !root.is_dir()
+        {
+            return missing_root(&store, root);
+        }
         let key = key.to_string();
         let text = error.to_string();
         if text.contains("NoSuchBucket") {
@@ -352,6 +377,17 @@ impl Store {
     }
 }
 
+fn missing_root(store: &str, root: &std::path::Path) -> StoreError {
+    StoreError::Unreachable {
+        store: store.to_string(),
+        detail: format!(
+            "the directory {} does not exist (a volume not mounted, or a typo in the store \
+             URL?). Only a backup creates a new local store.",
+            root.display()
+        ),
+    }
+}
+
 /// The `<Code>` of an S3 XML error body, if the message carries one.
 fn s3_error_code(text: &str) -> Option<&str> {
     let start = text.find("<Code>")? + "<Code>".len();
@@ -380,6 +416,42 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn local(root: &std::path::Path) -> StoreConfig {
+        StoreConfig {
+            location: StoreLocation::Local {
+                root: root.to_path_buf(),
+                embedded_default: false,
+            },
+            ca_file: None,
+            max_retries: 0,
+            retry_timeout: std::time::Duration::from_secs(1),
+            connect_timeout: std::time::Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_absent_local_store_is_unreachable_and_only_a_backup_creates_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("not-mounted");
+        let error = Store::open(&local(&root), OpenMode::Existing).unwrap_err();
+        assert!(matches!(error, StoreError::Unreachable { .. }), "{error:?}");
+        assert!(!root.exists(), "opening to read created the store");
+
+        let store = Store::open(&local(&root), OpenMode::CreateRoot).unwrap();
+        assert!(root.is_dir());
+        let key = Key::from("wal/x");
+        let missing = store.get_bytes(&key).await.unwrap_err();
+        assert!(
+            matches!(missing, StoreError::NotFound { .. }),
+            "{missing:?}"
+        );
+        // The directory vanishes under a running process: still never "not found".
+        std::fs::remove_dir(&root).unwrap();
+        let gone = store.get_bytes(&key).await.unwrap_err();
+        assert!(matches!(gone, StoreError::Unreachable { .. }), "{gone:?}");
+        assert!(!root.exists());
+    }
 
     #[test]
     fn s3_error_codes_are_pulled_out_of_xml_bodies() {
