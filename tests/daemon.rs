@@ -338,3 +338,39 @@ fn a_scheduled_kind_without_its_settings_is_refused_at_start() {
         harness::assert_fails(&output, 2, needle);
     }
 }
+
+#[test]
+fn a_scheduled_kind_never_backed_up_is_exported_as_the_oldest_success() {
+    let mut agent = Agent::new(Vec::new());
+    let config = agent.home().join("gc-backup.toml");
+    let store = agent.home().join("store");
+    // Redis once a year: it is scheduled, and nothing has ever been backed up.
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = \"file://{}\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\n\
+             [schedule]\nredis = \"0 0 1 1 *\"\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    let daemon = Daemon::start(&agent);
+    let series = r#"gc_backup_last_success_timestamp_seconds{kind="redis"}"#;
+    wait_for("the redis series", 30, || {
+        daemon
+            .metrics()
+            .lines()
+            .any(|line| line.starts_with(series))
+    });
+    let metrics = daemon.metrics();
+    assert!(
+        metrics.lines().any(|line| line == format!("{series} 0")),
+        "{metrics}"
+    );
+    // A kind that is not scheduled has no series: nobody expects it.
+    assert!(
+        !metrics.contains(r#"gc_backup_last_success_timestamp_seconds{kind="pg-dump"}"#),
+        "{metrics}"
+    );
+}

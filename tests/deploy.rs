@@ -90,6 +90,28 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
             .current_dir(dir.path()),
     );
     assert!(String::from_utf8_lossy(&tested.stdout).contains("SUCCESS"));
+
+    // Every alert has at least one case that expects it to fire.
+    let rules_text = std::fs::read_to_string(&rules).unwrap();
+    let tests_text =
+        std::fs::read_to_string(docker().join("prometheus/gc-backup-rules.test.yaml")).unwrap();
+    let alerts: Vec<&str> = rules_text
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- alert: "))
+        .chain(
+            rules_text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("alert: ")),
+        )
+        .collect();
+    assert_eq!(alerts.len(), 7, "{rules_text}");
+    for alert in alerts {
+        let fires = tests_text
+            .split("alertname: ")
+            .skip(1)
+            .any(|case| case.starts_with(alert) && case.contains("exp_labels"));
+        assert!(fires, "no promtool case in which {alert} fires");
+    }
 }
 
 #[test]

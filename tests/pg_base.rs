@@ -176,6 +176,45 @@ fn restore_refuses_a_non_empty_directory_and_leaves_it_untouched() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
 }
 
+#[test]
+fn a_file_that_differs_from_its_manifest_fails_verify_and_restore_and_leaves_nothing() {
+    let weed = Seaweed::start();
+    let (pg, _) = archiving_cluster(&weed, "crc");
+    let agent = agent_for(&pg, &weed, "crc");
+    let id = agent.backup(&["backup", "pg-base"]);
+    agent.ok(&["verify", &id]);
+
+    // The manifest says pg_control had other bytes than the stream holds: every zstd frame
+    // still checks out, so only the per-file CRC-32C can tell.
+    let key = format!("crc/manifests/pg-base/{id}.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&weed.get(&key)).unwrap();
+    let files = manifest["source"]["files"].as_array_mut().unwrap();
+    let control = files
+        .iter_mut()
+        .find(|f| f["path"] == "global/pg_control")
+        .unwrap();
+    let crc = control["crc32c"].as_u64().unwrap();
+    control["crc32c"] = serde_json::json!(crc ^ 1);
+    weed.put(&key, &serde_json::to_vec(&manifest).unwrap());
+
+    let output = agent.run(&["verify", &id]);
+    let report = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{report}");
+    assert!(
+        report.contains("global/pg_control") && report.contains("does not match"),
+        "{report}"
+    );
+
+    let dir = agent.home().join("restored");
+    let output = agent.run(&["restore", "pg", "--pgdata", dir.to_str().unwrap()]);
+    assert_fails(&output, 3, "global/pg_control");
+    assert!(
+        !dir.exists() || std::fs::read_dir(&dir).unwrap().next().is_none(),
+        "a failed restore left files behind"
+    );
+}
+
 /// A cluster with ~250 MB of data, so that a base backup takes a moment.
 fn load_bulk(pg: &Postgres) {
     pg.psql(

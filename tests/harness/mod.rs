@@ -66,6 +66,15 @@ pub fn shared_temp_dir(tag: &str) -> tempfile::TempDir {
     dir
 }
 
+/// Runs a future to its end on a runtime of its own (the tests themselves are synchronous).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}
+
 /// Runs a command and panics with its output if it fails.
 pub fn run_ok(command: &mut Command) -> Output {
     let output = command
@@ -704,12 +713,8 @@ impl Seaweed {
 
     /// Every key under `prefix`, sorted.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
         let s3 = self.object_store();
-        let mut keys: Vec<String> = runtime.block_on(async {
+        let mut keys: Vec<String> = block_on(async {
             use futures::TryStreamExt;
             s3.list(Some(&ObjectKey::from(prefix)))
                 .map_ok(|meta| meta.location.to_string())
@@ -723,35 +728,27 @@ impl Seaweed {
 
     /// Deletes one object (a key from [`Seaweed::keys`]): data lost from the store.
     pub fn delete(&self, key: &str) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime
-            .block_on(self.object_store().delete(&ObjectKey::from(key)))
-            .expect("delete");
+        block_on(self.object_store().delete(&ObjectKey::from(key))).expect("delete");
     }
 
     /// Writes an object directly, behind the agent's back (e.g. what a killed run leaves).
     pub fn put(&self, key: &str, bytes: &[u8]) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
         let payload = bytes::Bytes::copy_from_slice(bytes).into();
-        runtime
-            .block_on(self.object_store().put(&ObjectKey::from(key), payload))
-            .expect("put");
+        block_on(self.object_store().put(&ObjectKey::from(key), payload)).expect("put");
+    }
+
+    /// Reads one object directly, behind the agent's back.
+    pub fn get(&self, key: &str) -> Vec<u8> {
+        block_on(async {
+            let got = self.object_store().get(&ObjectKey::from(key)).await;
+            got.expect("get").bytes().await.expect("read").to_vec()
+        })
     }
 
     /// Starts a multipart upload of `key` with one part and leaves it open, as a run killed
     /// mid-upload does.
     pub fn leave_multipart_open(&self, key: &str) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
+        block_on(async {
             use object_store::ObjectStoreExt;
             let mut upload = self
                 .object_store()
@@ -769,12 +766,8 @@ impl Seaweed {
 
     /// Flips one bit in the middle of a stored object, in place, as bit rot would.
     pub fn flip_byte(&self, key: &str) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
         let s3 = self.object_store();
-        runtime.block_on(async {
+        block_on(async {
             use object_store::ObjectStoreExt;
             let path = ObjectKey::from(key);
             let mut bytes = s3.get(&path).await.unwrap().bytes().await.unwrap().to_vec();

@@ -144,6 +144,12 @@ pub fn last_success(kind: Kind, end_time: DateTime<Utc>) {
     gauge!(LAST_SUCCESS, "kind" => kind.as_str()).set(seconds(end_time));
 }
 
+/// The store holds no backup of a scheduled `kind`: the oldest possible success, so that the
+/// missing-backup alert fires.
+pub fn never_succeeded(kind: Kind) {
+    gauge!(LAST_SUCCESS, "kind" => kind.as_str()).set(0.0);
+}
+
 pub fn run_finished(job: JobKind, result: RunResult, seconds_taken: f64) {
     counter!(RUNS, "kind" => job.label(), "result" => result.label()).increment(1);
     if result == RunResult::Skipped {

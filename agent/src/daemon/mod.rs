@@ -99,7 +99,14 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
     });
     tasks.spawn(http::serve(listener, endpoints, shutdown.clone()));
     tracing::info!(%address, "serving /metrics, /health and /health/ready");
-    tasks.spawn(refresh_catalog(store.clone(), shutdown.clone()));
+    let scheduled: Vec<Kind> = schedules
+        .iter()
+        .filter_map(|(job, _)| match job {
+            JobKind::Backup(kind) => Some(*kind),
+            JobKind::Retention => None,
+        })
+        .collect();
+    tasks.spawn(refresh_catalog(store.clone(), scheduled, shutdown.clone()));
     for (job, schedule) in schedules {
         tasks.spawn(schedule::run_on_schedule(
             job,
@@ -152,16 +159,18 @@ fn readiness(config: Arc<Config>, store: Store, uses_postgres: bool) -> http::Re
 }
 
 /// Keeps `gc_backup_last_success_timestamp_seconds` true to the store: read at start-up (so a
-/// restart does not reset it) and every few minutes.
-async fn refresh_catalog(store: Store, shutdown: CancellationToken) {
+/// restart does not reset it) and every few minutes. A `scheduled` kind with no backup at all
+/// is exported as 0: without the series, `GcBackupMissing` could never fire for a kind that
+/// has never once succeeded.
+async fn refresh_catalog(store: Store, scheduled: Vec<Kind>, shutdown: CancellationToken) {
     loop {
         for kind in Kind::ALL {
             match catalog::newest(&store, kind, 1).await {
-                Ok(newest) => {
-                    if let Some(manifest) = newest.first() {
-                        metrics::last_success(kind, manifest.end_time);
-                    }
-                }
+                Ok(newest) => match newest.first() {
+                    Some(manifest) => metrics::last_success(kind, manifest.end_time),
+                    None if scheduled.contains(&kind) => metrics::never_succeeded(kind),
+                    None => {}
+                },
                 Err(error) => {
                     tracing::warn!(kind = %kind, %error, "cannot read the newest backup for the metrics");
                 }

@@ -6,6 +6,7 @@
 //! them (exit codes), with the object, backup or database named in the message.
 
 pub mod archive;
+pub mod base_tar;
 pub mod etcd;
 pub mod pg_base;
 pub mod pg_dump;

@@ -3,8 +3,9 @@
 //! Everything that can be checked is checked before DIR is touched: DIR is empty, the base
 //! backup for the target exists, the WAL chain from it to the target is complete in the
 //! archive across timeline switches, and (with `--start`) the server binaries of the backup's
-//! major version are installed. Then the tar streams are downloaded in parallel, each checked
-//! against its SHA-256 while it is unpacked, and the recovery settings are written:
+//! major version are installed. Then the tar streams are downloaded in parallel, each frame
+//! checked against its XXH64 and each file against the manifest's size and CRC-32C while it
+//! is unpacked, and the recovery settings are written:
 //! `restore_command` calling this binary's `wal-fetch`, the target, `recovery.signal`.
 
 use std::io::Write;
@@ -272,20 +273,22 @@ async fn unpack_all(
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let abort = cancel.child_token();
-    let results: Vec<anyhow::Result<()>> = futures::stream::iter(&manifest.objects)
-        .map(|object| {
-            let abort = abort.clone();
-            async move {
-                let result = unpack(store, object, dir, &abort).await;
-                if result.is_err() {
-                    abort.cancel();
+    let results: Vec<anyhow::Result<()>> =
+        futures::stream::iter(manifest.objects.iter().enumerate())
+            .map(|(stream, object)| {
+                let abort = abort.clone();
+                let files = super::base_tar::files_of_stream(manifest, stream).unwrap_or_default();
+                async move {
+                    let result = unpack(store, object, files, dir, &abort).await;
+                    if result.is_err() {
+                        abort.cancel();
+                    }
+                    result
                 }
-                result
-            }
-        })
-        .buffer_unordered(PARALLEL_STREAMS)
-        .collect()
-        .await;
+            })
+            .buffer_unordered(PARALLEL_STREAMS)
+            .collect()
+            .await;
     if cancel.is_cancelled() {
         return Err(Failure::Interrupted("restore interrupted".into()).into());
     }
@@ -304,11 +307,12 @@ async fn unpack_all(
 #[error("stopped after another stream failed")]
 struct Stopped;
 
-/// Streams one tar object through its check into a tar reader on another thread, and waits for
-/// that thread whatever happens.
+/// Streams one tar object through its check into a tar reader on another thread, which checks
+/// every file against `files` (the manifest's), and waits for that thread whatever happens.
 async fn unpack(
     store: &Store,
     object: &catalog::StoredObject,
+    files: Vec<crate::sources::pgdata::CopiedFile>,
     dir: &Path,
     abort: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -317,11 +321,9 @@ async fn unpack(
     }
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
     let target = dir.to_path_buf();
-    let unpacker = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let mut archive = tar::Archive::new(reader);
-        archive.set_preserve_permissions(true);
-        archive.set_overwrite(false);
-        archive.unpack(&target)
+    let key = object.key.clone();
+    let unpacker = tokio::task::spawn_blocking(move || {
+        super::base_tar::read_checked(reader, &files, Some(&target), &key)
     });
     let sink: Sink = Box::new(writer);
     // Dropping the download closes the pipe's writer, which ends the tar reader.
@@ -330,6 +332,8 @@ async fn unpack(
         () = abort.cancelled() => Err(Stopped.into()),
     };
     let unpacked = unpacker.await.context("unpack worker failed")?;
+    // The unpacker reads the stream to its end even after a bad file, so a download error is
+    // the download's own (and the cause of any tar error after it).
     downloaded?;
     unpacked.with_context(|| format!("unpacking {} into {}", object.key, dir.display()))
 }
@@ -371,9 +375,15 @@ impl RecoverySettings {
             .collect();
         let exe = shell_quote(&self.exe.display().to_string());
         let restore_command = format!("{env}{exe} wal-fetch %f %p");
+        // Once recovery ends, the prefetcher's spool in pg_wal has nothing left to serve.
+        let recovery_end_command = format!("{exe} wal-prefetch-stop");
         let mut lines = String::from("\n# Written by gc-backup restore pg\n");
-        let settings = std::iter::once(("restore_command".to_string(), restore_command))
-            .chain(self.target.iter().cloned());
+        let settings = [
+            ("restore_command".to_string(), restore_command),
+            ("recovery_end_command".to_string(), recovery_end_command),
+        ]
+        .into_iter()
+        .chain(self.target.iter().cloned());
         for (name, value) in settings {
             lines.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
         }

@@ -1,0 +1,293 @@
+//! A base backup's tar streams read back, every regular file checked against the size and
+//! CRC-32C the manifest recorded when it was copied: while it is unpacked (`restore pg`) or
+//! read into nothing (`verify`).
+//!
+//! zstd's frame checksums already catch bytes damaged in the store; this catches a stream
+//! whose content is not what the backup read (a file missing, one too many, one that another
+//! stream's bytes replaced), which only the manifest can say. The CRC is computed on the bytes
+//! tar reads, through a tap under the tar reader that counts only the current file's data, so
+//! nothing is read twice.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+use std::rc::Rc;
+
+use crate::catalog::manifest::{Manifest, SourceFacts};
+use crate::error::Failure;
+use crate::sources::pgdata::CopiedFile;
+
+/// The files a pg-base manifest says its tar stream `stream` (its object of that index) holds;
+/// `None` for another kind of backup.
+pub fn files_of_stream(manifest: &Manifest, stream: usize) -> Option<Vec<CopiedFile>> {
+    let SourceFacts::PgBase(facts) = &manifest.source else {
+        return None;
+    };
+    let files = facts.files.iter().filter(|f| f.stream as usize == stream);
+    Some(files.cloned().collect())
+}
+
+/// Reads one tar stream to its end. With `unpack_into`, entries are unpacked there (tar's own
+/// path checks: nothing lands outside the directory); without, file data is only read.
+/// Every regular file must be one `expected` names, with its size and CRC-32C, and every
+/// expected file must be in the stream. `name` (the object's key) is for messages.
+///
+/// After a failure the rest of the stream is read and dropped, so that the writer on the other
+/// side (the download) ends by itself and its own error, if it has one, is the cause to report.
+pub fn read_checked(
+    reader: impl Read,
+    expected: &[CopiedFile],
+    unpack_into: Option<&Path>,
+    name: &str,
+) -> anyhow::Result<()> {
+    let tap = Rc::new(RefCell::new(Tap::default()));
+    let mut archive = tar::Archive::new(TappedReader {
+        inner: reader,
+        tap: tap.clone(),
+    });
+    archive.set_preserve_permissions(true);
+    archive.set_overwrite(false);
+    let result = check_entries(&mut archive, &tap, expected, unpack_into, name);
+    if result.is_err() {
+        let _ = std::io::copy(&mut archive.into_inner().inner, &mut std::io::sink());
+    }
+    result
+}
+
+fn check_entries<R: Read>(
+    archive: &mut tar::Archive<TappedReader<R>>,
+    tap: &RefCell<Tap>,
+    expected: &[CopiedFile],
+    unpack_into: Option<&Path>,
+    name: &str,
+) -> anyhow::Result<()> {
+    let mut missing: HashMap<&str, &CopiedFile> =
+        expected.iter().map(|f| (f.path.as_str(), f)).collect();
+    let io = |what: &str, e: std::io::Error| anyhow::anyhow!("{what} in {name}: {e}");
+    for entry in archive
+        .entries()
+        .map_err(|e| io("reading the tar stream", e))?
+    {
+        let mut entry = entry.map_err(|e| io("reading a tar header", e))?;
+        let path = entry
+            .path()
+            .map_err(|e| io("reading a file name", e))?
+            .to_string_lossy()
+            .into_owned();
+        let is_file = entry.header().entry_type().is_file();
+        if is_file {
+            tap.borrow_mut()
+                .arm(entry.raw_file_position(), entry.size());
+        }
+        match unpack_into {
+            Some(dir) => {
+                let unpacked = entry
+                    .unpack_in(dir)
+                    .map_err(|e| io(&format!("unpacking {path}"), e))?;
+                if !unpacked {
+                    return Err(Failure::Corrupt(format!(
+                        "{name} holds {path:?}, a path outside the data directory; nothing \
+                         of it was written"
+                    ))
+                    .into());
+                }
+            }
+            None => {
+                std::io::copy(&mut entry, &mut std::io::sink())
+                    .map_err(|e| io(&format!("reading {path}"), e))?;
+            }
+        }
+        if !is_file {
+            continue;
+        }
+        let (crc, read) = tap.borrow_mut().take();
+        let Some(file) = missing.remove(path.as_str()) else {
+            return Err(Failure::Corrupt(format!(
+                "{name} holds {path}, which its manifest does not list"
+            ))
+            .into());
+        };
+        if read != file.size || crc != file.crc32c {
+            return Err(Failure::Corrupt(format!(
+                "{path} in {name} does not match the manifest: {read} bytes with CRC-32C \
+                 {crc:08x}, expected {} bytes with CRC-32C {:08x}",
+                file.size, file.crc32c
+            ))
+            .into());
+        }
+    }
+    if let Some(first) = missing.keys().min() {
+        return Err(Failure::Corrupt(format!(
+            "{name} lacks {} file(s) its manifest lists, {first} first",
+            missing.len()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The CRC-32C of the bytes read inside one window of the stream (a file's data).
+#[derive(Debug, Default)]
+struct Tap {
+    position: u64,
+    window: std::ops::Range<u64>,
+    crc: u32,
+    read: u64,
+}
+
+impl Tap {
+    fn arm(&mut self, start: u64, len: u64) {
+        self.window = start..start.saturating_add(len);
+        self.crc = 0;
+        self.read = 0;
+    }
+
+    fn take(&mut self) -> (u32, u64) {
+        self.window = 0..0;
+        (self.crc, self.read)
+    }
+
+    fn saw(&mut self, bytes: &[u8]) {
+        let start = self.position;
+        self.position += bytes.len() as u64;
+        let from = start.max(self.window.start);
+        let to = self.position.min(self.window.end);
+        if from < to {
+            let slice = &bytes[(from - start) as usize..(to - start) as usize];
+            self.crc = crc32c::crc32c_append(self.crc, slice);
+            self.read += slice.len() as u64;
+        }
+    }
+}
+
+struct TappedReader<R> {
+    inner: R,
+    tap: Rc<RefCell<Tap>>,
+}
+
+impl<R: Read> Read for TappedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.tap.borrow_mut().saw(&buf[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(files: &[(&str, &[u8])]) -> (Vec<u8>, Vec<CopiedFile>) {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut copied = Vec::new();
+        let mut dir = tar::Header::new_gnu();
+        dir.set_entry_type(tar::EntryType::Directory);
+        dir.set_mode(0o700);
+        dir.set_size(0);
+        builder
+            .append_data(&mut dir, "base", std::io::empty())
+            .unwrap();
+        for (path, data) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_mode(0o600);
+            header.set_size(data.len() as u64);
+            builder.append_data(&mut header, path, *data).unwrap();
+            copied.push(CopiedFile {
+                path: path.to_string(),
+                size: data.len() as u64,
+                crc32c: crc32c::crc32c(data),
+                stream: 0,
+                padded: false,
+            });
+        }
+        (builder.into_inner().unwrap(), copied)
+    }
+
+    /// A reader that hands out at most `n` bytes a call, as a pipe does.
+    struct Trickle<'a>(&'a [u8], usize);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.1.min(buf.len()).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    fn corrupt(result: anyhow::Result<()>) -> String {
+        let error = result.unwrap_err();
+        assert!(
+            matches!(error.downcast_ref::<Failure>(), Some(Failure::Corrupt(_))),
+            "{error:#}"
+        );
+        format!("{error:#}")
+    }
+
+    #[test]
+    fn every_file_is_checked_whatever_the_read_sizes() {
+        let long_name = format!("base/{}", "x".repeat(150));
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (tar, files) = tar_of(&[
+            ("base/1", b"hello"),
+            ("base/empty", b""),
+            (&long_name, &big),
+        ]);
+        for chunk in [1, 7, 512, 4096, 1 << 20] {
+            read_checked(Trickle(&tar, chunk), &files, None, "t").unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        read_checked(&tar[..], &files, Some(dir.path()), "t").unwrap();
+        assert_eq!(std::fs::read(dir.path().join(&long_name)).unwrap(), big);
+    }
+
+    #[test]
+    fn a_file_that_differs_from_the_manifest_is_corrupt() {
+        let (tar, mut files) = tar_of(&[("base/1", b"hello"), ("base/2", b"world")]);
+        files[1].crc32c ^= 1;
+        let message = corrupt(read_checked(&tar[..], &files, None, "t"));
+        assert!(message.contains("base/2"), "{message}");
+        files[1].crc32c ^= 1;
+        files[0].size += 1;
+        let message = corrupt(read_checked(&tar[..], &files, None, "t"));
+        assert!(message.contains("base/1"), "{message}");
+    }
+
+    #[test]
+    fn a_file_missing_or_unlisted_is_corrupt() {
+        let (tar, files) = tar_of(&[("base/1", b"hello"), ("base/2", b"world")]);
+        let message = corrupt(read_checked(&tar[..], &files[..1], None, "t"));
+        assert!(message.contains("does not list"), "{message}");
+        let (short, _) = tar_of(&[("base/1", b"hello")]);
+        let message = corrupt(read_checked(&short[..], &files, None, "t"));
+        assert!(message.contains("lacks 1 file(s)"), "{message}");
+    }
+
+    #[test]
+    fn a_path_outside_the_directory_is_refused() {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(0o600);
+        header.set_size(1);
+        // append_data refuses "..", so write the name into the header directly.
+        header.as_gnu_mut().unwrap().name[..9].copy_from_slice(b"../escape");
+        header.set_cksum();
+        builder.append(&header, &b"x"[..]).unwrap();
+        let tar = builder.into_inner().unwrap();
+        let file = CopiedFile {
+            path: "../escape".into(),
+            size: 1,
+            crc32c: crc32c::crc32c(b"x"),
+            stream: 0,
+            padded: false,
+        };
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        let result = read_checked(&tar[..], &[file], Some(&dir), "t");
+        assert!(result.is_err());
+        assert!(!parent.path().join("escape").exists(), "written outside");
+    }
+}
