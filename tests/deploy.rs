@@ -139,3 +139,127 @@ fn every_dashboard_query_parses() {
     std::fs::write(&file, rules).unwrap();
     run_ok(tool("promtool").args(["check", "rules"]).arg(&file));
 }
+
+/// What a container image runs on: its C library and, for Debian, the release's number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Platform {
+    Debian(u32),
+    Alpine,
+}
+
+/// Read off the tag (`postgres:16-bookworm`, `rust:1.95-trixie`, `debian:bookworm-slim`,
+/// `postgres:16-alpine`). A tag that names neither is refused: the pairing could not be
+/// checked, and the image's default could move to a newer release under us.
+fn platform(image: &str) -> Result<Platform, String> {
+    let tag = image.rsplit_once(':').map_or("", |(_, tag)| tag);
+    if tag.contains("alpine") {
+        return Ok(Platform::Alpine);
+    }
+    for (name, number) in [
+        ("bullseye", 11),
+        ("bookworm", 12),
+        ("trixie", 13),
+        ("forky", 14),
+    ] {
+        if tag.split('-').any(|part| part == name) {
+            return Ok(Platform::Debian(number));
+        }
+    }
+    Err(format!(
+        "{image}: name the Debian release (or alpine) in the tag, so that the pairing with the \
+         build stage can be checked"
+    ))
+}
+
+/// A binary built on `build` runs on `runtime`: the same C library, and glibc no older than
+/// the one it was linked against.
+fn runs_on(build: &str, runtime: &str) -> Result<(), String> {
+    match (platform(build)?, platform(runtime)?) {
+        (Platform::Debian(b), Platform::Debian(r)) if b <= r => Ok(()),
+        (Platform::Debian(_), Platform::Debian(_)) => Err(format!(
+            "built on {build}, run on the older {runtime}: its glibc is too old for the binary"
+        )),
+        (Platform::Alpine, Platform::Alpine) => Ok(()),
+        _ => Err(format!(
+            "built on {build}, run on {runtime}: glibc and musl binaries do not run on each other"
+        )),
+    }
+}
+
+/// Every YAML document of a file, as JSON (PyYAML is what scripts/test installs).
+fn yaml_documents(path: &Path) -> Vec<serde_json::Value> {
+    let output = run_ok(
+        Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sys, json, yaml; \
+                 print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))",
+            )
+            .arg(path),
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn the_pairing_check_refuses_what_would_not_run() {
+    runs_on("rust:1.95-bookworm", "postgres:16-bookworm").unwrap();
+    runs_on("rust:1.95-bookworm", "postgres:16-trixie").unwrap();
+    assert!(runs_on("rust:1.95-trixie", "postgres:16-alpine").is_err());
+    assert!(runs_on("rust:1.95-trixie", "postgres:16-bookworm").is_err());
+    assert!(runs_on("rust:1.95-alpine", "postgres:16-bookworm").is_err());
+    assert!(
+        runs_on("rust:1.95", "postgres:16").is_err(),
+        "unnamed releases"
+    );
+}
+
+#[test]
+fn the_binary_postgresql_runs_was_built_for_its_image() {
+    let dockerfile = std::fs::read_to_string(docker().join("Dockerfile")).unwrap();
+    let stages: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|line| line.strip_prefix("FROM "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    let [build, runtime] = stages.as_slice() else {
+        panic!("expected a build and a runtime stage: {stages:?}");
+    };
+    runs_on(build, runtime).unwrap();
+    let pg_major = dockerfile
+        .lines()
+        .find_map(|line| line.strip_prefix("ARG PG_MAJOR="))
+        .unwrap();
+
+    // Every container that runs the copied binary (archive_command, restore_command).
+    let statefulset = docker().join("k8s/postgres-statefulset.yaml");
+    let mut checked = 0;
+    for document in yaml_documents(&statefulset) {
+        let pod = &document["spec"]["template"]["spec"];
+        let Some(containers) = pod["containers"].as_array() else {
+            continue;
+        };
+        for container in containers {
+            if !container.to_string().contains("/gc-backup/bin/gc-backup") {
+                continue;
+            }
+            let image = container["image"].as_str().unwrap();
+            runs_on(build, image).unwrap();
+            // The official Debian images' postgres user is 999 (Alpine's is 70): PGDATA must
+            // be theirs, and the sidecar runs as the same user.
+            let user = pod["securityContext"]["runAsUser"].as_u64().unwrap();
+            let expected = match platform(image).unwrap() {
+                Platform::Debian(_) => 999,
+                Platform::Alpine => 70,
+            };
+            assert_eq!(user, expected, "{image} runs PostgreSQL as uid {expected}");
+            // restore pg --start and verify --restore need the cluster's own major version.
+            let tag = image.rsplit_once(':').unwrap().1;
+            assert!(
+                tag.starts_with(&format!("{pg_major}-")) || tag == pg_major,
+                "{image} is not PostgreSQL {pg_major}, the Dockerfile's PG_MAJOR"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 1, "one PostgreSQL container runs gc-backup");
+}
