@@ -138,7 +138,9 @@ fn hex8(text: &str) -> Option<u32> {
 }
 
 fn segment_parts(text: &str) -> Option<(u32, u32, u32)> {
-    if text.len() != 24 {
+    // ASCII first: byte offsets 8 and 16 of any other 24-byte string may fall inside a
+    // character, and slicing there would panic (a key from the store is outside input).
+    if text.len() != 24 || !text.is_ascii() {
         return None;
     }
     Some((

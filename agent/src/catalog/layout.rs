@@ -183,4 +183,31 @@ mod tests {
             "data/pg-dump/20260115T020000Z/dump.zst"
         );
     }
+
+    mod outside_input {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Keys come from a store anyone with its credentials can write to.
+            #[test]
+            fn any_key_parses_to_what_its_builder_makes_or_to_nothing(key in "\\PC{0,80}") {
+                let key = ObjectKey::from(key.as_str());
+                if let Some(file) = parse_wal_key(&key) {
+                    prop_assert_eq!(wal_key(&file), key.clone());
+                }
+                if let Some((kind, id)) = parse_manifest_key(&key) {
+                    prop_assert_eq!(manifest_key(kind, &id), key);
+                }
+            }
+
+            #[test]
+            fn wal_keys_of_24_characters_of_any_script_never_panic(
+                name in "[0-9A-Fé€🙂]{8,24}",
+            ) {
+                let key = ObjectKey::from(format!("wal/0000000100000000/{name}.zst").as_str());
+                let _ = parse_wal_key(&key);
+            }
+        }
+    }
 }

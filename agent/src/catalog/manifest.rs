@@ -205,3 +205,34 @@ impl Manifest {
         serde_json::from_slice(bytes).map_err(|e| format!("invalid manifest: {e}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Manifests come from the store: anything there is read or refused, never a panic.
+        #[test]
+        fn any_bytes_are_a_manifest_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = Manifest::from_json(&bytes);
+        }
+
+        #[test]
+        fn json_of_any_shape_is_a_manifest_or_an_error(
+            format in any::<u32>(),
+            kind in "\\PC{0,12}",
+            files in proptest::collection::vec(("\\PC{0,20}", any::<i64>()), 0..4),
+        ) {
+            let files: Vec<serde_json::Value> = files
+                .iter()
+                .map(|(path, n)| serde_json::json!({"path": path, "size": n, "crc32c": n, "stream": n}))
+                .collect();
+            let value = serde_json::json!({
+                "format": format, "id": "20260101T000000Z", "kind": kind,
+                "source": {"type": "pg-base", "files": files},
+            });
+            let _ = Manifest::from_json(&serde_json::to_vec(&value).unwrap());
+        }
+    }
+}

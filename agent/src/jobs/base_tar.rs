@@ -290,4 +290,17 @@ mod tests {
         assert!(result.is_err());
         assert!(!parent.path().join("escape").exists(), "written outside");
     }
+
+    proptest::proptest! {
+        /// A tar stream from the store is outside input: any bytes are refused, never a panic.
+        #[test]
+        fn any_bytes_are_refused_or_checked(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let (tar, files) = tar_of(&[("base/1", b"hello")]);
+            let _ = read_checked(&bytes[..], &files, None, "t");
+            let mut spliced = tar.clone();
+            let at = bytes.len() % tar.len();
+            spliced.splice(at..at, bytes.iter().copied());
+            let _ = read_checked(&spliced[..], &files, None, "t");
+        }
+    }
 }

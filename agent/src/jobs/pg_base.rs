@@ -537,4 +537,13 @@ mod tests {
         assert_eq!(timeline_of(label), Some(2));
         assert_eq!(timeline_of("nothing"), None);
     }
+
+    proptest::proptest! {
+        /// backup_label comes from the server, and later from the store's manifest.
+        #[test]
+        fn any_backup_label_gives_a_timeline_or_none(label in "\\PC{0,200}") {
+            let _ = timeline_of(&label);
+            let _ = timeline_of(&format!("START TIMELINE: {label}"));
+        }
+    }
 }

@@ -99,13 +99,34 @@ pub fn encode(raw: &[u8], level: i32, workers: u32) -> std::io::Result<(WalHeade
     Ok((header, writer.into_inner().freeze()))
 }
 
+/// PostgreSQL's largest `wal_segment_size`.
+const MAX_WAL_FILE: u64 = 1 << 30;
+/// Up to this size a WAL file is decompressed in one call into a buffer of its size.
+const BULK_DECODE_LIMIT: u64 = 64 << 20;
+
 /// Decompresses a stored WAL object and checks it against its header.
 pub fn decode(stored: &[u8]) -> Result<Vec<u8>, String> {
     let header = WalHeader::parse(stored)?;
-    let capacity =
-        usize::try_from(header.raw_size).map_err(|_| "raw size too large".to_string())?;
-    let raw = zstd::bulk::decompress(&stored[HEADER_LEN..], capacity)
-        .map_err(|e| format!("does not decompress: {e}"))?;
+    // The header is outside input: never allocate what it claims beyond the largest WAL file
+    // PostgreSQL can write, and above the usual sizes only as the data really decompresses.
+    if header.raw_size > MAX_WAL_FILE {
+        return Err(format!(
+            "claims {} bytes, more than any WAL file ({MAX_WAL_FILE})",
+            header.raw_size
+        ));
+    }
+    let compressed = &stored[HEADER_LEN..];
+    let raw = if header.raw_size <= BULK_DECODE_LIMIT {
+        zstd::bulk::decompress(compressed, header.raw_size as usize)
+            .map_err(|e| format!("does not decompress: {e}"))?
+    } else {
+        use std::io::Read;
+        let mut raw = Vec::with_capacity(BULK_DECODE_LIMIT as usize);
+        zstd::stream::read::Decoder::new(compressed)
+            .and_then(|decoder| decoder.take(header.raw_size + 1).read_to_end(&mut raw))
+            .map_err(|e| format!("does not decompress: {e}"))?;
+        raw
+    };
     if WalHeader::of(&raw) != header {
         return Err(format!(
             "fails its check: decompresses to {} bytes that do not match the SHA-256 {} of its header",
@@ -144,5 +165,44 @@ mod tests {
         }
         assert!(decode(&stored[..stored.len() - 5]).is_err());
         assert!(WalHeader::parse(b"short").is_err());
+    }
+
+    mod outside_input {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[test]
+        fn a_header_that_claims_a_huge_size_allocates_nothing_of_it() {
+            let (_, stored) = encode(b"segment", 1, 0).unwrap();
+            let mut forged = stored.to_vec();
+            forged[13..21].copy_from_slice(&(1u64 << 50).to_le_bytes());
+            assert!(
+                decode(&forged)
+                    .unwrap_err()
+                    .contains("more than any WAL file")
+            );
+            forged[13..21].copy_from_slice(&(512u64 << 20).to_le_bytes());
+            assert!(
+                decode(&forged).is_err(),
+                "a short stream that claims 512 MiB"
+            );
+        }
+
+        proptest! {
+            #[test]
+            fn any_stored_bytes_decode_or_are_refused(
+                bytes in proptest::collection::vec(any::<u8>(), 0..512),
+                with_header in any::<bool>(),
+            ) {
+                let mut stored = bytes;
+                if with_header {
+                    let (_, real) = encode(b"x", 1, 0).unwrap();
+                    stored.splice(0..0, real[..HEADER_LEN].iter().copied());
+                }
+                let _ = WalHeader::parse(&stored);
+                // Random bytes never decode to content that matches a header's SHA-256.
+                prop_assert!(decode(&stored).is_err());
+            }
+        }
     }
 }

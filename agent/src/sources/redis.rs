@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream,
+};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::rustls;
@@ -364,45 +366,14 @@ impl Session {
     }
 
     async fn read_line(&mut self) -> Result<String, RedisError> {
-        let mut line = Vec::new();
-        let read = self
-            .stream
-            .read_until(b'\n', &mut line)
-            .await
-            .map_err(|e| RedisError::Failed(format!("reading from {}: {e}", self.endpoint)))?;
-        if read == 0 {
-            return Err(RedisError::Failed(format!(
-                "{} closed the connection",
-                self.endpoint
-            )));
-        }
-        while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            line.pop();
-        }
+        let endpoint = self.endpoint.to_string();
+        let line = read_reply_line(&mut self.stream, &endpoint).await?;
         Ok(String::from_utf8_lossy(&line).into_owned())
     }
 
     async fn read_reply(&mut self) -> Result<Reply, RedisError> {
-        let line = self.read_line().await?;
-        let (kind, rest) = line.split_at(line.len().min(1));
-        Ok(match kind {
-            "+" => Reply::Status(rest.to_string()),
-            "-" => Reply::Error(rest.to_string()),
-            ":" => Reply::Integer(rest.parse().unwrap_or_default()),
-            "$" => match rest.parse::<i64>() {
-                Ok(length) if length >= 0 => {
-                    let length = usize::try_from(length).unwrap_or_default();
-                    let mut body = vec![0; length + 2];
-                    self.stream.read_exact(&mut body).await.map_err(|e| {
-                        RedisError::Failed(format!("reading from {}: {e}", self.endpoint))
-                    })?;
-                    body.truncate(length);
-                    Reply::Bulk(Some(body))
-                }
-                _ => Reply::Bulk(None),
-            },
-            _ => Reply::Error(format!("unexpected reply {line:?}")),
-        })
+        let endpoint = self.endpoint.to_string();
+        read_reply(&mut self.stream, &endpoint).await
     }
 
     fn unexpected(&self, command: &str, reply: &Reply) -> RedisError {
@@ -411,6 +382,88 @@ impl Session {
             self.endpoint
         ))
     }
+}
+
+/// Longest reply line read (a status, an error, a length): a server that sends more is not
+/// one we can talk to, and must not make us buffer without end.
+const MAX_REPLY_LINE: u64 = 64 * 1024;
+/// Largest bulk reply read into memory (INFO's answers are a few KiB).
+const MAX_BULK_REPLY: usize = 4 * 1024 * 1024;
+
+/// One line of a reply, without its CRLF, at most [`MAX_REPLY_LINE`] bytes.
+async fn read_reply_line(
+    stream: &mut (impl AsyncBufRead + Unpin),
+    endpoint: &str,
+) -> Result<Vec<u8>, RedisError> {
+    let mut line = Vec::new();
+    let read = (&mut *stream)
+        .take(MAX_REPLY_LINE)
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| RedisError::Failed(format!("reading from {endpoint}: {e}")))?;
+    if read == 0 {
+        return Err(RedisError::Failed(format!(
+            "{endpoint} closed the connection"
+        )));
+    }
+    if !line.ends_with(b"\n") {
+        return Err(RedisError::Failed(format!(
+            "{endpoint} sent a reply line longer than {MAX_REPLY_LINE} bytes, or none ended"
+        )));
+    }
+    while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        line.pop();
+    }
+    Ok(line)
+}
+
+/// One RESP2 reply. Total on any input: an unknown type byte or a bad length is an error, a
+/// bulk string longer than [`MAX_BULK_REPLY`] is refused before anything is allocated.
+async fn read_reply(
+    stream: &mut (impl AsyncBufRead + Unpin),
+    endpoint: &str,
+) -> Result<Reply, RedisError> {
+    let line = read_reply_line(stream, endpoint).await?;
+    let Some((&kind, rest)) = line.split_first() else {
+        return Err(RedisError::Failed(format!(
+            "{endpoint} sent an empty reply"
+        )));
+    };
+    let text = String::from_utf8_lossy(rest).into_owned();
+    let bad = || RedisError::Failed(format!("{endpoint} sent a malformed reply {text:?}"));
+    Ok(match kind {
+        b'+' => Reply::Status(text),
+        b'-' => Reply::Error(text),
+        b':' => Reply::Integer(text.parse().map_err(|_| bad())?),
+        b'$' => match text.parse::<i64>().map_err(|_| bad())? {
+            -1 => Reply::Bulk(None),
+            length => {
+                let length = usize::try_from(length).map_err(|_| bad())?;
+                if length > MAX_BULK_REPLY {
+                    return Err(RedisError::Failed(format!(
+                        "{endpoint} sent a {length}-byte reply; at most {MAX_BULK_REPLY} \
+                         are read"
+                    )));
+                }
+                let mut body = vec![0; length + 2];
+                stream
+                    .read_exact(&mut body)
+                    .await
+                    .map_err(|e| RedisError::Failed(format!("reading from {endpoint}: {e}")))?;
+                if !body.ends_with(b"\r\n") {
+                    return Err(bad());
+                }
+                body.truncate(length);
+                Reply::Bulk(Some(body))
+            }
+        },
+        _ => {
+            return Err(RedisError::Failed(format!(
+                "{endpoint} sent an unexpected reply {:?}",
+                String::from_utf8_lossy(&line)
+            )));
+        }
+    })
 }
 
 /// How the snapshot's end is known.

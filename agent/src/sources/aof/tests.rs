@@ -156,3 +156,46 @@ fn file_prefixes_are_cut_and_hashed() {
             .is_not_found()
     );
 }
+
+mod outside_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_bytes_in_any_pieces_find_a_cut_or_an_error(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            piece in 1usize..64,
+        ) {
+            let mut boundaries = CommandBoundaries::default();
+            let mut failed = false;
+            for chunk in bytes.chunks(piece) {
+                if boundaries.feed(chunk).is_err() {
+                    failed = true;
+                    break;
+                }
+            }
+            if !failed {
+                prop_assert!(boundaries.safe_end() <= bytes.len() as u64);
+            }
+        }
+
+        #[test]
+        fn commands_of_random_shapes_never_panic(
+            parts in proptest::collection::vec(
+                prop_oneof![Just("*".to_string()), Just("$".to_string()), Just("\r\n".to_string()),
+                            Just("#TS:1\r\n".to_string()), "[0-9]{1,20}", "[A-Za-z]{0,10}"],
+                0..60,
+            ),
+        ) {
+            let stream = parts.concat();
+            let mut boundaries = CommandBoundaries::default();
+            let _ = boundaries.feed(stream.as_bytes());
+        }
+
+        #[test]
+        fn any_manifest_text_parses_or_is_refused(text in "\\PC{0,300}") {
+            let _ = AofManifest::parse("appendonly.aof.manifest".into(), text);
+        }
+    }
+}

@@ -81,3 +81,21 @@ fn a_client_certificate_without_its_key_is_a_configuration_error() {
     );
     assert!(!debug.contains("hunter2"), "{debug}");
 }
+
+mod outside_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_snapshot_stream_is_checked_without_panic(
+            blobs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..20),
+        ) {
+            let mut check = SnapshotCheck::default();
+            for blob in &blobs {
+                check.feed(blob);
+            }
+            let _ = check.finish();
+        }
+    }
+}

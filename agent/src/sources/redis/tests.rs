@@ -73,3 +73,56 @@ fn urls_carry_user_and_password_and_never_show_the_password() {
         assert!(RedisEndpoint::parse(bad).is_err(), "{bad}");
     }
 }
+
+mod outside_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn reply_of(bytes: &[u8]) -> Result<Reply, RedisError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut reader = tokio::io::BufReader::new(bytes);
+        runtime.block_on(read_reply(&mut reader, "redis://test"))
+    }
+
+    #[test]
+    fn replies_that_once_panicked_or_allocated_without_bound_are_errors() {
+        // A multi-byte first character (split at byte 1 panicked).
+        assert!(reply_of("é\r\n".as_bytes()).is_err());
+        assert!(reply_of(b"\xff+OK\r\n").is_err());
+        // A server-chosen length is refused before anything is allocated.
+        assert!(reply_of(b"$9223372036854775807\r\n").is_err());
+        assert!(reply_of(b"$-7\r\n").is_err());
+        // A line without end is not buffered without bound.
+        let endless = vec![b'+'; 200_000];
+        assert!(reply_of(&endless).is_err());
+        assert!(matches!(reply_of(b"$-1\r\n"), Ok(Reply::Bulk(None))));
+        assert!(matches!(reply_of(b"$2\r\nhi\r\n"), Ok(Reply::Bulk(Some(b))) if b == b"hi"));
+        assert!(reply_of(b"$2\r\nhiXX").is_err(), "bulk not ended by CRLF");
+    }
+
+    proptest! {
+        #[test]
+        fn any_reply_bytes_give_a_reply_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = reply_of(&bytes);
+        }
+
+        #[test]
+        fn any_snapshot_bytes_in_any_pieces_are_checked_without_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            piece in 1usize..64,
+            magic in any::<bool>(),
+        ) {
+            let mut file = bytes;
+            if magic {
+                file.splice(0..0, b"REDIS0011".iter().copied());
+            }
+            let result = check_in_pieces(&file, piece);
+            // Random bytes pass only if their last 8 happen to be a valid CRC-64 (or zero).
+            if let Ok(facts) = result {
+                prop_assert_eq!(facts.bytes, file.len() as u64);
+            }
+        }
+    }
+}
