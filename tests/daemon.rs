@@ -374,3 +374,33 @@ fn a_scheduled_kind_never_backed_up_is_exported_as_the_oldest_success() {
         "{metrics}"
     );
 }
+
+#[test]
+fn the_sidecar_is_ready_over_tls_with_verify_full_and_says_why_not_with_another_ca() {
+    let weed = Seaweed::start();
+    let (pg, _) = harness::archiving_cluster(&weed, "sidecar-tls");
+    let certs = harness::shared_temp_dir("pgtls");
+    let ca = pg.require_tls(certs.path());
+    let mut agent = harness::agent_for_cluster(&pg, &weed, "sidecar-tls");
+    agent.set("PGHOST", "localhost");
+    agent.set("PGSSLMODE", "verify-full");
+    agent.set("PGSSLROOTCERT", ca.to_str().unwrap());
+    let daemon = Daemon::start(&agent);
+    let (status, body) = get(daemon.port, "/health/ready");
+    assert_eq!(status, 200, "{body}");
+    drop(daemon);
+
+    let other = harness::shared_temp_dir("othertls");
+    harness::private_ca(other.path());
+    agent.set(
+        "PGSSLROOTCERT",
+        other.path().join("ca.pem").to_str().unwrap(),
+    );
+    let daemon = Daemon::start(&agent);
+    let (status, body) = get(daemon.port, "/health/ready");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("postgres") && body.contains("PGSSLROOTCERT"),
+        "{body}"
+    );
+}

@@ -145,6 +145,11 @@ pub struct PostgresSection {
     pub pgdata: Option<PathBuf>,
     /// How long a base backup waits for its WAL to reach the store (default 5m).
     pub archive_timeout: Option<String>,
+    /// libpq's TLS settings (PGSSLMODE, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY win over these).
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<PathBuf>,
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -417,6 +422,8 @@ pub struct PostgresConfig {
     pub pgdata: Option<PathBuf>,
     /// How long a base backup waits for its WAL to reach the store; `None`: the default.
     pub archive_timeout: Option<Duration>,
+    /// TLS to the server, as libpq's sslmode and certificate settings say.
+    pub tls: crate::sources::postgres_tls::PgTls,
 }
 
 pub const MIB: usize = 1024 * 1024;
@@ -772,6 +779,48 @@ fn resolve_postgres(
                 .or(file.archive_timeout)
                 .as_deref(),
         )?,
+        tls: resolve_pg_tls(
+            file.sslmode,
+            file.sslrootcert,
+            file.sslcert,
+            file.sslkey,
+            env,
+        )?,
+    })
+}
+
+/// libpq's TLS settings: its environment, then the file, then libpq's own defaults (the
+/// files in `~/.postgresql/`, where they exist).
+fn resolve_pg_tls(
+    mode: Option<String>,
+    root_cert: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<crate::sources::postgres_tls::PgTls, ConfigError> {
+    let mode = match env("PGSSLMODE").or(mode) {
+        Some(text) => text
+            .parse()
+            .map_err(|e| err(format!("PGSSLMODE / postgres.sslmode: {e}")))?,
+        None => Default::default(),
+    };
+    let home_default = |name: &str| {
+        env("HOME")
+            .map(|home| PathBuf::from(home).join(".postgresql").join(name))
+            .filter(|path| path.is_file())
+    };
+    let pick = |var: &str, file: Option<PathBuf>, default: &str| {
+        env(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or(file)
+            .or_else(|| home_default(default))
+    };
+    Ok(crate::sources::postgres_tls::PgTls {
+        mode,
+        root_cert: pick("PGSSLROOTCERT", root_cert, "root.crt"),
+        cert: pick("PGSSLCERT", cert, "postgresql.crt"),
+        key: pick("PGSSLKEY", key, "postgresql.key"),
     })
 }
 
@@ -932,6 +981,39 @@ mod tests {
             }
         );
         assert_eq!(with_flags.pipeline.zstd_level, 1);
+    }
+
+    #[test]
+    fn postgres_tls_follows_libpq_s_environment_over_the_file() {
+        use crate::sources::postgres_tls::SslMode;
+        let toml = "[postgres]\nsslmode = \"verify-ca\"\nsslrootcert = \"/etc/ca.pem\"\n";
+        let from_file = resolve_with(toml, &[], Overrides::default()).unwrap();
+        assert_eq!(from_file.postgres.tls.mode, SslMode::VerifyCa);
+        assert_eq!(
+            from_file.postgres.tls.root_cert.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
+        let env = [
+            ("PGSSLMODE", "verify-full"),
+            ("PGSSLROOTCERT", "/run/ca.pem"),
+            ("PGSSLCERT", "/run/client.pem"),
+            ("PGSSLKEY", "/run/client.key"),
+        ];
+        let from_env = resolve_with(toml, &env, Overrides::default()).unwrap();
+        assert_eq!(from_env.postgres.tls.mode, SslMode::VerifyFull);
+        assert_eq!(
+            from_env.postgres.tls.root_cert.as_deref(),
+            Some(Path::new("/run/ca.pem"))
+        );
+        assert_eq!(
+            from_env.postgres.tls.key.as_deref(),
+            Some(Path::new("/run/client.key"))
+        );
+        // libpq's default when nothing is said.
+        let nothing = resolve_with("", &[("HOME", "/nonexistent")], Overrides::default()).unwrap();
+        assert_eq!(nothing.postgres.tls.mode, SslMode::Prefer);
+        let error = resolve_with("", &[("PGSSLMODE", "on")], Overrides::default()).unwrap_err();
+        assert!(error.0.contains("PGSSLMODE"), "{}", error.0);
     }
 
     #[test]

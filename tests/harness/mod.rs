@@ -228,6 +228,40 @@ impl Postgres {
         );
     }
 
+    /// From now on the server accepts TCP connections over TLS only (`hostssl`), with a
+    /// certificate for `localhost` signed by a new private CA in `certs` (`ca.pem`). Returns
+    /// the CA file.
+    pub fn require_tls(&self, certs: &Path) -> PathBuf {
+        private_ca(certs);
+        let (cert, key) = signed_certificate(certs, "localhost", "subjectAltName=DNS:localhost");
+        for (from, to) in [(&cert, "server.crt"), (&key, "server.key")] {
+            let target = self.data.join(to);
+            std::fs::copy(from, &target).expect("copy certificate");
+            run_ok(Command::new("chown").arg("postgres:postgres").arg(&target));
+            run_ok(Command::new("chmod").arg("0600").arg(&target));
+        }
+        let conf = self.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("postgresql.conf");
+        text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).expect("write postgresql.conf");
+        std::fs::write(
+            self.data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n\
+             hostssl all all ::1/128 trust\n",
+        )
+        .expect("write pg_hba.conf");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        self.wait_for(
+            "postgres",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            "t",
+            30,
+        );
+        let ca = certs.join("ca.pem");
+        run_ok(Command::new("chmod").arg("0644").arg(&ca));
+        ca
+    }
+
     /// Stops the server now (`mode`: smart, fast or immediate).
     pub fn stop(&self, mode: &str) {
         self.as_owner(

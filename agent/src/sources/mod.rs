@@ -4,4 +4,5 @@ pub mod aof;
 pub mod etcd;
 pub mod pgdata;
 pub mod postgres;
+pub mod postgres_tls;
 pub mod redis;

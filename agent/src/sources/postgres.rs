@@ -60,27 +60,53 @@ fn effective_dbname(config: &PostgresConfig) -> String {
         .unwrap_or_else(|| effective_user(config))
 }
 
-/// Opens a session (no TLS yet) for queries and for the base backup protocol. The connection
-/// task ends when the client is dropped, which also ends a backup left in progress.
+/// Opens a session for queries and for the base backup protocol, with TLS as libpq's
+/// settings say (`config.tls`). The connection task ends when the client is dropped, which
+/// also ends a backup left in progress.
 pub async fn connect(config: &PostgresConfig) -> Result<tokio_postgres::Client, SourceError> {
     let mut pg = tokio_postgres::Config::new();
     pg.application_name("gc-backup")
         .connect_timeout(Duration::from_secs(10))
         .user(effective_user(config))
         .dbname(effective_dbname(config));
-    match config.host.as_deref() {
-        Some(host) if host.starts_with('/') => pg.host_path(host),
-        Some(host) => pg.host(host),
+    let socket = match config.host.as_deref() {
+        Some(host) if host.starts_with('/') => {
+            pg.host_path(host);
+            true
+        }
+        Some(host) => {
+            pg.host(host);
+            false
+        }
         // libpq's default on Debian is the socket directory, then localhost.
-        None if Path::new("/var/run/postgresql").is_dir() => pg.host_path("/var/run/postgresql"),
-        None => pg.host("localhost"),
+        None if Path::new("/var/run/postgresql").is_dir() => {
+            pg.host_path("/var/run/postgresql");
+            true
+        }
+        None => {
+            pg.host("localhost");
+            false
+        }
     };
     pg.port(config.port.unwrap_or(5432));
     if let Some(password) = &config.password {
         pg.password(password.expose());
     }
+    // Unix sockets never use TLS (libpq ignores sslmode there too).
+    let mode = if socket {
+        tokio_postgres::config::SslMode::Disable
+    } else {
+        config.tls.protocol_mode()
+    };
+    pg.ssl_mode(mode);
+    let connector = config.tls.connector().map_err(|detail| {
+        SourceError::Config(format!(
+            "cannot connect to PostgreSQL at {}: {detail}",
+            describe(config)
+        ))
+    })?;
     let (client, connection) = pg
-        .connect(tokio_postgres::NoTls)
+        .connect(connector)
         .await
         .map_err(|e| connect_error(config, &e))?;
     tokio::spawn(async move {
@@ -139,8 +165,18 @@ fn connect_error(config: &PostgresConfig, error: &tokio_postgres::Error) -> Sour
         }
         return SourceError::Failed(message);
     }
+    if let Some(hint) = super::postgres_tls::explain(error, config.tls.mode) {
+        return SourceError::Config(format!("cannot connect to PostgreSQL at {target}: {hint}"));
+    }
     let detail =
         std::error::Error::source(error).map_or_else(|| error.to_string(), ToString::to_string);
+    if mode_requires_tls(config) && detail.contains("does not support TLS") {
+        return SourceError::Config(format!(
+            "cannot connect to PostgreSQL at {target}: the server does not offer TLS and \
+             sslmode={} requires it",
+            config.tls.mode.as_str()
+        ));
+    }
     SourceError::Failed(format!(
         "cannot connect to PostgreSQL at {target}: {detail}"
     ))
@@ -183,9 +219,15 @@ pub fn client_binary(dir: Option<&Path>, name: &str) -> PathBuf {
     }
 }
 
-/// Sets libpq's environment for a child from the resolved settings. The password goes through
-/// the environment, never the command line.
+fn mode_requires_tls(config: &PostgresConfig) -> bool {
+    config.tls.protocol_mode() == tokio_postgres::config::SslMode::Require
+}
+
+/// Sets libpq's environment for a child from the resolved settings, TLS included, so that
+/// pg_dump, pg_restore and psql connect as the agent does. The password goes through the
+/// environment, never the command line.
 pub fn apply_libpq_env(command: &mut Command, config: &PostgresConfig) {
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let settings = [
         ("PGHOST", config.host.clone()),
         ("PGPORT", config.port.map(|p| p.to_string())),
@@ -195,6 +237,10 @@ pub fn apply_libpq_env(command: &mut Command, config: &PostgresConfig) {
             "PGPASSWORD",
             config.password.as_ref().map(|p| p.expose().to_string()),
         ),
+        ("PGSSLMODE", Some(config.tls.mode.as_str().to_string())),
+        ("PGSSLROOTCERT", path(&config.tls.root_cert)),
+        ("PGSSLCERT", path(&config.tls.cert)),
+        ("PGSSLKEY", path(&config.tls.key)),
     ];
     for (name, value) in settings {
         if let Some(value) = value {
