@@ -82,12 +82,23 @@ pub enum Command {
     /// Delete what the retention policy says has expired (backups, their data, old WAL, data
     /// of runs that never finished), printing the plan with a reason for each item
     Retention(RetentionArgs),
+    /// Check a deployment: the store (credentials, bucket, create-only PUT, multipart,
+    /// checksums, delete, versioning, object lock), PostgreSQL's archiving into this store,
+    /// Redis and etcd. Exit 0 all good, 2 a setting or credential is wrong, 3 anything else
+    Check(CheckArgs),
     /// Started by wal-fetch: downloads the next segments into its spool
     #[command(hide = true)]
     WalPrefetch(WalPrefetchArgs),
     /// recovery_end_command: stops the prefetcher and removes its spool in ./pg_wal
     #[command(hide = true)]
     WalPrefetchStop,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Print the findings as a JSON array (area, check, status, detail) instead of a table
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -368,6 +379,27 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load(&cli.global.overrides()).map_err(|e| Failure::Config(e.0))?;
+    // check reports an unusable store as a finding, so it opens the store itself.
+    if let Command::Check(args) = &cli.command {
+        let report = jobs::check::check(&config).await;
+        print_check(&report, args.json)?;
+        return match report.exit_code() {
+            0 => Ok(()),
+            code => {
+                let failed = report
+                    .findings
+                    .iter()
+                    .filter(|f| f.status == jobs::check::Status::Fail)
+                    .count();
+                let message = format!("check: {failed} of {} checks failed", report.findings.len());
+                Err(if code == crate::error::EXIT_CONFIG {
+                    Failure::Config(message).into()
+                } else {
+                    anyhow::anyhow!(message)
+                })
+            }
+        };
+    }
     // Only a backup (or the sidecar that takes them) may create a new local store: for every
     // other command an absent directory is a store that cannot be reached, never an empty one.
     let mode = match cli.command {
@@ -551,6 +583,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Command::WalPrefetch(args) => {
             jobs::prefetch::run(&config, &store, &args.name, &args.dir).await
         }
+        Command::Check(_) => Ok(()),
         Command::WalPrefetchStop => {
             jobs::prefetch::stop_in(std::path::Path::new("pg_wal"));
             Ok(())
@@ -885,6 +918,32 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 /// The plan, one line per backup and deleted object; WAL in one line (there can be thousands).
+/// The findings as a table for people (one line each), or JSON for scripts.
+fn print_check(report: &jobs::check::CheckReport, json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &report.findings).context("writing JSON")?;
+        writeln!(out).context("writing to stdout")?;
+        return Ok(());
+    }
+    writeln!(out, "{:<9} {:<27} {:<6} DETAIL", "AREA", "CHECK", "RESULT")
+        .context("writing to stdout")?;
+    for finding in &report.findings {
+        let status = match finding.status {
+            jobs::check::Status::Ok => "ok",
+            jobs::check::Status::Warn => "WARN",
+            jobs::check::Status::Fail => "FAIL",
+        };
+        writeln!(
+            out,
+            "{:<9} {:<27} {:<6} {}",
+            finding.area, finding.check, status, finding.detail
+        )
+        .context("writing to stdout")?;
+    }
+    Ok(())
+}
+
 fn print_retention(report: &jobs::retention::RetentionReport, dry_run: bool) {
     use retention::Target;
     let mut out = std::io::stdout().lock();

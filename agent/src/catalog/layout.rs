@@ -7,6 +7,7 @@
 //! wal/<TTTTTTTTXXXXXXXX>/<name>.zst   WAL segments, .partial and .backup files, by timeline
 //!                                     and xlog id (at most 256 per directory)
 //! wal/<TTTTTTTT>.history.zst          timeline history files
+//! check/<run>/<probe>             `gc-backup check`'s probe objects, deleted before it ends
 //! ```
 //!
 //! Keys are relative to the store's root (the bucket prefix or directory).
@@ -127,6 +128,11 @@ pub fn parse_wal_key(key: &ObjectKey) -> Option<pitr::WalFile> {
 
 pub fn wal_prefix() -> ObjectKey {
     ObjectKey::from("wal")
+}
+
+/// A probe object of one `gc-backup check` run.
+pub fn check_key(run: &str, probe: &str) -> ObjectKey {
+    ObjectKey::from(format!("check/{run}/{probe}").as_str())
 }
 
 pub fn claim_key(kind: Kind, id: &BackupId) -> ObjectKey {

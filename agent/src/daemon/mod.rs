@@ -29,6 +29,8 @@ use crate::store::{ObjectKey, Store, StoreError};
 const CATALOG_REFRESH: Duration = Duration::from_secs(300);
 /// How often the archiver's state is copied into the metrics.
 const WAL_METRICS_EVERY: Duration = Duration::from_secs(5);
+/// How long the start-up store check may take before the sidecar goes on without it.
+const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one readiness check may wait for the store or PostgreSQL.
 const READY_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -81,6 +83,7 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
         )
         .into());
     }
+    let store = check_store(&config, store).await;
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .map_err(|e| Failure::Config(format!("cannot listen on {}: {e}", config.metrics_listen)))?;
@@ -131,6 +134,33 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
     }
     while tasks.join_next().await.is_some() {}
     archiver_result
+}
+
+/// At start: what the store can do (`gc-backup check`'s store part), logged, and the store to
+/// upload with (without part checksums if the store refused them). A store that does not
+/// answer in time is used as configured: archiving must not wait for the check.
+async fn check_store(config: &Config, store: Store) -> Store {
+    use crate::jobs::check::{Status, store_checks};
+    match tokio::time::timeout(STORE_CHECK_TIMEOUT, store_checks(config, &store)).await {
+        Ok(found) => {
+            for finding in &found.findings {
+                let (check, detail) = (finding.check, finding.detail.as_str());
+                match finding.status {
+                    Status::Ok => tracing::info!(check, detail, "store check"),
+                    Status::Warn => tracing::warn!(check, detail, "store check"),
+                    Status::Fail => tracing::error!(check, detail, "store check"),
+                }
+            }
+            found.adapted.unwrap_or(store)
+        }
+        Err(_) => {
+            tracing::warn!(
+                seconds = STORE_CHECK_TIMEOUT.as_secs(),
+                "the store did not finish its start-up check in time; using it as configured"
+            );
+            store
+        }
+    }
 }
 
 /// The store answers (a HEAD of a key that need not exist), and PostgreSQL does when the

@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod base_tar;
+pub mod check;
 pub mod etcd;
 pub mod pg_base;
 pub mod pg_dump;

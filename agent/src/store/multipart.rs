@@ -46,12 +46,73 @@ fn client(location: &S3Location) -> Option<aws_sdk_s3::Client> {
     Some(aws_sdk_s3::Client::from_conf(config.build()))
 }
 
+fn describe(error: &impl std::error::Error) -> String {
+    aws_sdk_s3::error::DisplayErrorContext(error).to_string()
+}
+
 fn root(location: &S3Location) -> String {
     if location.prefix.is_empty() {
         String::new()
     } else {
         format!("{}/", location.prefix.trim_end_matches('/'))
     }
+}
+
+/// What the bucket keeps of overwritten and deleted objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketState {
+    /// `Enabled`, `Suspended`, or `off` (never enabled).
+    pub versioning: String,
+    /// `off`, or the default retention (`GOVERNANCE 30 days`) or `on` without one.
+    pub object_lock: String,
+}
+
+/// Versioning and object-lock configuration of the bucket; `Ok(None)` without static
+/// credentials.
+pub async fn bucket_state(location: &S3Location) -> Result<Option<BucketState>, MultipartError> {
+    let Some(client) = client(location) else {
+        return Ok(None);
+    };
+    let versioning = client
+        .get_bucket_versioning()
+        .bucket(&location.bucket)
+        .send()
+        .await
+        .map_err(|e| MultipartError(format!("GetBucketVersioning: {}", describe(&e))))?;
+    let versioning = versioning
+        .status()
+        .map_or_else(|| "off".to_string(), |s| s.as_str().to_string());
+    let object_lock = match client
+        .get_object_lock_configuration()
+        .bucket(&location.bucket)
+        .send()
+        .await
+    {
+        Ok(answer) => match answer.object_lock_configuration() {
+            None => "off".to_string(),
+            Some(lock) => match lock.rule().and_then(|r| r.default_retention()) {
+                Some(retention) => format!(
+                    "{} {}",
+                    retention.mode().map_or("on", |m| m.as_str()),
+                    retention
+                        .days()
+                        .map(|d| format!("{d} days"))
+                        .or_else(|| retention.years().map(|y| format!("{y} years")))
+                        .unwrap_or_default()
+                ),
+                None => "on, without a default retention".to_string(),
+            },
+        },
+        // S3 answers ObjectLockConfigurationNotFoundError for a bucket without object lock.
+        Err(error) if describe(&error).contains("ObjectLockConfigurationNotFound") => {
+            "off".to_string()
+        }
+        Err(error) => format!("unknown ({})", describe(&error)),
+    };
+    Ok(Some(BucketState {
+        versioning,
+        object_lock,
+    }))
 }
 
 /// The uploads in progress under the store's prefix; `Ok(None)` when they cannot be asked for
