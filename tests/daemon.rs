@@ -191,6 +191,11 @@ fn the_sidecar_schedules_backups_exports_metrics_and_follows_the_store() {
         "{metrics}"
     );
     assert!(sample(&metrics, "gc_backup_start_time_seconds") > 0.0);
+    let rss = sample(&metrics, "gc_backup_peak_rss_bytes");
+    assert!(
+        rss > 1e6 && rss < 64.0 * 1024.0 * 1024.0,
+        "peak RSS {rss} against the 64 MiB default limit"
+    );
 
     // The exposition is valid Prometheus text, names and help included.
     let mut promtool = Command::new("promtool")
@@ -403,4 +408,27 @@ fn the_sidecar_is_ready_over_tls_with_verify_full_and_says_why_not_with_another_
         body.contains("postgres") && body.contains("PGSSLROOTCERT"),
         "{body}"
     );
+}
+
+#[test]
+fn a_memory_limit_too_small_is_refused_with_what_it_needs() {
+    let mut agent = Agent::new(Vec::new());
+    agent.set(
+        "GC_BACKUP_STORE",
+        &format!("file://{}", agent.home().display()),
+    );
+    agent.set("GC_BACKUP_MEMORY_LIMIT", "16MiB");
+    let output = agent.run(&["list"]);
+    harness::assert_fails(&output, 2, "pipeline.memory-limit 16 MiB is too small");
+
+    // The sidecar also archives: 48 MiB holds a backup, not a backup and a WAL segment.
+    let pgdata = agent.home().join("pgdata");
+    std::fs::create_dir_all(pgdata.join("pg_wal/archive_status")).unwrap();
+    agent.set("PGDATA", pgdata.to_str().unwrap());
+    let config = agent.home().join("gc-backup.toml");
+    std::fs::write(&config, "[schedule]\npg-base = \"0 3 * * *\"\n").unwrap();
+    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    agent.set("GC_BACKUP_MEMORY_LIMIT", "48MiB");
+    let output = agent.run(&["run"]);
+    harness::assert_fails(&output, 2, "too small for the sidecar");
 }

@@ -129,6 +129,9 @@ pub struct PipelineSection {
     pub part_size: Option<String>,
     /// Parts uploading at once; memory is about part size × (this + 2).
     pub parallel_uploads: Option<usize>,
+    /// What the process may hold, e.g. "64MiB" (the default): streams, parts in flight and
+    /// zstd frames are chosen to fit it at any core count.
+    pub memory_limit: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -381,6 +384,11 @@ pub struct PipelineConfig {
     pub zstd_workers: u32,
     pub part_size: usize,
     pub parallel_uploads: usize,
+    /// Raw bytes per zstd frame at the fast levels (see `pipeline::compress`).
+    pub frame_bytes: usize,
+    /// What this process may hold in buffers and itself: jobs fit their streams, parts in
+    /// flight and frames to it (`pipeline::budget`).
+    pub memory_limit: usize,
 }
 
 impl Default for PipelineConfig {
@@ -390,9 +398,14 @@ impl Default for PipelineConfig {
             zstd_workers: default_zstd_workers(DEFAULT_ZSTD_LEVEL),
             part_size: 8 * MIB,
             parallel_uploads: 3,
+            frame_bytes: crate::pipeline::FRAME_BYTES,
+            memory_limit: DEFAULT_MEMORY_LIMIT,
         }
     }
 }
+
+/// What a sidecar container is usually given room for; see `pipeline::budget`.
+pub const DEFAULT_MEMORY_LIMIT: usize = 64 * MIB;
 
 /// Level 1 keeps up with pg_dump on one core and stores no more than `zstd -1`; higher levels
 /// are a choice of CPU for space.
@@ -740,12 +753,21 @@ fn resolve_pipeline(
     if zstd_workers > 64 {
         return Err(err(format!("zstd-workers {zstd_workers} is above 64")));
     }
-    Ok(PipelineConfig {
+    let memory_limit = match env("GC_BACKUP_MEMORY_LIMIT").or_else(|| file.memory_limit.clone()) {
+        Some(text) => parse_size(&text)?,
+        None => defaults.memory_limit,
+    };
+    let wanted = PipelineConfig {
         zstd_level,
         zstd_workers,
         part_size,
         parallel_uploads,
-    })
+        frame_bytes: defaults.frame_bytes,
+        memory_limit,
+    };
+    // The settings above are maxima: one pipeline is fitted to the limit here, once; base
+    // backups and the sidecar fit their streams from these (see pipeline::budget).
+    crate::pipeline::budget::single(&wanted, memory_limit).map_err(|e| err(e.to_string()))
 }
 
 fn resolve_postgres(

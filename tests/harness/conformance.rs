@@ -62,6 +62,7 @@ async fn multipart_through_the_pipeline(store: &Store) {
         zstd_workers: 1,
         part_size: 5 * 1024 * 1024,
         parallel_uploads: 2,
+        ..PipelineConfig::default()
     };
     let summary = pipeline::upload(store, &key, &data[..], &settings, &CancellationToken::new())
         .await

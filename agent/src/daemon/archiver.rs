@@ -24,8 +24,6 @@ use crate::jobs::wal;
 use crate::store::Store;
 
 const MARKER_SUFFIX: &str = ".gc-stored";
-/// Uploads at once. WAL objects are in memory while they upload: 16 MiB raw each at most.
-const PARALLEL_UPLOADS: usize = 4;
 /// A rescan also runs on this period, in case a file event was missed.
 const RESCAN: Duration = Duration::from_secs(5);
 /// Events queued between the watcher thread and the loop; when full, events are dropped
@@ -82,11 +80,14 @@ fn write_marker(wal_path: &Path, identity: &str, sha256: &str) -> std::io::Resul
 }
 
 /// Runs until `shutdown`; uploads in flight are finished (they are short) before returning.
+/// `uploads` segments are read, compressed and stored at once (1 to 4): each is in memory
+/// with its compressed copy while it uploads, so the sidecar's memory budget sets it.
 pub async fn run(
     config: Arc<Config>,
     store: Store,
     pgdata: PathBuf,
     status: Arc<Mutex<ArchiverStatus>>,
+    uploads: usize,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let wal_dir = pgdata.join("pg_wal");
@@ -100,7 +101,7 @@ pub async fn run(
     watcher.watch(&status_dir, notify::RecursiveMode::NonRecursive)?;
     tracing::info!(dir = %status_dir.display(), "look-ahead WAL archiving started");
 
-    let slots = Arc::new(Semaphore::new(PARALLEL_UPLOADS));
+    let slots = Arc::new(Semaphore::new(uploads.max(1)));
     let mut uploads: JoinSet<(String, anyhow::Result<()>)> = JoinSet::new();
     let mut in_flight: HashSet<String> = HashSet::new();
     loop {

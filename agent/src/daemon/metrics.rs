@@ -8,6 +8,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::catalog::Kind;
 
 pub const LAST_SUCCESS: &str = "gc_backup_last_success_timestamp_seconds";
+pub const PEAK_RSS: &str = "gc_backup_peak_rss_bytes";
 pub const LAST_FAILURE: &str = "gc_backup_last_failure_timestamp_seconds";
 pub const RUNS: &str = "gc_backup_runs_total";
 pub const DURATION: &str = "gc_backup_duration_seconds";
@@ -122,7 +123,14 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         Unit::Seconds,
         "When this gc-backup run process started"
     );
+    describe_gauge!(
+        PEAK_RSS,
+        Unit::Bytes,
+        "Peak resident memory of this process since it started (VmHWM), to compare with \
+         pipeline.memory-limit"
+    );
     gauge!(START_TIME).set(seconds(Utc::now()));
+    peak_rss();
     Ok(handle)
 }
 
@@ -182,4 +190,11 @@ pub fn wal(last_archived: Option<DateTime<Utc>>, pending: usize, failures: u64) 
     }
     gauge!(WAL_PENDING).set(pending as f64);
     counter!(WAL_FAILURES).absolute(failures);
+}
+
+/// Copies this process's peak resident memory into its gauge.
+pub fn peak_rss() {
+    if let Some(bytes) = crate::jobs::peak_rss_bytes() {
+        gauge!(PEAK_RSS).set(bytes as f64);
+    }
 }

@@ -83,6 +83,29 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
         )
         .into());
     }
+    // One memory limit for the whole process: the archiver's segments, then the backups.
+    let backup_kinds = schedules
+        .iter()
+        .filter(|(job, _)| matches!(job, JobKind::Backup(_)))
+        .count();
+    let plan = crate::pipeline::budget::sidecar(
+        config.pipeline.memory_limit,
+        pgdata.is_some(),
+        backup_kinds,
+        pitr::DEFAULT_SEGMENT_SIZE as usize,
+    )
+    .map_err(Failure::Config)?;
+    let mut config = config;
+    config.pipeline.memory_limit = plan.backup_limit;
+    config.pipeline = crate::pipeline::budget::single(&config.pipeline, plan.backup_limit)
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    tracing::info!(
+        wal_uploads = plan.wal_uploads,
+        backups_at_once = plan.backups_at_once,
+        backup_limit = plan.backup_limit,
+        "memory planned"
+    );
+    let backup_slots = Arc::new(tokio::sync::Semaphore::new(plan.backups_at_once));
     let store = check_store(&config, store).await;
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
@@ -116,6 +139,7 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
             schedule,
             config.clone(),
             store.clone(),
+            backup_slots.clone(),
             shutdown.clone(),
         ));
     }
@@ -123,8 +147,15 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
     if let Some(pgdata) = pgdata {
         let status = Arc::new(Mutex::new(archiver::ArchiverStatus::default()));
         tasks.spawn(copy_wal_metrics(status.clone(), shutdown.clone()));
-        archiver_result =
-            archiver::run(config.clone(), store, pgdata, status, shutdown.clone()).await;
+        archiver_result = archiver::run(
+            config.clone(),
+            store,
+            pgdata,
+            status,
+            plan.wal_uploads,
+            shutdown.clone(),
+        )
+        .await;
         if archiver_result.is_err() {
             // Without archiving the sidecar is useless: stop everything and say why.
             shutdown.cancel();
@@ -221,6 +252,7 @@ async fn copy_wal_metrics(
         if let Ok(status) = status.lock() {
             metrics::wal(status.last_archived_at, status.pending, status.failures);
         }
+        metrics::peak_rss();
         tokio::select! {
             () = tokio::time::sleep(WAL_METRICS_EVERY) => {}
             () = shutdown.cancelled() => return,

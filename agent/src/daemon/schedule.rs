@@ -21,11 +21,15 @@ pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs `job` on `schedule` until `shutdown`; then cancels the run in flight and waits for it
 /// (at most [`STOP_GRACE`]).
+///
+/// A backup takes one of `backup_slots` first: the memory limit holds only so many backups at
+/// once, and a run that has to wait for one still runs (it is not skipped).
 pub async fn run_on_schedule(
     job: JobKind,
     schedule: Schedule,
     config: Arc<Config>,
     store: Store,
+    backup_slots: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
 ) {
     metrics::register(job);
@@ -48,7 +52,15 @@ pub async fn run_on_schedule(
             continue;
         }
         let (config, store, cancel) = (config.clone(), store.clone(), runs.child_token());
+        let slots = backup_slots.clone();
         running = Some(tokio::spawn(async move {
+            let _slot = match job {
+                JobKind::Backup(_) => tokio::select! {
+                    slot = slots.acquire_owned() => slot.ok(),
+                    () = cancel.cancelled() => return,
+                },
+                JobKind::Retention => None,
+            };
             run_once(job, &config, &store, &cancel).await;
         }));
     }
@@ -90,6 +102,7 @@ pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &Can
         }
     };
     let seconds = started.elapsed().as_secs_f64();
+    metrics::peak_rss();
     match outcome {
         Ok(()) => metrics::run_finished(job, RunResult::Success, seconds),
         Err(error) => {

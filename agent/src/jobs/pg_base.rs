@@ -286,34 +286,12 @@ fn timeline_of(label: &str) -> Option<u32> {
         .and_then(|t| t.trim().parse().ok())
 }
 
-/// The streams share the memory budget of one pipeline, `part_size × (parallel_uploads + 2)`:
-/// each uploads one part at a time, and parts shrink (not below S3's minimum) so that all
-/// streams together hold no more parts' worth of memory than a single pipeline would.
-fn stream_settings(pipeline: &PipelineConfig, streams: usize) -> PipelineConfig {
-    let mut settings = pipeline.clone();
-    if streams <= 1 {
-        return settings;
-    }
-    let budget = pipeline.part_size * (pipeline.parallel_uploads + 2);
-    settings.parallel_uploads = 1;
-    // Each stream also holds, at the fast levels, a frame of raw and one of compressed bytes.
-    let frames = if pipeline::uses_frames(pipeline) {
-        2 * pipeline::FRAME_BYTES
-    } else {
-        0
-    };
-    let queues = streams * frames;
-    let per_part = budget.saturating_sub(queues) / (streams * 3);
-    settings.part_size = (per_part & !(crate::config::MIB - 1))
-        .clamp(crate::config::S3_MIN_PART_SIZE, pipeline.part_size);
-    settings
-}
-
-/// How many tar streams to write at once: one per core, at most 4.
-fn stream_count() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 4)
+/// How many tar streams to write at once, and each one's settings: one per core (at most 4),
+/// as many as `pipeline.memory-limit` holds (see `pipeline::budget`).
+fn stream_plan(pipeline: &PipelineConfig) -> anyhow::Result<(usize, PipelineConfig)> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    crate::pipeline::budget::streams(pipeline, pipeline.memory_limit, cores)
+        .map_err(|e| Failure::Config(e.to_string()).into())
 }
 
 /// What every stage of one base backup needs.
@@ -350,8 +328,14 @@ async fn copy_and_stop(
     })?;
     let (dirs, files) = pgdata::partition(entries);
     let files = std::sync::Arc::new(files);
-    let streams = stream_count();
-    let settings = stream_settings(&config.pipeline, streams);
+    let (streams, settings) = stream_plan(&config.pipeline)?;
+    tracing::debug!(
+        streams,
+        part_size = settings.part_size,
+        frame_bytes = settings.frame_bytes,
+        memory_limit = config.pipeline.memory_limit,
+        "base backup streams planned"
+    );
     let uploads = (0..streams).map(|index| {
         let settings = settings.clone();
         // Stream 0 holds the directories, so that they are restored first.
@@ -510,24 +494,6 @@ async fn upload_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn streams_share_one_pipeline_s_memory_budget() {
-        let one = PipelineConfig::default();
-        let budget = one.part_size * (one.parallel_uploads + 2);
-        for streams in [2, 3, 4] {
-            let each = stream_settings(&one, streams);
-            assert_eq!(each.parallel_uploads, 1);
-            assert!(each.part_size >= crate::config::S3_MIN_PART_SIZE);
-            let total = streams * each.part_size * (each.parallel_uploads + 2);
-            // Never above the budget, except where S3's minimum part size forbids it.
-            assert!(
-                total <= budget || each.part_size == crate::config::S3_MIN_PART_SIZE,
-                "{streams} streams hold {total} bytes, budget {budget}"
-            );
-        }
-        assert_eq!(stream_settings(&one, 1).part_size, one.part_size);
-    }
 
     #[test]
     fn the_timeline_comes_from_the_label() {

@@ -2,7 +2,8 @@
 //! and cuts the compressed stream into parts.
 //!
 //! At the fast levels without zstd workers (the defaults) the stream is a sequence of
-//! independent frames of [`FRAME_BYTES`] raw bytes each, compressed in one call: 1.4× the
+//! independent frames of `frame_bytes` raw bytes each (at most [`FRAME_BYTES`]; smaller
+//! when the memory limit asks for it), compressed in one call: 1.4× the
 //! speed of zstd's streaming API, whose ring buffer sends most blocks down its slower
 //! external-dictionary path, for 0.1% more bytes (measured on the bench cluster's PGDATA).
 //! Every zstd decoder, `zstd -d` included, reads concatenated frames as one stream.
@@ -16,7 +17,8 @@ use tokio::sync::mpsc::{Receiver, Sender};
 use super::{MAX_PARTS, Piece, PipelineError, RawDigest, part_size_for};
 use crate::config::{MIB, PipelineConfig};
 
-/// Raw bytes per frame when compressing in frames (see the module's doc).
+/// Raw bytes per frame when compressing in frames, unless the memory budget asks for less
+/// (see the module's doc and [`super::budget`]).
 pub const FRAME_BYTES: usize = 4 * MIB;
 
 /// Whether `settings` compress in frames: fast levels only, where the window (≤ 2 MiB) is
@@ -121,7 +123,7 @@ impl Write for CompressingWriter {
     }
 }
 
-/// zstd's streaming encoder, or frames of [`FRAME_BYTES`] compressed one at a time.
+/// zstd's streaming encoder, or frames of `frame_bytes` compressed one at a time.
 enum Encoder {
     Stream(zstd::stream::write::Encoder<'static, PartWriter>),
     Frames(FrameEncoder),
@@ -129,6 +131,7 @@ enum Encoder {
 
 struct FrameEncoder {
     compressor: zstd::bulk::Compressor<'static>,
+    frame_bytes: usize,
     raw: Vec<u8>,
     compressed: Vec<u8>,
     frames: u64,
@@ -138,10 +141,10 @@ struct FrameEncoder {
 impl FrameEncoder {
     fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
         while !data.is_empty() {
-            let taken = (FRAME_BYTES - self.raw.len()).min(data.len());
+            let taken = (self.frame_bytes - self.raw.len()).min(data.len());
             self.raw.extend_from_slice(&data[..taken]);
             data = &data[taken..];
-            if self.raw.len() == FRAME_BYTES {
+            if self.raw.len() == self.frame_bytes {
                 self.frame()?;
             }
         }
@@ -164,10 +167,12 @@ impl Encoder {
         if uses_frames(settings) {
             let mut compressor = zstd::bulk::Compressor::new(settings.zstd_level)?;
             compressor.include_checksum(true)?;
+            let frame_bytes = settings.frame_bytes.clamp(64 * 1024, FRAME_BYTES);
             return Ok(Self::Frames(FrameEncoder {
                 compressor,
-                raw: Vec::with_capacity(FRAME_BYTES),
-                compressed: Vec::with_capacity(zstd::zstd_safe::compress_bound(FRAME_BYTES)),
+                frame_bytes,
+                raw: Vec::with_capacity(frame_bytes),
+                compressed: Vec::with_capacity(zstd::zstd_safe::compress_bound(frame_bytes)),
                 frames: 0,
                 writer,
             }));

@@ -12,6 +12,7 @@
 //! the size of the source, and nothing is written to local disk. Any failure drops the
 //! channels, which stops every stage, and aborts the multipart upload. See [`upload`] and [`download`].
 
+pub mod budget;
 mod compress;
 mod download;
 mod upload;

@@ -24,6 +24,8 @@ fn settings(part_size: usize) -> PipelineConfig {
         zstd_workers: 0,
         part_size,
         parallel_uploads: 2,
+        frame_bytes: compress::FRAME_BYTES,
+        memory_limit: crate::config::DEFAULT_MEMORY_LIMIT,
     }
 }
 

@@ -244,6 +244,7 @@ pub fn write_tar(
                 builder
                     .append_data(&mut header, &entry.path, &mut reader)
                     .map_err(|e| tar_error(&entry.path, e))?;
+                forget_cached(&reader.inner.into_inner());
                 copied.push(CopiedFile {
                     path: entry.path.clone(),
                     size: entry.size,
@@ -288,6 +289,19 @@ impl<R: Read> Read for PaddedReader<R> {
         self.remaining -= n as u64;
         Ok(n)
     }
+}
+
+/// Drops the file's pages from the page cache once it has been copied. A base backup reads
+/// all of PGDATA once; the pages it brought in would otherwise stay cached and be charged to
+/// the sidecar's memory cgroup, which can push the container over its limit (CloudNativePG
+/// met this). Pages PostgreSQL dirtied are not dropped (DONTNEED leaves dirty pages alone).
+fn forget_cached(file: &std::fs::File) {
+    let _ = nix::fcntl::posix_fadvise(
+        file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
 }
 
 /// The system identifier in `global/pg_control` (its first 8 bytes, native order): which
