@@ -24,11 +24,7 @@ cleanup() {
 trap cleanup EXIT
 
 bench_https_cluster
-write_pgbackrest_conf "$work" "$pgdata" "$BENCH_DIR/pg" repo1-bundle=y repo1-retention-full=100 process-max=2 start-fast=y
-as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
-set_archive_command() {
-  psql -X -q -d postgres -c "ALTER SYSTEM SET archive_command = '$1'" -c "SELECT pg_reload_conf()" >/dev/null
-}
+bench_pgbackrest
 prefix_bytes() { echo "aws s3 ls --recursive s3://bench/$1 | awk '{s+=\$3} END {print s+0}'"; }
 last_stored="GC_BACKUP_CONFIG='$work/gc-backup.toml' '$GC_BACKUP' list --kind pg-base --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1][\"stored_bytes\"])'"
 

@@ -28,12 +28,8 @@ cleanup() {
 trap cleanup EXIT
 
 bench_https_cluster
-write_pgbackrest_conf "$work" "$pgdata" "$BENCH_DIR/pg" repo1-bundle=y repo1-retention-full=100 process-max=2 start-fast=y
-as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
+bench_pgbackrest
 
-set_archive_command() {
-  psql -X -q -d postgres -c "ALTER SYSTEM SET archive_command = '$1'" -c "SELECT pg_reload_conf()" >/dev/null
-}
 weed_cpu() { awk '{print $14 + $15}' "/proc/$WEED_PID/stat"; }
 
 results="$work/results"

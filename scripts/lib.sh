@@ -263,6 +263,17 @@ CONF
   chmod 644 "$work/gc-backup.toml"
 }
 
+# bench_pgbackrest: after bench_https_cluster, pgBackRest's stanza for the bench cluster (full
+# backups bundled, process-max 2, fast start), and set_archive_command CMD to switch
+# PostgreSQL's archive_command between the contenders.
+bench_pgbackrest() {
+  write_pgbackrest_conf "$work" "$pgdata" "$BENCH_DIR/pg" repo1-bundle=y repo1-retention-full=100 process-max=2 start-fast=y
+  as_postgres pgbackrest --config="$work/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
+}
+set_archive_command() {
+  psql -X -q -d postgres -c "ALTER SYSTEM SET archive_command = '$1'" -c "SELECT pg_reload_conf()" >/dev/null
+}
+
 # bench_measure RESULTS NAME STORED_BYTES_CMD CMD: runs CMD under /usr/bin/time and appends a
 # row to RESULTS: name, wall s, CPU s, peak RSS MiB of the largest process, gc-backup's own
 # peak RSS MiB (from its JSON log, "-" for others), stored bytes (STORED_BYTES_CMD's output).

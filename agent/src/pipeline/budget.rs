@@ -3,7 +3,7 @@
 //! What one pipeline holds, in the worst case:
 //!
 //! ```text
-//! parts      part_size × (parallel_uploads + 2)   in flight, queued, being filled
+//! parts      part_size × (parallel_uploads + 1)   uploading (or queued), being filled
 //! chunks     1.25 MiB                             raw chunks waiting for the compressor
 //! zstd       2 × frame_bytes                      a frame of raw and one of compressed bytes
 //!            (the window and its workers' buffers at the slower levels)
@@ -19,9 +19,10 @@ use crate::config::{MIB, PipelineConfig, S3_MIN_PART_SIZE};
 
 use super::{CHUNK_QUEUE, CHUNK_SIZE, compress};
 
-/// The process without its buffers: tokio, rustls, the allocator's slack, the code. Measured:
-/// 10–12 MiB peak RSS for a wal-push of an empty file, 12 MiB for `list`.
-pub const PROCESS_RESERVE: usize = 12 * MIB;
+/// The process without its pipelines' buffers: tokio, rustls and the HTTP client, the tar
+/// writer's and the file queue's own memory, the allocator's slack, the code. Measured on the
+/// bench cluster's base backup: peak RSS 15–16 MiB above what the parts and frames account for.
+pub const PROCESS_RESERVE: usize = 16 * MIB;
 
 /// Frame sizes tried, largest (fastest) first.
 const FRAME_SIZES: [usize; 3] = [compress::FRAME_BYTES, 2 * MIB, MIB];
@@ -52,7 +53,7 @@ fn too_small(limit: usize) -> TooSmall {
 
 /// Bytes one pipeline may hold with these settings (see the module's doc).
 fn cost(part_size: usize, parallel_uploads: usize, frame_bytes: usize) -> usize {
-    part_size * (parallel_uploads + 2) + (CHUNK_QUEUE + 1) * CHUNK_SIZE + 2 * frame_bytes
+    part_size * (parallel_uploads + 1) + (CHUNK_QUEUE + 1) * CHUNK_SIZE + 2 * frame_bytes
 }
 
 /// One pipeline (pg_dump, Redis, etcd, an AOF file) within `limit` bytes for the whole
@@ -71,7 +72,7 @@ pub fn single(settings: &PipelineConfig, limit: usize) -> Result<PipelineConfig,
             let Some(for_parts) = available.checked_sub(fixed) else {
                 continue;
             };
-            let part = round_down_mib(for_parts / (parallel + 2)).min(settings.part_size);
+            let part = round_down_mib(for_parts / (parallel + 1)).min(settings.part_size);
             if part >= S3_MIN_PART_SIZE.min(settings.part_size) {
                 fitted.parallel_uploads = parallel;
                 fitted.part_size = part;
@@ -103,7 +104,7 @@ pub fn streams(
             let Some(for_parts) = share.checked_sub(fixed) else {
                 continue;
             };
-            let part = round_down_mib(for_parts / 3).min(settings.part_size);
+            let part = round_down_mib(for_parts / 2).min(settings.part_size);
             if part >= S3_MIN_PART_SIZE.min(settings.part_size) {
                 let mut fitted = settings.clone();
                 fitted.parallel_uploads = 1;

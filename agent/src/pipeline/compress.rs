@@ -14,7 +14,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::{Receiver, Sender};
 
-use super::{MAX_PARTS, Piece, PipelineError, RawDigest, part_size_for};
+use super::{MAX_PARTS, PartSlots, Piece, PipelineError, RawDigest, part_size_for};
 use crate::config::{MIB, PipelineConfig};
 
 /// Raw bytes per frame when compressing in frames, unless the memory budget asks for less
@@ -39,11 +39,12 @@ pub(super) struct Compressed {
 pub(super) fn run(
     mut chunks: Receiver<Piece>,
     parts: Sender<Piece>,
+    slots: std::sync::Arc<PartSlots>,
     settings: &PipelineConfig,
     digest: RawDigest,
     key: &str,
 ) -> Result<Compressed, PipelineError> {
-    let mut writer = CompressingWriter::new(parts, settings, digest, key)?;
+    let mut writer = CompressingWriter::new(parts, slots, settings, digest, key)?;
     loop {
         let chunk = match chunks.blocking_recv() {
             Some(Piece::Data(chunk)) => chunk,
@@ -81,11 +82,12 @@ impl std::fmt::Debug for CompressingWriter {
 impl CompressingWriter {
     pub(super) fn new(
         parts: Sender<Piece>,
+        slots: std::sync::Arc<PartSlots>,
         settings: &PipelineConfig,
         digest: RawDigest,
         key: &str,
     ) -> Result<Self, PipelineError> {
-        let writer = PartWriter::new(parts, settings.part_size, key);
+        let writer = PartWriter::new(parts, slots, settings.part_size, key);
         Ok(Self {
             encoder: Encoder::new(writer, settings).map_err(PipelineError::Compress)?,
             hasher: (digest == RawDigest::Sha256).then(Sha256::new),
@@ -239,6 +241,9 @@ enum Failure {
 /// while the part queue is full.
 struct PartWriter {
     parts: Sender<Piece>,
+    slots: std::sync::Arc<PartSlots>,
+    /// The part being filled has its slot.
+    holding: bool,
     buffer: Vec<u8>,
     base_part_size: usize,
     index: u32,
@@ -248,9 +253,16 @@ struct PartWriter {
 }
 
 impl PartWriter {
-    fn new(parts: Sender<Piece>, base_part_size: usize, key: &str) -> Self {
+    fn new(
+        parts: Sender<Piece>,
+        slots: std::sync::Arc<PartSlots>,
+        base_part_size: usize,
+        key: &str,
+    ) -> Self {
         Self {
             parts,
+            slots,
+            holding: false,
             buffer: Vec::with_capacity(base_part_size),
             base_part_size,
             index: 0,
@@ -276,6 +288,9 @@ impl PartWriter {
         let next_capacity = self.target();
         let part = std::mem::replace(&mut self.buffer, Vec::with_capacity(next_capacity));
         self.stored_bytes += part.len() as u64;
+        // The slot goes with the part: the uploader frees it once the part is stored. (An
+        // empty stream's one empty part never took one; the extra slot it frees is harmless.)
+        self.holding = false;
         if self
             .parts
             .blocking_send(Piece::Data(Bytes::from(part)))
@@ -293,6 +308,18 @@ impl PartWriter {
 
 impl Write for PartWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if !self.holding {
+            // A new part: wait until the uploader has room for one more in memory.
+            let parts = &self.parts;
+            if !self.slots.acquire(|| parts.is_closed()) {
+                self.failure = Some(Failure::Stopped);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "uploader stopped",
+                ));
+            }
+            self.holding = true;
+        }
         // Fill the current part exactly, so every part but the last has its target size.
         let room = self.target() - self.buffer.len();
         let taken = room.min(data.len());

@@ -6,8 +6,9 @@
 //! ```
 //!
 //! Each arrow is a bounded channel (capacity in brackets); a full channel blocks the side that
-//! sends, so a slow store slows the source instead of growing memory. Memory is about
-//! `part_size × (parallel_uploads + 2)` plus zstd's buffers ([`FRAME_BYTES`] twice at the
+//! sends, so a slow store slows the source instead of growing memory. Parts take a slot
+//! ([`PartSlots`]) before they are filled, so memory is about `part_size × (parallel_uploads
+//! + 1)` plus zstd's buffers ([`FRAME_BYTES`] twice at the
 //! fast levels, where zstd compresses whole frames; its window otherwise): nothing depends on
 //! the size of the source, and nothing is written to local disk. Any failure drops the
 //! channels, which stops every stage, and aborts the multipart upload. See [`upload`] and [`download`].
@@ -35,6 +36,50 @@ pub(crate) const CHUNK_SIZE: usize = 256 * 1024;
 pub(crate) const CHUNK_QUEUE: usize = 4;
 /// Finished parts waiting for an upload slot. When full, the compressor waits.
 const PART_QUEUE: usize = 1;
+
+/// How many compressed parts may exist at once: `parallel_uploads + 1` (those uploading and
+/// the one being filled). The compressor takes a slot before it starts filling a part and
+/// the uploader gives it back when that part's upload has finished, so a part waiting in the
+/// queue counts too. This is what makes a pipeline's memory `part_size × (parallel + 1)`.
+#[derive(Debug)]
+pub(crate) struct PartSlots {
+    free: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl PartSlots {
+    pub(crate) fn new(slots: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            free: std::sync::Mutex::new(slots.max(2)),
+            freed: std::sync::Condvar::new(),
+        })
+    }
+
+    /// Blocks (on the compressor's thread) until a slot is free; `false` once `gone()` says
+    /// the uploader is no longer there to free one.
+    fn acquire(&self, gone: impl Fn() -> bool) -> bool {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if *free > 0 {
+                *free -= 1;
+                return true;
+            }
+            if gone() {
+                return false;
+            }
+            free = self
+                .freed
+                .wait_timeout(free, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn release(&self) {
+        *self.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.freed.notify_one();
+    }
+}
 
 /// What travels between stages. The end of a stream is said explicitly: a channel that closes
 /// without [`Piece::End`] means the stage before failed, and the next one must abort rather
@@ -118,15 +163,24 @@ where
     let started = std::time::Instant::now();
     let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel(CHUNK_QUEUE);
     let (part_tx, part_rx) = tokio::sync::mpsc::channel(PART_QUEUE);
+    let slots = PartSlots::new(settings.parallel_uploads + 1);
     let compressor = {
         let settings = settings.clone();
         let key = key.to_string();
+        let slots = slots.clone();
         tokio::task::spawn_blocking(move || {
-            compress::run(chunk_rx, part_tx, &settings, RawDigest::Sha256, &key)
+            compress::run(chunk_rx, part_tx, slots, &settings, RawDigest::Sha256, &key)
         })
     };
     let reading = read_source(source, chunk_tx, cancel);
-    let uploading = upload::run(store, key, part_rx, settings.parallel_uploads, cancel);
+    let uploading = upload::run(
+        store,
+        key,
+        part_rx,
+        &slots,
+        settings.parallel_uploads,
+        cancel,
+    );
     let (read_result, upload_result) = tokio::join!(reading, uploading);
     let compress_result = compressor
         .await
@@ -185,11 +239,13 @@ where
 {
     let started = std::time::Instant::now();
     let (part_tx, part_rx) = tokio::sync::mpsc::channel(PART_QUEUE);
+    let slots = PartSlots::new(settings.parallel_uploads + 1);
     let producer = {
         let settings = settings.clone();
         let key = key.to_string();
+        let slots = slots.clone();
         tokio::task::spawn_blocking(move || {
-            let mut writer = CompressingWriter::new(part_tx, &settings, digest, &key)
+            let mut writer = CompressingWriter::new(part_tx, slots, &settings, digest, &key)
                 .map_err(WrittenError::Pipeline)?;
             // On failure the writer is dropped unfinished: the uploader aborts.
             let produced = produce(&mut writer).map_err(WrittenError::Producer)?;
@@ -197,7 +253,15 @@ where
             Ok((compressed, produced))
         })
     };
-    let uploaded = upload::run(store, key, part_rx, settings.parallel_uploads, cancel).await;
+    let uploaded = upload::run(
+        store,
+        key,
+        part_rx,
+        &slots,
+        settings.parallel_uploads,
+        cancel,
+    )
+    .await;
     let produced = producer
         .await
         .map_err(|e| WrittenError::Pipeline(PipelineError::Worker(e.to_string())))

@@ -151,11 +151,11 @@ async fn a_stalled_store_stops_the_source_within_the_memory_bound() {
         outcome.is_err(),
         "the upload cannot finish against a stalled store"
     );
-    // Parts in flight + queued part + part being filled, plus queued raw chunks and the
-    // reader's chunk, plus the frame being gathered or cut into parts; noise does not
-    // compress, so raw ≈ stored.
+    // Parts uploading (or queued) and the one being filled: parallel + 1 slots, plus queued
+    // raw chunks and the reader's chunk, plus the frame being gathered or cut into parts;
+    // noise does not compress, so raw ≈ stored.
     assert!(compress::uses_frames(&settings));
-    let bound = (settings.parallel_uploads + 2) * part_size
+    let bound = (settings.parallel_uploads + 1) * part_size
         + (CHUNK_QUEUE + 2) * CHUNK_SIZE
         + compress::FRAME_BYTES;
     let read = read.load(Ordering::SeqCst);

@@ -9,7 +9,7 @@ use object_store::{MultipartUpload, PutPayload};
 use tokio::sync::mpsc::Receiver;
 use tokio_util::sync::CancellationToken;
 
-use super::{Piece, PipelineError};
+use super::{PartSlots, Piece, PipelineError};
 use crate::store::{ObjectKey, Store};
 
 pub(super) struct Uploaded {
@@ -17,10 +17,12 @@ pub(super) struct Uploaded {
     pub parts: u32,
 }
 
+/// Each part's slot in `slots` is freed once that part is stored.
 pub(super) async fn run(
     store: &Store,
     key: &ObjectKey,
     mut parts: Receiver<Piece>,
+    slots: &PartSlots,
     parallel: usize,
     cancel: &CancellationToken,
 ) -> Result<Uploaded, PipelineError> {
@@ -38,6 +40,7 @@ pub(super) async fn run(
             put = store.put(key, PutPayload::from(first)) => put?,
             () = cancel.cancelled() => return Err(cancelled()),
         }
+        slots.release();
         return Ok(Uploaded {
             stored_bytes,
             parts: 1,
@@ -51,7 +54,7 @@ pub(super) async fn run(
         upload.as_mut(),
         [first, second],
         &mut parts,
-        parallel,
+        Room { slots, parallel },
         cancel,
     )
     .await;
@@ -92,15 +95,22 @@ async fn next(
     }
 }
 
+/// How many parts may upload at once, and the slots their memory is counted in.
+struct Room<'a> {
+    slots: &'a PartSlots,
+    parallel: usize,
+}
+
 async fn upload_parts(
     store: &Store,
     key: &ObjectKey,
     upload: &mut dyn MultipartUpload,
     first_two: [Bytes; 2],
     parts: &mut Receiver<Piece>,
-    parallel: usize,
+    room: Room<'_>,
     cancel: &CancellationToken,
 ) -> Result<Uploaded, PipelineError> {
+    let Room { slots, parallel } = room;
     let mut in_flight = FuturesUnordered::new();
     let mut stored_bytes = 0u64;
     let mut count = 0u32;
@@ -129,7 +139,10 @@ async fn upload_parts(
                 Some(Piece::End) => input_open = false,
                 None => return Err(PipelineError::Stopped),
             },
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => done.map_err(part_error)?,
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                done.map_err(part_error)?;
+                slots.release();
+            }
             () = cancel.cancelled() => {
                 return Err(PipelineError::Cancelled { key: key.to_string() });
             }
