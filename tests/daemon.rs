@@ -421,14 +421,14 @@ fn a_memory_limit_too_small_is_refused_with_what_it_needs() {
     let output = agent.run(&["list"]);
     harness::assert_fails(&output, 2, "pipeline.memory-limit 16 MiB is too small");
 
-    // The sidecar also archives: 48 MiB holds a backup, not a backup and a WAL segment.
+    // The sidecar also archives: 40 MiB holds a backup, not a backup and a WAL segment.
     let pgdata = agent.home().join("pgdata");
     std::fs::create_dir_all(pgdata.join("pg_wal/archive_status")).unwrap();
     agent.set("PGDATA", pgdata.to_str().unwrap());
     let config = agent.home().join("gc-backup.toml");
     std::fs::write(&config, "[schedule]\npg-base = \"0 3 * * *\"\n").unwrap();
     agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
-    agent.set("GC_BACKUP_MEMORY_LIMIT", "48MiB");
+    agent.set("GC_BACKUP_MEMORY_LIMIT", "40MiB");
     let output = agent.run(&["run"]);
     harness::assert_fails(&output, 2, "too small for the sidecar");
 }

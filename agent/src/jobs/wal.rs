@@ -44,16 +44,19 @@ pub async fn push(config: &Config, store: &Store, path: &Path) -> anyhow::Result
         .ok_or_else(|| Failure::Config(format!("{} names no WAL file", path.display())))?;
     let file = parse_name(name)?;
     let key = layout::wal_key(&file);
-    let raw = tokio::fs::read(path)
-        .await
-        .with_context(|| format!("cannot read {}", path.display()))?;
     let level = config.pipeline.zstd_level;
     let workers = config.pipeline.zstd_workers;
-    let (header, stored) =
-        tokio::task::spawn_blocking(move || wal_object::encode(&raw, level, workers))
-            .await
-            .context("compression worker failed")?
-            .with_context(|| format!("compressing {name}"))?;
+    let file = path.to_path_buf();
+    // Read and compressed frame by frame on a blocking thread: the raw segment is never held
+    // whole, only its compressed form (what the PUT sends).
+    let (header, stored) = tokio::task::spawn_blocking(move || {
+        let reader = std::fs::File::open(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        wal_object::encode_read(reader, level, workers)
+            .with_context(|| format!("reading and compressing {}", file.display()))
+    })
+    .await
+    .context("compression worker failed")??;
     let outcome = match store.put_new(&key, stored).await {
         Ok(()) => {
             store.sync(&key).await.map_err(store_error)?;

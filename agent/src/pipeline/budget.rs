@@ -117,10 +117,16 @@ pub fn streams(
     Err(too_small(limit))
 }
 
+/// What one WAL upload holds: the compressed segment (as large as the segment when its
+/// content does not compress) and the 1 MiB frame being read and compressed.
+pub fn wal_upload_cost(segment_size: usize) -> usize {
+    segment_size + 2 * MIB
+}
+
 /// How many WAL segments the sidecar's archiver may read and compress at once within
-/// `bytes` (a segment and its compressed copy each), 1 to 4.
+/// `bytes`, 1 to 4.
 pub fn wal_uploads(bytes: usize, segment_size: usize) -> usize {
-    (bytes / (2 * segment_size.max(1))).clamp(1, 4)
+    (bytes / wal_upload_cost(segment_size)).clamp(1, 4)
 }
 
 /// How the sidecar shares its limit between the archiver and scheduled backups.
@@ -135,7 +141,7 @@ pub struct SidecarPlan {
 }
 
 /// The sidecar's share-out of `limit`: the archiver gets up to half of the buffers (one to
-/// four segments and their compressed copies), the backups the rest, as many at once as fit.
+/// four segments being compressed), the backups the rest, as many at once as fit.
 pub fn sidecar(
     limit: usize,
     archiving: bool,
@@ -148,7 +154,7 @@ pub fn sidecar(
     } else {
         0
     };
-    let archiver = wal_uploads * 2 * segment_size;
+    let archiver = wal_uploads * wal_upload_cost(segment_size);
     let job_minimum = minimum_limit() - PROCESS_RESERVE;
     let rest = buffers.saturating_sub(archiver);
     let needed = PROCESS_RESERVE + archiver + if backup_kinds > 0 { job_minimum } else { 0 };
@@ -274,7 +280,7 @@ mod tests {
                 let plan = sidecar(limit, true, kinds, segment).unwrap();
                 assert!(plan.wal_uploads >= 1);
                 if kinds == 0 {
-                    assert!(PROCESS_RESERVE + plan.wal_uploads * 2 * segment <= limit);
+                    assert!(PROCESS_RESERVE + plan.wal_uploads * wal_upload_cost(segment) <= limit);
                     continue;
                 }
                 let (_, each) = streams(&defaults(), plan.backup_limit, 64).unwrap();
@@ -283,7 +289,7 @@ mod tests {
                         planned_peak(1, &single(&defaults(), plan.backup_limit).unwrap())
                             - PROCESS_RESERVE,
                     );
-                let total = PROCESS_RESERVE + plan.wal_uploads * 2 * segment + backups;
+                let total = PROCESS_RESERVE + plan.wal_uploads * wal_upload_cost(segment) + backups;
                 assert!(
                     total <= limit,
                     "{limit_mib} MiB, {kinds} kinds: {plan:?} = {total}"
@@ -291,14 +297,14 @@ mod tests {
                 assert!(plan.wal_uploads >= 1);
             }
         }
-        assert!(sidecar(48 * MIB, true, 2, segment).is_err());
-        assert_eq!(sidecar(256 * MIB, true, 2, segment).unwrap().wal_uploads, 3);
+        assert!(sidecar(40 * MIB, true, 2, segment).is_err());
+        assert_eq!(sidecar(256 * MIB, true, 2, segment).unwrap().wal_uploads, 4);
     }
 
     #[test]
     fn wal_uploads_follow_the_bytes_given() {
         assert_eq!(wal_uploads(0, 16 * MIB), 1);
-        assert_eq!(wal_uploads(64 * MIB, 16 * MIB), 2);
+        assert_eq!(wal_uploads(36 * MIB, 16 * MIB), 2);
         assert_eq!(wal_uploads(1024 * MIB, 16 * MIB), 4);
     }
 }

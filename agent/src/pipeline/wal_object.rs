@@ -1,15 +1,15 @@
-//! The stored form of one WAL file: small enough (a 16 MiB segment) to compress in memory,
-//! and self-describing, so that a duplicate push or a fetch can check content without a
+//! The stored form of one WAL file: compressed as it is read (1 MiB frames), held in memory
+//! compressed for its one PUT, and self-describing, so that a duplicate push or a fetch can check content without a
 //! manifest or store metadata.
 //!
 //! ```text
 //! [zstd skippable frame: magic 0x184D2A5B, length 45, "GCBW", version 1, raw size u64 LE,
-//!  SHA-256 of the raw bytes][zstd frame with content checksum]
+//!  SHA-256 of the raw bytes][zstd frames of 1 MiB raw each, with content checksums]
 //! ```
 //!
 //! zstd itself skips the first frame; we read it to know what the rest must decompress to.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use sha2::{Digest, Sha256};
 
 /// Bytes before the zstd frame: the skippable frame's magic, length and payload.
@@ -67,36 +67,86 @@ impl WalHeader {
 }
 
 /// Compresses `raw` into the stored form. CPU-bound: call from a blocking thread.
-pub fn encode(raw: &[u8], level: i32, workers: u32) -> std::io::Result<(WalHeader, Bytes)> {
-    let header = WalHeader::of(raw);
-    let mut out = BytesMut::with_capacity(HEADER_LEN + raw.len() / 3);
-    out.put_u32_le(SKIPPABLE_MAGIC);
-    out.put_u32_le(PAYLOAD_LEN as u32);
-    out.put_slice(TAG);
-    out.put_u8(VERSION);
-    out.put_u64_le(header.raw_size);
-    out.put_slice(&header.sha256);
+/// Raw bytes compressed as one frame when a WAL file is encoded as it is read.
+const WAL_FRAME: usize = MIB;
+const MIB: usize = 1 << 20;
+
+/// [`encode`] of what `reader` yields, without holding the raw file: it is read and
+/// compressed 1 MiB frame by frame, so memory is the compressed object and one frame (a
+/// switched segment, mostly zeros, is a few KiB) instead of the whole segment as well.
+/// `workers > 0` keeps zstd's multi-threaded streaming encoder, fed the same way.
+pub fn encode_read(
+    mut reader: impl std::io::Read,
+    level: i32,
+    workers: u32,
+) -> std::io::Result<(WalHeader, Bytes)> {
+    let mut hasher = Sha256::new();
+    let mut raw_size = 0u64;
+    let mut chunk = vec![0u8; WAL_FRAME];
+    let mut stored = std::io::Cursor::new(vec![0u8; HEADER_LEN]);
+    stored.set_position(HEADER_LEN as u64);
     if workers == 0 {
-        // One call over the whole segment: zstd's streaming API would wrap its window buffer
-        // and compress most of the segment on its slower external-dictionary path.
         let mut compressor = zstd::bulk::Compressor::new(level)?;
         compressor.include_checksum(true)?;
-        let mut stored =
-            Vec::with_capacity(HEADER_LEN + zstd::zstd_safe::compress_bound(raw.len()));
-        stored.extend_from_slice(&out);
-        let mut frame = std::io::Cursor::new(stored);
-        frame.set_position(HEADER_LEN as u64);
-        compressor.compress_to_buffer(raw, &mut frame)?;
-        return Ok((header, Bytes::from(frame.into_inner())));
+        loop {
+            let n = read_full(&mut reader, &mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&chunk[..n]);
+            raw_size += n as u64;
+            let end = stored.get_ref().len();
+            stored.get_mut().reserve(zstd::zstd_safe::compress_bound(n));
+            stored.set_position(end as u64);
+            compressor.compress_to_buffer(&chunk[..n], &mut stored)?;
+        }
+    } else {
+        let mut encoder = zstd::stream::write::Encoder::new(&mut stored, level)?;
+        encoder.include_checksum(true)?;
+        encoder.multithread(workers)?;
+        loop {
+            let n = read_full(&mut reader, &mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&chunk[..n]);
+            raw_size += n as u64;
+            std::io::Write::write_all(&mut encoder, &chunk[..n])?;
+        }
+        encoder.finish()?;
     }
-    let mut writer = out.writer();
-    let mut encoder = zstd::stream::write::Encoder::new(&mut writer, level)?;
-    encoder.include_checksum(true)?;
-    encoder.set_pledged_src_size(Some(raw.len() as u64))?;
-    encoder.multithread(workers)?;
-    std::io::Write::write_all(&mut encoder, raw)?;
-    encoder.finish()?;
-    Ok((header, writer.into_inner().freeze()))
+    let header = WalHeader {
+        raw_size,
+        sha256: hasher.finalize().into(),
+    };
+    let mut stored = stored.into_inner();
+    let mut prefix = &mut stored[..HEADER_LEN];
+    prefix.put_u32_le(SKIPPABLE_MAGIC);
+    prefix.put_u32_le(PAYLOAD_LEN as u32);
+    prefix.put_slice(TAG);
+    prefix.put_u8(VERSION);
+    prefix.put_u64_le(header.raw_size);
+    prefix.put_slice(&header.sha256);
+    Ok((header, Bytes::from(stored)))
+}
+
+/// Fills `buf` as far as the reader goes; fewer bytes only at its end.
+fn read_full(reader: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// A WAL file's stored form from its bytes in memory (see [`encode_read`]).
+pub fn encode(raw: &[u8], level: i32, workers: u32) -> std::io::Result<(WalHeader, Bytes)> {
+    encode_read(raw, level, workers)
 }
 
 /// PostgreSQL's largest `wal_segment_size`.
@@ -204,5 +254,22 @@ mod tests {
                 prop_assert!(decode(&stored).is_err());
             }
         }
+    }
+
+    #[test]
+    fn a_file_encoded_as_it_is_read_decodes_to_the_same_bytes_and_header() {
+        for size in [0, 1, WAL_FRAME - 1, WAL_FRAME, 3 * WAL_FRAME + 17, 16 << 20] {
+            let raw = noise(size, size as u64);
+            let (header, stored) = encode_read(&raw[..], 1, 0).unwrap();
+            assert_eq!(header, WalHeader::of(&raw));
+            assert_eq!(WalHeader::parse(&stored).unwrap(), header);
+            assert!(decode(&stored).unwrap() == raw, "{size} bytes");
+            // zstd alone reads it too: skippable frame, then frames.
+            assert!(zstd::decode_all(&stored[..]).unwrap() == raw);
+        }
+        let raw = noise(3 << 20, 9);
+        let (header, stored) = encode_read(&raw[..], 3, 1).unwrap();
+        assert_eq!(header, WalHeader::of(&raw));
+        assert!(decode(&stored).unwrap() == raw);
     }
 }
