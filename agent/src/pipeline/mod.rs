@@ -7,7 +7,7 @@
 //!
 //! Each arrow is a bounded channel (capacity in brackets); a full channel blocks the side that
 //! sends, so a slow store slows the source instead of growing memory. Parts take a slot
-//! ([`PartSlots`]) before they are filled, so memory is about `part_size × (parallel_uploads
+//! (`PartSlots`) before they are filled, so memory is about `part_size × (parallel_uploads
 //! + 1)` plus zstd's buffers ([`FRAME_BYTES`] twice at the
 //! fast levels, where zstd compresses whole frames; its window otherwise): nothing depends on
 //! the size of the source, and nothing is written to local disk. Any failure drops the
