@@ -83,36 +83,34 @@ pub fn encode_read(
     let mut hasher = Sha256::new();
     let mut raw_size = 0u64;
     let mut chunk = vec![0u8; WAL_FRAME];
+    // Every frame of raw bytes is hashed, counted, then handed to `compress`.
+    let mut frames = |compress: &mut dyn FnMut(&[u8]) -> std::io::Result<()>| loop {
+        let n = read_full(&mut reader, &mut chunk)?;
+        if n == 0 {
+            return Ok::<(), std::io::Error>(());
+        }
+        hasher.update(&chunk[..n]);
+        raw_size += n as u64;
+        compress(&chunk[..n])?;
+    };
     let mut stored = std::io::Cursor::new(vec![0u8; HEADER_LEN]);
     stored.set_position(HEADER_LEN as u64);
     if workers == 0 {
         let mut compressor = zstd::bulk::Compressor::new(level)?;
         compressor.include_checksum(true)?;
-        loop {
-            let n = read_full(&mut reader, &mut chunk)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&chunk[..n]);
-            raw_size += n as u64;
+        frames(&mut |raw| {
             let end = stored.get_ref().len();
-            stored.get_mut().reserve(zstd::zstd_safe::compress_bound(n));
+            stored
+                .get_mut()
+                .reserve(zstd::zstd_safe::compress_bound(raw.len()));
             stored.set_position(end as u64);
-            compressor.compress_to_buffer(&chunk[..n], &mut stored)?;
-        }
+            compressor.compress_to_buffer(raw, &mut stored).map(drop)
+        })?;
     } else {
         let mut encoder = zstd::stream::write::Encoder::new(&mut stored, level)?;
         encoder.include_checksum(true)?;
         encoder.multithread(workers)?;
-        loop {
-            let n = read_full(&mut reader, &mut chunk)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&chunk[..n]);
-            raw_size += n as u64;
-            std::io::Write::write_all(&mut encoder, &chunk[..n])?;
-        }
+        frames(&mut |raw| std::io::Write::write_all(&mut encoder, raw))?;
         encoder.finish()?;
     }
     let header = WalHeader {
