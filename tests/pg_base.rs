@@ -13,17 +13,6 @@ fn agent_for(pg: &Postgres, weed: &Seaweed, prefix: &str) -> Agent {
     harness::agent_for_cluster(pg, weed, prefix)
 }
 
-/// pgbench's invariant: every transaction adds the same delta to one account, teller and
-/// branch, so the three sums agree in any consistent state.
-fn pgbench_sums(pg: &Postgres) -> String {
-    pg.psql(
-        "postgres",
-        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || \
-                (SELECT sum(tbalance) FROM pgbench_tellers) || ' ' || \
-                (SELECT sum(bbalance) FROM pgbench_branches)",
-    )
-}
-
 #[test]
 fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
     let weed = Seaweed::start();
@@ -48,7 +37,7 @@ fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
         "postgres",
         "CREATE TABLE after_backup AS SELECT 42 AS answer",
     );
-    let expected = pgbench_sums(&pg);
+    let expected = pg.pgbench_sums();
     pg.archive_everything();
 
     let listed = agent.list_json();
@@ -91,7 +80,7 @@ fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
     let restored = Postgres::start_restored(target);
     restored.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", 120);
     assert_eq!(
-        pgbench_sums(&restored),
+        restored.pgbench_sums(),
         expected,
         "restored cluster is inconsistent"
     );

@@ -14,16 +14,6 @@ use std::process::{Command, Stdio};
 
 use harness::{Agent, Postgres, Seaweed};
 
-/// pgbench's invariant: the three sums agree in any consistent state.
-fn pgbench_sums(pg: &Postgres) -> String {
-    pg.psql(
-        "postgres",
-        "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || \
-                (SELECT sum(tbalance) FROM pgbench_tellers) || ' ' || \
-                (SELECT sum(bbalance) FROM pgbench_branches)",
-    )
-}
-
 fn table_exists(pg: &Postgres, name: &str) -> bool {
     pg.psql(
         "postgres",
@@ -78,7 +68,7 @@ fn archive_back_up_and_restore_to_a_time(major: u32) {
 
     // Rows on either side of the target time; only replay of archived WAL brings them back.
     pg.psql("postgres", "CREATE TABLE before_target AS SELECT 1 AS n");
-    let expected = pgbench_sums(&pg);
+    let expected = pg.pgbench_sums();
     let target = pg.psql("postgres", "SELECT clock_timestamp()::text");
     std::thread::sleep(std::time::Duration::from_millis(200));
     pg.psql("postgres", "CREATE TABLE after_target AS SELECT 2 AS n");
@@ -119,7 +109,7 @@ fn archive_back_up_and_restore_to_a_time(major: u32) {
     let restored = Postgres::start_restored_on(server_bin.clone(), dir);
     assert!(table_exists(&restored, "before_target"), "{report}");
     assert!(!table_exists(&restored, "after_target"), "{report}");
-    assert_eq!(pgbench_sums(&restored), expected, "inconsistent restore");
+    assert_eq!(restored.pgbench_sums(), expected, "inconsistent restore");
     if major >= 14 {
         restored.assert_amcheck("postgres", &[]);
     } else {

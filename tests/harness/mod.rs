@@ -348,6 +348,17 @@ impl Postgres {
         );
     }
 
+    /// pgbench's invariant: every transaction adds the same delta to one account, teller and
+    /// branch, so the three sums agree in any consistent state.
+    pub fn pgbench_sums(&self) -> String {
+        self.psql(
+            "postgres",
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || \
+                    (SELECT sum(tbalance) FROM pgbench_tellers) || ' ' || \
+                    (SELECT sum(bbalance) FROM pgbench_branches)",
+        )
+    }
+
     /// Switches to a new segment and waits until it and everything before it is archived.
     pub fn archive_everything(&self) {
         let last = self.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
