@@ -406,7 +406,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Command::Backup(_) | Command::Run => OpenMode::CreateRoot,
         _ => OpenMode::Existing,
     };
-    let store = Store::open(&config.store, mode).map_err(jobs::store_error)?;
+    let store = Store::open(&config.store, mode)?;
     match cli.command {
         Command::Backup(BackupCommand::PgDump(args)) => {
             let request = PgDumpRequest {
@@ -469,9 +469,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             Ok(())
         }
         Command::List(args) => {
-            let (manifests, unreadable) = catalog::list(&store, args.kind)
-                .await
-                .map_err(jobs::catalog_error)?;
+            let (manifests, unreadable) = catalog::list(&store, args.kind).await?;
             for problem in &unreadable {
                 tracing::warn!("{problem}");
             }
@@ -573,7 +571,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 Ok(())
             }
             Err(error) => {
-                if matches!(error.downcast_ref::<Failure>(), Some(Failure::NotFound(_))) {
+                if crate::error::is_not_found(&error) {
                     // The end of the archive: nothing more to prefetch.
                     jobs::prefetch::clear(&jobs::prefetch::spool_dir(&args.dest, &store));
                 }

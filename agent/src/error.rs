@@ -1,8 +1,10 @@
 //! What a failure means for the caller, and so which exit code the binary returns.
 //!
-//! Errors travel as `anyhow::Error` with context; where a failure has a meaning for the
-//! contract (DESIGN.md, "Exit codes") it carries a [`Failure`] somewhere in its chain, and
-//! `main` walks the chain to pick the code.
+//! Errors travel as `anyhow::Error` with context. `main` walks the chain and the first cause
+//! whose meaning for the caller is known picks the exit code (README, "Exit codes"): a
+//! [`Failure`] raised by a job, or one of the typed errors of the layers below, each sorted by
+//! what the caller can do about it ([`meaning`]). A lower layer's error therefore needs no
+//! converting on its way up: `?` with context keeps it in the chain.
 
 use std::process::ExitCode;
 
@@ -37,17 +39,78 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 /// aborts recovery instead of taking it for the end of the WAL and promoting too early.
 pub const EXIT_RECOVERY_FATAL: u8 = 255;
 
-/// The exit code for an error: the first [`Failure`] found in its chain decides.
-pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {
-    let code = error
-        .chain()
-        .find_map(|cause| cause.downcast_ref::<Failure>())
-        .map_or(EXIT_FAILURE, |failure| match failure {
-            Failure::NotFound(_) => EXIT_NOT_FOUND,
-            Failure::Config(_) => EXIT_CONFIG,
-            Failure::Corrupt(_) => EXIT_FAILURE,
-            Failure::Interrupted(_) => EXIT_INTERRUPTED,
+/// What a failure means for the caller, whichever layer raised it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Meaning {
+    NotFound,
+    Config,
+    Corrupt,
+    Interrupted,
+}
+
+/// The meaning of the first cause in `error`'s chain that has one; `None`: a plain failure.
+pub fn meaning(error: &anyhow::Error) -> Option<Meaning> {
+    error.chain().find_map(meaning_of)
+}
+
+/// Whether `error` means "the thing asked for is not there".
+pub fn is_not_found(error: &anyhow::Error) -> bool {
+    meaning(error) == Some(Meaning::NotFound)
+}
+
+/// One cause's meaning. The layers' own errors say what they are; this is the one place that
+/// turns that into the contract's terms.
+fn meaning_of(cause: &(dyn std::error::Error + 'static)) -> Option<Meaning> {
+    use crate::catalog::CatalogError;
+    use crate::pipeline::PipelineError;
+    use crate::sources::SourceError;
+    use crate::store::StoreError;
+    let store = |error: &StoreError| error.is_config().then_some(Meaning::Config);
+    if let Some(failure) = cause.downcast_ref::<Failure>() {
+        return Some(match failure {
+            Failure::NotFound(_) => Meaning::NotFound,
+            Failure::Config(_) => Meaning::Config,
+            Failure::Corrupt(_) => Meaning::Corrupt,
+            Failure::Interrupted(_) => Meaning::Interrupted,
         });
+    }
+    if let Some(error) = cause.downcast_ref::<SourceError>() {
+        return match error {
+            SourceError::Config(_) => Some(Meaning::Config),
+            SourceError::Failed(_) => None,
+        };
+    }
+    if let Some(error) = cause.downcast_ref::<StoreError>() {
+        return store(error);
+    }
+    if let Some(error) = cause.downcast_ref::<CatalogError>() {
+        return match error {
+            CatalogError::NoSuchBackup { .. } | CatalogError::NoBackups { .. } => {
+                Some(Meaning::NotFound)
+            }
+            CatalogError::Store(error) => store(error),
+            CatalogError::BadManifest { .. } | CatalogError::NoFreeId { .. } => None,
+        };
+    }
+    if let Some(error) = cause.downcast_ref::<PipelineError>() {
+        return match error {
+            PipelineError::Store(error) | PipelineError::Part { source: error, .. } => store(error),
+            PipelineError::Corrupt(_) => Some(Meaning::Corrupt),
+            PipelineError::Cancelled { .. } => Some(Meaning::Interrupted),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// The exit code for an error: the first meaning found in its chain decides.
+pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {
+    let code = match meaning(error) {
+        Some(Meaning::NotFound) => EXIT_NOT_FOUND,
+        Some(Meaning::Config) => EXIT_CONFIG,
+        Some(Meaning::Interrupted) => EXIT_INTERRUPTED,
+        Some(Meaning::Corrupt) | None => EXIT_FAILURE,
+    };
     ExitCode::from(code)
 }
 
@@ -66,5 +129,38 @@ mod tests {
         assert_eq!(exit_code_for(&plain), ExitCode::from(EXIT_FAILURE));
         let config = anyhow::Error::new(Failure::Config("bad".into())).context("x");
         assert_eq!(exit_code_for(&config), ExitCode::from(EXIT_CONFIG));
+    }
+
+    #[test]
+    fn the_layers_typed_errors_carry_their_meaning_up_without_converting() {
+        use crate::catalog::{CatalogError, Kind};
+        use crate::pipeline::PipelineError;
+        use crate::sources::SourceError;
+        use crate::store::StoreError;
+        let source = anyhow::Error::new(SourceError::Config("bad password".into())).context("x");
+        assert_eq!(meaning(&source), Some(Meaning::Config));
+        let failed = anyhow::Error::new(SourceError::Failed("reset".into()));
+        assert_eq!(meaning(&failed), None);
+        let missing = anyhow::Error::new(CatalogError::NoBackups {
+            kind: Kind::Redis,
+            store: "s".into(),
+        })
+        .context("restore failed");
+        assert!(is_not_found(&missing));
+        let denied = StoreError::Denied {
+            key: "k".into(),
+            store: "s".into(),
+            detail: "403".into(),
+        };
+        let part = anyhow::Error::new(PipelineError::Part {
+            part: 1,
+            key: "k".into(),
+            source: denied,
+        });
+        assert_eq!(exit_code_for(&part), ExitCode::from(EXIT_CONFIG));
+        let cancelled = anyhow::Error::new(PipelineError::Cancelled { key: "k".into() });
+        assert_eq!(exit_code_for(&cancelled), ExitCode::from(EXIT_INTERRUPTED));
+        let corrupt = anyhow::Error::new(PipelineError::Corrupt("sha".into()));
+        assert_eq!(meaning(&corrupt), Some(Meaning::Corrupt));
     }
 }

@@ -6,7 +6,6 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use pitr::{Archive, TimelinePath, WalFile};
 
-use super::store_error;
 use crate::catalog::layout;
 use crate::catalog::manifest::{Manifest, PgBaseFacts, SourceFacts};
 use crate::error::Failure;
@@ -17,7 +16,7 @@ pub async fn load(store: &Store, segment_size: u64) -> anyhow::Result<Archive> {
     let listed = store
         .list(&layout::wal_prefix())
         .await
-        .map_err(store_error)
+        .map_err(anyhow::Error::from)
         .context("listing the WAL archive")?;
     let mut archive = Archive::new(segment_size);
     let mut histories = Vec::new();

@@ -219,7 +219,7 @@ mod tests {
     fn corrupt(result: anyhow::Result<()>) -> String {
         let error = result.unwrap_err();
         assert!(
-            matches!(error.downcast_ref::<Failure>(), Some(Failure::Corrupt(_))),
+            crate::error::meaning(&error) == Some(crate::error::Meaning::Corrupt),
             "{error:#}"
         );
         format!("{error:#}")

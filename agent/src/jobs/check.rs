@@ -15,7 +15,6 @@ use bytes::Bytes;
 use object_store::PutPayload;
 use serde::Serialize;
 
-use super::store_error;
 use crate::catalog::layout;
 use crate::config::{Config, StoreLocation};
 use crate::store::{ObjectKey, OpenMode, Store, StoreError};
@@ -393,7 +392,7 @@ async fn postgres_checks(config: &Config, store: &Store) -> Vec<Finding> {
     let client = match postgres::connect(pg).await {
         Ok(client) => client,
         Err(error) => {
-            let config_error = matches!(error, postgres::SourceError::Config(_));
+            let config_error = matches!(error, crate::sources::SourceError::Config(_));
             findings.push(Finding::fail(
                 "postgres",
                 "reachable",
@@ -530,7 +529,7 @@ async fn switched_segment_arrives(
                 );
             }
             Err(error) => {
-                return Finding::fail("postgres", CHECK, store_error(error).to_string(), false);
+                return Finding::fail("postgres", CHECK, error.to_string(), false);
             }
         }
     }
@@ -552,7 +551,7 @@ async fn redis_check(config: &Config) -> Finding {
             format!("Redis {version} at {endpoint}"),
         ),
         Err(error) => {
-            let config_error = matches!(error, crate::sources::redis::RedisError::Config(_));
+            let config_error = matches!(error, crate::sources::SourceError::Config(_));
             Finding::fail("redis", "reachable", error.to_string(), config_error)
         }
     }
@@ -570,7 +569,7 @@ async fn etcd_check(config: &Config) -> Finding {
             format!("etcd {} at {}", member.facts.version, member.facts.endpoint),
         ),
         Err(error) => {
-            let config_error = matches!(error, crate::sources::etcd::EtcdError::Config(_));
+            let config_error = matches!(error, crate::sources::SourceError::Config(_));
             Finding::fail("etcd", "reachable", error.to_string(), config_error)
         }
     }

@@ -8,29 +8,21 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::catalog_error;
 use crate::catalog::manifest::{EtcdFacts, Manifest, SourceFacts};
 use crate::catalog::{self, Kind, Selector, layout};
 use crate::config::Config;
 use crate::error::Failure;
-use crate::sources::etcd::{EtcdEndpoints, EtcdError, Member};
+use crate::sources::etcd::{EtcdEndpoints, Member};
 use crate::store::Store;
 
 /// Snapshot chunks (32 KiB from etcd) queued between the gRPC stream and the pipeline.
 const CHUNK_QUEUE: usize = 16;
 const OBJECT: &str = "snapshot.db.zst";
 
-fn etcd_error(error: EtcdError) -> anyhow::Error {
-    match error {
-        EtcdError::Config(message) => Failure::Config(message).into(),
-        EtcdError::Failed(message) => anyhow::anyhow!(message),
-    }
-}
-
 /// The cluster to back up: `--endpoints`, else the environment or configuration.
 pub fn endpoints(config: &Config, flag: Option<&str>) -> anyhow::Result<EtcdEndpoints> {
     let urls = match flag {
-        Some(list) => EtcdEndpoints::parse_urls(list).map_err(etcd_error)?,
+        Some(list) => EtcdEndpoints::parse_urls(list)?,
         None if config.etcd.endpoints.is_empty() => {
             return Err(Failure::Config(
                 "no etcd to back up: give --endpoints, GC_BACKUP_ETCD_ENDPOINTS (or \
@@ -41,7 +33,7 @@ pub fn endpoints(config: &Config, flag: Option<&str>) -> anyhow::Result<EtcdEndp
         }
         None => config.etcd.endpoints.clone(),
     };
-    EtcdEndpoints::check_urls(&urls).map_err(etcd_error)?;
+    EtcdEndpoints::check_urls(&urls)?;
     let user = match (&config.etcd.user, &config.etcd.password) {
         (Some(name), Some(password)) => Some((name.clone(), password.clone())),
         (Some(name), None) => {
@@ -69,16 +61,12 @@ pub async fn backup(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Manifest> {
     // Connect first: unreachable members and refused credentials fail before anything is stored.
-    let member = Member::connect(endpoints).await.map_err(etcd_error)?;
+    let member = Member::connect(endpoints).await?;
     let member_facts = member.facts.clone();
 
     let start_time = Utc::now();
-    catalog::sweep_abandoned(store, Kind::Etcd, start_time)
-        .await
-        .map_err(catalog_error)?;
-    let id = catalog::claim_id(store, Kind::Etcd, start_time)
-        .await
-        .map_err(catalog_error)?;
+    catalog::sweep_abandoned(store, Kind::Etcd, start_time).await?;
+    let id = catalog::claim_id(store, Kind::Etcd, start_time).await?;
     tracing::info!(
         kind = "etcd",
         id = %id,
@@ -96,7 +84,7 @@ pub async fn backup(
         &key,
         CHUNK_QUEUE,
         |chunks| async {
-            let snapshot = member.stream(chunks).await.map_err(etcd_error)?;
+            let snapshot = member.stream(chunks).await?;
             let bytes = snapshot.bytes;
             Ok((snapshot, bytes))
         },
@@ -148,9 +136,7 @@ pub async fn restore(
     output: &Path,
     cancel: &CancellationToken,
 ) -> anyhow::Result<RestoreEtcdReport> {
-    let manifest = catalog::find(store, Kind::Etcd, selector)
-        .await
-        .map_err(catalog_error)?;
+    let manifest = catalog::find(store, Kind::Etcd, selector).await?;
     let [object] = manifest.objects.as_slice() else {
         return Err(Failure::Corrupt(format!(
             "etcd backup {} has {} objects, expected 1",

@@ -23,11 +23,9 @@ pub mod wal;
 
 use anyhow::Context;
 
-use crate::catalog::{self, BackupId, CatalogError, Kind};
+use crate::catalog::{self, BackupId, Kind};
 use crate::error::Failure;
-use crate::pipeline::PipelineError;
-use crate::sources::postgres::SourceError;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// Writes the manifest that makes a backup exist; if that fails, removes the run's data so
 /// nothing half-committed is left.
@@ -37,7 +35,7 @@ pub(crate) async fn commit_or_discard(
 ) -> anyhow::Result<()> {
     if let Err(error) = catalog::commit(store, manifest).await {
         discard(store, manifest.kind, &manifest.id).await;
-        return Err(catalog_error(error).context(format!(
+        return Err(anyhow::Error::new(error).context(format!(
             "{} backup {} failed while writing its manifest; nothing was committed",
             manifest.kind, manifest.id
         )));
@@ -103,7 +101,7 @@ where
         crate::pipeline::upload(store, key, reader, &config.pipeline, cancel)
     );
     let (facts, bytes) = read?;
-    let summary = uploaded.map_err(pipeline_error)?;
+    let summary = uploaded?;
     if summary.raw_bytes != bytes {
         return Err(anyhow::Error::new(Failure::Corrupt(format!(
             "{key}: the pipeline took {} bytes, but the source sent {bytes}",
@@ -121,7 +119,7 @@ pub(crate) async fn check_stored_size(
     key: &crate::store::ObjectKey,
     sent: u64,
 ) -> anyhow::Result<()> {
-    let meta = store.head(key).await.map_err(store_error)?;
+    let meta = store.head(key).await?;
     if meta.size != sent {
         return Err(Failure::Corrupt(format!(
             "{key} is {} bytes in the store after upload, but {sent} bytes were sent",
@@ -142,45 +140,6 @@ pub(crate) async fn discard(store: &Store, kind: Kind, id: &BackupId) {
             %error,
             "could not remove the data of the failed backup; the next run of this kind removes it"
         );
-    }
-}
-
-pub(crate) fn store_error(error: StoreError) -> anyhow::Error {
-    if error.is_config() {
-        anyhow::Error::new(Failure::Config(error.to_string()))
-    } else {
-        anyhow::Error::new(error)
-    }
-}
-
-pub(crate) fn catalog_error(error: CatalogError) -> anyhow::Error {
-    match error {
-        CatalogError::NoSuchBackup { .. } | CatalogError::NoBackups { .. } => {
-            anyhow::Error::new(Failure::NotFound(error.to_string()))
-        }
-        CatalogError::Store(store) => store_error(store),
-        other => anyhow::Error::new(other),
-    }
-}
-
-pub(crate) fn pipeline_error(error: PipelineError) -> anyhow::Error {
-    match error {
-        PipelineError::Store(store) => store_error(store),
-        PipelineError::Part { ref source, .. } if source.is_config() => {
-            anyhow::Error::new(Failure::Config(error.to_string()))
-        }
-        PipelineError::Corrupt(message) => anyhow::Error::new(Failure::Corrupt(message)),
-        PipelineError::Cancelled { .. } => {
-            anyhow::Error::new(Failure::Interrupted(error.to_string()))
-        }
-        other => anyhow::Error::new(other),
-    }
-}
-
-pub(crate) fn source_error(error: SourceError) -> anyhow::Error {
-    match error {
-        SourceError::Config(message) => anyhow::Error::new(Failure::Config(message)),
-        SourceError::Failed(message) => anyhow::anyhow!(message),
     }
 }
 
@@ -224,9 +183,7 @@ pub(crate) async fn restore_to_file(
         renamed: false,
     };
     let sink: crate::pipeline::Sink = Box::new(std::io::BufWriter::with_capacity(256 * 1024, file));
-    let sink = crate::pipeline::download(store, object, sink)
-        .await
-        .map_err(pipeline_error)?;
+    let sink = crate::pipeline::download(store, object, sink).await?;
     drop(sink);
     let file = std::fs::File::open(&partial.path)
         .with_context(|| format!("reopening {}", partial.path.display()))?;

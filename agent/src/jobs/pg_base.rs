@@ -16,7 +16,6 @@ use pitr::{Lsn, SegmentNo};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::{catalog_error, pipeline_error, source_error};
 use crate::catalog::manifest::{
     Compression, MANIFEST_FORMAT_UNHASHED, Manifest, PgBaseFacts, SourceFacts, StoredObject,
 };
@@ -63,18 +62,12 @@ pub async fn backup(
                 "say where the data directory is: --pgdata DIR, PGDATA or [postgres] pgdata".into(),
             )
         })?;
-    let client = postgres::connect(&config.postgres)
-        .await
-        .map_err(source_error)?;
+    let client = postgres::connect(&config.postgres).await?;
     let preflight = preflight(&client, &config.postgres, &pgdata).await?;
 
     let start_time = Utc::now();
-    catalog::sweep_abandoned(store, Kind::PgBase, start_time)
-        .await
-        .map_err(catalog_error)?;
-    let id = catalog::claim_id(store, Kind::PgBase, start_time)
-        .await
-        .map_err(catalog_error)?;
+    catalog::sweep_abandoned(store, Kind::PgBase, start_time).await?;
+    let id = catalog::claim_id(store, Kind::PgBase, start_time).await?;
     let label = format!("gc-backup {id}");
     let start_lsn = start_backup(
         &client,
@@ -82,8 +75,7 @@ pub async fn backup(
         preflight.server_version_num,
         &label,
     )
-    .await
-    .map_err(source_error)?;
+    .await?;
     tracing::info!(kind = "pg-base", id = %id, start_lsn = %start_lsn, pgdata = %pgdata.display(), "backup started");
 
     let run = Run {
@@ -165,7 +157,7 @@ async fn preflight(
             &[],
         )
         .await
-        .map_err(|e| source_error(query_error(config, "checking archiving", &e)))?;
+        .map_err(|e| query_error(config, "checking archiving", &e))?;
     let archive_mode: String = row.get(0);
     let wal_level: String = row.get(1);
     if archive_mode == "off" || wal_level == "minimal" {
@@ -355,7 +347,7 @@ async fn copy_and_stop(
         super::check_stored_size(store, &key, object.stored_bytes).await?;
     }
     let stopped = tokio::select! {
-        stopped = stop_backup(client, &config.postgres, preflight.server_version_num) => stopped.map_err(source_error)?,
+        stopped = stop_backup(client, &config.postgres, preflight.server_version_num) => stopped?,
         () = cancel.cancelled() => return Err(Failure::Interrupted("interrupted while stopping the backup".into()).into()),
     };
     let timeline = timeline_of(&stopped.label).unwrap_or(1);
@@ -476,7 +468,7 @@ async fn upload_stream(
         Err(WrittenError::Producer(tar_error)) => {
             return Err(anyhow::Error::new(tar_error).context(format!("copying PGDATA into {key}")));
         }
-        Err(WrittenError::Pipeline(error)) => return Err(pipeline_error(error)),
+        Err(WrittenError::Pipeline(error)) => return Err(anyhow::Error::new(error)),
     };
     tracing::debug!(key = %key, raw_bytes = summary.raw_bytes, stored_bytes = summary.stored_bytes, elapsed_ms = summary.elapsed.as_millis(), "tar stream stored");
     Ok((

@@ -4,7 +4,6 @@
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::{catalog_error, pipeline_error, source_error};
 use crate::catalog::manifest::{DumpFormat, Manifest, PgDumpFacts, SourceFacts};
 use crate::catalog::{self, Kind, layout};
 use crate::config::Config;
@@ -26,22 +25,14 @@ pub async fn backup(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Manifest> {
     // Ask the server first: a wrong database or password fails here, before any upload.
-    let facts = postgres::server_facts(&config.postgres)
-        .await
-        .map_err(source_error)?;
+    let facts = postgres::server_facts(&config.postgres).await?;
     let bin_dir = postgres::client_bin_dir(&config.postgres, Some(facts.major()));
     let pg_dump = postgres::client_binary(bin_dir.as_deref(), "pg_dump");
-    let pg_dump_version = postgres::tool_version(&pg_dump)
-        .await
-        .map_err(source_error)?;
+    let pg_dump_version = postgres::tool_version(&pg_dump).await?;
 
     let start_time = Utc::now();
-    catalog::sweep_abandoned(store, Kind::PgDump, start_time)
-        .await
-        .map_err(catalog_error)?;
-    let id = catalog::claim_id(store, Kind::PgDump, start_time)
-        .await
-        .map_err(catalog_error)?;
+    catalog::sweep_abandoned(store, Kind::PgDump, start_time).await?;
+    let id = catalog::claim_id(store, Kind::PgDump, start_time).await?;
     tracing::info!(
         kind = "pg-dump",
         id = %id,
@@ -58,17 +49,16 @@ pub async fn backup(
 
     let stored = async {
         let (dump, stdout) =
-            postgres::spawn_pg_dump(&pg_dump, &config.postgres, request.format, &request.tables)
-                .map_err(source_error)?;
+            postgres::spawn_pg_dump(&pg_dump, &config.postgres, request.format, &request.tables)?;
         let summary = match pipeline::upload(store, &key, stdout, &config.pipeline, cancel).await {
             Ok(summary) => summary,
             Err(error) => {
                 dump.kill().await;
-                return Err(pipeline_error(error));
+                return Err(anyhow::Error::new(error));
             }
         };
         // The stream ended; only pg_dump's exit status says whether it was the whole dump.
-        dump.finish().await.map_err(source_error)?;
+        dump.finish().await?;
         super::check_stored_size(store, &key, summary.stored_bytes).await?;
         Ok(summary)
     }

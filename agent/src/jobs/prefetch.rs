@@ -236,13 +236,7 @@ async fn prefetch(_config: &Config, store: &Store, name: &str, dir: &Path) -> an
             downloads.push(async move {
                 // wal::fetch writes through a temporary name and renames: never a partial file.
                 let result = wal::fetch(store, &segment, &target).await;
-                !matches!(
-                    result
-                        .as_ref()
-                        .err()
-                        .and_then(|e| e.downcast_ref::<Failure>()),
-                    Some(Failure::NotFound(_))
-                )
+                !result.as_ref().is_err_and(crate::error::is_not_found)
             });
         }
         if downloads.is_empty() {

@@ -9,25 +9,18 @@ use anyhow::Context;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::{catalog_error, redis_aof};
+use super::redis_aof;
 use crate::catalog::manifest::{Manifest, RedisFacts, SourceFacts};
 use crate::catalog::{self, Kind, Selector, layout};
 use crate::config::Config;
 use crate::error::Failure;
 use crate::sources::aof::{AofError, AofManifest};
-use crate::sources::redis::{RedisEndpoint, RedisError, Session};
+use crate::sources::redis::{RedisEndpoint, Session};
 use crate::store::Store;
 
 /// Chunks queued between the socket reader and the pipeline.
 const CHUNK_QUEUE: usize = 4;
 const OBJECT: &str = "dump.rdb.zst";
-
-fn redis_error(error: RedisError) -> anyhow::Error {
-    match error {
-        RedisError::Config(message) => Failure::Config(message).into(),
-        RedisError::Failed(message) => anyhow::anyhow!(message),
-    }
-}
 
 /// The server to back up: `--redis-url`, else the configuration; a password from the
 /// configuration (or `REDISCLI_AUTH`) when the URL has none.
@@ -40,7 +33,7 @@ pub fn endpoint(config: &Config, flag: Option<&str>) -> anyhow::Result<RedisEndp
                 "no Redis to back up: give --redis-url, GC_BACKUP_REDIS_URL or [redis] url".into(),
             )
         })?;
-    let mut endpoint = RedisEndpoint::parse(&url).map_err(redis_error)?;
+    let mut endpoint = RedisEndpoint::parse(&url)?;
     if endpoint.password.is_none() {
         endpoint.password.clone_from(&config.redis.password);
     }
@@ -69,28 +62,24 @@ pub async fn backup(
         })?;
     }
     // Connect and authenticate first: a wrong password fails before anything is stored.
-    let mut session = Session::open(endpoint).await.map_err(redis_error)?;
-    let redis_version = session.server_version().await.map_err(redis_error)?;
+    let mut session = Session::open(endpoint).await?;
+    let redis_version = session.server_version().await?;
 
     let start_time = Utc::now();
-    catalog::sweep_abandoned(store, Kind::Redis, start_time)
-        .await
-        .map_err(catalog_error)?;
-    let id = catalog::claim_id(store, Kind::Redis, start_time)
-        .await
-        .map_err(catalog_error)?;
+    catalog::sweep_abandoned(store, Kind::Redis, start_time).await?;
+    let id = catalog::claim_id(store, Kind::Redis, start_time).await?;
     tracing::info!(kind = "redis", id = %id, server = %endpoint, %redis_version, "backup started");
     let key = layout::data_key(Kind::Redis, &id, OBJECT);
 
     let stored = async {
-        let snapshot = session.sync().await.map_err(redis_error)?;
+        let snapshot = session.sync().await?;
         let (facts, summary) = super::upload_snapshot(
             config,
             store,
             &key,
             CHUNK_QUEUE,
             |chunks| async {
-                let facts = snapshot.stream(chunks).await.map_err(redis_error)?;
+                let facts = snapshot.stream(chunks).await?;
                 let bytes = facts.bytes;
                 Ok((facts, bytes))
             },
@@ -171,9 +160,7 @@ pub async fn restore(
     dir: &Path,
     cancel: &CancellationToken,
 ) -> anyhow::Result<RestoreRedisReport> {
-    let manifest = catalog::find(store, Kind::Redis, selector)
-        .await
-        .map_err(catalog_error)?;
+    let manifest = catalog::find(store, Kind::Redis, selector).await?;
     let SourceFacts::Redis(facts) = &manifest.source else {
         anyhow::bail!("backup {} is not a redis backup", manifest.id);
     };

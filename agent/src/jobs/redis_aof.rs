@@ -13,7 +13,6 @@ use anyhow::Context;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
-use super::pipeline_error;
 use crate::catalog::manifest::{AofFacts, AofFileFacts, SourceFacts};
 use crate::catalog::{self, BackupId, Kind, Manifest, StoredObject, layout};
 use crate::config::Config;
@@ -145,7 +144,7 @@ async fn copy_once(
             .with_context(|| format!("opening {}", path.display()))?;
         let summary = pipeline::upload(store, &key, file.take(len), &config.pipeline, cancel)
             .await
-            .map_err(pipeline_error)
+            .map_err(anyhow::Error::from)
             .with_context(|| format!("uploading {}", path.display()))?;
         if summary.raw_bytes != len {
             anyhow::bail!(

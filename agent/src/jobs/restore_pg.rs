@@ -18,8 +18,8 @@ use futures::StreamExt;
 use pitr::{PlanError, RecoveryTarget, RestorePlan, TargetAction};
 use tokio_util::sync::CancellationToken;
 
+use super::archive;
 use super::recovery::{self, RecoveryOptions, RecoveryReport};
-use super::{archive, catalog_error, pipeline_error};
 use crate::catalog::manifest::Manifest;
 use crate::catalog::{self, Kind, Selector};
 use crate::config::Config;
@@ -171,9 +171,7 @@ pub async fn choose(
     selector: &Selector,
     target: &RecoveryTarget,
 ) -> anyhow::Result<(Manifest, RestorePlan)> {
-    let (mut manifests, unreadable) = catalog::list(store, Some(Kind::PgBase))
-        .await
-        .map_err(catalog_error)?;
+    let (mut manifests, unreadable) = catalog::list(store, Some(Kind::PgBase)).await?;
     for problem in &unreadable {
         tracing::warn!("{problem}");
     }
@@ -328,7 +326,7 @@ async fn unpack(
     let sink: Sink = Box::new(writer);
     // Dropping the download closes the pipe's writer, which ends the tar reader.
     let downloaded = tokio::select! {
-        result = pipeline::download(store, object, sink) => result.map(drop).map_err(pipeline_error),
+        result = pipeline::download(store, object, sink) => result.map(drop).map_err(anyhow::Error::from),
         () = abort.cancelled() => Err(Stopped.into()),
     };
     let unpacked = unpacker.await.context("unpack worker failed")?;

@@ -11,7 +11,6 @@ use tokio::process::Command;
 use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
-use super::{catalog_error, pipeline_error, source_error};
 use crate::catalog::manifest::{DumpFormat, Manifest, SourceFacts};
 use crate::catalog::{self, Kind, Selector};
 use crate::config::{Config, redact_conninfo};
@@ -44,9 +43,7 @@ pub async fn restore(
     target: &RestoreTarget,
     cancel: &CancellationToken,
 ) -> anyhow::Result<RestoreReport> {
-    let manifest = catalog::find(store, Kind::PgDump, selector)
-        .await
-        .map_err(catalog_error)?;
+    let manifest = catalog::find(store, Kind::PgDump, selector).await?;
     let SourceFacts::PgDump(facts) = &manifest.source else {
         anyhow::bail!("backup {} is not a pg-dump backup", manifest.id);
     };
@@ -67,7 +64,7 @@ pub async fn restore(
                 pipeline::download(store, object, sink)
                     .await
                     .map(drop)
-                    .map_err(pipeline_error)
+                    .map_err(anyhow::Error::from)
             }
             RestoreTarget::Database(conninfo) => {
                 let major = facts.server_version_num.map(|n| n / 10_000);
@@ -121,7 +118,7 @@ async fn restore_to_database(
     };
     postgres::apply_libpq_env(&mut command, &config.postgres);
     command.stdin(Stdio::piped()).stdout(Stdio::null());
-    let mut loader = Supervised::spawn(name, command).map_err(source_error)?;
+    let mut loader = Supervised::spawn(name, command)?;
     let stdin = loader
         .stdin()
         .ok_or_else(|| anyhow::anyhow!("{name} has no stdin"))?;
@@ -131,7 +128,7 @@ async fn restore_to_database(
         Ok(sink) => {
             // Closing stdin lets the loader reach the end and commit.
             drop(sink);
-            loader.finish().await.map_err(source_error)
+            loader.finish().await.map_err(anyhow::Error::from)
         }
         Err(error) => {
             // Killed before it saw the end of input: its transaction is rolled back.
@@ -140,7 +137,7 @@ async fn restore_to_database(
                 PipelineError::Sink(_) if !said.is_empty() => {
                     Err(anyhow::anyhow!("{name} stopped: {said}"))
                 }
-                other => Err(pipeline_error(other).context(format!(
+                other => Err(anyhow::Error::new(other).context(format!(
                     "nothing was committed to the database ({name} was stopped)"
                 ))),
             }

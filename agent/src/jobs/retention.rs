@@ -11,7 +11,6 @@ use retention::{
     Backup, DataObject, Decision, Inventory, Plan, Policy, Target, WalObject, WalStart,
 };
 
-use super::{catalog_error, store_error};
 use crate::catalog::manifest::SourceFacts;
 use crate::catalog::{self, BackupId, Kind, Manifest, layout};
 use crate::config::S3Location;
@@ -45,7 +44,7 @@ fn backup_of(manifest: &Manifest) -> Backup {
 /// Everything in the store the planner needs. Refuses to go on when a manifest cannot be
 /// read: its backup's objects (and objects it shares) could not be told from orphans.
 pub async fn inventory(store: &Store) -> anyhow::Result<Inventory> {
-    let (manifests, unreadable) = catalog::list(store, None).await.map_err(catalog_error)?;
+    let (manifests, unreadable) = catalog::list(store, None).await?;
     if !unreadable.is_empty() {
         let names: Vec<String> = unreadable.iter().map(ToString::to_string).collect();
         return Err(Failure::Corrupt(format!(
@@ -59,11 +58,7 @@ pub async fn inventory(store: &Store) -> anyhow::Result<Inventory> {
         backups: manifests.iter().map(backup_of).collect(),
         ..Inventory::default()
     };
-    for meta in store
-        .list(&ObjectKey::from("data"))
-        .await
-        .map_err(store_error)?
-    {
+    for meta in store.list(&ObjectKey::from("data")).await? {
         let key = meta.location.to_string();
         let mut parts = key.splitn(4, '/');
         let (Some("data"), Some(kind), Some(id), Some(_)) =
@@ -82,11 +77,7 @@ pub async fn inventory(store: &Store) -> anyhow::Result<Inventory> {
             last_modified: meta.last_modified,
         });
     }
-    for meta in store
-        .list(&layout::wal_prefix())
-        .await
-        .map_err(store_error)?
-    {
+    for meta in store.list(&layout::wal_prefix()).await? {
         if let Some(file) = layout::parse_wal_key(&meta.location) {
             inventory.wal.push(WalObject {
                 key: meta.location.to_string(),
@@ -204,7 +195,7 @@ pub async fn run(
 async fn delete_tolerating_absence(store: &Store, key: &ObjectKey) -> anyhow::Result<()> {
     match store.delete(key).await {
         Ok(()) | Err(crate::store::StoreError::NotFound { .. }) => Ok(()),
-        Err(error) => Err(store_error(error)),
+        Err(error) => Err(anyhow::Error::new(error)),
     }
 }
 

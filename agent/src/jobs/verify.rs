@@ -10,7 +10,7 @@ use pitr::{PlanError, RecoveryTarget, TargetAction};
 use tokio_util::sync::CancellationToken;
 
 use super::restore_pg::{self, RestorePgReport, RestorePgRequest, StartOptions};
-use super::{archive, base_tar, catalog_error, pipeline_error};
+use super::{archive, base_tar};
 use crate::catalog::manifest::Manifest;
 use crate::catalog::{self, BackupId, Kind, Selector};
 use crate::config::Config;
@@ -56,7 +56,7 @@ pub async fn verify(
     id: Option<&BackupId>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<VerifyReport> {
-    let (manifests, unreadable) = catalog::list(store, kind).await.map_err(catalog_error)?;
+    let (manifests, unreadable) = catalog::list(store, kind).await?;
     let mut report = VerifyReport {
         checked: Vec::new(),
         unreadable: if id.is_none() {
@@ -102,7 +102,7 @@ pub async fn verify(
             let mut verdict = None;
             let files = base_tar::files_of_stream(manifest, stream);
             if let Err(error) = read_object(store, object, files).await {
-                if !matches!(error.downcast_ref::<Failure>(), Some(Failure::Corrupt(_))) {
+                if crate::error::meaning(&error) != Some(crate::error::Meaning::Corrupt) {
                     // The store itself failed: nothing more can be verified now.
                     return Err(error.context(format!("verifying {}", object.key)));
                 }
@@ -132,9 +132,7 @@ async fn read_object(
     files: Option<Vec<crate::sources::pgdata::CopiedFile>>,
 ) -> anyhow::Result<()> {
     let Some(files) = files else {
-        pipeline::download(store, object, Box::new(std::io::sink()))
-            .await
-            .map_err(pipeline_error)?;
+        pipeline::download(store, object, Box::new(std::io::sink())).await?;
         return Ok(());
     };
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
@@ -144,7 +142,7 @@ async fn read_object(
     let downloaded = pipeline::download(store, object, Box::new(writer))
         .await
         .map(drop)
-        .map_err(pipeline_error);
+        .map_err(anyhow::Error::from);
     let read = reading.await.context("tar check worker failed")?;
     // The checker reads to the end even after a bad file, so a download error is the
     // download's own: the store's failure, or a damaged frame that also broke the tar.

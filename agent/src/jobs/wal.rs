@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use pitr::WalFile;
 
-use super::store_error;
 use crate::catalog::layout;
 use crate::config::Config;
 use crate::error::Failure;
@@ -59,13 +58,15 @@ pub async fn push(config: &Config, store: &Store, path: &Path) -> anyhow::Result
     .context("compression worker failed")??;
     let outcome = match store.put_new(&key, stored).await {
         Ok(()) => {
-            store.sync(&key).await.map_err(store_error)?;
+            store.sync(&key).await?;
             PushOutcome::Stored
         }
         Err(StoreError::AlreadyExists { .. }) => {
             compare_with_archived(store, &key, name, &header).await?
         }
-        Err(error) => return Err(store_error(error).context(format!("archiving {name} failed"))),
+        Err(error) => {
+            return Err(anyhow::Error::new(error).context(format!("archiving {name} failed")));
+        }
     };
     Ok(Pushed {
         outcome,
@@ -79,10 +80,7 @@ async fn compare_with_archived(
     name: &str,
     local: &WalHeader,
 ) -> anyhow::Result<PushOutcome> {
-    let head = store
-        .get_range(key, 0..HEADER_LEN as u64)
-        .await
-        .map_err(store_error)?;
+    let head = store.get_range(key, 0..HEADER_LEN as u64).await?;
     let archived = WalHeader::parse(&head)
         .map_err(|e| Failure::Corrupt(format!("{key} in {} is damaged: {e}", store.name())))?;
     if archived == *local {
@@ -126,7 +124,9 @@ pub async fn read(store: &Store, file: &WalFile) -> anyhow::Result<Vec<u8>> {
             ))
             .into());
         }
-        Err(error) => return Err(store_error(error).context(format!("fetching {name} failed"))),
+        Err(error) => {
+            return Err(anyhow::Error::new(error).context(format!("fetching {name} failed")));
+        }
     };
     tokio::task::spawn_blocking(move || wal_object::decode(&stored))
         .await
@@ -206,10 +206,7 @@ mod tests {
         let error = fetch(&Store::memory(), "00000002.history", &dest)
             .await
             .unwrap_err();
-        assert!(matches!(
-            error.downcast_ref::<Failure>(),
-            Some(Failure::NotFound(_))
-        ));
+        assert!(crate::error::is_not_found(&error));
         assert!(!dest.exists());
         assert!(
             fetch(&Store::memory(), "RECOVERYXLOG", &dest)

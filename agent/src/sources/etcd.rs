@@ -15,6 +15,7 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use super::SourceError;
 use crate::config::Secret;
 
 /// How long connecting to one member may take before the next is tried.
@@ -22,15 +23,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const SHA256_LEN: usize = 32;
 /// bbolt writes whole pages; etcd's own check for "has a hash trailer" uses this.
 const DB_ALIGNMENT: u64 = 512;
-
-#[derive(Debug, thiserror::Error)]
-pub enum EtcdError {
-    /// A usage problem: no endpoints, unreadable certificate, refused credentials.
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Failed(String),
-}
 
 /// Which etcd, and how to talk to it. Passwords never appear in `Display`/`Debug`.
 #[derive(Clone, Default)]
@@ -51,7 +43,7 @@ impl fmt::Debug for EtcdEndpoints {
 
 impl EtcdEndpoints {
     /// Endpoints from a comma-separated list, checked for a scheme.
-    pub fn parse_urls(list: &str) -> Result<Vec<String>, EtcdError> {
+    pub fn parse_urls(list: &str) -> Result<Vec<String>, SourceError> {
         let urls: Vec<String> = list
             .split(',')
             .map(str::trim)
@@ -62,13 +54,13 @@ impl EtcdEndpoints {
         Ok(urls)
     }
 
-    pub fn check_urls(urls: &[String]) -> Result<(), EtcdError> {
+    pub fn check_urls(urls: &[String]) -> Result<(), SourceError> {
         if urls.is_empty() {
-            return Err(EtcdError::Config("no etcd endpoints given".to_string()));
+            return Err(SourceError::Config("no etcd endpoints given".to_string()));
         }
         for url in urls {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(EtcdError::Config(format!(
+                return Err(SourceError::Config(format!(
                     "etcd endpoint '{url}' needs http:// or https://"
                 )));
             }
@@ -76,7 +68,7 @@ impl EtcdEndpoints {
         Ok(())
     }
 
-    fn tls(&self) -> Result<Option<TlsOptions>, EtcdError> {
+    fn tls(&self) -> Result<Option<TlsOptions>, SourceError> {
         let https = self.urls.iter().any(|url| url.starts_with("https://"));
         if !https {
             if self.ca_file.is_some() || self.cert_file.is_some() {
@@ -86,7 +78,7 @@ impl EtcdEndpoints {
         }
         let read = |path: &PathBuf, what: &str| {
             std::fs::read(path).map_err(|e| {
-                EtcdError::Config(format!(
+                SourceError::Config(format!(
                     "cannot read the etcd {what} {}: {e}",
                     path.display()
                 ))
@@ -105,7 +97,7 @@ impl EtcdEndpoints {
             }
             (None, None) => {}
             _ => {
-                return Err(EtcdError::Config(
+                return Err(SourceError::Config(
                     "an etcd client certificate needs both a cert file and a key file".into(),
                 ));
             }
@@ -113,7 +105,7 @@ impl EtcdEndpoints {
         Ok(Some(tls))
     }
 
-    fn options(&self) -> Result<ConnectOptions, EtcdError> {
+    fn options(&self) -> Result<ConnectOptions, SourceError> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(20));
@@ -178,7 +170,7 @@ fn is_auth_failure(error: &etcd_client::Error) -> bool {
 
 impl Member {
     /// Connects to the first member of `endpoints` that answers `Status`.
-    pub async fn connect(endpoints: &EtcdEndpoints) -> Result<Self, EtcdError> {
+    pub async fn connect(endpoints: &EtcdEndpoints) -> Result<Self, SourceError> {
         EtcdEndpoints::check_urls(&endpoints.urls)?;
         let options = endpoints.options()?;
         let mut failures = Vec::new();
@@ -202,7 +194,7 @@ impl Member {
                     return Ok(Self { client, facts });
                 }
                 Err(error) if is_auth_failure(&error) => {
-                    return Err(EtcdError::Config(format!(
+                    return Err(SourceError::Config(format!(
                         "etcd at {url} refused the credentials: {}",
                         describe(&error)
                     )));
@@ -219,7 +211,7 @@ impl Member {
                 }
             }
         }
-        Err(EtcdError::Failed(format!(
+        Err(SourceError::Failed(format!(
             "no etcd member answered: {}",
             failures.join("; ")
         )))
@@ -230,7 +222,7 @@ impl Member {
     pub async fn stream(
         mut self,
         chunks: mpsc::Sender<std::io::Result<Bytes>>,
-    ) -> Result<SnapshotFacts, EtcdError> {
+    ) -> Result<SnapshotFacts, SourceError> {
         let result = self.stream_checked(&chunks).await;
         if let Err(error) = &result {
             let _ = chunks
@@ -243,10 +235,10 @@ impl Member {
     async fn stream_checked(
         &mut self,
         chunks: &mpsc::Sender<std::io::Result<Bytes>>,
-    ) -> Result<SnapshotFacts, EtcdError> {
+    ) -> Result<SnapshotFacts, SourceError> {
         let endpoint = self.facts.endpoint.clone();
         let failed = |error: etcd_client::Error| {
-            EtcdError::Failed(format!(
+            SourceError::Failed(format!(
                 "etcd snapshot from {endpoint}: {}",
                 describe(&error)
             ))
@@ -260,11 +252,13 @@ impl Member {
             remaining = Some(message.remaining_bytes());
             if !blob.is_empty() && chunks.send(Ok(Bytes::copy_from_slice(blob))).await.is_err() {
                 // The pipeline stopped reading: its error is the one to report.
-                return Err(EtcdError::Failed("the upload stopped reading".to_string()));
+                return Err(SourceError::Failed(
+                    "the upload stopped reading".to_string(),
+                ));
             }
         }
         if remaining != Some(0) {
-            return Err(EtcdError::Failed(format!(
+            return Err(SourceError::Failed(format!(
                 "etcd snapshot from {} ended early: {} bytes received, the member had {} more to send",
                 self.facts.endpoint,
                 check.total,
@@ -272,7 +266,7 @@ impl Member {
             )));
         }
         check.finish().map_err(|reason| {
-            EtcdError::Failed(format!(
+            SourceError::Failed(format!(
                 "etcd snapshot from {}: {reason}",
                 self.facts.endpoint
             ))

@@ -12,14 +12,7 @@ use tokio::process::{Child, ChildStdout, Command};
 use crate::catalog::manifest::DumpFormat;
 use crate::config::PostgresConfig;
 
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// The settings are wrong: no such database, bad password, no such role.
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Failed(String),
-}
+pub use super::SourceError;
 
 /// What the server says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

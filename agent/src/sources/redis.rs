@@ -24,6 +24,7 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+use super::SourceError;
 use crate::config::Secret;
 
 /// Bytes read from the server at a time.
@@ -33,15 +34,6 @@ const EOF_MARK_LEN: usize = 40;
 
 const CRC64: crc::Crc<u64, crc::Table<16>> =
     crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_REDIS);
-
-#[derive(Debug, thiserror::Error)]
-pub enum RedisError {
-    /// A usage problem: bad URL, wrong password, unknown user.
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Failed(String),
-}
 
 /// Where Redis is and who we are to it. The password never appears in `Display`.
 #[derive(Clone, PartialEq, Eq)]
@@ -83,8 +75,8 @@ impl fmt::Debug for RedisEndpoint {
 
 impl RedisEndpoint {
     /// Parses `redis[s]://[[user]:password@]host[:port][/db]`; `rediss://` is TLS.
-    pub fn parse(url: &str) -> Result<Self, RedisError> {
-        let bad = |why: &str| RedisError::Config(format!("redis URL {}: {why}", redact(url)));
+    pub fn parse(url: &str) -> Result<Self, SourceError> {
+        let bad = |why: &str| SourceError::Config(format!("redis URL {}: {why}", redact(url)));
         let (rest, tls) = if let Some(rest) = url.strip_prefix("redis://") {
             (rest, None)
         } else if let Some(rest) = url.strip_prefix("rediss://") {
@@ -136,9 +128,9 @@ trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
 
 /// A TLS client configuration: the system's roots, the CA file, the client certificate.
-fn tls_config(files: &TlsFiles) -> Result<rustls::ClientConfig, RedisError> {
+fn tls_config(files: &TlsFiles) -> Result<rustls::ClientConfig, SourceError> {
     let config_error = |what: &str, path: &std::path::Path, e: &dyn fmt::Display| {
-        RedisError::Config(format!("{what} {}: {e}", path.display()))
+        SourceError::Config(format!("{what} {}: {e}", path.display()))
     };
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
@@ -157,7 +149,7 @@ fn tls_config(files: &TlsFiles) -> Result<rustls::ClientConfig, RedisError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| RedisError::Failed(format!("TLS set-up: {e}")))?
+        .map_err(|e| SourceError::Failed(format!("TLS set-up: {e}")))?
         .with_root_certificates(roots);
     match (&files.cert_file, &files.key_file) {
         (Some(cert_path), Some(key_path)) => {
@@ -172,7 +164,7 @@ fn tls_config(files: &TlsFiles) -> Result<rustls::ClientConfig, RedisError> {
                 .map_err(|e| config_error("certificate and key do not match:", cert_path, &e))
         }
         (None, None) => Ok(builder.with_no_client_auth()),
-        _ => Err(RedisError::Config(
+        _ => Err(SourceError::Config(
             "a Redis client certificate needs both cert-file and key-file".into(),
         )),
     }
@@ -229,28 +221,28 @@ enum Reply {
 }
 
 impl Session {
-    /// Connects and authenticates. A wrong password or user is a [`RedisError::Config`].
-    pub async fn open(endpoint: &RedisEndpoint) -> Result<Self, RedisError> {
+    /// Connects and authenticates. A wrong password or user is a [`SourceError::Config`].
+    pub async fn open(endpoint: &RedisEndpoint) -> Result<Self, SourceError> {
         let address = (endpoint.host.as_str(), endpoint.port);
         let tcp = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             TcpStream::connect(address),
         )
         .await
-        .map_err(|_| RedisError::Failed(format!("{endpoint} did not answer within 10 s")))?
-        .map_err(|e| RedisError::Failed(format!("cannot connect to {endpoint}: {e}")))?;
+        .map_err(|_| SourceError::Failed(format!("{endpoint} did not answer within 10 s")))?
+        .map_err(|e| SourceError::Failed(format!("cannot connect to {endpoint}: {e}")))?;
         let _ = tcp.set_nodelay(true);
         let connection: Box<dyn Connection> = match &endpoint.tls {
             None => Box::new(tcp),
             Some(files) => {
                 let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(files)?));
                 let name = ServerName::try_from(endpoint.host.clone()).map_err(|e| {
-                    RedisError::Config(format!("{}: not a TLS server name: {e}", endpoint.host))
+                    SourceError::Config(format!("{}: not a TLS server name: {e}", endpoint.host))
                 })?;
                 let tls = connector
                     .connect(name, tcp)
                     .await
-                    .map_err(|e| RedisError::Failed(format!("TLS with {endpoint} failed: {e}")))?;
+                    .map_err(|e| SourceError::Failed(format!("TLS with {endpoint} failed: {e}")))?;
                 Box::new(tls)
             }
         };
@@ -267,7 +259,7 @@ impl Session {
             match session.call(&args).await? {
                 Reply::Status(_) => {}
                 Reply::Error(message) => {
-                    return Err(RedisError::Config(format!(
+                    return Err(SourceError::Config(format!(
                         "{endpoint} refused the credentials: {message}"
                     )));
                 }
@@ -278,7 +270,7 @@ impl Session {
     }
 
     /// `INFO server`'s `redis_version`.
-    pub async fn server_version(&mut self) -> Result<String, RedisError> {
+    pub async fn server_version(&mut self) -> Result<String, SourceError> {
         match self.call(&[b"INFO", b"server"]).await? {
             Reply::Bulk(Some(text)) => Ok(String::from_utf8_lossy(&text)
                 .lines()
@@ -287,7 +279,7 @@ impl Session {
                 .trim()
                 .to_string()),
             Reply::Error(message) if message.starts_with("NOAUTH") => {
-                Err(RedisError::Config(format!(
+                Err(SourceError::Config(format!(
                     "{} needs a password (in the URL or REDISCLI_AUTH)",
                     self.endpoint
                 )))
@@ -297,7 +289,7 @@ impl Session {
     }
 
     /// Asks for a snapshot and returns a reader task streaming it into `chunks`.
-    pub async fn sync(mut self) -> Result<Snapshot, RedisError> {
+    pub async fn sync(mut self) -> Result<Snapshot, SourceError> {
         // Both are optional: a server that does not know them sends a length-framed snapshot
         // and the command stream after it, which the reader stops before.
         for capability in [
@@ -319,15 +311,15 @@ impl Session {
         };
         let framing = if let Some(error) = line.strip_prefix('-') {
             let kind = if error.starts_with("NOAUTH") || error.starts_with("NOPERM") {
-                RedisError::Config
+                SourceError::Config
             } else {
-                RedisError::Failed
+                SourceError::Failed
             };
             return Err(kind(format!("{} refused SYNC: {error}", self.endpoint)));
         } else if let Some(mark) = line.strip_prefix("$EOF:") {
             let mark = mark.as_bytes().to_vec();
             if mark.len() != EOF_MARK_LEN {
-                return Err(RedisError::Failed(format!(
+                return Err(SourceError::Failed(format!(
                     "{} sent a bad end mark",
                     self.endpoint
                 )));
@@ -336,7 +328,7 @@ impl Session {
         } else if let Some(length) = line.strip_prefix('$').and_then(|n| n.parse::<u64>().ok()) {
             Framing::Length(length)
         } else {
-            return Err(RedisError::Failed(format!(
+            return Err(SourceError::Failed(format!(
                 "{} answered SYNC with {line:?}",
                 self.endpoint
             )));
@@ -347,12 +339,12 @@ impl Session {
         })
     }
 
-    async fn call(&mut self, args: &[&[u8]]) -> Result<Reply, RedisError> {
+    async fn call(&mut self, args: &[&[u8]]) -> Result<Reply, SourceError> {
         self.send(args).await?;
         self.read_reply().await
     }
 
-    async fn send(&mut self, args: &[&[u8]]) -> Result<(), RedisError> {
+    async fn send(&mut self, args: &[&[u8]]) -> Result<(), SourceError> {
         let mut frame = format!("*{}\r\n", args.len()).into_bytes();
         for arg in args {
             frame.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
@@ -360,24 +352,24 @@ impl Session {
             frame.extend_from_slice(b"\r\n");
         }
         let io =
-            |e: std::io::Error| RedisError::Failed(format!("writing to {}: {e}", self.endpoint));
+            |e: std::io::Error| SourceError::Failed(format!("writing to {}: {e}", self.endpoint));
         self.stream.write_all(&frame).await.map_err(io)?;
         self.stream.flush().await.map_err(io)
     }
 
-    async fn read_line(&mut self) -> Result<String, RedisError> {
+    async fn read_line(&mut self) -> Result<String, SourceError> {
         let endpoint = self.endpoint.to_string();
         let line = read_reply_line(&mut self.stream, &endpoint).await?;
         Ok(String::from_utf8_lossy(&line).into_owned())
     }
 
-    async fn read_reply(&mut self) -> Result<Reply, RedisError> {
+    async fn read_reply(&mut self) -> Result<Reply, SourceError> {
         let endpoint = self.endpoint.to_string();
         read_reply(&mut self.stream, &endpoint).await
     }
 
-    fn unexpected(&self, command: &str, reply: &Reply) -> RedisError {
-        RedisError::Failed(format!(
+    fn unexpected(&self, command: &str, reply: &Reply) -> SourceError {
+        SourceError::Failed(format!(
             "{} answered {command} with {reply:?}",
             self.endpoint
         ))
@@ -394,20 +386,20 @@ const MAX_BULK_REPLY: usize = 4 * 1024 * 1024;
 async fn read_reply_line(
     stream: &mut (impl AsyncBufRead + Unpin),
     endpoint: &str,
-) -> Result<Vec<u8>, RedisError> {
+) -> Result<Vec<u8>, SourceError> {
     let mut line = Vec::new();
     let read = (&mut *stream)
         .take(MAX_REPLY_LINE)
         .read_until(b'\n', &mut line)
         .await
-        .map_err(|e| RedisError::Failed(format!("reading from {endpoint}: {e}")))?;
+        .map_err(|e| SourceError::Failed(format!("reading from {endpoint}: {e}")))?;
     if read == 0 {
-        return Err(RedisError::Failed(format!(
+        return Err(SourceError::Failed(format!(
             "{endpoint} closed the connection"
         )));
     }
     if !line.ends_with(b"\n") {
-        return Err(RedisError::Failed(format!(
+        return Err(SourceError::Failed(format!(
             "{endpoint} sent a reply line longer than {MAX_REPLY_LINE} bytes, or none ended"
         )));
     }
@@ -422,15 +414,15 @@ async fn read_reply_line(
 async fn read_reply(
     stream: &mut (impl AsyncBufRead + Unpin),
     endpoint: &str,
-) -> Result<Reply, RedisError> {
+) -> Result<Reply, SourceError> {
     let line = read_reply_line(stream, endpoint).await?;
     let Some((&kind, rest)) = line.split_first() else {
-        return Err(RedisError::Failed(format!(
+        return Err(SourceError::Failed(format!(
             "{endpoint} sent an empty reply"
         )));
     };
     let text = String::from_utf8_lossy(rest).into_owned();
-    let bad = || RedisError::Failed(format!("{endpoint} sent a malformed reply {text:?}"));
+    let bad = || SourceError::Failed(format!("{endpoint} sent a malformed reply {text:?}"));
     Ok(match kind {
         b'+' => Reply::Status(text),
         b'-' => Reply::Error(text),
@@ -440,7 +432,7 @@ async fn read_reply(
             length => {
                 let length = usize::try_from(length).map_err(|_| bad())?;
                 if length > MAX_BULK_REPLY {
-                    return Err(RedisError::Failed(format!(
+                    return Err(SourceError::Failed(format!(
                         "{endpoint} sent a {length}-byte reply; at most {MAX_BULK_REPLY} \
                          are read"
                     )));
@@ -449,7 +441,7 @@ async fn read_reply(
                 stream
                     .read_exact(&mut body)
                     .await
-                    .map_err(|e| RedisError::Failed(format!("reading from {endpoint}: {e}")))?;
+                    .map_err(|e| SourceError::Failed(format!("reading from {endpoint}: {e}")))?;
                 if !body.ends_with(b"\r\n") {
                     return Err(bad());
                 }
@@ -458,7 +450,7 @@ async fn read_reply(
             }
         },
         _ => {
-            return Err(RedisError::Failed(format!(
+            return Err(SourceError::Failed(format!(
                 "{endpoint} sent an unexpected reply {:?}",
                 String::from_utf8_lossy(&line)
             )));
@@ -499,7 +491,7 @@ impl Snapshot {
     pub async fn stream(
         self,
         chunks: mpsc::Sender<std::io::Result<Bytes>>,
-    ) -> Result<RdbFacts, RedisError> {
+    ) -> Result<RdbFacts, SourceError> {
         let endpoint = self.session.endpoint.clone();
         let result = self.read_checked(&chunks).await;
         if let Err(error) = &result {
@@ -509,8 +501,8 @@ impl Snapshot {
         }
         drop(chunks);
         result.map_err(|e| match e {
-            RedisError::Failed(message) => {
-                RedisError::Failed(format!("snapshot from {endpoint}: {message}"))
+            SourceError::Failed(message) => {
+                SourceError::Failed(format!("snapshot from {endpoint}: {message}"))
             }
             other => other,
         })
@@ -519,7 +511,7 @@ impl Snapshot {
     async fn read_checked(
         self,
         chunks: &mpsc::Sender<std::io::Result<Bytes>>,
-    ) -> Result<RdbFacts, RedisError> {
+    ) -> Result<RdbFacts, SourceError> {
         let Snapshot {
             mut session,
             framing,
@@ -545,9 +537,9 @@ impl Snapshot {
                 .take(want as u64)
                 .read_buf(&mut buffer)
                 .await
-                .map_err(|e| RedisError::Failed(format!("reading: {e}")))?;
+                .map_err(|e| SourceError::Failed(format!("reading: {e}")))?;
             if read == 0 {
-                return Err(RedisError::Failed(format!(
+                return Err(SourceError::Failed(format!(
                     "the connection closed after {} bytes, before the end of the snapshot",
                     check.bytes + held.len() as u64
                 )));
@@ -581,14 +573,14 @@ impl Snapshot {
 async fn send(
     chunks: &mpsc::Sender<std::io::Result<Bytes>>,
     data: Bytes,
-) -> Result<(), RedisError> {
+) -> Result<(), SourceError> {
     if data.is_empty() {
         return Ok(());
     }
     chunks
         .send(Ok(data))
         .await
-        .map_err(|_| RedisError::Failed("the upload stopped".into()))
+        .map_err(|_| SourceError::Failed("the upload stopped".into()))
 }
 
 /// The RDB checks, fed as the bytes go by: magic and version at the start, CRC-64 of all but
@@ -609,13 +601,13 @@ impl fmt::Debug for RdbCheck {
 }
 
 impl RdbCheck {
-    fn feed(&mut self, data: &[u8]) -> Result<(), RedisError> {
+    fn feed(&mut self, data: &[u8]) -> Result<(), SourceError> {
         self.bytes += data.len() as u64;
         if self.header.len() < 9 {
             let need = 9 - self.header.len();
             self.header.extend_from_slice(&data[..need.min(data.len())]);
             if self.header.len() >= 5 && &self.header[..5] != b"REDIS" {
-                return Err(RedisError::Failed(
+                return Err(SourceError::Failed(
                     "the payload is not an RDB file (no REDIS magic)".into(),
                 ));
             }
@@ -644,9 +636,9 @@ impl RdbCheck {
         Ok(())
     }
 
-    fn finish(self) -> Result<RdbFacts, RedisError> {
+    fn finish(self) -> Result<RdbFacts, SourceError> {
         if self.header.len() < 9 || self.tail.len() < 8 {
-            return Err(RedisError::Failed(format!(
+            return Err(SourceError::Failed(format!(
                 "the snapshot is too short ({} bytes)",
                 self.bytes
             )));
@@ -654,7 +646,7 @@ impl RdbCheck {
         let version: u32 = std::str::from_utf8(&self.header[5..9])
             .ok()
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| RedisError::Failed("the RDB header has no version".into()))?;
+            .ok_or_else(|| SourceError::Failed("the RDB header has no version".into()))?;
         let stored = u64::from_le_bytes(self.tail[..8].try_into().unwrap_or_default());
         let computed = self.digest_state.map_or(0, |d| d.finalize());
         let crc64 = if version < 5 || stored == 0 {
@@ -665,7 +657,7 @@ impl RdbCheck {
             );
             None
         } else if stored != computed {
-            return Err(RedisError::Failed(format!(
+            return Err(SourceError::Failed(format!(
                 "CRC-64 mismatch: the snapshot says {stored:016x}, its bytes give {computed:016x}"
             )));
         } else {

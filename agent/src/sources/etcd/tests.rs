@@ -56,11 +56,11 @@ fn endpoints_need_a_scheme() {
     );
     assert!(matches!(
         EtcdEndpoints::parse_urls("etcd:2379"),
-        Err(EtcdError::Config(_))
+        Err(SourceError::Config(_))
     ));
     assert!(matches!(
         EtcdEndpoints::parse_urls(" , "),
-        Err(EtcdError::Config(_))
+        Err(SourceError::Config(_))
     ));
 }
 
@@ -71,7 +71,7 @@ fn a_client_certificate_without_its_key_is_a_configuration_error() {
         cert_file: Some("/nonexistent/cert.pem".into()),
         ..EtcdEndpoints::default()
     };
-    assert!(matches!(endpoints.options(), Err(EtcdError::Config(_))));
+    assert!(matches!(endpoints.options(), Err(SourceError::Config(_))));
     let debug = format!(
         "{:?}",
         EtcdEndpoints {

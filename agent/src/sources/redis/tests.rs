@@ -10,7 +10,7 @@ fn rdb(body: &[u8]) -> Vec<u8> {
     file
 }
 
-fn check_in_pieces(file: &[u8], piece: usize) -> Result<RdbFacts, RedisError> {
+fn check_in_pieces(file: &[u8], piece: usize) -> Result<RdbFacts, SourceError> {
     let mut check = RdbCheck::default();
     for chunk in file.chunks(piece) {
         check.feed(chunk)?;
@@ -78,7 +78,7 @@ mod outside_input {
     use super::*;
     use proptest::prelude::*;
 
-    fn reply_of(bytes: &[u8]) -> Result<Reply, RedisError> {
+    fn reply_of(bytes: &[u8]) -> Result<Reply, SourceError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
