@@ -74,6 +74,9 @@ fn meaning_of(cause: &(dyn std::error::Error + 'static)) -> Option<Meaning> {
             Failure::Interrupted(_) => Meaning::Interrupted,
         });
     }
+    if cause.is::<crate::config::ConfigError>() {
+        return Some(Meaning::Config);
+    }
     if let Some(error) = cause.downcast_ref::<SourceError>() {
         return match error {
             SourceError::Config(_) => Some(Meaning::Config),

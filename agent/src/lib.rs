@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod host;
 pub mod jobs;
 pub mod pipeline;
 pub mod sources;

@@ -148,10 +148,11 @@ pub struct PgDumpFacts {
     pub tables: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum DumpFormat {
     /// pg_dump's custom archive: restored with pg_restore, tables selectable.
+    #[default]
     Custom,
     /// Plain SQL: restored with psql.
     Plain,

@@ -15,6 +15,7 @@ use serde::Serialize;
 pub use layout::{BackupId, Kind};
 pub use manifest::{Manifest, StoredObject};
 
+use crate::host::hostname;
 use crate::store::{ObjectKey, Store, StoreError};
 
 /// How many manifests are fetched at once when listing.
@@ -88,13 +89,8 @@ impl ClaimRecord {
             return true;
         }
         // On this host we can look: is the writer still a running gc-backup?
-        self.host == hostname() && !process_is_gc_backup(self.pid)
+        self.host == hostname() && !crate::host::pid_runs(self.pid, "gc-backup")
     }
-}
-
-fn process_is_gc_backup(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("gc-backup"))
 }
 
 /// Removes what runs of `kind` that were killed left behind: data under a claim that has no
@@ -179,12 +175,6 @@ pub async fn claim_id(
         first,
         store: store.name().to_string(),
     })
-}
-
-pub(crate) fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string())
 }
 
 /// Deletes everything a run wrote under its data prefix: used when a run fails, and after a

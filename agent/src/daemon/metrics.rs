@@ -194,7 +194,7 @@ pub fn wal(last_archived: Option<DateTime<Utc>>, pending: usize, failures: u64) 
 
 /// Copies this process's peak resident memory into its gauge.
 pub fn peak_rss() {
-    if let Some(bytes) = crate::jobs::peak_rss_bytes() {
+    if let Some(bytes) = crate::host::peak_rss_bytes() {
         gauge!(PEAK_RSS).set(bytes as f64);
     }
 }

@@ -59,10 +59,10 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
     for (job, _) in &schedules {
         match job {
             JobKind::Backup(Kind::Redis) => {
-                crate::jobs::redis::endpoint(&config, None).context("schedule.redis is set")?;
+                config.redis.endpoint().context("schedule.redis is set")?;
             }
             JobKind::Backup(Kind::Etcd) => {
-                crate::jobs::etcd::endpoints(&config, None).context("schedule.etcd is set")?;
+                config.etcd_endpoints().context("schedule.etcd is set")?;
             }
             JobKind::Backup(Kind::PgBase) if pgdata.is_none() => {
                 return Err(Failure::Config(

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{self, JobKind, RunResult};
-use crate::catalog::Kind;
+
 use crate::config::{Config, Schedule};
 use crate::jobs;
 use crate::store::Store;
@@ -76,14 +76,19 @@ pub async fn run_on_schedule(
 pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &CancellationToken) {
     let started = Instant::now();
     let outcome = match job {
-        JobKind::Backup(kind) => backup(kind, config, store, cancel).await.map(|manifest| {
-            metrics::backup_stored(
-                kind,
-                manifest.raw_bytes,
-                manifest.stored_bytes,
-                manifest.end_time,
-            );
-        }),
+        JobKind::Backup(kind) => {
+            let request = jobs::backup::BackupRequest::scheduled(kind);
+            jobs::backup::backup(config, store, &request, cancel)
+                .await
+                .map(|manifest| {
+                    metrics::backup_stored(
+                        kind,
+                        manifest.raw_bytes,
+                        manifest.stored_bytes,
+                        manifest.end_time,
+                    );
+                })
+        }
         JobKind::Retention => {
             let report = tokio::select! {
                 report = jobs::retention::run(store, config.store.location.s3(), &config.retention, Utc::now(), false) => report,
@@ -108,36 +113,6 @@ pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &Can
         Err(error) => {
             tracing::error!(kind = %job, error = format!("{error:#}"), "run failed");
             metrics::run_finished(job, RunResult::Failure, seconds);
-        }
-    }
-}
-
-async fn backup(
-    kind: Kind,
-    config: &Config,
-    store: &Store,
-    cancel: &CancellationToken,
-) -> anyhow::Result<crate::catalog::Manifest> {
-    match kind {
-        Kind::PgDump => {
-            let request = jobs::pg_dump::PgDumpRequest {
-                format: crate::catalog::manifest::DumpFormat::Custom,
-                tables: Vec::new(),
-            };
-            jobs::pg_dump::backup(config, store, &request, cancel).await
-        }
-        Kind::PgBase => {
-            let request = jobs::pg_base::PgBaseRequest { pgdata: None };
-            jobs::pg_base::backup(config, store, &request, cancel).await
-        }
-        Kind::Redis => {
-            let endpoint = jobs::redis::endpoint(config, None)?;
-            let aof_dir = config.redis.aof_dir.clone();
-            jobs::redis::backup(config, store, &endpoint, aof_dir.as_deref(), cancel).await
-        }
-        Kind::Etcd => {
-            let endpoints = jobs::etcd::endpoints(config, None)?;
-            jobs::etcd::backup(config, store, &endpoints, cancel).await
         }
     }
 }

@@ -125,11 +125,11 @@ pub async fn check(config: &Config) -> CheckReport {
             error.is_config(),
         )),
     }
-    if config.redis.url.is_some() {
-        report.findings.push(redis_check(config).await);
+    if let Some(endpoint) = &config.redis.endpoint {
+        report.findings.push(redis_check(endpoint).await);
     }
-    if !config.etcd.endpoints.is_empty() {
-        report.findings.push(etcd_check(config).await);
+    if !config.etcd.urls.is_empty() {
+        report.findings.push(etcd_check(&config.etcd).await);
     }
     report
 }
@@ -148,7 +148,7 @@ fn uses_postgres(config: &Config) -> bool {
 pub async fn store_checks(config: &Config, store: &Store) -> StoreFindings {
     let run = format!(
         "{}-{}-{}",
-        crate::catalog::hostname(),
+        crate::host::hostname(),
         std::process::id(),
         chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
     );
@@ -535,13 +535,9 @@ async fn switched_segment_arrives(
     }
 }
 
-async fn redis_check(config: &Config) -> Finding {
-    let endpoint = match super::redis::endpoint(config, None) {
-        Ok(endpoint) => endpoint,
-        Err(error) => return Finding::fail("redis", "reachable", format!("{error:#}"), true),
-    };
+async fn redis_check(endpoint: &crate::sources::redis::RedisEndpoint) -> Finding {
     let answer = async {
-        let mut session = crate::sources::redis::Session::open(&endpoint).await?;
+        let mut session = crate::sources::redis::Session::open(endpoint).await?;
         session.server_version().await
     };
     match answer.await {
@@ -557,12 +553,8 @@ async fn redis_check(config: &Config) -> Finding {
     }
 }
 
-async fn etcd_check(config: &Config) -> Finding {
-    let endpoints = match super::etcd::endpoints(config, None) {
-        Ok(endpoints) => endpoints,
-        Err(error) => return Finding::fail("etcd", "reachable", format!("{error:#}"), true),
-    };
-    match crate::sources::etcd::Member::connect(&endpoints).await {
+async fn etcd_check(endpoints: &crate::sources::etcd::EtcdEndpoints) -> Finding {
+    match crate::sources::etcd::Member::connect(endpoints).await {
         Ok(member) => Finding::ok(
             "etcd",
             "reachable",

@@ -6,20 +6,20 @@
 //! from the start to the stop is in the store → check the stored sizes → commit. A failure or
 //! a kill closes the session, and PostgreSQL leaves backup mode by itself.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::Utc;
 use futures::future::join_all;
 use pitr::{Lsn, SegmentNo};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use super::backup::{BackupRun, check_stored_size, stored_object};
 use crate::catalog::manifest::{
-    Compression, MANIFEST_FORMAT_UNHASHED, Manifest, PgBaseFacts, SourceFacts, StoredObject,
+    MANIFEST_FORMAT_UNHASHED, Manifest, PgBaseFacts, SourceFacts, StoredObject,
 };
-use crate::catalog::{self, BackupId, Kind, layout};
+use crate::catalog::{BackupId, Kind, layout};
 use crate::config::{Config, PipelineConfig, PostgresConfig};
 use crate::error::Failure;
 use crate::pipeline::{self, RawDigest, WrittenError};
@@ -34,11 +34,6 @@ const ARCHIVE_WAIT: Duration = Duration::from_secs(300);
 /// The longest pause between two looks at the archive while waiting for the backup's WAL.
 const ARCHIVE_POLL: Duration = Duration::from_millis(250);
 
-#[derive(Debug, Clone)]
-pub struct PgBaseRequest {
-    pub pgdata: Option<PathBuf>,
-}
-
 /// What the server says before the backup starts.
 struct Preflight {
     server_version: String,
@@ -50,24 +45,18 @@ struct Preflight {
 pub async fn backup(
     config: &Config,
     store: &Store,
-    request: &PgBaseRequest,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Manifest> {
-    let pgdata = request
-        .pgdata
-        .clone()
-        .or_else(|| config.postgres.pgdata.clone())
-        .ok_or_else(|| {
-            Failure::Config(
-                "say where the data directory is: --pgdata DIR, PGDATA or [postgres] pgdata".into(),
-            )
-        })?;
+    let pgdata = config.postgres.pgdata.clone().ok_or_else(|| {
+        Failure::Config(
+            "say where the data directory is: --pgdata DIR, PGDATA or [postgres] pgdata".into(),
+        )
+    })?;
     let client = postgres::connect(&config.postgres).await?;
     let preflight = preflight(&client, &config.postgres, &pgdata).await?;
 
-    let start_time = Utc::now();
-    catalog::sweep_abandoned(store, Kind::PgBase, start_time).await?;
-    let id = catalog::claim_id(store, Kind::PgBase, start_time).await?;
+    let mut run = BackupRun::begin(config, store, Kind::PgBase).await?;
+    let id = run.id().clone();
     let label = format!("gc-backup {id}");
     let start_lsn = start_backup(
         &client,
@@ -78,65 +67,38 @@ pub async fn backup(
     .await?;
     tracing::info!(kind = "pg-base", id = %id, start_lsn = %start_lsn, pgdata = %pgdata.display(), "backup started");
 
-    let run = Run {
+    let copy = BaseCopy {
         config,
         store,
         pgdata: &pgdata,
         id: &id,
         cancel,
     };
-    let outcome = copy_and_stop(&run, &client, &preflight, start_lsn).await;
+    let outcome = run
+        .guard(copy_and_stop(&copy, &client, &preflight, start_lsn))
+        .await;
     drop(client); // ends backup mode if it is still on
-    let (objects, files, stop) = match outcome {
-        Ok(done) => done,
-        Err(error) => {
-            super::discard(store, Kind::PgBase, &id).await;
-            return Err(error.context(format!("pg-base backup {id} failed; nothing was committed")));
-        }
-    };
+    let (objects, files, stop) = outcome?;
 
     let timeline = timeline_of(&stop.label).unwrap_or(1);
     let segment_size = preflight.wal_segment_size;
-    let manifest = Manifest {
-        format: MANIFEST_FORMAT_UNHASHED,
-        id: id.clone(),
-        kind: Kind::PgBase,
-        start_time,
-        end_time: Utc::now(),
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        raw_bytes: objects.iter().map(|o| o.raw_bytes).sum(),
-        stored_bytes: objects.iter().map(|o| o.stored_bytes).sum(),
-        compression: Compression {
-            algorithm: "zstd".to_string(),
-            level: config.pipeline.zstd_level,
-        },
-        source: SourceFacts::PgBase(Box::new(PgBaseFacts {
-            system_identifier: preflight.system_identifier.to_string(),
-            server_version: preflight.server_version.clone(),
-            server_version_num: preflight.server_version_num,
-            timeline,
-            start_lsn: start_lsn.to_string(),
-            stop_lsn: stop.lsn.to_string(),
-            start_wal: SegmentNo::of(start_lsn, segment_size).file_name(timeline, segment_size),
-            stop_wal: SegmentNo::of(stop.lsn, segment_size).file_name(timeline, segment_size),
-            wal_segment_size: segment_size,
-            pgdata: pgdata.display().to_string(),
-            backup_label: stop.label,
-            tablespace_map: stop.tablespace_map,
-            files,
-        })),
-        objects,
-    };
-    super::commit_or_discard(store, &manifest).await?;
-    tracing::info!(
-        kind = "pg-base",
-        id = %id,
-        stop_lsn = %stop.lsn,
-        raw_bytes = manifest.raw_bytes,
-        stored_bytes = manifest.stored_bytes,
-        peak_rss_bytes = super::peak_rss_bytes().unwrap_or_default(),
-        "backup completed"
-    );
+    let source = SourceFacts::PgBase(Box::new(PgBaseFacts {
+        system_identifier: preflight.system_identifier.to_string(),
+        server_version: preflight.server_version.clone(),
+        server_version_num: preflight.server_version_num,
+        timeline,
+        start_lsn: start_lsn.to_string(),
+        stop_lsn: stop.lsn.to_string(),
+        start_wal: SegmentNo::of(start_lsn, segment_size).file_name(timeline, segment_size),
+        stop_wal: SegmentNo::of(stop.lsn, segment_size).file_name(timeline, segment_size),
+        wal_segment_size: segment_size,
+        pgdata: pgdata.display().to_string(),
+        backup_label: stop.label,
+        tablespace_map: stop.tablespace_map,
+        files,
+    }));
+    let manifest = run.manifest(MANIFEST_FORMAT_UNHASHED, source, objects);
+    run.commit(&manifest).await?;
     Ok(manifest)
 }
 
@@ -287,7 +249,7 @@ fn stream_plan(pipeline: &PipelineConfig) -> anyhow::Result<(usize, PipelineConf
 }
 
 /// What every stage of one base backup needs.
-struct Run<'a> {
+struct BaseCopy<'a> {
     config: &'a Config,
     store: &'a Store,
     pgdata: &'a Path,
@@ -296,12 +258,12 @@ struct Run<'a> {
 }
 
 async fn copy_and_stop(
-    run: &Run<'_>,
+    run: &BaseCopy<'_>,
     client: &Client,
     preflight: &Preflight,
     start_lsn: Lsn,
 ) -> anyhow::Result<(Vec<StoredObject>, Vec<CopiedFile>, Stopped)> {
-    let Run {
+    let BaseCopy {
         config,
         store,
         pgdata,
@@ -344,7 +306,7 @@ async fn copy_and_stop(
     }
     for object in &objects {
         let key = crate::store::ObjectKey::from(object.key.as_str());
-        super::check_stored_size(store, &key, object.stored_bytes).await?;
+        check_stored_size(store, &key, object.stored_bytes).await?;
     }
     let stopped = tokio::select! {
         stopped = stop_backup(client, &config.postgres, preflight.server_version_num) => stopped?,
@@ -372,7 +334,7 @@ async fn copy_and_stop(
 /// remove it. Checking the store rather than PostgreSQL's archive status also catches an
 /// archive_command that archives somewhere else: such a backup could never be restored from
 /// this store.
-async fn await_wal(run: &Run<'_>, mut needed: Vec<String>) -> anyhow::Result<()> {
+async fn await_wal(run: &BaseCopy<'_>, mut needed: Vec<String>) -> anyhow::Result<()> {
     let (config, store, cancel) = (run.config, run.store, run.cancel);
     use futures::StreamExt;
     let wal_dir = run.pgdata.join("pg_wal");
@@ -442,13 +404,13 @@ async fn await_wal(run: &Run<'_>, mut needed: Vec<String>) -> anyhow::Result<()>
 
 /// One tar stream: a blocking tar writer feeding a pipeline through a bounded channel.
 async fn upload_stream(
-    run: &Run<'_>,
+    run: &BaseCopy<'_>,
     index: usize,
     dirs: Vec<Entry>,
     files: std::sync::Arc<pgdata::FileQueue>,
     settings: &PipelineConfig,
 ) -> anyhow::Result<(StoredObject, Vec<CopiedFile>)> {
-    let Run {
+    let BaseCopy {
         store,
         pgdata,
         id,
@@ -471,16 +433,7 @@ async fn upload_stream(
         Err(WrittenError::Pipeline(error)) => return Err(anyhow::Error::new(error)),
     };
     tracing::debug!(key = %key, raw_bytes = summary.raw_bytes, stored_bytes = summary.stored_bytes, elapsed_ms = summary.elapsed.as_millis(), "tar stream stored");
-    Ok((
-        StoredObject {
-            key: key.to_string(),
-            raw_bytes: summary.raw_bytes,
-            stored_bytes: summary.stored_bytes,
-            raw_sha256: summary.raw_sha256,
-            parts: summary.parts,
-        },
-        copied,
-    ))
+    Ok((stored_object(&key, &summary), copied))
 }
 
 #[cfg(test)]

@@ -108,7 +108,7 @@ fn enabled() -> bool {
 
 /// Starts a detached prefetcher for the segments after `name` into the spool `dir`, unless
 /// one is running there.
-pub fn start_behind(dir: &Path, name: &str, config_file: Option<&Path>, store_url: Option<&str>) {
+pub fn start_behind(dir: &Path, name: &str, config: &crate::config::Config) {
     if !matches!(WalFile::parse(name), Ok(WalFile::Segment { .. })) || !enabled() {
         return;
     }
@@ -120,13 +120,8 @@ pub fn start_behind(dir: &Path, name: &str, config_file: Option<&Path>, store_ur
         return;
     };
     let mut command = std::process::Command::new(exe);
-    if let Some(file) = config_file {
-        command.arg("--config").arg(file);
-    }
-    if let Some(url) = store_url {
-        command.arg("--store").arg(url);
-    }
     command
+        .envs(config.child_env())
         .arg("wal-prefetch")
         .arg(name)
         .arg(dir)
@@ -157,7 +152,7 @@ fn take_lock(dir: &Path) -> bool {
                 let fresh = std::fs::metadata(&lock)
                     .and_then(|m| m.modified())
                     .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() < 10));
-                let alive = holder.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+                let alive = holder.is_some_and(crate::host::pid_alive);
                 if alive || (holder.is_none() && fresh) {
                     return false;
                 }
@@ -279,20 +274,15 @@ pub fn stop_in(pg_wal: &Path) {
 fn stop_prefetcher(dir: &Path) {
     let holder = std::fs::read_to_string(dir.join(LOCK))
         .ok()
-        .and_then(|text| text.trim().parse::<i32>().ok())
-        .filter(|pid| *pid > 0);
-    if let Some(pid) = holder {
-        let pid = nix::unistd::Pid::from_raw(pid);
-        // Only our own prefetcher: the pid must still be a gc-backup wal-prefetch.
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains("wal-prefetch") {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-            while Path::new(&format!("/proc/{pid}")).exists()
-                && std::time::Instant::now() < deadline
-            {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        .filter(|pid| *pid > 0 && i32::try_from(*pid).is_ok());
+    // Only our own prefetcher: the pid must still be a gc-backup wal-prefetch.
+    if let Some(pid) = holder.filter(|pid| crate::host::pid_runs(*pid, "wal-prefetch")) {
+        let raw = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or_default());
+        let _ = nix::sys::signal::kill(raw, nix::sys::signal::Signal::SIGKILL);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while crate::host::pid_alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 }

@@ -156,7 +156,7 @@ pub fn server_owner(dir: &Path) -> anyhow::Result<(u32, u32)> {
         ))
         .into());
     }
-    if !super::running_as_root() && meta.uid() != nix::unistd::getuid().as_raw() {
+    if !crate::host::running_as_root() && meta.uid() != nix::unistd::getuid().as_raw() {
         return Err(Failure::Config(format!(
             "{} belongs to another user; run as its owner or as root",
             dir.display()
@@ -234,7 +234,7 @@ pub async fn run(
     .with_context(|| format!("writing {}", hba.display()))?;
     // Root runs the server as DIR's owner, who must own its socket directory; anyone else
     // runs it as themselves and owns it already.
-    if super::running_as_root() {
+    if crate::host::running_as_root() {
         for path in [&socket_dir, &hba] {
             std::os::unix::fs::chown(path, Some(uid), Some(gid))
                 .with_context(|| format!("changing the owner of {}", path.display()))?;
@@ -268,7 +268,7 @@ pub async fn run(
         // Ctrl-C reaches us, not the server: we stop it, in order.
         .process_group(0)
         .kill_on_drop(true);
-    if super::running_as_root() {
+    if crate::host::running_as_root() {
         command.uid(uid).gid(gid);
     }
     let mut child = command

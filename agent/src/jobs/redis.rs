@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
+use super::backup::{BackupRun, stored_object, upload_snapshot};
 use super::redis_aof;
-use crate::catalog::manifest::{Manifest, RedisFacts, SourceFacts};
-use crate::catalog::{self, Kind, Selector, layout};
+use crate::catalog::manifest::{MANIFEST_FORMAT, Manifest, RedisFacts, SourceFacts};
+use crate::catalog::{self, Kind, Selector};
 use crate::config::Config;
 use crate::error::Failure;
 use crate::sources::aof::{AofError, AofManifest};
@@ -21,29 +21,6 @@ use crate::store::Store;
 /// Chunks queued between the socket reader and the pipeline.
 const CHUNK_QUEUE: usize = 4;
 const OBJECT: &str = "dump.rdb.zst";
-
-/// The server to back up: `--redis-url`, else the configuration; a password from the
-/// configuration (or `REDISCLI_AUTH`) when the URL has none.
-pub fn endpoint(config: &Config, flag: Option<&str>) -> anyhow::Result<RedisEndpoint> {
-    let url = flag
-        .map(str::to_string)
-        .or_else(|| config.redis.url.clone())
-        .ok_or_else(|| {
-            Failure::Config(
-                "no Redis to back up: give --redis-url, GC_BACKUP_REDIS_URL or [redis] url".into(),
-            )
-        })?;
-    let mut endpoint = RedisEndpoint::parse(&url)?;
-    if endpoint.password.is_none() {
-        endpoint.password.clone_from(&config.redis.password);
-    }
-    if let Some(files) = &mut endpoint.tls {
-        files.ca_file.clone_from(&config.redis.ca_file);
-        files.cert_file.clone_from(&config.redis.cert_file);
-        files.key_file.clone_from(&config.redis.key_file);
-    }
-    Ok(endpoint)
-}
 
 /// Takes an RDB snapshot of `endpoint`, then (with `aof_dir`) copies its AOF set, and returns
 /// the committed manifest.
@@ -65,53 +42,44 @@ pub async fn backup(
     let mut session = Session::open(endpoint).await?;
     let redis_version = session.server_version().await?;
 
-    let start_time = Utc::now();
-    catalog::sweep_abandoned(store, Kind::Redis, start_time).await?;
-    let id = catalog::claim_id(store, Kind::Redis, start_time).await?;
+    let mut run = BackupRun::begin(config, store, Kind::Redis).await?;
+    let id = run.id().clone();
     tracing::info!(kind = "redis", id = %id, server = %endpoint, %redis_version, "backup started");
-    let key = layout::data_key(Kind::Redis, &id, OBJECT);
-
-    let stored = async {
-        let snapshot = session.sync().await?;
-        let (facts, summary) = super::upload_snapshot(
-            config,
-            store,
-            &key,
-            CHUNK_QUEUE,
-            |chunks| async {
-                let facts = snapshot.stream(chunks).await?;
-                let bytes = facts.bytes;
-                Ok((facts, bytes))
-            },
-            cancel,
-        )
+    let key = run.data_key(OBJECT);
+    let (facts, summary, aof) = run
+        .guard(async {
+            let snapshot = session.sync().await?;
+            let (facts, summary) = upload_snapshot(
+                config,
+                store,
+                &key,
+                CHUNK_QUEUE,
+                |chunks| async {
+                    let facts = snapshot.stream(chunks).await?;
+                    let bytes = facts.bytes;
+                    Ok((facts, bytes))
+                },
+                cancel,
+            )
+            .await?;
+            let aof = match aof_dir {
+                Some(dir) => Some(redis_aof::copy_set(config, store, &id, dir, cancel).await?),
+                None => None,
+            };
+            anyhow::Ok((facts, summary, aof))
+        })
         .await?;
-        let aof = match aof_dir {
-            Some(dir) => Some(redis_aof::copy_set(config, store, &id, dir, cancel).await?),
-            None => None,
-        };
-        anyhow::Ok((facts, summary, aof))
-    }
-    .await;
-    let (facts, summary, aof) = match stored {
-        Ok(done) => done,
-        Err(error) => {
-            super::discard(store, Kind::Redis, &id).await;
-            return Err(error.context(format!("redis backup {id} failed; nothing was committed")));
-        }
-    };
+    tracing::info!(
+        kind = "redis",
+        id = %id,
+        rdb_version = facts.rdb_version,
+        diskless = facts.diskless,
+        rdb_bytes = summary.raw_bytes,
+        "RDB snapshot stored"
+    );
 
-    let source = SourceFacts::Redis(RedisFacts {
-        server: endpoint.to_string(),
-        redis_version,
-        rdb_version: facts.rdb_version,
-        crc64: facts.crc64.clone(),
-        diskless: facts.diskless,
-        aof: aof.as_ref().map(|copy| copy.facts.clone()),
-    });
-    let mut manifest =
-        super::single_object_manifest(Kind::Redis, &id, start_time, config, source, &key, &summary);
-    if let Some(copy) = aof {
+    let mut objects = vec![stored_object(&key, &summary)];
+    if let Some(copy) = &aof {
         tracing::info!(
             kind = "redis",
             id = %id,
@@ -121,24 +89,18 @@ pub async fn backup(
             attempts = copy.facts.attempts,
             "AOF set copied"
         );
-        for object in copy.objects {
-            manifest.raw_bytes += object.raw_bytes;
-            manifest.stored_bytes += object.stored_bytes;
-            manifest.objects.push(object);
-        }
+        objects.extend(copy.objects.iter().cloned());
     }
-    super::commit_or_discard(store, &manifest).await?;
-    tracing::info!(
-        kind = "redis",
-        id = %id,
-        raw_bytes = summary.raw_bytes,
-        stored_bytes = summary.stored_bytes,
-        rdb_version = facts.rdb_version,
-        diskless = facts.diskless,
-        seconds = summary.elapsed.as_secs_f64(),
-        peak_rss_bytes = super::peak_rss_bytes().unwrap_or_default(),
-        "backup completed"
-    );
+    let source = SourceFacts::Redis(RedisFacts {
+        server: endpoint.to_string(),
+        redis_version,
+        rdb_version: facts.rdb_version,
+        crc64: facts.crc64.clone(),
+        diskless: facts.diskless,
+        aof: aof.map(|copy| copy.facts),
+    });
+    let manifest = run.manifest(MANIFEST_FORMAT, source, objects);
+    run.commit(&manifest).await?;
     Ok(manifest)
 }
 

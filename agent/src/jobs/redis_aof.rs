@@ -153,20 +153,14 @@ async fn copy_once(
                 summary.raw_bytes
             );
         }
-        super::check_stored_size(store, &key, summary.stored_bytes).await?;
+        super::backup::check_stored_size(store, &key, summary.stored_bytes).await?;
         uploaded += summary.raw_bytes;
         files.push(AofFileFacts {
             name: entry.name.clone(),
             key: key.to_string(),
             reused: false,
         });
-        objects.push(StoredObject {
-            key: key.to_string(),
-            raw_bytes: summary.raw_bytes,
-            stored_bytes: summary.stored_bytes,
-            raw_sha256: summary.raw_sha256,
-            parts: summary.parts,
-        });
+        objects.push(super::backup::stored_object(&key, &summary));
     }
     Ok((files, objects, uploaded))
 }

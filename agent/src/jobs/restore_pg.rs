@@ -41,9 +41,6 @@ pub struct RestorePgRequest {
     pub archive_off: bool,
     /// Run the recovery now with a temporary server.
     pub start: Option<StartOptions>,
-    /// Environment wal-fetch needs in restore_command (the config file, a --store given on
-    /// the command line): it runs in PostgreSQL's environment, not ours.
-    pub restore_env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -70,10 +67,10 @@ pub async fn restore(
 ) -> anyhow::Result<RestorePgReport> {
     let dir = &request.pgdata;
     let existed = check_empty(dir)?;
-    if request.start.is_some() && existed && super::running_as_root() {
+    if request.start.is_some() && existed && crate::host::running_as_root() {
         recovery::server_owner(dir)?;
     }
-    if request.start.is_some() && !existed && super::running_as_root() {
+    if request.start.is_some() && !existed && crate::host::running_as_root() {
         return Err(Failure::Config(format!(
             "{} does not exist; with --start as root, create it owned by the database user \
              first (install -d -o postgres -m 700 {}) so that PostgreSQL can run as that user",
@@ -110,7 +107,9 @@ pub async fn restore(
             label: facts.backup_label.clone(),
             tablespace_map: facts.tablespace_map.clone(),
             exe: std::env::current_exe().context("locating this gc-backup binary")?,
-            restore_env: request.restore_env.clone(),
+            // wal-fetch runs in PostgreSQL's environment, not ours: it needs the config file
+            // and a --store given on our command line.
+            restore_env: config.child_env(),
             target: pitr::target::recovery_settings(&request.target, request.action)
                 .into_iter()
                 .chain(
@@ -411,7 +410,7 @@ fn shell_quote(text: &str) -> String {
 }
 
 fn chown_tree(dir: &Path, uid: u32, gid: u32) -> anyhow::Result<()> {
-    if !super::running_as_root() {
+    if !crate::host::running_as_root() {
         return Ok(());
     }
     let mut pending = vec![dir.to_path_buf()];

@@ -13,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::manifest::{DumpFormat, Manifest, SourceFacts};
 use crate::catalog::{self, Kind, Selector};
-use crate::config::{Config, redact_conninfo};
+use crate::config::Config;
 use crate::error::Failure;
 use crate::pipeline::{self, PipelineError, Sink};
+use crate::sources::postgres::redact_conninfo;
 use crate::sources::postgres::{self, Supervised};
 use crate::store::Store;
 

@@ -206,7 +206,6 @@ pub async fn drill(
     config: &Config,
     store: &Store,
     selector: Selector,
-    restore_env: Vec<(String, String)>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Drill> {
     let scratch = tempfile::Builder::new()
@@ -215,7 +214,7 @@ pub async fn drill(
         .context("creating the drill's temporary directory (set TMPDIR to choose where)")?;
     let pgdata: PathBuf = scratch.path().join("data");
     std::fs::create_dir(&pgdata).with_context(|| format!("creating {}", pgdata.display()))?;
-    if super::running_as_root() {
+    if crate::host::running_as_root() {
         let user = nix::unistd::User::from_name("postgres")
             .ok()
             .flatten()
@@ -233,7 +232,6 @@ pub async fn drill(
         // The drill's promotion must not reach the archive as a new timeline.
         archive_off: true,
         start: Some(StartOptions { amcheck: true }),
-        restore_env,
     };
     let started = Instant::now();
     let restore = restore_pg::restore(config, store, &request, cancel).await?;

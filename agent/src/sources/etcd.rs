@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::SourceError;
-use crate::config::Secret;
+use crate::config::{Secret, TlsFiles};
 
 /// How long connecting to one member may take before the next is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,9 +30,7 @@ pub struct EtcdEndpoints {
     /// `http://host:port` or `https://host:port`, tried in order.
     pub urls: Vec<String>,
     pub user: Option<(String, Secret)>,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
+    pub tls: TlsFiles,
 }
 
 impl fmt::Debug for EtcdEndpoints {
@@ -71,7 +69,7 @@ impl EtcdEndpoints {
     fn tls(&self) -> Result<Option<TlsOptions>, SourceError> {
         let https = self.urls.iter().any(|url| url.starts_with("https://"));
         if !https {
-            if self.ca_file.is_some() || self.cert_file.is_some() {
+            if self.tls.ca_file.is_some() || self.tls.cert_file.is_some() {
                 tracing::warn!("etcd TLS files are set but the endpoints are http://; unused");
             }
             return Ok(None);
@@ -85,10 +83,10 @@ impl EtcdEndpoints {
             })
         };
         let mut tls = TlsOptions::new().with_native_roots();
-        if let Some(ca) = &self.ca_file {
+        if let Some(ca) = &self.tls.ca_file {
             tls = tls.ca_certificate(Certificate::from_pem(read(ca, "CA file")?));
         }
-        match (&self.cert_file, &self.key_file) {
+        match (&self.tls.cert_file, &self.tls.key_file) {
             (Some(cert), Some(key)) => {
                 tls = tls.identity(Identity::from_pem(
                     read(cert, "client certificate")?,

@@ -403,3 +403,44 @@ impl StderrTail {
             .unwrap_or_default()
     }
 }
+
+/// A libpq connection string (URL or `key=value` form) without its password.
+pub fn redact_conninfo(conninfo: &str) -> String {
+    if conninfo.contains("://") {
+        let url = crate::config::redact_url(conninfo);
+        return match url.split_once('?') {
+            Some((base, query)) => {
+                let params: Vec<String> = query
+                    .split('&')
+                    .map(|p| {
+                        if p.to_ascii_lowercase().starts_with("password=") {
+                            "password=***".to_string()
+                        } else {
+                            p.to_string()
+                        }
+                    })
+                    .collect();
+                format!("{base}?{}", params.join("&"))
+            }
+            None => url,
+        };
+    }
+    let mut out = Vec::new();
+    let mut in_quoted_password = false;
+    for token in conninfo.split_whitespace() {
+        if in_quoted_password {
+            in_quoted_password = !token.ends_with('\'');
+            continue;
+        }
+        let lower = token.to_ascii_lowercase();
+        if let Some(value) = lower.strip_prefix("password") {
+            let value = value.trim_start().trim_start_matches('=').trim_start();
+            in_quoted_password =
+                value.starts_with('\'') && (value.len() == 1 || !value.ends_with('\''));
+            out.push("password=***".to_string());
+            continue;
+        }
+        out.push(token.to_string());
+    }
+    out.join(" ")
+}

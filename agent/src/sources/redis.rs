@@ -11,7 +11,6 @@
 //! mismatch or a short payload is an error pushed into the stream, so the upload is aborted.
 
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -25,7 +24,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use super::SourceError;
-use crate::config::Secret;
+use crate::config::{Secret, TlsFiles};
 
 /// Bytes read from the server at a time.
 const READ_CHUNK: usize = 256 * 1024;
@@ -44,16 +43,6 @@ pub struct RedisEndpoint {
     pub password: Option<Secret>,
     /// `rediss://`: TLS, with these files.
     pub tls: Option<TlsFiles>,
-}
-
-/// PEM files for a TLS connection; all optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// Extra CA certificates to trust (a private CA).
-    pub ca_file: Option<PathBuf>,
-    /// A client certificate and its key, for servers that require one.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
 }
 
 impl fmt::Display for RedisEndpoint {

@@ -68,7 +68,10 @@ fn endpoints_need_a_scheme() {
 fn a_client_certificate_without_its_key_is_a_configuration_error() {
     let endpoints = EtcdEndpoints {
         urls: vec!["https://127.0.0.1:2379".into()],
-        cert_file: Some("/nonexistent/cert.pem".into()),
+        tls: crate::config::TlsFiles {
+            cert_file: Some("/nonexistent/cert.pem".into()),
+            ..Default::default()
+        },
         ..EtcdEndpoints::default()
     };
     assert!(matches!(endpoints.options(), Err(SourceError::Config(_))));

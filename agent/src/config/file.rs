@@ -1,0 +1,161 @@
+//! The TOML file's shape. Every section and key is optional; unknown keys are errors that
+//! name the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::{ConfigError, Secret, err};
+
+/// The TOML file. Every section and key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileConfig {
+    pub store: StoreSection,
+    pub pipeline: PipelineSection,
+    pub postgres: PostgresSection,
+    pub redis: RedisSection,
+    pub etcd: EtcdSection,
+    pub schedule: ScheduleSection,
+    pub retention: RetentionSection,
+    pub metrics: MetricsSection,
+}
+
+/// Cron expressions for `gc-backup run`: 5 fields, or 6 with seconds first. A kind without
+/// one is not scheduled.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ScheduleSection {
+    pub pg_dump: Option<String>,
+    pub pg_base: Option<String>,
+    pub redis: Option<String>,
+    pub etcd: Option<String>,
+    pub retention: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RetentionSection {
+    /// pg-dump and pg-base (a recovery window), and the WAL they need.
+    pub pg: Option<String>,
+    pub redis: Option<String>,
+    pub etcd: Option<String>,
+    /// How old data without a manifest must be before retention removes it.
+    pub orphan_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where `gc-backup run` serves /metrics, /health and /health/ready.
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StoreSection {
+    /// `s3://bucket/prefix` or `file:///path`.
+    pub url: Option<String>,
+    /// S3 endpoint for MinIO, SeaweedFS or any S3-compatible server.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+    /// Bucket in the host name (AWS style) instead of the path (MinIO style, the default).
+    pub virtual_hosted_style: Option<bool>,
+    /// Ask the server to verify a CRC-64/NVME of every uploaded part (default true).
+    pub verify_uploads: Option<bool>,
+    /// PEM file of extra CA certificates to trust for an https endpoint (a private CA).
+    pub ca_file: Option<PathBuf>,
+    pub max_retries: Option<usize>,
+    /// Total time a request may spend in retries, e.g. "60s".
+    pub retry_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PipelineSection {
+    pub zstd_level: Option<i32>,
+    /// zstd worker threads; 0 compresses on the pipeline's own thread. Default: 0 up to
+    /// level 3 (one thread outpaces pg_dump there), else one per spare core, at most 4.
+    pub zstd_workers: Option<u32>,
+    /// Size of each uploaded part, e.g. "8MiB".
+    pub part_size: Option<String>,
+    /// Parts uploading at once; memory is about part size × (this + 2).
+    pub parallel_uploads: Option<usize>,
+    /// What the process may hold, e.g. "64MiB" (the default): streams, parts in flight and
+    /// zstd frames are chosen to fit it at any core count.
+    pub memory_limit: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PostgresSection {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub dbname: Option<String>,
+    /// Directory holding pg_dump, pg_restore and psql; default: the one matching the server.
+    pub bin_dir: Option<PathBuf>,
+    /// Where PGDATA is (used by base backups; the sidecar shares the volume).
+    pub pgdata: Option<PathBuf>,
+    /// How long a base backup waits for its WAL to reach the store (default 5m).
+    pub archive_timeout: Option<String>,
+    /// libpq's TLS settings (PGSSLMODE, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY win over these).
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<PathBuf>,
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RedisSection {
+    /// `redis://[user[:password]@]host[:port]`.
+    pub url: Option<String>,
+    /// Used when the URL carries none.
+    pub password: Option<Secret>,
+    /// For `rediss://`: extra CA certificates (PEM), and a client certificate and key.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Redis 7's AOF directory (`dir`/`appenddirname`), shared with the sidecar.
+    pub aof_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EtcdSection {
+    /// `https://etcd-0:2379`, …: tried in order, the snapshot comes from the first that answers.
+    pub endpoints: Vec<String>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    /// For https:// endpoints: the cluster's CA, and the client certificate and key.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl FileConfig {
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            // toml's message spans lines; keep the first, which names the key.
+            let first = e
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("invalid TOML")
+                .to_string();
+            err(format!("config file {}: {first}", origin.display()))
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
+        Self::parse(&text, path)
+    }
+}

@@ -1,0 +1,532 @@
+//! file < environment < flags, merged and validated.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::file::*;
+use super::resolved::*;
+use super::{Config, ConfigError, Overrides, Schedule, Secret, err};
+use crate::sources::etcd::EtcdEndpoints;
+use crate::sources::redis::RedisEndpoint;
+
+impl Config {
+    /// Merges file < environment < flags and validates the result.
+    pub fn resolve(
+        file: FileConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        // Empty environment variables count as unset, as in libpq.
+        let env = |name: &str| env(name).filter(|v| !v.is_empty());
+        let store = resolve_store(&file.store, &env, flags)?;
+        let pipeline = resolve_pipeline(&file.pipeline, &env, flags)?;
+        if matches!(store.location, StoreLocation::S3(_)) && pipeline.part_size < S3_MIN_PART_SIZE {
+            return Err(err(format!(
+                "part-size {} is below S3's minimum of 5MiB",
+                pipeline.part_size
+            )));
+        }
+        let postgres = resolve_postgres(file.postgres, &env, flags)?;
+        let redis = resolve_redis(file.redis, &env, flags)?;
+        let etcd = resolve_etcd(file.etcd, &env, flags)?;
+        let schedule = resolve_schedules(&file.schedule)?;
+        let retention = resolve_retention(&file.retention)?;
+        let listen = env("GC_BACKUP_METRICS_LISTEN")
+            .or(file.metrics.listen)
+            .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
+        let metrics_listen = listen.parse().map_err(|_| {
+            err(format!(
+                "metrics.listen '{listen}' is not an address:port (e.g. 0.0.0.0:9188)"
+            ))
+        })?;
+        Ok(Self {
+            store,
+            pipeline,
+            postgres,
+            redis,
+            etcd,
+            schedule,
+            retention,
+            metrics_listen,
+            origin: Overrides {
+                config_file: flags.config_file(&env),
+                ..flags.clone()
+            },
+        })
+    }
+}
+
+fn resolve_store(
+    file: &StoreSection,
+    env: &dyn Fn(&str) -> Option<String>,
+    flags: &Overrides,
+) -> Result<StoreConfig, ConfigError> {
+    let url = flags
+        .store_url
+        .clone()
+        .or_else(|| env("GC_BACKUP_STORE"))
+        .or_else(|| file.url.clone());
+    let location = match url {
+        None => StoreLocation::Local {
+            root: embedded_default_root(env),
+            embedded_default: true,
+        },
+        Some(url) => parse_store_url(&url, file, env)?,
+    };
+    Ok(StoreConfig {
+        location,
+        ca_file: env("GC_BACKUP_CA_FILE")
+            .map(PathBuf::from)
+            .or_else(|| file.ca_file.clone()),
+        max_retries: file.max_retries.unwrap_or(5),
+        retry_timeout: parse_duration("store.retry-timeout", file.retry_timeout.as_deref())?
+            .unwrap_or(Duration::from_secs(60)),
+        connect_timeout: parse_duration("store.connect-timeout", file.connect_timeout.as_deref())?
+            .unwrap_or(Duration::from_secs(5)),
+    })
+}
+
+/// `$XDG_DATA_HOME/gc-backup`, else `~/.local/share/gc-backup`, else `/var/lib/gc-backup`.
+fn embedded_default_root(env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    if let Some(data) = env("XDG_DATA_HOME") {
+        return PathBuf::from(data).join("gc-backup");
+    }
+    match env("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/gc-backup"),
+        None => PathBuf::from("/var/lib/gc-backup"),
+    }
+}
+
+fn parse_store_url(
+    url: &str,
+    file: &StoreSection,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<StoreLocation, ConfigError> {
+    let unsupported = || {
+        err(format!(
+            "store URL '{}' is not supported: use s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH",
+            redact_url(url)
+        ))
+    };
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(unsupported());
+        }
+        return Ok(StoreLocation::Local {
+            root: PathBuf::from(path),
+            embedded_default: false,
+        });
+    }
+    if url.starts_with('/') {
+        return Ok(StoreLocation::Local {
+            root: PathBuf::from(url),
+            embedded_default: false,
+        });
+    }
+    let rest = url.strip_prefix("s3://").ok_or_else(unsupported)?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if !valid_bucket_name(bucket) {
+        return Err(err(format!(
+            "store URL '{}': '{bucket}' is not a valid bucket name (3 to 63 characters: \
+             lower-case letters, digits, dots and hyphens)",
+            redact_url(url)
+        )));
+    }
+    let prefix = prefix.trim_matches('/').to_string();
+    if prefix
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(err(format!(
+            "store URL '{url}': the prefix may not contain . or .."
+        )));
+    }
+    let endpoint = env("AWS_ENDPOINT_URL_S3")
+        .or_else(|| env("AWS_ENDPOINT_URL"))
+        .or_else(|| file.endpoint.clone());
+    if let Some(endpoint) = &endpoint
+        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    {
+        return Err(err(format!(
+            "S3 endpoint '{}' must start with http:// or https://",
+            redact_url(endpoint)
+        )));
+    }
+    let region = env("AWS_REGION")
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .or_else(|| file.region.clone())
+        .unwrap_or_else(|| "us-east-1".to_string());
+    Ok(StoreLocation::S3(S3Location {
+        bucket: bucket.to_string(),
+        prefix,
+        endpoint,
+        region,
+        access_key_id: env("AWS_ACCESS_KEY_ID").or_else(|| file.access_key_id.clone()),
+        secret_access_key: env("AWS_SECRET_ACCESS_KEY")
+            .map(Secret::new)
+            .or_else(|| file.secret_access_key.clone()),
+        session_token: env("AWS_SESSION_TOKEN")
+            .map(Secret::new)
+            .or_else(|| file.session_token.clone()),
+        virtual_hosted_style: file.virtual_hosted_style.unwrap_or(false),
+        verify_uploads: file.verify_uploads.unwrap_or(true),
+    }))
+}
+
+fn valid_bucket_name(name: &str) -> bool {
+    (3..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
+}
+
+/// Drops any `user:password@` from a URL before it is shown.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn resolve_pipeline(
+    file: &PipelineSection,
+    env: &dyn Fn(&str) -> Option<String>,
+    flags: &Overrides,
+) -> Result<PipelineConfig, ConfigError> {
+    let defaults = PipelineConfig::default();
+    let env_level = env("GC_BACKUP_ZSTD_LEVEL")
+        .map(|v| {
+            v.parse::<i32>()
+                .map_err(|_| err(format!("GC_BACKUP_ZSTD_LEVEL '{v}' is not a number")))
+        })
+        .transpose()?;
+    let zstd_level = flags
+        .zstd_level
+        .or(env_level)
+        .or(file.zstd_level)
+        .unwrap_or(defaults.zstd_level);
+    if !(1..=19).contains(&zstd_level) {
+        return Err(err(format!("zstd level {zstd_level} is outside 1..=19")));
+    }
+    let part_size_text = flags
+        .part_size
+        .clone()
+        .or_else(|| env("GC_BACKUP_PART_SIZE"))
+        .or_else(|| file.part_size.clone());
+    let part_size = match part_size_text {
+        Some(text) => parse_size(&text)?,
+        None => defaults.part_size,
+    };
+    if !(64 * 1024..=512 * MIB).contains(&part_size) {
+        return Err(err(format!(
+            "part-size {part_size} is outside 64KiB..=512MiB"
+        )));
+    }
+    let env_parallel = env("GC_BACKUP_PARALLEL_UPLOADS")
+        .map(|v| {
+            v.parse::<usize>()
+                .map_err(|_| err(format!("GC_BACKUP_PARALLEL_UPLOADS '{v}' is not a number")))
+        })
+        .transpose()?;
+    let parallel_uploads = flags
+        .parallel_uploads
+        .or(env_parallel)
+        .or(file.parallel_uploads)
+        .unwrap_or(defaults.parallel_uploads);
+    if !(1..=64).contains(&parallel_uploads) {
+        return Err(err(format!(
+            "parallel-uploads {parallel_uploads} is outside 1..=64"
+        )));
+    }
+    let zstd_workers = file
+        .zstd_workers
+        .unwrap_or_else(|| default_zstd_workers(zstd_level));
+    if zstd_workers > 64 {
+        return Err(err(format!("zstd-workers {zstd_workers} is above 64")));
+    }
+    let memory_limit = match env("GC_BACKUP_MEMORY_LIMIT").or_else(|| file.memory_limit.clone()) {
+        Some(text) => parse_size(&text)?,
+        None => defaults.memory_limit,
+    };
+    let wanted = PipelineConfig {
+        zstd_level,
+        zstd_workers,
+        part_size,
+        parallel_uploads,
+        frame_bytes: defaults.frame_bytes,
+        memory_limit,
+    };
+    // The settings above are maxima: one pipeline is fitted to the limit here, once; base
+    // backups and the sidecar fit their streams from these (see pipeline::budget).
+    crate::pipeline::budget::single(&wanted, memory_limit).map_err(|e| err(e.to_string()))
+}
+
+fn resolve_postgres(
+    file: PostgresSection,
+    env: &dyn Fn(&str) -> Option<String>,
+    flags: &Overrides,
+) -> Result<PostgresConfig, ConfigError> {
+    // libpq's names first, then the runbook's, then the file.
+    let pick = |libpq: &str, runbook: &str| env(libpq).or_else(|| env(runbook));
+    let port = match pick("PGPORT", "DB_PORT") {
+        Some(text) => Some(
+            text.parse::<u16>()
+                .map_err(|_| err(format!("PGPORT '{text}' is not a port number")))?,
+        ),
+        None => file.port,
+    };
+    Ok(PostgresConfig {
+        host: pick("PGHOST", "DB_HOST").or(file.host),
+        port,
+        user: pick("PGUSER", "DB_USER").or(file.user),
+        password: pick("PGPASSWORD", "DB_PASSWORD")
+            .map(Secret::new)
+            .or(file.password),
+        dbname: pick("PGDATABASE", "DB_NAME").or(file.dbname),
+        bin_dir: env("GC_BACKUP_PG_BIN_DIR")
+            .map(PathBuf::from)
+            .or(file.bin_dir),
+        pgdata: flags
+            .pgdata
+            .clone()
+            .or_else(|| env("PGDATA").map(PathBuf::from))
+            .or(file.pgdata),
+        archive_timeout: parse_duration(
+            "postgres.archive-timeout",
+            env("GC_BACKUP_ARCHIVE_TIMEOUT")
+                .or(file.archive_timeout)
+                .as_deref(),
+        )?,
+        tls: resolve_pg_tls(
+            file.sslmode,
+            file.sslrootcert,
+            file.sslcert,
+            file.sslkey,
+            env,
+        )?,
+    })
+}
+
+/// libpq's TLS settings: its environment, then the file, then libpq's own defaults (the
+/// files in `~/.postgresql/`, where they exist).
+fn resolve_pg_tls(
+    mode: Option<String>,
+    root_cert: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<crate::sources::postgres_tls::PgTls, ConfigError> {
+    let mode = match env("PGSSLMODE").or(mode) {
+        Some(text) => text
+            .parse()
+            .map_err(|e| err(format!("PGSSLMODE / postgres.sslmode: {e}")))?,
+        None => Default::default(),
+    };
+    let home_default = |name: &str| {
+        env("HOME")
+            .map(|home| PathBuf::from(home).join(".postgresql").join(name))
+            .filter(|path| path.is_file())
+    };
+    let pick = |var: &str, file: Option<PathBuf>, default: &str| {
+        env(var)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or(file)
+            .or_else(|| home_default(default))
+    };
+    Ok(crate::sources::postgres_tls::PgTls {
+        mode,
+        root_cert: pick("PGSSLROOTCERT", root_cert, "root.crt"),
+        cert: pick("PGSSLCERT", cert, "postgresql.crt"),
+        key: pick("PGSSLKEY", key, "postgresql.key"),
+    })
+}
+
+/// "8MiB", "512KiB", "1GiB", "8M", or a plain number of bytes.
+pub fn parse_size(text: &str) -> Result<usize, ConfigError> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let multiplier = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => MIB,
+        "g" | "gb" | "gib" => 1024 * MIB,
+        _ => {
+            return Err(err(format!(
+                "size '{text}' has an unknown unit (use KiB, MiB or GiB)"
+            )));
+        }
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| err(format!("size '{text}' is not a size")))
+}
+
+fn parse_duration(key: &str, text: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+    text.map(|t| {
+        humantime::parse_duration(t)
+            .map_err(|e| err(format!("{key} '{t}' is not a duration (e.g. \"30s\"): {e}")))
+    })
+    .transpose()
+}
+
+fn resolve_schedules(file: &ScheduleSection) -> Result<Schedules, ConfigError> {
+    let parse = |key: &str, value: &Option<String>| {
+        value
+            .as_deref()
+            .map(|expression| Schedule::parse(key, expression))
+            .transpose()
+    };
+    Ok(Schedules {
+        pg_dump: parse("pg-dump", &file.pg_dump)?,
+        pg_base: parse("pg-base", &file.pg_base)?,
+        redis: parse("redis", &file.redis)?,
+        etcd: parse("etcd", &file.etcd)?,
+        retention: parse("retention", &file.retention)?,
+    })
+}
+
+fn resolve_retention(file: &RetentionSection) -> Result<retention::Policy, ConfigError> {
+    let window = |key: &str, value: &Option<String>, default: chrono::TimeDelta| {
+        let Some(duration) = parse_duration(&format!("retention.{key}"), value.as_deref())? else {
+            return Ok(default);
+        };
+        let delta = chrono::TimeDelta::from_std(duration)
+            .map_err(|_| err(format!("retention.{key} is too long")))?;
+        if delta < chrono::TimeDelta::hours(1) {
+            return Err(err(format!(
+                "retention.{key} must be at least 1h (got {})",
+                value.as_deref().unwrap_or_default()
+            )));
+        }
+        Ok(delta)
+    };
+    Ok(retention::Policy {
+        pg: window("pg", &file.pg, DEFAULT_RETENTION.pg)?,
+        redis: window("redis", &file.redis, DEFAULT_RETENTION.redis)?,
+        etcd: window("etcd", &file.etcd, DEFAULT_RETENTION.etcd)?,
+        orphan_grace: window(
+            "orphan-grace",
+            &file.orphan_grace,
+            DEFAULT_RETENTION.orphan_grace,
+        )?,
+    })
+}
+
+/// A TLS triple: each file from its variable, else from the file's key.
+fn tls_files(
+    env: &dyn Fn(&str) -> Option<String>,
+    [ca, cert, key]: [&str; 3],
+    file: [Option<PathBuf>; 3],
+) -> TlsFiles {
+    let [ca_file, cert_file, key_file] = file;
+    let pick = |name: &str, from_file: Option<PathBuf>| env(name).map(PathBuf::from).or(from_file);
+    TlsFiles {
+        ca_file: pick(ca, ca_file),
+        cert_file: pick(cert, cert_file),
+        key_file: pick(key, key_file),
+    }
+}
+
+/// `--redis-url`, else the environment, else the file; a password from `REDISCLI_AUTH` (redis-cli's
+/// variable, so an existing secret mount works unchanged) or the file when the URL has none.
+fn resolve_redis(
+    file: RedisSection,
+    env: &dyn Fn(&str) -> Option<String>,
+    flags: &Overrides,
+) -> Result<RedisConfig, ConfigError> {
+    let url = flags
+        .redis_url
+        .clone()
+        .or_else(|| env("GC_BACKUP_REDIS_URL"))
+        .or(file.url);
+    let endpoint = match url {
+        None => None,
+        Some(url) => {
+            let mut endpoint = RedisEndpoint::parse(&url).map_err(|e| err(e.to_string()))?;
+            if endpoint.password.is_none() {
+                endpoint.password = env("REDISCLI_AUTH").map(Secret::new).or(file.password);
+            }
+            if endpoint.tls.is_some() {
+                endpoint.tls = Some(tls_files(
+                    env,
+                    [
+                        "GC_BACKUP_REDIS_CA_FILE",
+                        "GC_BACKUP_REDIS_CERT_FILE",
+                        "GC_BACKUP_REDIS_KEY_FILE",
+                    ],
+                    [file.ca_file, file.cert_file, file.key_file],
+                ));
+            }
+            Some(endpoint)
+        }
+    };
+    Ok(RedisConfig {
+        endpoint,
+        aof_dir: flags
+            .redis_aof_dir
+            .clone()
+            .or_else(|| env("GC_BACKUP_REDIS_AOF_DIR").map(PathBuf::from))
+            .or(file.aof_dir),
+    })
+}
+
+/// Environment names follow etcdctl's (`ETCDCTL_*`), so the secrets an etcd backup CronJob
+/// already mounts work unchanged.
+fn resolve_etcd(
+    file: EtcdSection,
+    env: &dyn Fn(&str) -> Option<String>,
+    flags: &Overrides,
+) -> Result<EtcdEndpoints, ConfigError> {
+    let urls = match flags
+        .etcd_endpoints
+        .clone()
+        .or_else(|| env("GC_BACKUP_ETCD_ENDPOINTS"))
+        .or_else(|| env("ETCDCTL_ENDPOINTS"))
+    {
+        Some(list) => EtcdEndpoints::parse_urls(&list).map_err(|e| err(e.to_string()))?,
+        None if file.endpoints.is_empty() => Vec::new(),
+        None => {
+            EtcdEndpoints::check_urls(&file.endpoints).map_err(|e| err(e.to_string()))?;
+            file.endpoints
+        }
+    };
+    // etcdctl's ETCDCTL_USER is `name` or `name:password`.
+    let (user, password) = match env("ETCDCTL_USER") {
+        Some(user) => match user.split_once(':') {
+            Some((name, password)) => (Some(name.to_string()), Some(Secret::new(password))),
+            None => (Some(user), env("ETCDCTL_PASSWORD").map(Secret::new)),
+        },
+        None => (
+            file.user,
+            env("ETCDCTL_PASSWORD").map(Secret::new).or(file.password),
+        ),
+    };
+    let user = match (user, password) {
+        (Some(name), Some(password)) => Some((name, password)),
+        (Some(name), None) => {
+            return Err(err(format!(
+                "etcd user {name} has no password: set ETCDCTL_PASSWORD or [etcd] password"
+            )));
+        }
+        (None, _) => None,
+    };
+    Ok(EtcdEndpoints {
+        urls,
+        user,
+        tls: tls_files(
+            env,
+            ["ETCDCTL_CACERT", "ETCDCTL_CERT", "ETCDCTL_KEY"],
+            [file.ca_file, file.cert_file, file.key_file],
+        ),
+    })
+}

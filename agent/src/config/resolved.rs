@@ -1,0 +1,211 @@
+//! The resolved configuration: what the agent runs with, checked once.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{ConfigError, Overrides, Schedule, Secret, err};
+use crate::sources::etcd::EtcdEndpoints;
+use crate::sources::redis::RedisEndpoint;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub pipeline: PipelineConfig,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    /// The etcd cluster; `urls` is empty when none is configured.
+    pub etcd: EtcdEndpoints,
+    pub schedule: Schedules,
+    pub retention: retention::Policy,
+    pub metrics_listen: std::net::SocketAddr,
+    /// The flags this was resolved with (see [`Config::child_env`]).
+    pub origin: Overrides,
+}
+
+/// The daemon's schedules, parsed.
+#[derive(Debug, Clone, Default)]
+pub struct Schedules {
+    pub pg_dump: Option<Schedule>,
+    pub pg_base: Option<Schedule>,
+    pub redis: Option<Schedule>,
+    pub etcd: Option<Schedule>,
+    pub retention: Option<Schedule>,
+}
+
+/// The runbook's retention: PostgreSQL 30 days, Redis 7, etcd 14.
+pub const DEFAULT_RETENTION: retention::Policy = retention::Policy {
+    pg: chrono::TimeDelta::days(30),
+    redis: chrono::TimeDelta::days(7),
+    etcd: chrono::TimeDelta::days(14),
+    orphan_grace: chrono::TimeDelta::hours(24),
+};
+
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9188";
+
+/// Where Redis is (URL, password and TLS files resolved into one endpoint) and its AOF set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RedisConfig {
+    pub endpoint: Option<RedisEndpoint>,
+    /// Redis 7's AOF directory, shared with the sidecar.
+    pub aof_dir: Option<PathBuf>,
+}
+
+impl RedisConfig {
+    /// The server to back up or check; an error that says how to configure one.
+    pub fn endpoint(&self) -> Result<&RedisEndpoint, ConfigError> {
+        self.endpoint.as_ref().ok_or_else(|| {
+            err("no Redis to back up: give --redis-url, GC_BACKUP_REDIS_URL or [redis] url")
+        })
+    }
+}
+
+impl Config {
+    /// The etcd cluster to back up or check; an error that says how to configure one.
+    pub fn etcd_endpoints(&self) -> Result<&EtcdEndpoints, ConfigError> {
+        if self.etcd.urls.is_empty() {
+            return Err(err(
+                "no etcd to back up: give --endpoints, GC_BACKUP_ETCD_ENDPOINTS (or \
+                 ETCDCTL_ENDPOINTS) or [etcd] endpoints",
+            ));
+        }
+        Ok(&self.etcd)
+    }
+}
+
+/// PEM files for a TLS connection to Redis or etcd; all optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Extra CA certificates to trust (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key, for servers that require one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub location: StoreLocation,
+    /// Extra CA certificates (PEM) for https endpoints.
+    pub ca_file: Option<PathBuf>,
+    pub max_retries: usize,
+    pub retry_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreLocation {
+    /// A directory. `embedded_default` says nobody configured it, so commands say where it is.
+    Local {
+        root: PathBuf,
+        embedded_default: bool,
+    },
+    S3(S3Location),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct S3Location {
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+    pub virtual_hosted_style: bool,
+    pub verify_uploads: bool,
+}
+
+impl StoreLocation {
+    /// The S3 bucket and prefix, when the store is S3.
+    pub fn s3(&self) -> Option<&S3Location> {
+        match self {
+            StoreLocation::S3(location) => Some(location),
+            StoreLocation::Local { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for StoreLocation {
+    /// The location without any credential: safe for logs and messages.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local { root, .. } => write!(f, "file://{}", root.display()),
+            Self::S3(s3) => {
+                write!(f, "s3://{}", s3.bucket)?;
+                if !s3.prefix.is_empty() {
+                    write!(f, "/{}", s3.prefix)?;
+                }
+                if let Some(endpoint) = &s3.endpoint {
+                    write!(f, " at {endpoint}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub zstd_level: i32,
+    pub zstd_workers: u32,
+    pub part_size: usize,
+    pub parallel_uploads: usize,
+    /// Raw bytes per zstd frame at the fast levels (see `pipeline::compress`).
+    pub frame_bytes: usize,
+    /// What this process may hold in buffers and itself: jobs fit their streams, parts in
+    /// flight and frames to it (`pipeline::budget`).
+    pub memory_limit: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            zstd_workers: default_zstd_workers(DEFAULT_ZSTD_LEVEL),
+            part_size: 8 * MIB,
+            parallel_uploads: 3,
+            frame_bytes: crate::pipeline::FRAME_BYTES,
+            memory_limit: DEFAULT_MEMORY_LIMIT,
+        }
+    }
+}
+
+/// What a sidecar container is usually given room for; see `pipeline::budget`.
+pub const DEFAULT_MEMORY_LIMIT: usize = 64 * MIB;
+
+/// Level 1 keeps up with pg_dump on one core and stores no more than `zstd -1`; higher levels
+/// are a choice of CPU for space.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+/// Up to level 3 one thread compresses faster than pg_dump produces (measured: 1.85 GB dump,
+/// level 1, 7.6 s on one thread vs 8.7 s with a worker, which also stored 1% more), so extra
+/// threads only take cores from PostgreSQL. Above that, one worker per core beyond the two
+/// that PostgreSQL and pg_dump use, at most 4.
+pub(super) fn default_zstd_workers(level: i32) -> u32 {
+    if level <= 3 {
+        return 0;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u32::try_from(cores.saturating_sub(2).min(4)).unwrap_or(0)
+}
+
+/// How to reach PostgreSQL, as libpq would be told. Unset fields are left to libpq's defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PostgresConfig {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub dbname: Option<String>,
+    pub bin_dir: Option<PathBuf>,
+    pub pgdata: Option<PathBuf>,
+    /// How long a base backup waits for its WAL to reach the store; `None`: the default.
+    pub archive_timeout: Option<Duration>,
+    /// TLS to the server, as libpq's sslmode and certificate settings say.
+    pub tls: crate::sources::postgres_tls::PgTls,
+}
+
+pub const MIB: usize = 1024 * 1024;
+/// S3's smallest allowed part (all but the last).
+pub const S3_MIN_PART_SIZE: usize = 5 * MIB;
