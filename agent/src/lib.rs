@@ -23,3 +23,4 @@ pub mod sources;
 pub mod store;
 #[doc(hidden)]
 pub mod testing;
+pub mod wal;

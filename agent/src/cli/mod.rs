@@ -31,14 +31,14 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
     // PostgreSQL calls wal-push once per segment, serially: when the sidecar has already
     // stored this very file, answer before building any client.
     if let Command::WalPush(args) = &cli.command
-        && crate::daemon::archiver::stored_by_archiver(&args.path)
+        && crate::wal::archiver::stored_by_archiver(&args.path)
     {
         return Ok(());
     }
     // recovery_end_command runs in the data directory and needs no store: answer before the
     // configuration is read, so that a configuration problem cannot keep a spool behind.
     if let Command::WalPrefetchStop = &cli.command {
-        jobs::prefetch::stop_in(Path::new("pg_wal"));
+        crate::wal::prefetch::stop_in(Path::new("pg_wal"));
         return Ok(());
     }
     let config = Config::load(&cli.overrides())?;
@@ -74,7 +74,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         }
         Command::Verify(args) => verify(&config, &store, args, &cancel).await,
         Command::WalPush(args) => {
-            let pushed = jobs::wal::push(&config, &store, &args.path).await?;
+            let pushed = crate::wal::push(&config, &store, &args.path).await?;
             tracing::debug!(path = %args.path.display(), outcome = ?pushed.outcome, "WAL archived");
             Ok(())
         }
@@ -82,11 +82,11 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Command::Run => crate::daemon::run(config, store, cancel).await,
         Command::Retention(args) => retention(&config, &store, &args).await,
         Command::WalPrefetch(args) => {
-            jobs::prefetch::run(&config, &store, &args.name, &args.dir).await
+            crate::wal::prefetch::run(&config, &store, &args.name, &args.dir).await
         }
         Command::Check(_) => Ok(()),
         Command::WalPrefetchStop => {
-            jobs::prefetch::stop_in(Path::new("pg_wal"));
+            crate::wal::prefetch::stop_in(Path::new("pg_wal"));
             Ok(())
         }
     }
@@ -247,10 +247,10 @@ async fn wal_fetch(
     args: &WalFetchArgs,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let spool = jobs::prefetch::spool_dir(&args.dest, store);
-    if !jobs::prefetch::take(&spool, &args.dest, &args.name) {
+    let spool = crate::wal::prefetch::spool_dir(&args.dest, store);
+    if !crate::wal::prefetch::take(&spool, &args.dest, &args.name) {
         let fetched = tokio::select! {
-            fetched = jobs::wal::fetch(store, &args.name, &args.dest) => fetched,
+            fetched = crate::wal::fetch(store, &args.name, &args.dest) => fetched,
             () = cancel.cancelled() => Err(Failure::Interrupted(format!("fetching {} interrupted", args.name)).into()),
         };
         match fetched {
@@ -258,14 +258,14 @@ async fn wal_fetch(
             Err(error) => {
                 if crate::error::is_not_found(&error) {
                     // The end of the archive: nothing more to prefetch.
-                    jobs::prefetch::clear(&spool);
+                    crate::wal::prefetch::clear(&spool);
                 }
                 return Err(error);
             }
         }
     }
-    jobs::prefetch::forget_before(&spool, &args.name);
-    jobs::prefetch::start_behind(&spool, &args.name, config);
+    crate::wal::prefetch::forget_before(&spool, &args.name);
+    crate::wal::prefetch::start_behind(&spool, &args.name, config);
     Ok(())
 }
 

@@ -319,7 +319,7 @@ fn resolve_pg_tls(
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<crate::sources::postgres_tls::PgTls, ConfigError> {
+) -> Result<crate::sources::postgres::tls::PgTls, ConfigError> {
     let mode = match env("PGSSLMODE").or(mode) {
         Some(text) => text
             .parse()
@@ -338,7 +338,7 @@ fn resolve_pg_tls(
             .or(file)
             .or_else(|| home_default(default))
     };
-    Ok(crate::sources::postgres_tls::PgTls {
+    Ok(crate::sources::postgres::tls::PgTls {
         mode,
         root_cert: pick("PGSSLROOTCERT", root_cert, "root.crt"),
         cert: pick("PGSSLCERT", cert, "postgresql.crt"),

@@ -203,7 +203,7 @@ pub struct PostgresConfig {
     /// How long a base backup waits for its WAL to reach the store; `None`: the default.
     pub archive_timeout: Option<Duration>,
     /// TLS to the server, as libpq's sslmode and certificate settings say.
-    pub tls: crate::sources::postgres_tls::PgTls,
+    pub tls: crate::sources::postgres::tls::PgTls,
 }
 
 pub const MIB: usize = 1024 * 1024;

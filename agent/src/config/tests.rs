@@ -46,7 +46,7 @@ fn flags_beat_environment_which_beats_the_file() {
 
 #[test]
 fn postgres_tls_follows_libpq_s_environment_over_the_file() {
-    use crate::sources::postgres_tls::SslMode;
+    use crate::sources::postgres::tls::SslMode;
     let toml = "[postgres]\nsslmode = \"verify-ca\"\nsslrootcert = \"/etc/ca.pem\"\n";
     let from_file = resolve_with(toml, &[], Overrides::default()).unwrap();
     assert_eq!(from_file.postgres.tls.mode, SslMode::VerifyCa);

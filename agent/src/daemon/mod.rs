@@ -6,7 +6,6 @@
 //! stopped (backups aborted with nothing committed, WAL uploads finished), so tests pass their
 //! own token and SIGTERM is handled in `main`.
 
-pub mod archiver;
 pub mod http;
 pub mod metrics;
 pub mod schedule;
@@ -145,9 +144,9 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
     }
     let mut archiver_result = Ok(());
     if let Some(pgdata) = pgdata {
-        let status = Arc::new(Mutex::new(archiver::ArchiverStatus::default()));
+        let status = Arc::new(Mutex::new(crate::wal::archiver::ArchiverStatus::default()));
         tasks.spawn(copy_wal_metrics(status.clone(), shutdown.clone()));
-        archiver_result = archiver::run(
+        archiver_result = crate::wal::archiver::run(
             config.clone(),
             store,
             pgdata,
@@ -245,7 +244,7 @@ async fn refresh_catalog(store: Store, scheduled: Vec<Kind>, shutdown: Cancellat
 }
 
 async fn copy_wal_metrics(
-    status: Arc<Mutex<archiver::ArchiverStatus>>,
+    status: Arc<Mutex<crate::wal::archiver::ArchiverStatus>>,
     shutdown: CancellationToken,
 ) {
     loop {

@@ -5,22 +5,18 @@
 //! Errors leave here as `anyhow::Error` carrying a [`Failure`] where the caller can act on
 //! them (exit codes), with the object, backup or database named in the message.
 
-pub mod archive;
 pub mod backup;
 pub mod base_tar;
 pub mod check;
 pub mod etcd;
 pub mod pg_base;
 pub mod pg_dump;
-pub mod prefetch;
-pub mod recovery;
 pub mod redis;
 pub mod redis_aof;
 pub mod restore_pg;
 pub mod restore_pg_dump;
 pub mod retention;
 pub mod verify;
-pub mod wal;
 
 use anyhow::Context;
 

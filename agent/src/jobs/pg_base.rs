@@ -24,7 +24,8 @@ use crate::config::{Config, PipelineConfig, PostgresConfig};
 use crate::error::Failure;
 use crate::pipeline::{self, RawDigest, WrittenError};
 use crate::sources::pgdata::{self, CopiedFile, Entry};
-use crate::sources::postgres::{self, SourceError, query_error};
+use crate::sources::postgres::backup_mode::{self, Stopped, timeline_of};
+use crate::sources::postgres::{self, query_error};
 use crate::store::Store;
 
 /// How long the backup waits for its WAL to be archived unless `postgres.archive-timeout`
@@ -58,7 +59,7 @@ pub async fn backup(
     let mut run = BackupRun::begin(config, store, Kind::PgBase).await?;
     let id = run.id().clone();
     let label = format!("gc-backup {id}");
-    let start_lsn = start_backup(
+    let start_lsn = backup_mode::start(
         &client,
         &config.postgres,
         preflight.server_version_num,
@@ -178,68 +179,6 @@ async fn preflight(
     })
 }
 
-async fn start_backup(
-    client: &Client,
-    config: &PostgresConfig,
-    version_num: u32,
-    label: &str,
-) -> Result<Lsn, SourceError> {
-    // Non-exclusive: backup mode belongs to this session. fast = immediate checkpoint.
-    let sql = if version_num >= 150_000 {
-        "SELECT pg_backup_start($1, true)::text"
-    } else {
-        "SELECT pg_start_backup($1, true, false)::text"
-    };
-    let row = client
-        .query_one(sql, &[&label])
-        .await
-        .map_err(|e| query_error(config, "starting the backup", &e))?;
-    let text: String = row.get(0);
-    text.parse()
-        .map_err(|e| SourceError::Failed(format!("backup start returned {text}: {e}")))
-}
-
-struct Stopped {
-    lsn: Lsn,
-    label: String,
-    tablespace_map: Option<String>,
-}
-
-async fn stop_backup(
-    client: &Client,
-    config: &PostgresConfig,
-    version_num: u32,
-) -> Result<Stopped, SourceError> {
-    // wait_for_archive off: PostgreSQL would look at the archive status once a second, which
-    // added a second to every backup; await_wal checks the store itself, more often.
-    let sql = if version_num >= 150_000 {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
-    } else {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
-    };
-    let row = client
-        .query_one(sql, &[])
-        .await
-        .map_err(|e| query_error(config, "stopping the backup", &e))?;
-    let lsn: String = row.get(0);
-    let map: Option<String> = row.get(2);
-    Ok(Stopped {
-        lsn: lsn
-            .parse()
-            .map_err(|e| SourceError::Failed(format!("backup stop returned {lsn}: {e}")))?,
-        label: row.get(1),
-        tablespace_map: map.filter(|m| !m.is_empty()),
-    })
-}
-
-/// The `START TIMELINE:` line of a backup label.
-fn timeline_of(label: &str) -> Option<u32> {
-    label
-        .lines()
-        .find_map(|line| line.strip_prefix("START TIMELINE:"))
-        .and_then(|t| t.trim().parse().ok())
-}
-
 /// How many tar streams to write at once, and each one's settings: one per core (at most 4),
 /// as many as `pipeline.memory-limit` holds (see `pipeline::budget`).
 fn stream_plan(pipeline: &PipelineConfig) -> anyhow::Result<(usize, PipelineConfig)> {
@@ -309,7 +248,7 @@ async fn copy_and_stop(
         check_stored_size(store, &key, object.stored_bytes).await?;
     }
     let stopped = tokio::select! {
-        stopped = stop_backup(client, &config.postgres, preflight.server_version_num) => stopped?,
+        stopped = backup_mode::stop(client, &config.postgres, preflight.server_version_num) => stopped?,
         () = cancel.cancelled() => return Err(Failure::Interrupted("interrupted while stopping the backup".into()).into()),
     };
     let timeline = timeline_of(&stopped.label).unwrap_or(1);
@@ -373,7 +312,7 @@ async fn await_wal(run: &BaseCopy<'_>, mut needed: Vec<String>) -> anyhow::Resul
                 continue;
             }
             let path = wal_dir.join(&name);
-            if let Err(error) = super::wal::push(config, store, &path).await {
+            if let Err(error) = crate::wal::push(config, store, &path).await {
                 own_failure = Some(format!("{name}: {error:#}"));
                 still.push(name);
             }
@@ -434,27 +373,4 @@ async fn upload_stream(
     };
     tracing::debug!(key = %key, raw_bytes = summary.raw_bytes, stored_bytes = summary.stored_bytes, elapsed_ms = summary.elapsed.as_millis(), "tar stream stored");
     Ok((stored_object(&key, &summary), copied))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_timeline_comes_from_the_label() {
-        let label = "START WAL LOCATION: 0/2000028 (file 000000020000000000000002)\n\
-                     CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\n\
-                     START TIMELINE: 2\nLABEL: x\n";
-        assert_eq!(timeline_of(label), Some(2));
-        assert_eq!(timeline_of("nothing"), None);
-    }
-
-    proptest::proptest! {
-        /// backup_label comes from the server, and later from the store's manifest.
-        #[test]
-        fn any_backup_label_gives_a_timeline_or_none(label in "\\PC{0,200}") {
-            let _ = timeline_of(&label);
-            let _ = timeline_of(&format!("START TIMELINE: {label}"));
-        }
-    }
 }

@@ -18,14 +18,14 @@ use futures::StreamExt;
 use pitr::{PlanError, RecoveryTarget, RestorePlan, TargetAction};
 use tokio_util::sync::CancellationToken;
 
-use super::archive;
-use super::recovery::{self, RecoveryOptions, RecoveryReport};
 use crate::catalog::manifest::Manifest;
 use crate::catalog::{self, Kind, Selector};
 use crate::config::Config;
 use crate::error::Failure;
 use crate::pipeline::{self, Sink};
+use crate::sources::postgres::recovery::{self, RecoveryOptions, RecoveryReport};
 use crate::store::Store;
+use crate::wal::archive;
 
 /// Tar streams unpacked at once.
 const PARALLEL_STREAMS: usize = 4;
@@ -141,17 +141,16 @@ pub async fn restore(
                 action: request.action,
                 amcheck_as: start.amcheck.then(|| amcheck_role(config, dir)),
             };
-            Some(
-                recovery::run(dir, &options, cancel)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "recovery of pg-base backup {} in {} failed",
-                            manifest.id,
-                            dir.display()
-                        )
-                    })?,
-            )
+            let recovered = recovery::run(dir, &options, cancel).await;
+            // The server has stopped: the prefetcher's spool in pg_wal has nothing to serve.
+            crate::wal::prefetch::stop_in(&dir.join("pg_wal"));
+            Some(recovered.with_context(|| {
+                format!(
+                    "recovery of pg-base backup {} in {} failed",
+                    manifest.id,
+                    dir.display()
+                )
+            })?)
         }
         _ => None,
     };

@@ -9,14 +9,15 @@ use anyhow::Context;
 use pitr::{PlanError, RecoveryTarget, TargetAction};
 use tokio_util::sync::CancellationToken;
 
+use super::base_tar;
 use super::restore_pg::{self, RestorePgReport, RestorePgRequest, StartOptions};
-use super::{archive, base_tar};
 use crate::catalog::manifest::Manifest;
 use crate::catalog::{self, BackupId, Kind, Selector};
 use crate::config::Config;
 use crate::error::Failure;
 use crate::pipeline;
 use crate::store::Store;
+use crate::wal::archive;
 
 /// The result of checking one backup.
 #[derive(Debug, Clone)]

@@ -17,7 +17,6 @@ pub mod budget;
 mod compress;
 mod download;
 mod upload;
-pub mod wal_object;
 
 use std::time::Duration;
 

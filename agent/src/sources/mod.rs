@@ -16,7 +16,6 @@ pub mod aof;
 pub mod etcd;
 pub mod pgdata;
 pub mod postgres;
-pub mod postgres_tls;
 pub mod redis;
 
 /// A source's failure, sorted by what the caller can do about it (`error::meaning` turns it

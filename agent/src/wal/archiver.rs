@@ -20,8 +20,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::jobs::wal;
 use crate::store::Store;
+use crate::wal;
 
 const MARKER_SUFFIX: &str = ".gc-stored";
 /// A rescan also runs on this period, in case a file event was missed.

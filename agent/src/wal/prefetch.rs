@@ -26,10 +26,10 @@ use pitr::{SegmentNo, WalFile};
 
 use sha2::Digest;
 
-use super::wal;
 use crate::config::Config;
 use crate::error::Failure;
 use crate::store::Store;
+use crate::wal;
 
 /// Segments fetched ahead of the one PostgreSQL asked for.
 pub const AHEAD: u64 = 8;

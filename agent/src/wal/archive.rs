@@ -42,7 +42,7 @@ pub async fn load(store: &Store, segment_size: u64) -> anyhow::Result<Archive> {
 
 async fn read_history(store: &Store, timeline: u32) -> anyhow::Result<TimelinePath> {
     let file = WalFile::History { timeline };
-    let raw = super::wal::read(store, &file).await?;
+    let raw = crate::wal::read(store, &file).await?;
     let text = String::from_utf8_lossy(&raw);
     TimelinePath::parse(timeline, &text)
         .map_err(|e| Failure::Corrupt(format!("{} in the archive: {e}", file.name())).into())

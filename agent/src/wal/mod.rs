@@ -1,9 +1,19 @@
-//! `wal-push` (PostgreSQL's archive_command) and `wal-fetch` (its restore_command).
+//! The WAL archive, in one place for the CLI and the sidecar: `wal-push` (PostgreSQL's
+//! archive_command) and `wal-fetch` (its restore_command) here; a WAL file's stored form
+//! ([`object`]); the sidecar's look-ahead uploads and the markers wal-push trusts
+//! ([`archiver`]); the segments read ahead of a recovery ([`prefetch`]); the archive as the
+//! restore planner sees it ([`archive`]). File names and segment arithmetic are the `pitr`
+//! crate's.
 //!
 //! wal-push exits 0 only once the file is durably stored; a second push of the same content
 //! succeeds, of different content fails and overwrites nothing (create-only PUT, then a
 //! comparison with the stored header). wal-fetch writes DEST only after the content checked
 //! out, through a temporary name in DEST's directory.
+
+pub mod archive;
+pub mod archiver;
+pub mod object;
+pub mod prefetch;
 
 use std::path::{Path, PathBuf};
 
@@ -13,8 +23,8 @@ use pitr::WalFile;
 use crate::catalog::layout;
 use crate::config::Config;
 use crate::error::Failure;
-use crate::pipeline::wal_object::{self, HEADER_LEN, WalHeader};
 use crate::store::{ObjectKey, Store, StoreError};
+use object::{HEADER_LEN, WalHeader};
 
 /// What a push did, and the SHA-256 of what is archived.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +61,7 @@ pub async fn push(config: &Config, store: &Store, path: &Path) -> anyhow::Result
     let (header, stored) = tokio::task::spawn_blocking(move || {
         let reader = std::fs::File::open(&file)
             .with_context(|| format!("cannot read {}", file.display()))?;
-        wal_object::encode_read(reader, level, workers)
+        object::encode_read(reader, level, workers)
             .with_context(|| format!("reading and compressing {}", file.display()))
     })
     .await
@@ -128,7 +138,7 @@ pub async fn read(store: &Store, file: &WalFile) -> anyhow::Result<Vec<u8>> {
             return Err(anyhow::Error::new(error).context(format!("fetching {name} failed")));
         }
     };
-    tokio::task::spawn_blocking(move || wal_object::decode(&stored))
+    tokio::task::spawn_blocking(move || object::decode(&stored))
         .await
         .context("decompression worker failed")?
         .map_err(|e| Failure::Corrupt(format!("{key} in {} {e}", store.name())).into())

@@ -1,6 +1,10 @@
 //! PostgreSQL as a source: the server's facts (through tokio-postgres), and `pg_dump` as a
 //! child process whose stdout is the stream and whose exit status decides the backup.
 
+pub mod backup_mode;
+pub mod recovery;
+pub mod tls;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -158,7 +162,7 @@ fn connect_error(config: &PostgresConfig, error: &tokio_postgres::Error) -> Sour
         }
         return SourceError::Failed(message);
     }
-    if let Some(hint) = super::postgres_tls::explain(error, config.tls.mode) {
+    if let Some(hint) = tls::explain(error, config.tls.mode) {
         return SourceError::Config(format!("cannot connect to PostgreSQL at {target}: {hint}"));
     }
     let detail =

@@ -357,7 +357,6 @@ pub async fn run(
         // restore_command's shell and wal-fetch are still in the server's process group.
         let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
     }
-    super::prefetch::stop_in(&dir.join("pg_wal"));
     // The server's last lines are in the pipe; a straggler holding it open is not waited for.
     let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
     let mut state = std::mem::take(

@@ -1,0 +1,97 @@
+//! The non-exclusive backup API: backup mode belongs to the session that started it, so a
+//! failed or killed backup ends it by closing the connection. PostgreSQL 15 renamed the
+//! functions (`pg_backup_start`/`pg_backup_stop`); both spellings are here.
+
+use pitr::Lsn;
+use tokio_postgres::Client;
+
+use super::{SourceError, query_error};
+use crate::config::PostgresConfig;
+
+/// Starts backup mode with an immediate checkpoint; returns the start LSN.
+pub async fn start(
+    client: &Client,
+    config: &PostgresConfig,
+    version_num: u32,
+    label: &str,
+) -> Result<Lsn, SourceError> {
+    // Non-exclusive: backup mode belongs to this session. fast = immediate checkpoint.
+    let sql = if version_num >= 150_000 {
+        "SELECT pg_backup_start($1, true)::text"
+    } else {
+        "SELECT pg_start_backup($1, true, false)::text"
+    };
+    let row = client
+        .query_one(sql, &[&label])
+        .await
+        .map_err(|e| query_error(config, "starting the backup", &e))?;
+    let text: String = row.get(0);
+    text.parse()
+        .map_err(|e| SourceError::Failed(format!("backup start returned {text}: {e}")))
+}
+
+/// What `pg_backup_stop` returns: the stop LSN and the files the restored directory needs.
+#[derive(Debug)]
+pub struct Stopped {
+    pub lsn: Lsn,
+    pub label: String,
+    pub tablespace_map: Option<String>,
+}
+
+pub async fn stop(
+    client: &Client,
+    config: &PostgresConfig,
+    version_num: u32,
+) -> Result<Stopped, SourceError> {
+    // wait_for_archive off: PostgreSQL would look at the archive status once a second, which
+    // added a second to every backup; await_wal checks the store itself, more often.
+    let sql = if version_num >= 150_000 {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
+    } else {
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
+    };
+    let row = client
+        .query_one(sql, &[])
+        .await
+        .map_err(|e| query_error(config, "stopping the backup", &e))?;
+    let lsn: String = row.get(0);
+    let map: Option<String> = row.get(2);
+    Ok(Stopped {
+        lsn: lsn
+            .parse()
+            .map_err(|e| SourceError::Failed(format!("backup stop returned {lsn}: {e}")))?,
+        label: row.get(1),
+        tablespace_map: map.filter(|m| !m.is_empty()),
+    })
+}
+
+/// The `START TIMELINE:` line of a backup label.
+pub fn timeline_of(label: &str) -> Option<u32> {
+    label
+        .lines()
+        .find_map(|line| line.strip_prefix("START TIMELINE:"))
+        .and_then(|t| t.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeline_comes_from_the_label() {
+        let label = "START WAL LOCATION: 0/2000028 (file 000000020000000000000002)\n\
+                     CHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\n\
+                     START TIMELINE: 2\nLABEL: x\n";
+        assert_eq!(timeline_of(label), Some(2));
+        assert_eq!(timeline_of("nothing"), None);
+    }
+
+    proptest::proptest! {
+        /// backup_label comes from the server, and later from the store's manifest.
+        #[test]
+        fn any_backup_label_gives_a_timeline_or_none(label in "\\PC{0,200}") {
+            let _ = timeline_of(&label);
+            let _ = timeline_of(&format!("START TIMELINE: {label}"));
+        }
+    }
+}
