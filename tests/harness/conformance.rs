@@ -69,12 +69,11 @@ async fn multipart_through_the_pipeline(store: &Store) {
         .unwrap();
     assert!(summary.parts >= 3, "{} parts", summary.parts);
     assert_eq!(store.head(&key).await.unwrap().size, summary.stored_bytes);
-    let object = gc_backup::catalog::StoredObject {
-        key: key.to_string(),
+    let object = pipeline::Expected {
+        key: key.clone(),
         raw_bytes: summary.raw_bytes,
         stored_bytes: summary.stored_bytes,
         raw_sha256: summary.raw_sha256.clone(),
-        parts: summary.parts,
     };
     let sink = SharedSink::default();
     pipeline::download(store, &object, Box::new(sink.clone()))

@@ -101,6 +101,28 @@ pub fn parse_manifest_key(key: &ObjectKey) -> Option<(Kind, BackupId)> {
     Some((kind.parse().ok()?, id.parse().ok()?))
 }
 
+/// Everything any backup stored besides its manifest.
+pub fn data_root() -> ObjectKey {
+    ObjectKey::from("data")
+}
+
+/// The data of every backup of one kind.
+pub fn data_kind_prefix(kind: Kind) -> ObjectKey {
+    ObjectKey::from(format!("data/{kind}"))
+}
+
+/// The kind and backup id a data key belongs to, and the object's name within the backup;
+/// `None` for a key that is not a backup's data object.
+pub fn parse_data_key(key: &ObjectKey) -> Option<(Kind, BackupId, &str)> {
+    let mut parts = key.as_ref().splitn(4, '/');
+    let (Some("data"), Some(kind), Some(id), Some(object)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    Some((kind.parse().ok()?, id.parse().ok()?, object))
+}
+
 pub fn data_prefix(kind: Kind, id: &BackupId) -> ObjectKey {
     ObjectKey::from(format!("data/{kind}/{id}"))
 }
@@ -135,13 +157,55 @@ pub fn check_key(run: &str, probe: &str) -> ObjectKey {
     ObjectKey::from(format!("check/{run}/{probe}").as_str())
 }
 
+const CLAIM: &str = "_claim.json";
+
 pub fn claim_key(kind: Kind, id: &BackupId) -> ObjectKey {
-    data_key(kind, id, "_claim.json")
+    data_key(kind, id, CLAIM)
+}
+
+/// The backup a claim key claims, if `key` is one.
+pub fn parse_claim_key(key: &ObjectKey) -> Option<(Kind, BackupId)> {
+    match parse_data_key(key)? {
+        (kind, id, CLAIM) => Some((kind, id)),
+        _ => None,
+    }
+}
+
+/// What the sidecar's readiness probe asks the store for: a HEAD that may well be "not found".
+pub fn readiness_probe_key() -> ObjectKey {
+    ObjectKey::from("manifests/.ready-probe")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_and_claim_keys_parse_back_to_what_built_them() {
+        let id: BackupId = "20260115T020000Z".parse().unwrap();
+        let key = data_key(Kind::PgBase, &id, "base.0.tar.zst");
+        assert_eq!(
+            parse_data_key(&key),
+            Some((Kind::PgBase, id.clone(), "base.0.tar.zst"))
+        );
+        assert_eq!(
+            parse_claim_key(&claim_key(Kind::Redis, &id)),
+            Some((Kind::Redis, id.clone()))
+        );
+        assert_eq!(parse_claim_key(&key), None);
+        for foreign in [
+            "data/x/20260115T020000Z/a",
+            "data/redis/not-an-id/a",
+            "data/redis",
+            "wal/a",
+        ] {
+            assert_eq!(parse_data_key(&ObjectKey::from(foreign)), None, "{foreign}");
+        }
+        assert!(
+            key.as_ref()
+                .starts_with(data_kind_prefix(Kind::PgBase).as_ref())
+        );
+    }
 
     #[test]
     fn ids_round_trip_and_sort_by_time() {

@@ -131,7 +131,7 @@ pub struct PgBaseFacts {
     pub backup_label: String,
     pub tablespace_map: Option<String>,
     /// Every copied file, with its CRC-32C and the tar stream that holds it.
-    pub files: Vec<crate::sources::pgdata::CopiedFile>,
+    pub files: Vec<BaseFile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,7 +148,24 @@ pub struct PgDumpFacts {
     pub tables: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+/// One file of a base backup, as the manifest stores it. The catalog's own type: what the
+/// PGDATA walker reports may change, the stored format may not (a test pins its JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseFile {
+    pub path: String,
+    /// Bytes in the tar (the size when the copy started).
+    pub size: u64,
+    /// CRC-32C of those bytes, as PostgreSQL's own backup manifests use.
+    pub crc32c: u32,
+    /// Which tar stream holds it.
+    pub stream: u32,
+    /// The file shrank while being copied and was padded with zeros (WAL replay repairs it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub padded: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DumpFormat {
     /// pg_dump's custom archive: restored with pg_restore, tables selectable.
@@ -211,6 +228,39 @@ impl Manifest {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_stored_shape_of_objects_and_files_does_not_drift() {
+        let file = BaseFile {
+            path: "base/1/1259".into(),
+            size: 8192,
+            crc32c: 7,
+            stream: 1,
+            padded: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&file).unwrap(),
+            r#"{"path":"base/1/1259","size":8192,"crc32c":7,"stream":1}"#
+        );
+        let padded = BaseFile {
+            padded: true,
+            ..file
+        };
+        assert!(
+            serde_json::to_string(&padded)
+                .unwrap()
+                .ends_with(r#","padded":true}"#)
+        );
+        let object = StoredObject {
+            key: "data/pg-base/x/base.0.tar.zst".into(),
+            raw_bytes: 10,
+            stored_bytes: 5,
+            raw_sha256: None,
+            parts: 1,
+        };
+        let json = serde_json::to_string(&object).unwrap();
+        assert!(!json.contains("raw_sha256"), "{json}");
+    }
 
     proptest! {
         /// Manifests come from the store: anything there is read or refused, never a panic.

@@ -102,15 +102,8 @@ pub async fn sweep_abandoned(
     now: DateTime<Utc>,
 ) -> Result<Vec<BackupId>, CatalogError> {
     let mut cleaned = Vec::new();
-    let prefix = ObjectKey::from(format!("data/{kind}"));
-    for object in store.list(&prefix).await? {
-        let Some(id) = object
-            .location
-            .as_ref()
-            .strip_prefix(&format!("data/{kind}/"))
-            .and_then(|rest| rest.strip_suffix("/_claim.json"))
-            .and_then(|id| id.parse::<BackupId>().ok())
-        else {
+    for object in store.list(&layout::data_kind_prefix(kind)).await? {
+        let Some((_, id)) = layout::parse_claim_key(&object.location) else {
             continue;
         };
         let committed = match store.head(&layout::manifest_key(kind, &id)).await {

@@ -1,6 +1,6 @@
 //! Configuration, resolved once before any I/O: TOML file < environment < flags.
 //!
-//! - [`file`]: the TOML shape, [`FileConfig`] (every key optional, unknown keys are errors);
+//! - [`mod@file`]: the TOML shape, [`FileConfig`] (every key optional, unknown keys are errors);
 //! - [`Overrides`]: what the command line says (global flags and each command's own);
 //! - [`resolve`](Config::resolve): merges the three (the environment through an injected
 //!   lookup, so tests never touch the process environment) and validates everything;

@@ -1,5 +1,5 @@
 //! The sidecar, `gc-backup run`: everything that runs beside PostgreSQL for months unattended.
-//! Look-ahead WAL archiving ([`archiver`]) all the time; every backup kind and retention on
+//! Look-ahead WAL archiving ([`crate::wal::archiver`]) all the time; every backup kind and retention on
 //! their cron schedules ([`schedule`]); metrics and health over HTTP ([`http`], [`metrics`]).
 //!
 //! Shutdown is a parameter: [`run`] returns once `shutdown` fires and the work in flight has
@@ -21,7 +21,7 @@ use self::metrics::JobKind;
 use crate::catalog::{self, Kind};
 use crate::config::Config;
 use crate::error::Failure;
-use crate::store::{ObjectKey, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// How often the newest backup of each kind is read from the store for the metrics (backups
 /// made elsewhere, like the etcd CronJob's, count too).
@@ -199,7 +199,7 @@ fn readiness(config: Arc<Config>, store: Store, uses_postgres: bool) -> http::Re
     Arc::new(move || {
         let (config, store) = (config.clone(), store.clone());
         Box::pin(async move {
-            let probe = ObjectKey::from("manifests/.ready-probe");
+            let probe = crate::catalog::layout::readiness_probe_key();
             match tokio::time::timeout(READY_TIMEOUT, store.head(&probe)).await {
                 Ok(Ok(_) | Err(StoreError::NotFound { .. })) => {}
                 Ok(Err(error)) => return Err(format!("store: {error}")),

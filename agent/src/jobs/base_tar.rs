@@ -14,13 +14,13 @@ use std::io::Read;
 use std::path::Path;
 use std::rc::Rc;
 
+use crate::catalog::manifest::BaseFile;
 use crate::catalog::manifest::{Manifest, SourceFacts};
 use crate::error::Failure;
-use crate::sources::pgdata::CopiedFile;
 
 /// The files a pg-base manifest says its tar stream `stream` (its object of that index) holds;
 /// `None` for another kind of backup.
-pub fn files_of_stream(manifest: &Manifest, stream: usize) -> Option<Vec<CopiedFile>> {
+pub fn files_of_stream(manifest: &Manifest, stream: usize) -> Option<Vec<BaseFile>> {
     let SourceFacts::PgBase(facts) = &manifest.source else {
         return None;
     };
@@ -37,7 +37,7 @@ pub fn files_of_stream(manifest: &Manifest, stream: usize) -> Option<Vec<CopiedF
 /// side (the download) ends by itself and its own error, if it has one, is the cause to report.
 pub fn read_checked(
     reader: impl Read,
-    expected: &[CopiedFile],
+    expected: &[BaseFile],
     unpack_into: Option<&Path>,
     name: &str,
 ) -> anyhow::Result<()> {
@@ -58,11 +58,11 @@ pub fn read_checked(
 fn check_entries<R: Read>(
     archive: &mut tar::Archive<TappedReader<R>>,
     tap: &RefCell<Tap>,
-    expected: &[CopiedFile],
+    expected: &[BaseFile],
     unpack_into: Option<&Path>,
     name: &str,
 ) -> anyhow::Result<()> {
-    let mut missing: HashMap<&str, &CopiedFile> =
+    let mut missing: HashMap<&str, &BaseFile> =
         expected.iter().map(|f| (f.path.as_str(), f)).collect();
     let io = |what: &str, e: std::io::Error| anyhow::anyhow!("{what} in {name}: {e}");
     for entry in archive
@@ -178,7 +178,7 @@ impl<R: Read> Read for TappedReader<R> {
 mod tests {
     use super::*;
 
-    fn tar_of(files: &[(&str, &[u8])]) -> (Vec<u8>, Vec<CopiedFile>) {
+    fn tar_of(files: &[(&str, &[u8])]) -> (Vec<u8>, Vec<BaseFile>) {
         let mut builder = tar::Builder::new(Vec::new());
         let mut copied = Vec::new();
         let mut dir = tar::Header::new_gnu();
@@ -194,7 +194,7 @@ mod tests {
             header.set_mode(0o600);
             header.set_size(data.len() as u64);
             builder.append_data(&mut header, path, *data).unwrap();
-            copied.push(CopiedFile {
+            copied.push(BaseFile {
                 path: path.to_string(),
                 size: data.len() as u64,
                 crc32c: crc32c::crc32c(data),
@@ -276,7 +276,7 @@ mod tests {
         header.set_cksum();
         builder.append(&header, &b"x"[..]).unwrap();
         let tar = builder.into_inner().unwrap();
-        let file = CopiedFile {
+        let file = BaseFile {
             path: "../escape".into(),
             size: 1,
             crc32c: crc32c::crc32c(b"x"),

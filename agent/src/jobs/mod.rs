@@ -23,6 +23,16 @@ use anyhow::Context;
 use crate::error::Failure;
 use crate::store::Store;
 
+/// What the pipeline must find when it reads `object` back.
+pub(crate) fn expected(object: &crate::catalog::StoredObject) -> crate::pipeline::Expected {
+    crate::pipeline::Expected {
+        key: crate::store::ObjectKey::from(object.key.as_str()),
+        raw_bytes: object.raw_bytes,
+        stored_bytes: object.stored_bytes,
+        raw_sha256: object.raw_sha256.clone(),
+    }
+}
+
 /// Writes `object` to the new file `path`, through `<path>.partial`, fsynced and renamed only
 /// once its checks passed.
 pub(crate) async fn restore_to_file(
@@ -50,7 +60,7 @@ pub(crate) async fn restore_to_file(
         renamed: false,
     };
     let sink: crate::pipeline::Sink = Box::new(std::io::BufWriter::with_capacity(256 * 1024, file));
-    let sink = crate::pipeline::download(store, object, sink).await?;
+    let sink = crate::pipeline::download(store, &expected(object), sink).await?;
     drop(sink);
     let file = std::fs::File::open(&partial.path)
         .with_context(|| format!("reopening {}", partial.path.display()))?;

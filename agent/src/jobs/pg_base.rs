@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backup::{BackupRun, check_stored_size, stored_object};
 use crate::catalog::manifest::{
-    MANIFEST_FORMAT_UNHASHED, Manifest, PgBaseFacts, SourceFacts, StoredObject,
+    BaseFile, MANIFEST_FORMAT_UNHASHED, Manifest, PgBaseFacts, SourceFacts, StoredObject,
 };
 use crate::catalog::{BackupId, Kind, layout};
 use crate::config::{Config, PipelineConfig, PostgresConfig};
@@ -201,7 +201,7 @@ async fn copy_and_stop(
     client: &Client,
     preflight: &Preflight,
     start_lsn: Lsn,
-) -> anyhow::Result<(Vec<StoredObject>, Vec<CopiedFile>, Stopped)> {
+) -> anyhow::Result<(Vec<StoredObject>, Vec<BaseFile>, Stopped)> {
     let BaseCopy {
         config,
         store,
@@ -241,7 +241,13 @@ async fn copy_and_stop(
     for result in join_all(uploads).await {
         let (object, copied) = result?;
         objects.push(object);
-        files.extend(copied);
+        files.extend(copied.into_iter().map(|file| BaseFile {
+            path: file.path,
+            size: file.size,
+            crc32c: file.crc32c,
+            stream: file.stream,
+            padded: file.padded,
+        }));
     }
     for object in &objects {
         let key = crate::store::ObjectKey::from(object.key.as_str());

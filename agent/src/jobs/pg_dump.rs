@@ -45,12 +45,12 @@ pub async fn backup(
     });
     let summary = run
         .guard(async {
-            let (dump, stdout) = postgres::spawn_pg_dump(
-                &pg_dump,
-                &config.postgres,
-                request.format,
-                &request.tables,
-            )?;
+            let format = match request.format {
+                DumpFormat::Custom => postgres::PgDumpFormat::Custom,
+                DumpFormat::Plain => postgres::PgDumpFormat::Plain,
+            };
+            let (dump, stdout) =
+                postgres::spawn_pg_dump(&pg_dump, &config.postgres, format, &request.tables)?;
             let summary =
                 match pipeline::upload(store, &key, stdout, &config.pipeline, cancel).await {
                     Ok(summary) => summary,

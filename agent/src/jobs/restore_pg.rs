@@ -308,7 +308,7 @@ struct Stopped;
 async fn unpack(
     store: &Store,
     object: &catalog::StoredObject,
-    files: Vec<crate::sources::pgdata::CopiedFile>,
+    files: Vec<crate::catalog::manifest::BaseFile>,
     dir: &Path,
     abort: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -323,8 +323,9 @@ async fn unpack(
     });
     let sink: Sink = Box::new(writer);
     // Dropping the download closes the pipe's writer, which ends the tar reader.
+    let expected = super::expected(object);
     let downloaded = tokio::select! {
-        result = pipeline::download(store, object, sink) => result.map(drop).map_err(anyhow::Error::from),
+        result = pipeline::download(store, &expected, sink) => result.map(drop).map_err(anyhow::Error::from),
         () = abort.cancelled() => Err(Stopped.into()),
     };
     let unpacked = unpacker.await.context("unpack worker failed")?;

@@ -62,7 +62,7 @@ pub async fn restore(
             RestoreTarget::File(path) => super::restore_to_file(store, object, path).await,
             RestoreTarget::Stdout => {
                 let sink: Sink = Box::new(BufWriter::with_capacity(256 * 1024, std::io::stdout()));
-                pipeline::download(store, object, sink)
+                pipeline::download(store, &super::expected(object), sink)
                     .await
                     .map(drop)
                     .map_err(anyhow::Error::from)
@@ -125,7 +125,7 @@ async fn restore_to_database(
         .ok_or_else(|| anyhow::anyhow!("{name} has no stdin"))?;
     let sink: Sink = Box::new(SyncIoBridge::new(stdin));
     tracing::info!(program = name, database = %redact_conninfo(conninfo), "loading into the database");
-    match pipeline::download(store, object, sink).await {
+    match pipeline::download(store, &super::expected(object), sink).await {
         Ok(sink) => {
             // Closing stdin lets the loader reach the end and commit.
             drop(sink);

@@ -58,22 +58,14 @@ pub async fn inventory(store: &Store) -> anyhow::Result<Inventory> {
         backups: manifests.iter().map(backup_of).collect(),
         ..Inventory::default()
     };
-    for meta in store.list(&ObjectKey::from("data")).await? {
-        let key = meta.location.to_string();
-        let mut parts = key.splitn(4, '/');
-        let (Some("data"), Some(kind), Some(id), Some(_)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let (Ok(kind), Ok(_)) = (kind.parse::<Kind>(), id.parse::<BackupId>()) else {
-            // Not ours to judge.
-            continue;
+    for meta in store.list(&layout::data_root()).await? {
+        let Some((kind, id, _)) = layout::parse_data_key(&meta.location) else {
+            continue; // not ours to judge
         };
         inventory.data.push(DataObject {
             kind,
             id: id.to_string(),
-            key,
+            key: meta.location.to_string(),
             last_modified: meta.last_modified,
         });
     }

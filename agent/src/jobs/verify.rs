@@ -130,17 +130,17 @@ pub async fn verify(
 async fn read_object(
     store: &Store,
     object: &crate::catalog::StoredObject,
-    files: Option<Vec<crate::sources::pgdata::CopiedFile>>,
+    files: Option<Vec<crate::catalog::manifest::BaseFile>>,
 ) -> anyhow::Result<()> {
     let Some(files) = files else {
-        pipeline::download(store, object, Box::new(std::io::sink())).await?;
+        pipeline::download(store, &super::expected(object), Box::new(std::io::sink())).await?;
         return Ok(());
     };
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
     let key = object.key.clone();
     let reading =
         tokio::task::spawn_blocking(move || base_tar::read_checked(reader, &files, None, &key));
-    let downloaded = pipeline::download(store, object, Box::new(writer))
+    let downloaded = pipeline::download(store, &super::expected(object), Box::new(writer))
         .await
         .map(drop)
         .map_err(anyhow::Error::from);

@@ -14,7 +14,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::PipelineError;
-use crate::catalog::StoredObject;
 use crate::store::{ObjectKey, Store, StoreError};
 
 /// Decompressed bytes handed to the sink at a time.
@@ -25,15 +24,20 @@ const FETCH_QUEUE: usize = 8;
 /// Where restored bytes go. It runs on a blocking thread, so plain `Write` is right.
 pub type Sink = Box<dyn Write + Send>;
 
-/// Downloads `object`, decompresses it into `sink` and checks size and SHA-256 against the
-/// manifest. Returns the sink after a flush, so the caller decides how to close it.
-pub async fn download(
-    store: &Store,
-    object: &StoredObject,
-    sink: Sink,
-) -> Result<Sink, PipelineError> {
-    let key = ObjectKey::from(object.key.as_str());
-    let (size, mut stream) = store.get_stream(&key).await?;
+/// What a stored object must turn out to be: what its upload counted (a manifest keeps it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub key: ObjectKey,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    /// SHA-256 of the raw bytes, hex; `None`: the content carries its own checks.
+    pub raw_sha256: Option<String>,
+}
+
+/// Downloads `object`, decompresses it into `sink` and checks size and SHA-256 against what
+/// was expected. Returns the sink after a flush, so the caller decides how to close it.
+pub async fn download(store: &Store, object: &Expected, sink: Sink) -> Result<Sink, PipelineError> {
+    let (size, mut stream) = store.get_stream(&object.key).await?;
     if size != object.stored_bytes {
         return Err(PipelineError::Corrupt(format!(
             "{} is {size} bytes in the store but {} bytes in its manifest",
@@ -59,7 +63,7 @@ pub async fn download(
 fn decode(
     chunks: mpsc::Receiver<Result<Bytes, StoreError>>,
     mut sink: Sink,
-    expected: &StoredObject,
+    expected: &Expected,
 ) -> Result<Sink, PipelineError> {
     let mut reader = ChannelReader {
         chunks,

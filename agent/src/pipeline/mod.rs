@@ -27,7 +27,7 @@ use crate::config::PipelineConfig;
 use crate::store::{ObjectKey, Store, StoreError};
 
 pub use compress::{CompressingWriter, FRAME_BYTES, uses_frames};
-pub use download::{Sink, download};
+pub use download::{Expected, Sink, download};
 
 /// Raw bytes read from the source per message to the compressor.
 pub(crate) const CHUNK_SIZE: usize = 256 * 1024;

@@ -13,7 +13,6 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::catalog::manifest::DumpFormat;
 use crate::config::PostgresConfig;
 
 pub use super::SourceError;
@@ -256,20 +255,31 @@ pub async fn tool_version(binary: &Path) -> Result<String, SourceError> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
+/// pg_dump's output formats that a backup can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgDumpFormat {
+    /// The custom archive: pg_restore can pick tables from it.
+    Custom,
+    /// Plain SQL, for psql.
+    Plain,
+}
+
 /// Starts pg_dump with its stdout as the backup stream. [`Supervised::finish`] decides
 /// whether the stream was a whole dump.
 pub fn spawn_pg_dump(
     binary: &Path,
     config: &PostgresConfig,
-    format: DumpFormat,
+    format: PgDumpFormat,
     tables: &[String],
 ) -> Result<(Supervised, ChildStdout), SourceError> {
     let mut command = Command::new(binary);
     apply_libpq_env(&mut command, config);
-    command
-        .arg(format!("--format={}", format.as_str()))
-        .arg("--no-password");
-    if format == DumpFormat::Custom {
+    let format_arg = match format {
+        PgDumpFormat::Custom => "--format=custom",
+        PgDumpFormat::Plain => "--format=plain",
+    };
+    command.arg(format_arg).arg("--no-password");
+    if format == PgDumpFormat::Custom {
         // Our zstd does the compressing, faster and smaller.
         command.arg("--compress=0");
     }
