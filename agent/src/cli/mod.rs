@@ -248,7 +248,7 @@ async fn wal_fetch(
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let spool = crate::wal::prefetch::spool_dir(&args.dest, store);
-    if !crate::wal::prefetch::take(&spool, &args.dest, &args.name) {
+    if !(config.wal_prefetch && crate::wal::prefetch::take(&spool, &args.dest, &args.name)) {
         let fetched = tokio::select! {
             fetched = crate::wal::fetch(store, &args.name, &args.dest) => fetched,
             () = cancel.cancelled() => Err(Failure::Interrupted(format!("fetching {} interrupted", args.name)).into()),

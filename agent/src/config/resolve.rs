@@ -48,6 +48,13 @@ impl Config {
             schedule,
             retention,
             metrics_listen,
+            // On unless 0, off, false or no.
+            wal_prefetch: !env("GC_BACKUP_WAL_PREFETCH").is_some_and(|value| {
+                matches!(
+                    value.to_ascii_lowercase().as_str(),
+                    "0" | "off" | "false" | "no"
+                )
+            }),
             origin: Overrides {
                 config_file: flags.config_file(&env),
                 ..flags.clone()
@@ -308,6 +315,7 @@ fn resolve_postgres(
             file.sslkey,
             env,
         )?,
+        login_user: env("USER"),
     })
 }
 

@@ -19,6 +19,8 @@ pub struct Config {
     pub schedule: Schedules,
     pub retention: retention::Policy,
     pub metrics_listen: std::net::SocketAddr,
+    /// Whether `wal-fetch` reads the next segments ahead (`GC_BACKUP_WAL_PREFETCH`).
+    pub wal_prefetch: bool,
     /// The flags this was resolved with (see [`Config::child_env`]).
     pub origin: Overrides,
 }
@@ -204,6 +206,8 @@ pub struct PostgresConfig {
     pub archive_timeout: Option<Duration>,
     /// TLS to the server, as libpq's sslmode and certificate settings say.
     pub tls: crate::sources::postgres::tls::PgTls,
+    /// The login name (`USER`): libpq's default role when none is configured.
+    pub login_user: Option<String>,
 }
 
 pub const MIB: usize = 1024 * 1024;

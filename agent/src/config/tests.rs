@@ -453,3 +453,18 @@ fn the_configuration_remembers_how_to_start_this_binary_again() {
         )]
     );
 }
+
+#[test]
+fn wal_prefetch_is_on_unless_the_environment_turns_it_off() {
+    assert!(
+        resolve_with("", &[], Overrides::default())
+            .unwrap()
+            .wal_prefetch
+    );
+    for off in ["0", "off", "FALSE", "no"] {
+        let config = resolve_with("", &[("GC_BACKUP_WAL_PREFETCH", off)], Overrides::default());
+        assert!(!config.unwrap().wal_prefetch, "{off}");
+    }
+    let on = resolve_with("", &[("GC_BACKUP_WAL_PREFETCH", "1")], Overrides::default());
+    assert!(on.unwrap().wal_prefetch);
+}

@@ -62,9 +62,9 @@ fn spool_key(store: &str, cluster: &str) -> String {
     hex::encode(&digest[..8])
 }
 
-/// Moves a prefetched `name` to `dest`. True if it was there (never with prefetch off).
+/// Moves a prefetched `name` to `dest`. True if it was there.
 pub fn take(dir: &Path, dest: &Path, name: &str) -> bool {
-    enabled() && std::fs::rename(dir.join(name), dest).is_ok()
+    std::fs::rename(dir.join(name), dest).is_ok()
 }
 
 /// Records that recovery asked for `name`, and removes spooled segments before it.
@@ -94,22 +94,10 @@ pub fn clear(dir: &Path) {
     }
 }
 
-/// Whether `GC_BACKUP_WAL_PREFETCH` leaves prefetching on (it is, unless 0, off or false).
-fn enabled() -> bool {
-    std::env::var("GC_BACKUP_WAL_PREFETCH")
-        .map(|v| {
-            !matches!(
-                v.to_ascii_lowercase().as_str(),
-                "0" | "off" | "false" | "no"
-            )
-        })
-        .unwrap_or(true)
-}
-
 /// Starts a detached prefetcher for the segments after `name` into the spool `dir`, unless
-/// one is running there.
+/// one is running there or prefetching is off (`GC_BACKUP_WAL_PREFETCH=0`).
 pub fn start_behind(dir: &Path, name: &str, config: &crate::config::Config) {
-    if !matches!(WalFile::parse(name), Ok(WalFile::Segment { .. })) || !enabled() {
+    if !matches!(WalFile::parse(name), Ok(WalFile::Segment { .. })) || !config.wal_prefetch {
         return;
     }
     if std::fs::create_dir_all(dir).is_err() || !take_lock(dir) {

@@ -45,7 +45,7 @@ fn effective_user(config: &PostgresConfig) -> String {
     config
         .user
         .clone()
-        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| config.login_user.clone())
         .unwrap_or_else(|| "postgres".to_string())
 }
 
