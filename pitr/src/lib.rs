@@ -186,6 +186,17 @@ impl WalFile {
         }
     }
 
+    /// Where a segment-like file sits in the WAL, as `(xlog id, segment)`: comparable across
+    /// timelines and without knowing the segment size. `None` for a timeline history file.
+    pub fn position(&self) -> Option<(u32, u32)> {
+        match *self {
+            WalFile::Segment { log, seg, .. }
+            | WalFile::Partial { log, seg, .. }
+            | WalFile::BackupHistory { log, seg, .. } => Some((log, seg)),
+            WalFile::History { .. } => None,
+        }
+    }
+
     /// The segment number of a segment-like file, for a given segment size.
     pub fn segment_no(&self, segment_size: u64) -> Option<SegmentNo> {
         match *self {

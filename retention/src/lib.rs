@@ -22,69 +22,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use ids::{BackupId, Kind};
 use pitr::WalFile;
-
-/// What a backup is a backup of; serialized as in manifests (`pg-dump`, …).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum Kind {
-    PgDump,
-    PgBase,
-    Redis,
-    Etcd,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::PgDump, Kind::PgBase, Kind::Redis, Kind::Etcd];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::PgDump => "pg-dump",
-            Kind::PgBase => "pg-base",
-            Kind::Redis => "redis",
-            Kind::Etcd => "etcd",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Kind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Kind::ALL
-            .into_iter()
-            .find(|kind| kind.as_str() == s)
-            .ok_or_else(|| format!("unknown kind '{s}' (kinds: pg-dump, pg-base, redis, etcd)"))
-    }
-}
-
-/// Where a base backup's recovery starts: the first WAL segment it needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WalStart {
-    pub timeline: u32,
-    /// The segment's position: the middle and last 8 hex digits of its name.
-    pub log: u32,
-    pub seg: u32,
-}
 
 /// A committed backup, as its manifest describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backup {
     pub kind: Kind,
-    pub id: String,
+    pub id: BackupId,
     pub start_time: DateTime<Utc>,
     pub end_time: DateTime<Utc>,
     /// The keys of its data objects (some may sit under an older backup's prefix).
     pub objects: Vec<String>,
-    /// Base backups only.
-    pub wal_start: Option<WalStart>,
+    /// Base backups only: the first WAL segment its recovery needs.
+    pub wal_start: Option<WalFile>,
 }
 
 /// A data object in the store (`data/<kind>/<id>/…`).
@@ -93,7 +44,7 @@ pub struct DataObject {
     pub key: String,
     pub kind: Kind,
     /// The id of the backup (or run) whose prefix holds it.
-    pub id: String,
+    pub id: BackupId,
     pub last_modified: DateTime<Utc>,
 }
 
@@ -137,7 +88,7 @@ pub enum Target {
     /// A backup's manifest: deleting it is what makes the backup cease to exist.
     Backup {
         kind: Kind,
-        id: String,
+        id: BackupId,
     },
     Object {
         key: String,
@@ -306,25 +257,26 @@ pub fn plan(inventory: &Inventory, policy: &Policy, now: DateTime<Utc>) -> Plan 
 
     let oldest_start = kept
         .iter()
-        .filter_map(|b| b.wal_start)
-        .min_by_key(|start| (start.log, start.seg));
-    if let Some(WalStart { timeline, log, seg }) = oldest_start {
+        .filter_map(|b| {
+            let start = b.wal_start.as_ref()?;
+            Some((start.position()?, start))
+        })
+        .min_by_key(|(position, _)| *position);
+    if let Some((start, start_file)) = oldest_start {
         for wal in &inventory.wal {
-            let position = match wal.file {
-                WalFile::Segment { log, seg, .. }
-                | WalFile::Partial { log, seg, .. }
-                | WalFile::BackupHistory { log, seg, .. } => (log, seg),
-                WalFile::History { .. } => continue,
+            let Some(position) = wal.file.position() else {
+                continue; // timeline history files are always kept
             };
-            if position < (log, seg) {
+            if position < start {
                 decisions.push(Decision {
                     target: Target::Wal {
                         key: wal.key.clone(),
                     },
                     delete: true,
                     reason: format!(
-                        "before {timeline:08X}{log:08X}{seg:08X}, where the oldest kept base \
-                         backup starts (every timeline)"
+                        "before {}, where the oldest kept base backup starts (every \
+                         timeline)",
+                        start_file.name()
                     ),
                 });
             }

@@ -16,10 +16,15 @@ fn policy() -> Policy {
     }
 }
 
+/// The id of a backup that started on `day`.
+fn id_of(day: i64) -> BackupId {
+    BackupId::at(at(day))
+}
+
 fn backup(kind: Kind, day: i64, objects: &[&str]) -> Backup {
     Backup {
         kind,
-        id: format!("{kind}-{day:03}"),
+        id: id_of(day),
         start_time: at(day),
         end_time: at(day) + TimeDelta::minutes(30),
         objects: objects.iter().map(|o| o.to_string()).collect(),
@@ -30,7 +35,7 @@ fn backup(kind: Kind, day: i64, objects: &[&str]) -> Backup {
 /// A base backup on day `day` whose WAL starts at segment `day * 10` of timeline 1.
 fn base(day: i64) -> Backup {
     Backup {
-        wal_start: Some(WalStart {
+        wal_start: Some(WalFile::Segment {
             timeline: 1,
             log: 0,
             seg: u32::try_from(day * 10).unwrap(),
@@ -51,12 +56,11 @@ fn segment(timeline: u32, seg: u32) -> WalObject {
     }
 }
 
+/// The deleted backups as "kind id".
 fn deleted_backups(plan: &Plan) -> Vec<String> {
     plan.deletions()
-        .filter_map(|d| match &d.target {
-            Target::Backup { id, .. } => Some(id.clone()),
-            _ => None,
-        })
+        .filter(|d| matches!(d.target, Target::Backup { .. }))
+        .map(|d| d.target.to_string())
         .collect()
 }
 
@@ -79,13 +83,13 @@ fn base_backups_keep_a_recovery_window_and_the_wal_from_its_anchor() {
     assert_eq!(
         deleted,
         (0..9)
-            .map(|d| format!("pg-base-{d:03}"))
+            .map(|d| format!("pg-base {}", id_of(d)))
             .collect::<Vec<_>>()
     );
     let anchor = plan
         .decisions
         .iter()
-        .find(|d| d.target.to_string() == "pg-base pg-base-009")
+        .find(|d| d.target.to_string() == format!("pg-base {}", id_of(9)))
         .unwrap();
     assert!(
         !anchor.delete && anchor.reason.contains("recovery window"),
@@ -118,9 +122,15 @@ fn the_newest_backup_of_each_kind_survives_any_window() {
         ..Inventory::default()
     };
     let plan = plan(&inventory, &policy(), at(400));
-    assert_eq!(deleted_backups(&plan), ["pg-dump-000", "redis-000"]);
+    assert_eq!(
+        deleted_backups(&plan),
+        [
+            format!("pg-dump {}", id_of(0)),
+            format!("redis {}", id_of(0))
+        ]
+    );
     let kept = remaining(&inventory, &plan);
-    assert_eq!(kept[&Kind::Redis][0].id, "redis-001");
+    assert_eq!(kept[&Kind::Redis][0].id, id_of(1));
     assert_eq!(kept[&Kind::Etcd].len(), 1);
 }
 
@@ -128,7 +138,7 @@ fn the_newest_backup_of_each_kind_survives_any_window() {
 fn order_comes_from_the_manifests_times_not_the_names() {
     // A backup whose id sorts last but ended first (a clock step, a renamed host).
     let mut odd = backup(Kind::Etcd, 0, &[]);
-    odd.id = "zzz".into();
+    odd.id = id_of(999);
     let newer = backup(Kind::Etcd, 1, &[]);
     let inventory = Inventory {
         backups: vec![odd, newer],
@@ -136,17 +146,17 @@ fn order_comes_from_the_manifests_times_not_the_names() {
     };
     assert_eq!(
         deleted_backups(&plan(&inventory, &policy(), at(100))),
-        ["zzz"]
+        [format!("etcd {}", id_of(999))]
     );
 }
 
 #[test]
 fn objects_named_by_a_kept_backup_outlive_their_own_backup() {
     let shared = "data/redis/redis-000/aof/appendonly.aof.1.base.rdb.zst";
-    let data = |key: &str, id: &str, day: i64| DataObject {
+    let data = |key: &str, id: BackupId, day: i64| DataObject {
         key: key.into(),
         kind: Kind::Redis,
-        id: id.into(),
+        id,
         last_modified: at(day),
     };
     let inventory = Inventory {
@@ -163,12 +173,12 @@ fn objects_named_by_a_kept_backup_outlive_their_own_backup() {
             ),
         ],
         data: vec![
-            data("data/redis/redis-000/dump.rdb.zst", "redis-000", 0),
-            data(shared, "redis-000", 0),
-            data("data/redis/redis-009/dump.rdb.zst", "redis-009", 9),
+            data("data/redis/redis-000/dump.rdb.zst", id_of(0), 0),
+            data(shared, id_of(0), 0),
+            data("data/redis/redis-009/dump.rdb.zst", id_of(9), 9),
             // A run that never committed: old enough, and too recent.
-            data("data/redis/redis-005/dump.rdb.zst", "redis-005", 5),
-            data("data/redis/redis-009b/_claim.json", "redis-009b", 9),
+            data("data/redis/redis-005/dump.rdb.zst", id_of(5), 5),
+            data("data/redis/redis-009b/_claim.json", id_of(9).next(), 9),
         ],
         wal: Vec::new(),
     };
@@ -195,7 +205,7 @@ fn deletions_come_manifests_first_then_data_then_wal() {
         data: vec![DataObject {
             key: "data/pg-base/pg-base-000/base.tar.zst".into(),
             kind: Kind::PgBase,
-            id: "pg-base-000".into(),
+            id: id_of(0),
             last_modified: at(0),
         }],
         wal: vec![segment(1, 1)],
@@ -232,11 +242,12 @@ fn history() -> impl Strategy<Value = (Inventory, DateTime<Utc>)> {
         let mut last_day = 0;
         for (n, (kind, day, timeline)) in specs.into_iter().enumerate() {
             let mut b = backup(kind, day, &[]);
-            b.id = format!("{kind}-{n}");
+            // Unique per kind whatever the day: a second apart in the order drawn.
+            b.id = BackupId::at(at(day) + TimeDelta::seconds(i64::try_from(n).unwrap()));
             let key = format!("data/{kind}/{}/object", b.id);
             b.objects = vec![key.clone()];
             if kind == Kind::PgBase {
-                b.wal_start = Some(WalStart {
+                b.wal_start = Some(WalFile::Segment {
                     timeline: timeline + 1,
                     log: 0,
                     seg: u32::try_from(day * 10).unwrap(),
@@ -286,10 +297,10 @@ proptest! {
             for object in &backup.objects {
                 prop_assert!(!deleted.contains(object.as_str()), "{} of kept {}", object, backup.id);
             }
-            if let Some(start) = backup.wal_start {
+            if let Some(start) = &backup.wal_start {
                 for wal in &inventory.wal {
                     if let WalFile::Segment { log, seg, .. } = wal.file
-                        && (log, seg) >= (start.log, start.seg)
+                        && Some((log, seg)) >= start.position()
                     {
                         prop_assert!(!deleted.contains(wal.key.as_str()), "{} needed by {}", wal.key, backup.id);
                     }

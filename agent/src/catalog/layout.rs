@@ -12,74 +12,9 @@
 //!
 //! Keys are relative to the store's root (the bucket prefix or directory).
 
-use std::fmt;
-use std::str::FromStr;
-
-use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
-use serde::{Deserialize, Serialize};
-
 use crate::store::ObjectKey;
 
-/// What a backup is a backup of (defined with the retention planner, which reasons about it).
-pub use retention::Kind;
-
-/// A backup id: its start time in UTC to the second, e.g. `20260115T020000Z`. Ids sort in
-/// time order, and the claim object makes each one unique per kind.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct BackupId(String);
-
-const ID_FORMAT: &str = "%Y%m%dT%H%M%SZ";
-
-impl BackupId {
-    pub fn at(time: DateTime<Utc>) -> Self {
-        Self(time.format(ID_FORMAT).to_string())
-    }
-
-    pub fn time(&self) -> DateTime<Utc> {
-        // The constructor only admits strings that parse.
-        NaiveDateTime::parse_from_str(&self.0, ID_FORMAT)
-            .map(|t| t.and_utc())
-            .unwrap_or_default()
-    }
-
-    /// The id one second later: used when an id is already taken.
-    pub fn next(&self) -> Self {
-        Self::at(self.time() + TimeDelta::seconds(1))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for BackupId {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        NaiveDateTime::parse_from_str(s, ID_FORMAT)
-            .map(|_| Self(s.to_string()))
-            .map_err(|_| format!("'{s}' is not a backup id (expected e.g. 20260115T020000Z)"))
-    }
-}
-
-impl TryFrom<String> for BackupId {
-    type Error = String;
-    fn try_from(value: String) -> Result<Self, Self::Error> {
-        value.parse()
-    }
-}
-
-impl From<BackupId> for String {
-    fn from(id: BackupId) -> Self {
-        id.0
-    }
-}
-
-impl fmt::Display for BackupId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use ids::{BackupId, Kind};
 
 pub fn manifests_prefix(kind: Option<Kind>) -> ObjectKey {
     match kind {
@@ -205,20 +140,6 @@ mod tests {
             key.as_ref()
                 .starts_with(data_kind_prefix(Kind::PgBase).as_ref())
         );
-    }
-
-    #[test]
-    fn ids_round_trip_and_sort_by_time() {
-        let time = DateTime::parse_from_rfc3339("2026-01-15T02:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let id = BackupId::at(time);
-        assert_eq!(id.as_str(), "20260115T020000Z");
-        assert_eq!(id.time(), time);
-        assert_eq!(id.next().as_str(), "20260115T020001Z");
-        assert!(id < id.next());
-        assert!("2026-01-15".parse::<BackupId>().is_err());
-        assert!("../../etc".parse::<BackupId>().is_err());
     }
 
     #[test]

@@ -7,12 +7,10 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use retention::{
-    Backup, DataObject, Decision, Inventory, Plan, Policy, Target, WalObject, WalStart,
-};
+use retention::{Backup, DataObject, Decision, Inventory, Plan, Policy, Target, WalObject};
 
 use crate::catalog::manifest::SourceFacts;
-use crate::catalog::{self, BackupId, Kind, Manifest, layout};
+use crate::catalog::{self, Kind, Manifest, layout};
 use crate::config::S3Location;
 use crate::error::Failure;
 use crate::store::multipart::{self, PendingUpload};
@@ -23,17 +21,14 @@ const DELETE_CONCURRENCY: usize = 16;
 
 fn backup_of(manifest: &Manifest) -> Backup {
     let wal_start = match &manifest.source {
-        SourceFacts::PgBase(facts) => match pitr::WalFile::parse(&facts.start_wal) {
-            Ok(pitr::WalFile::Segment { timeline, log, seg }) => {
-                Some(WalStart { timeline, log, seg })
-            }
-            _ => None,
-        },
+        SourceFacts::PgBase(facts) => pitr::WalFile::parse(&facts.start_wal)
+            .ok()
+            .filter(|file| matches!(file, pitr::WalFile::Segment { .. })),
         _ => None,
     };
     Backup {
         kind: manifest.kind,
-        id: manifest.id.to_string(),
+        id: manifest.id.clone(),
         start_time: manifest.start_time,
         end_time: manifest.end_time,
         objects: manifest.objects.iter().map(|o| o.key.clone()).collect(),
@@ -64,7 +59,7 @@ pub async fn inventory(store: &Store) -> anyhow::Result<Inventory> {
         };
         inventory.data.push(DataObject {
             kind,
-            id: id.to_string(),
+            id,
             key: meta.location.to_string(),
             last_modified: meta.last_modified,
         });
@@ -143,10 +138,7 @@ pub async fn run(
             continue;
         };
         let kind = *kind;
-        let id: BackupId = id
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("retention plan names a bad id: {e}"))?;
-        delete_tolerating_absence(store, &layout::manifest_key(kind, &id)).await?;
+        delete_tolerating_absence(store, &layout::manifest_key(kind, id)).await?;
         tracing::info!(kind = %kind, id = %id, reason = %decision.reason, "backup deleted");
         *report.deleted_backups.entry(kind).or_default() += 1;
     }
