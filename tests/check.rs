@@ -34,7 +34,7 @@ fn a_sound_deployment_passes_every_check_and_leaves_no_probe() {
     let (pg, config) = archiving_cluster(&weed, "check");
     let redis = Redis::start(true);
     let etcd = Etcd::start();
-    let mut agent = harness::agent_for_cluster(&pg, &weed, "check");
+    let mut agent = Agent::for_cluster(&pg, &weed, "check");
     agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
     agent.set("GC_BACKUP_REDIS_URL", &redis.url());
     agent.set("GC_BACKUP_ETCD_ENDPOINTS", &etcd.endpoint());
@@ -80,14 +80,14 @@ fn a_sound_deployment_passes_every_check_and_leaves_no_probe() {
 #[test]
 fn wrong_credentials_and_a_missing_bucket_are_configuration_errors() {
     let weed = Seaweed::start();
-    let mut agent = Agent::new(weed.env("creds"));
+    let mut agent = Agent::for_store(&weed, "creds");
     agent.set("AWS_SECRET_ACCESS_KEY", "wrong");
     let (code, found, stderr) = findings(&agent);
     assert_eq!(code, Some(2), "{stderr}");
     assert_eq!(status_of(&found, "access"), "fail");
     assert!(stderr.contains("gc-backup: error: check:"), "{stderr}");
 
-    let mut agent = Agent::new(weed.env("creds"));
+    let mut agent = Agent::for_store(&weed, "creds");
     agent.set("GC_BACKUP_STORE", "s3://no-such-bucket/x");
     let (code, found, _) = findings(&agent);
     assert_eq!(code, Some(2));
@@ -105,7 +105,7 @@ fn wrong_credentials_and_a_missing_bucket_are_configuration_errors() {
 fn a_cluster_that_archives_elsewhere_fails_the_archiving_checks() {
     let weed = Seaweed::start();
     let pg = Postgres::start_with(&[("archive_mode", "on"), ("archive_command", "true")]);
-    let mut agent = Agent::new(weed.env("elsewhere"));
+    let mut agent = Agent::for_store(&weed, "elsewhere");
     for (name, value) in pg.env() {
         agent.set(&name, &value);
     }

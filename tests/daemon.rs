@@ -123,16 +123,10 @@ fn the_sidecar_schedules_backups_exports_metrics_and_follows_the_store() {
     let etcd = Etcd::start();
     etcd.populate(20, 32);
 
-    let mut agent = Agent::new(weed.env("daemon"));
+    let mut agent = Agent::for_store(&weed, "daemon");
     agent.set("GC_BACKUP_REDIS_URL", &redis.url());
     agent.set("GC_BACKUP_ETCD_ENDPOINTS", &etcd.endpoint());
-    let config = agent.home().join("gc-backup.toml");
-    std::fs::write(
-        &config,
-        "[schedule]\nredis = \"* * * * * *\"\netcd = \"*/2 * * * * *\"\nretention = \"*/3 * * * * *\"\n",
-    )
-    .unwrap();
-    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    agent.with_config("[schedule]\nredis = \"* * * * * *\"\netcd = \"*/2 * * * * *\"\nretention = \"*/3 * * * * *\"\n");
 
     let mut daemon = Daemon::start(&agent);
     assert_eq!(get(daemon.port, "/health/ready").0, 200);
@@ -259,14 +253,8 @@ fn the_sidecar_schedules_backups_exports_metrics_and_follows_the_store() {
 fn the_sidecar_beside_postgresql_archives_wal_takes_both_backups_and_watches_postgres() {
     let weed = Seaweed::start();
     let (pg, _) = harness::archiving_cluster(&weed, "sidecar");
-    let mut agent = harness::agent_for_cluster(&pg, &weed, "sidecar");
-    let config = agent.home().join("gc-backup.toml");
-    std::fs::write(
-        &config,
-        "[schedule]\npg-dump = \"*/2 * * * * *\"\npg-base = \"*/3 * * * * *\"\n",
-    )
-    .unwrap();
-    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    let mut agent = Agent::for_cluster(&pg, &weed, "sidecar");
+    agent.with_config("[schedule]\npg-dump = \"*/2 * * * * *\"\npg-base = \"*/3 * * * * *\"\n");
 
     let mut daemon = Daemon::start(&agent);
     assert_eq!(get(daemon.port, "/health/ready").0, 200);
@@ -320,8 +308,7 @@ fn the_sidecar_beside_postgresql_archives_wal_takes_both_backups_and_watches_pos
 
 #[test]
 fn a_scheduled_kind_without_its_settings_is_refused_at_start() {
-    let agent = Agent::new(Vec::new());
-    let config = agent.home().join("gc-backup.toml");
+    let mut agent = Agent::new(Vec::new());
     let store = agent.home().join("store");
     for (schedule, needle) in [
         ("redis", "no Redis to back up"),
@@ -331,14 +318,11 @@ fn a_scheduled_kind_without_its_settings_is_refused_at_start() {
             "schedule.pg-base is set but the data directory is not",
         ),
     ] {
-        std::fs::write(
-            &config,
-            format!(
-                "[store]\nurl = \"file://{}\"\n[schedule]\n{schedule} = \"0 2 * * *\"\n",
-                store.display()
-            ),
-        )
-        .unwrap();
+        let config = agent.with_config(&format!(
+            "[store]\nurl = \"file://{}\"\n[schedule]\n{schedule} = \"0 2 * * *\"\n",
+            store.display()
+        ));
+        // Through --config, as a Job would give it.
         let output = agent.run(&["--config", config.to_str().unwrap(), "run"]);
         harness::assert_fails(&output, 2, needle);
     }
@@ -347,19 +331,13 @@ fn a_scheduled_kind_without_its_settings_is_refused_at_start() {
 #[test]
 fn a_scheduled_kind_never_backed_up_is_exported_as_the_oldest_success() {
     let mut agent = Agent::new(Vec::new());
-    let config = agent.home().join("gc-backup.toml");
     let store = agent.home().join("store");
     // Redis once a year: it is scheduled, and nothing has ever been backed up.
-    std::fs::write(
-        &config,
-        format!(
-            "[store]\nurl = \"file://{}\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\n\
-             [schedule]\nredis = \"0 0 1 1 *\"\n",
-            store.display()
-        ),
-    )
-    .unwrap();
-    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    agent.with_config(&format!(
+        "[store]\nurl = \"file://{}\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\n\
+         [schedule]\nredis = \"0 0 1 1 *\"\n",
+        store.display()
+    ));
     let daemon = Daemon::start(&agent);
     let series = r#"gc_backup_last_success_timestamp_seconds{kind="redis"}"#;
     wait_for("the redis series", 30, || {
@@ -386,7 +364,7 @@ fn the_sidecar_is_ready_over_tls_with_verify_full_and_says_why_not_with_another_
     let (pg, _) = harness::archiving_cluster(&weed, "sidecar-tls");
     let certs = harness::shared_temp_dir("pgtls");
     let ca = pg.require_tls(certs.path());
-    let mut agent = harness::agent_for_cluster(&pg, &weed, "sidecar-tls");
+    let mut agent = Agent::for_cluster(&pg, &weed, "sidecar-tls");
     agent.set("PGHOST", "localhost");
     agent.set("PGSSLMODE", "verify-full");
     agent.set("PGSSLROOTCERT", ca.to_str().unwrap());
@@ -425,9 +403,7 @@ fn a_memory_limit_too_small_is_refused_with_what_it_needs() {
     let pgdata = agent.home().join("pgdata");
     std::fs::create_dir_all(pgdata.join("pg_wal/archive_status")).unwrap();
     agent.set("PGDATA", pgdata.to_str().unwrap());
-    let config = agent.home().join("gc-backup.toml");
-    std::fs::write(&config, "[schedule]\npg-base = \"0 3 * * *\"\n").unwrap();
-    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    agent.with_config("[schedule]\npg-base = \"0 3 * * *\"\n");
     agent.set("GC_BACKUP_MEMORY_LIMIT", "40MiB");
     let output = agent.run(&["run"]);
     harness::assert_fails(&output, 2, "too small for the sidecar");

@@ -11,19 +11,14 @@ mod harness;
 use harness::etcd::{self, Etcd};
 use harness::{Agent, Seaweed, assert_fails};
 
-fn agent_for(weed: &Seaweed, prefix: &str, etcd: &Etcd) -> Agent {
-    let mut env = weed.env(prefix);
-    env.push(("GC_BACKUP_ETCD_ENDPOINTS".into(), etcd.endpoint()));
-    Agent::new(env)
-}
-
 #[test]
 fn a_snapshot_restores_to_a_member_with_the_same_data() {
     let weed = Seaweed::start();
     let source = Etcd::start();
     source.populate(3_000, 1_024);
     let fingerprint = source.fingerprint();
-    let agent = agent_for(&weed, "snap", &source);
+    let agent =
+        Agent::for_store(&weed, "snap").with("GC_BACKUP_ETCD_ENDPOINTS", &source.endpoint());
 
     let id = agent.backup(&["backup", "etcd"]);
     let listed = agent.list_json();
@@ -77,7 +72,8 @@ fn tls_with_client_certificates_as_kubernetes_runs_etcd() {
     let source = Etcd::start_tls();
     source.populate(200, 256);
     let fingerprint = source.fingerprint();
-    let mut agent = agent_for(&weed, "tls", &source);
+    let mut agent =
+        Agent::for_store(&weed, "tls").with("GC_BACKUP_ETCD_ENDPOINTS", &source.endpoint());
 
     // The cluster's CA is not trusted and no client certificate is given: nothing stored.
     let output = agent.run(&["backup", "etcd"]);
@@ -104,7 +100,8 @@ fn the_first_member_that_answers_is_used_and_none_answering_is_one_error() {
     let source = Etcd::start();
     source.populate(10, 16);
     let dead = format!("http://127.0.0.1:{}", harness::free_port());
-    let mut agent = agent_for(&weed, "members", &source);
+    let mut agent =
+        Agent::for_store(&weed, "members").with("GC_BACKUP_ETCD_ENDPOINTS", &source.endpoint());
 
     agent.set(
         "GC_BACKUP_ETCD_ENDPOINTS",

@@ -7,18 +7,14 @@ mod harness;
 
 use std::process::Command;
 
-use harness::{Agent, Postgres, Seaweed, archiving_cluster, assert_fails};
-
-fn agent_for(pg: &Postgres, weed: &Seaweed, prefix: &str) -> Agent {
-    harness::agent_for_cluster(pg, weed, prefix)
-}
+use harness::{Agent, Postgres, Seaweed, archiving_cluster, assert_exit, assert_fails};
 
 #[test]
 fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
     let weed = Seaweed::start();
     let (pg, config) = archiving_cluster(&weed, "base");
     pg.pgbench(&["-i", "-s", "3", "-q"]);
-    let agent = agent_for(&pg, &weed, "base");
+    let agent = Agent::for_cluster(&pg, &weed, "base");
 
     // Writes go on during the whole backup.
     let mut load = Command::new(pg.bin.join("pgbench"))
@@ -64,7 +60,7 @@ fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
     let data = target.path().join("data");
     std::fs::create_dir(&data).unwrap();
     harness::run_ok(Command::new("chown").arg("postgres:postgres").arg(&data));
-    let mut restorer = agent_for(&pg, &weed, "base");
+    let mut restorer = Agent::for_cluster(&pg, &weed, "base");
     restorer.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
     restorer.ok(&[
         "restore",
@@ -95,7 +91,7 @@ fn a_base_backup_taken_under_load_restores_to_a_consistent_cluster() {
 fn a_base_backup_is_refused_when_archiving_is_off() {
     let weed = Seaweed::start();
     let pg = Postgres::start();
-    let agent = agent_for(&pg, &weed, "noarchive");
+    let agent = Agent::for_cluster(&pg, &weed, "noarchive");
     assert_fails(&agent.run(&["backup", "pg-base"]), 2, "archiving is off");
     assert!(weed.keys("noarchive").is_empty());
 }
@@ -107,7 +103,7 @@ fn a_base_backup_is_refused_when_archiving_is_off() {
 fn a_base_backup_whose_wal_never_reaches_the_store_is_refused() {
     let weed = Seaweed::start();
     let pg = Postgres::start_with(&[("archive_mode", "on"), ("archive_command", "true")]);
-    let mut agent = agent_for(&pg, &weed, "elsewhere");
+    let mut agent = Agent::for_cluster(&pg, &weed, "elsewhere");
     agent.set("GC_BACKUP_ARCHIVE_TIMEOUT", "3s");
     // WAL switches throughout, so that the backup's first segment is finished (and marked
     // archived by `true`) long before the backup looks for it in the store.
@@ -142,7 +138,7 @@ fn a_base_backup_refuses_a_data_directory_of_another_cluster() {
     let weed = Seaweed::start();
     let (pg, _) = archiving_cluster(&weed, "other");
     let stranger = Postgres::start();
-    let mut agent = agent_for(&pg, &weed, "other");
+    let mut agent = Agent::for_cluster(&pg, &weed, "other");
     agent.set("PGDATA", stranger.data_dir().to_str().unwrap());
     assert_fails(&agent.run(&["backup", "pg-base"]), 2, "belongs to cluster");
 }
@@ -151,7 +147,7 @@ fn a_base_backup_refuses_a_data_directory_of_another_cluster() {
 fn restore_refuses_a_non_empty_directory_and_leaves_it_untouched() {
     let weed = Seaweed::start();
     let (pg, _) = archiving_cluster(&weed, "nonempty");
-    let agent = agent_for(&pg, &weed, "nonempty");
+    let agent = Agent::for_cluster(&pg, &weed, "nonempty");
     agent.backup(&["backup", "pg-base"]);
     let dir = agent.home().join("busy");
     std::fs::create_dir(&dir).unwrap();
@@ -169,7 +165,7 @@ fn restore_refuses_a_non_empty_directory_and_leaves_it_untouched() {
 fn a_file_that_differs_from_its_manifest_fails_verify_and_restore_and_leaves_nothing() {
     let weed = Seaweed::start();
     let (pg, _) = archiving_cluster(&weed, "crc");
-    let agent = agent_for(&pg, &weed, "crc");
+    let agent = Agent::for_cluster(&pg, &weed, "crc");
     let id = agent.backup(&["backup", "pg-base"]);
     agent.ok(&["verify", &id]);
 
@@ -189,7 +185,7 @@ fn a_file_that_differs_from_its_manifest_fails_verify_and_restore_and_leaves_not
     let output = agent.run(&["verify", &id]);
     let report = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(3), "{report}");
+    assert_exit(&output, 3);
     assert!(
         report.contains("global/pg_control") && report.contains("does not match"),
         "{report}"
@@ -239,7 +235,7 @@ fn sigkill_during_a_base_backup_commits_nothing_ends_backup_mode_and_the_next_ru
     let weed = Seaweed::start();
     let (pg, _) = archiving_cluster(&weed, "killed");
     load_bulk(&pg);
-    let mut agent = agent_for(&pg, &weed, "killed");
+    let mut agent = Agent::for_cluster(&pg, &weed, "killed");
     agent.set("GC_BACKUP_PART_SIZE", "5MiB");
     let mut child = agent.command(&["backup", "pg-base"]).spawn().unwrap();
     wait_for_backup_mode(&pg);
@@ -284,14 +280,8 @@ fn the_store_dying_during_a_base_backup_commits_nothing_and_names_the_store() {
     let mut weed = Seaweed::start();
     let (pg, _) = archiving_cluster(&weed, "storedies");
     load_bulk(&pg);
-    let mut agent = agent_for(&pg, &weed, "storedies");
-    let config = agent.home().join("gc-backup.toml");
-    std::fs::write(
-        &config,
-        "[store]\nretry-timeout = \"3s\"\nmax-retries = 2\n",
-    )
-    .unwrap();
-    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    let mut agent = Agent::for_cluster(&pg, &weed, "storedies");
+    agent.with_config("[store]\nretry-timeout = \"3s\"\nmax-retries = 2\n");
     agent.set("GC_BACKUP_PART_SIZE", "5MiB");
     let child = agent.spawn_captured(&["backup", "pg-base"]);
     wait_for_backup_mode(&pg);
@@ -314,7 +304,7 @@ fn postgres_stopping_in_the_middle_of_a_base_backup_fails_it_and_lists_nothing()
     let weed = Seaweed::start();
     let (pg, _) = archiving_cluster(&weed, "stopped");
     load_bulk(&pg);
-    let agent = agent_for(&pg, &weed, "stopped");
+    let agent = Agent::for_cluster(&pg, &weed, "stopped");
     let child = agent.spawn_captured(&["backup", "pg-base"]);
     wait_for_backup_mode(&pg);
     pg.stop("fast");
@@ -337,7 +327,7 @@ fn a_base_backup_is_refused_while_archiving_is_failing() {
         "t",
         60,
     );
-    let agent = agent_for(&pg, &weed, "failing");
+    let agent = Agent::for_cluster(&pg, &weed, "failing");
     assert_fails(
         &agent.run(&["backup", "pg-base"]),
         2,

@@ -7,21 +7,16 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{Agent, Postgres, Seaweed, assert_fails};
-
-fn agent_for(pg: &Postgres, weed: &Seaweed, prefix: &str, db: &str) -> Agent {
-    let mut env = pg.env();
-    env.extend(weed.env(prefix));
-    env.push(("PGDATABASE".into(), db.into()));
-    Agent::new(env)
-}
+use harness::{Agent, Postgres, Seaweed, assert_exit, assert_fails};
 
 #[test]
 fn custom_dump_round_trips_through_s3_into_a_new_database() {
     let pg = Postgres::start();
     let weed = Seaweed::start();
     pg.load_sample("app", 20_000);
-    let agent = agent_for(&pg, &weed, "prod", "app");
+    let agent = Agent::for_store(&weed, "prod")
+        .with_env(pg.env())
+        .with("PGDATABASE", "app");
 
     let id = agent.backup(&["backup", "pg-dump"]);
     let listed = agent.list_json();
@@ -82,7 +77,9 @@ fn plain_dump_of_chosen_tables_restores_with_psql() {
     let pg = Postgres::start();
     let weed = Seaweed::start();
     pg.load_sample("app", 3_000);
-    let agent = agent_for(&pg, &weed, "plain", "app");
+    let agent = Agent::for_store(&weed, "plain")
+        .with_env(pg.env())
+        .with("PGDATABASE", "app");
 
     let id = agent.backup(&[
         "backup", "pg-dump", "--format", "plain", "--table", "folders",
@@ -173,7 +170,9 @@ fn a_backup_to_s3_writes_nothing_to_local_disk() {
     let pg = Postgres::start();
     let weed = Seaweed::start();
     pg.load_sample("app", 20_000);
-    let agent = agent_for(&pg, &weed, "nodisk", "app");
+    let agent = Agent::for_store(&weed, "nodisk")
+        .with_env(pg.env())
+        .with("PGDATABASE", "app");
     let trace = agent.home().join("strace.out");
     let mut command = std::process::Command::new("strace");
     command
@@ -211,7 +210,9 @@ fn configuration_mistakes_exit_2_with_one_line() {
     let pg = Postgres::start();
     let weed = Seaweed::start();
     pg.load_sample("app", 100);
-    let mut agent = agent_for(&pg, &weed, "config", "app");
+    let mut agent = Agent::for_store(&weed, "config")
+        .with_env(pg.env())
+        .with("PGDATABASE", "app");
 
     let file = agent.home().join("bad.toml");
     std::fs::write(&file, "[store]\nurll = \"s3://x\"\n").unwrap();
@@ -259,13 +260,7 @@ fn an_unreachable_store_fails_within_the_retry_budget() {
     let mut env = pg.env();
     env.push(("PGDATABASE".into(), "app".into()));
     let mut agent = Agent::new(env);
-    let config = agent.home().join("gc-backup.toml");
-    std::fs::write(
-        &config,
-        "[store]\nretry-timeout = \"2s\"\nmax-retries = 2\n",
-    )
-    .unwrap();
-    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    agent.with_config("[store]\nretry-timeout = \"2s\"\nmax-retries = 2\n");
     agent.set("GC_BACKUP_STORE", "s3://gcb-test/x");
     agent.set(
         "AWS_ENDPOINT_URL",
@@ -315,7 +310,9 @@ fn pg_dump_dying_halfway_commits_nothing_and_cleans_up() {
     let pg = Postgres::start();
     let weed = Seaweed::start();
     load_big_table(&pg, "app");
-    let agent = agent_for(&pg, &weed, "dying", "app");
+    let agent = Agent::for_store(&weed, "dying")
+        .with_env(pg.env())
+        .with("PGDATABASE", "app");
     let mut command = agent.command(&["backup", "pg-dump"]);
     let backup = std::thread::spawn(move || command.output());
     wait_for_copy(&pg, "app");
@@ -338,14 +335,10 @@ fn the_store_dying_halfway_commits_nothing() {
     let pg = Postgres::start();
     let mut weed = Seaweed::start();
     load_big_table(&pg, "app");
-    let mut agent = agent_for(&pg, &weed, "storedies", "app");
-    let config = agent.home().join("gc-backup.toml");
-    std::fs::write(
-        &config,
-        "[store]\nretry-timeout = \"3s\"\nmax-retries = 2\n",
-    )
-    .unwrap();
-    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    let mut agent = Agent::for_store(&weed, "storedies")
+        .with_env(pg.env())
+        .with("PGDATABASE", "app");
+    agent.with_config("[store]\nretry-timeout = \"3s\"\nmax-retries = 2\n");
     // Small parts so that several are in flight when the server dies.
     agent.set("GC_BACKUP_PART_SIZE", "5MiB");
     let mut command = agent.command(&["backup", "pg-dump"]);
@@ -369,7 +362,9 @@ fn sigterm_mid_backup_aborts_the_upload_and_commits_nothing() {
     let pg = Postgres::start();
     let weed = Seaweed::start();
     load_big_table(&pg, "app");
-    let mut agent = agent_for(&pg, &weed, "sigterm", "app");
+    let mut agent = Agent::for_store(&weed, "sigterm")
+        .with_env(pg.env())
+        .with("PGDATABASE", "app");
     agent.set("GC_BACKUP_PART_SIZE", "5MiB");
     let child = agent
         .command(&["backup", "pg-dump"])
@@ -394,7 +389,9 @@ fn a_corrupted_object_fails_the_restore_and_writes_no_file() {
     let pg = Postgres::start();
     let weed = Seaweed::start();
     pg.load_sample("app", 5_000);
-    let agent = agent_for(&pg, &weed, "corrupt", "app");
+    let agent = Agent::for_store(&weed, "corrupt")
+        .with_env(pg.env())
+        .with("PGDATABASE", "app");
     let id = agent.backup(&["backup", "pg-dump"]);
 
     // Flip one byte of the stored object, in place, as bit rot would.
@@ -423,12 +420,7 @@ fn a_corrupted_object_fails_the_restore_and_writes_no_file() {
         pg.port
     );
     let output = agent.run(&["restore", "pg-dump", &id, "--dbname", &target]);
-    assert_eq!(
-        output.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_exit(&output, 3);
     assert_eq!(
         pg.psql(
             "target",
@@ -444,23 +436,14 @@ fn an_https_store_with_a_private_ca_is_trusted_only_through_store_ca_file() {
     let pg = Postgres::start();
     pg.load_sample("app", 200);
     let weed = Seaweed::start_tls();
-    let mut agent = agent_for(&pg, &weed, "tls", "app");
+    let mut agent = Agent::for_store(&weed, "tls")
+        .with_env(pg.env())
+        .with("PGDATABASE", "app");
     agent.set("AWS_ENDPOINT_URL", &weed.https_endpoint());
-    let config = agent.home().join("retries.toml");
-    std::fs::write(
-        &config,
-        "[store]\nmax-retries = 1\nretry-timeout = \"2s\"\n",
-    )
-    .unwrap();
-    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    agent.with_config("[store]\nmax-retries = 1\nretry-timeout = \"2s\"\n");
 
     let output = agent.run(&["backup", "pg-dump"]);
-    assert_eq!(
-        output.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_exit(&output, 3);
 
     agent.set("GC_BACKUP_CA_FILE", weed.ca_file().to_str().unwrap());
     let id = agent.backup(&["backup", "pg-dump"]);

@@ -22,7 +22,7 @@ fn a_tls_only_server_is_backed_up_and_restored_with_verify_full_and_refused_othe
     );
     let expected = pg.fingerprint("postgres");
 
-    let mut agent: Agent = harness::agent_for_cluster(&pg, &weed, "tls");
+    let mut agent: Agent = Agent::for_cluster(&pg, &weed, "tls");
     agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
     agent.set("PGHOST", "localhost");
     agent.set("PGSSLMODE", "verify-full");

@@ -47,7 +47,7 @@ fn archive_back_up_and_restore_to_a_time(major: u32) {
         server_bin.display()
     ));
     std::fs::write(&config, text).unwrap();
-    let mut agent: Agent = harness::agent_for_cluster(&pg, &weed, &prefix);
+    let mut agent: Agent = Agent::for_cluster(&pg, &weed, &prefix);
     agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
 
     // The backup is taken while pgbench writes, and WAL is archived through wal-push.

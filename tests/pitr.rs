@@ -11,13 +11,7 @@ mod harness;
 use std::process::Command;
 use std::time::Duration;
 
-use harness::{Agent, Postgres, Seaweed, archiving_cluster, assert_fails};
-
-fn agent_for(pg: &Postgres, weed: &Seaweed, prefix: &str, config: &std::path::Path) -> Agent {
-    let mut agent = harness::agent_for_cluster(pg, weed, prefix);
-    agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
-    agent
-}
+use harness::{Agent, Postgres, Seaweed, archiving_cluster, assert_exit, assert_fails};
 
 fn insert_marker(pg: &Postgres, id: u32) {
     pg.psql("postgres", &format!("INSERT INTO markers VALUES ({id})"));
@@ -78,7 +72,8 @@ fn restores_to_a_time_a_restore_point_an_xid_and_an_lsn_hold_exactly_their_rows(
         "postgres",
         "CREATE EXTENSION amcheck; CREATE TABLE markers (id int PRIMARY KEY)",
     );
-    let agent = agent_for(&pg, &weed, "pitr", &config);
+    let agent =
+        Agent::for_cluster(&pg, &weed, "pitr").with("GC_BACKUP_CONFIG", config.to_str().unwrap());
     let first = agent.backup(&["backup", "pg-base"]);
 
     insert_marker(&pg, 1);
@@ -214,7 +209,8 @@ fn refusals_leave_the_directory_untouched_and_verify_finds_a_missing_segment() {
     let weed = Seaweed::start();
     let (pg, config) = archiving_cluster(&weed, "refuse");
     pg.psql("postgres", "CREATE TABLE markers (id int PRIMARY KEY)");
-    let agent = agent_for(&pg, &weed, "refuse", &config);
+    let agent =
+        Agent::for_cluster(&pg, &weed, "refuse").with("GC_BACKUP_CONFIG", config.to_str().unwrap());
 
     let nothing = agent.home().join("nothing");
     let refused = |args: &[&str], code: i32, needle: &str| {
@@ -260,7 +256,7 @@ fn refusals_leave_the_directory_untouched_and_verify_finds_a_missing_segment() {
         "--target-time",
         "2026-01-15 10:30:00",
     ]);
-    assert_eq!(output.status.code(), Some(2));
+    assert_exit(&output, 2);
     assert!(String::from_utf8_lossy(&output.stderr).contains("no time zone"));
     // Two targets at once are refused by the command line.
     let output = agent.run(&[
@@ -273,7 +269,7 @@ fn refusals_leave_the_directory_untouched_and_verify_finds_a_missing_segment() {
         "--target-name",
         "x",
     ]);
-    assert_eq!(output.status.code(), Some(2));
+    assert_exit(&output, 2);
 
     // verify reads everything back and finds the chain whole; the drill restores and checks
     // without adding a timeline to the archive.
@@ -317,12 +313,7 @@ fn refusals_leave_the_directory_untouched_and_verify_finds_a_missing_segment() {
     let dir = agent.home().join("rotten");
     std::fs::create_dir(&dir).unwrap();
     let output = agent.run(&["restore", "pg", "--pgdata", dir.to_str().unwrap()]);
-    assert_eq!(
-        output.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_exit(&output, 3);
     assert_eq!(
         std::fs::read_dir(&dir).unwrap().count(),
         0,
@@ -364,7 +355,8 @@ fn refusals_leave_the_directory_untouched_and_verify_finds_a_missing_segment() {
 fn sigterm_during_recovery_stops_the_temporary_server() {
     let weed = Seaweed::start();
     let (pg, config) = archiving_cluster(&weed, "sigterm");
-    let agent = agent_for(&pg, &weed, "sigterm", &config);
+    let agent = Agent::for_cluster(&pg, &weed, "sigterm")
+        .with("GC_BACKUP_CONFIG", config.to_str().unwrap());
     agent.backup(&["backup", "pg-base"]);
     pg.psql("postgres", "CREATE TABLE later AS SELECT 1 AS one");
     pg.archive_everything();

@@ -9,20 +9,14 @@
 mod harness;
 
 use harness::redis::{self, Redis};
-use harness::{Agent, Seaweed, assert_fails};
-
-fn agent_for(weed: &Seaweed, prefix: &str, redis: &Redis) -> Agent {
-    let mut env = weed.env(prefix);
-    env.push(("GC_BACKUP_REDIS_URL".into(), redis.url()));
-    Agent::new(env)
-}
+use harness::{Agent, Seaweed, assert_exit, assert_fails};
 
 fn backup_and_restore(diskless: bool) {
     let weed = Seaweed::start();
     let source = Redis::start(diskless);
     source.populate(20_000);
     let digest = source.digest();
-    let agent = agent_for(&weed, "rdb", &source);
+    let agent = Agent::for_store(&weed, "rdb").with("GC_BACKUP_REDIS_URL", &source.url());
 
     let id = agent.backup(&["backup", "redis"]);
     let listed = agent.list_json();
@@ -71,7 +65,7 @@ fn a_length_framed_snapshot_restores_to_the_same_dataset() {
 fn a_wrong_password_is_one_clear_error_and_stores_nothing() {
     let weed = Seaweed::start();
     let source = Redis::start(true);
-    let mut agent = agent_for(&weed, "wrongpw", &source);
+    let mut agent = Agent::for_store(&weed, "wrongpw").with("GC_BACKUP_REDIS_URL", &source.url());
     agent.set(
         "GC_BACKUP_REDIS_URL",
         &format!("redis://:not-it@127.0.0.1:{}", source.port),
@@ -112,7 +106,7 @@ fn a_flipped_bit_in_the_store_fails_the_restore_and_writes_no_file() {
     let weed = Seaweed::start();
     let source = Redis::start(true);
     source.populate(5_000);
-    let agent = agent_for(&weed, "rot", &source);
+    let agent = Agent::for_store(&weed, "rot").with("GC_BACKUP_REDIS_URL", &source.url());
     let id = agent.backup(&["backup", "redis"]);
     let key = weed
         .keys("rot/data/redis")
@@ -133,7 +127,7 @@ fn rediss_with_a_private_ca_and_a_client_certificate() {
     let source = Redis::start_tls();
     source.populate(2_000);
     let digest = source.digest();
-    let mut agent = agent_for(&weed, "tls", &source);
+    let mut agent = Agent::for_store(&weed, "tls").with("GC_BACKUP_REDIS_URL", &source.url());
 
     // The server's CA is not trusted yet: a TLS error, nothing stored.
     let output = agent.run(&["backup", "redis"]);
@@ -153,13 +147,14 @@ fn rediss_with_a_private_ca_and_a_client_certificate() {
     assert_eq!(Redis::start_on(&out).digest(), digest);
 }
 
+/// An agent that backs up `source` with its AOF set.
 fn aof_agent(weed: &Seaweed, prefix: &str, source: &Redis) -> Agent {
-    let mut agent = agent_for(weed, prefix, source);
-    agent.set(
-        "GC_BACKUP_REDIS_AOF_DIR",
-        source.aof_dir().to_str().unwrap(),
-    );
-    agent
+    Agent::for_store(weed, prefix)
+        .with("GC_BACKUP_REDIS_URL", &source.url())
+        .with(
+            "GC_BACKUP_REDIS_AOF_DIR",
+            source.aof_dir().to_str().unwrap(),
+        )
 }
 
 fn aof_files(entry: &serde_json::Value) -> Vec<(String, String, bool)> {
@@ -236,7 +231,7 @@ fn an_aof_set_restores_and_unchanged_files_are_not_uploaded_again() {
     // that name it.
     weed.flip_byte(&format!("aof/{}", first_files[0].1));
     let verified = agent.run(&["verify", "--kind", "redis"]);
-    assert_eq!(verified.status.code(), Some(3));
+    assert_exit(&verified, 3);
     let lines = String::from_utf8_lossy(&verified.stdout).to_string();
     for id in [&first, &second] {
         assert!(
@@ -339,7 +334,7 @@ fn writes_and_rewrites_during_an_aof_backup_leave_a_consistent_set() {
 fn an_aof_dir_that_is_not_one_is_refused_before_anything_is_stored() {
     let weed = Seaweed::start();
     let source = Redis::start(true);
-    let mut agent = agent_for(&weed, "notaof", &source);
+    let mut agent = Agent::for_store(&weed, "notaof").with("GC_BACKUP_REDIS_URL", &source.url());
     let empty = agent.home().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     agent.set("GC_BACKUP_REDIS_AOF_DIR", empty.to_str().unwrap());

@@ -11,7 +11,7 @@ mod harness;
 use chrono::{TimeDelta, Utc};
 use harness::etcd::Etcd;
 use harness::redis::Redis;
-use harness::{Seaweed, archiving_cluster};
+use harness::{Agent, Seaweed, archiving_cluster, assert_exit};
 
 fn ids(listed: &[serde_json::Value], kind: &str) -> Vec<String> {
     listed
@@ -31,7 +31,7 @@ fn retention_in_the_future_deletes_exactly_what_the_rules_say() {
     let etcd = Etcd::start();
     etcd.populate(50, 64);
 
-    let mut agent = harness::agent_for_cluster(&pg, &weed, "ret");
+    let mut agent = Agent::for_cluster(&pg, &weed, "ret");
     agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
     agent.set("GC_BACKUP_REDIS_URL", &redis.url());
     agent.set("GC_BACKUP_REDIS_AOF_DIR", redis.aof_dir().to_str().unwrap());
@@ -161,6 +161,6 @@ fn retention_in_the_future_deletes_exactly_what_the_rules_say() {
 
     // A time without a zone is refused by the argument parser (exit 2), as for restore pg.
     let bad = agent.run(&["retention", "--now", "2026-01-01 00:00:00"]);
-    assert_eq!(bad.status.code(), Some(2));
+    assert_exit(&bad, 2);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("has no time zone"));
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use std::process::Command;
 
-use harness::{Agent, Postgres, Seaweed};
+use harness::{Agent, Postgres, Seaweed, assert_exit};
 
 /// A cluster archiving through gc-backup into `prefix`.
 fn archiving_cluster(weed: &Seaweed, prefix: &str) -> Postgres {
@@ -85,7 +85,7 @@ fn postgres_archives_every_segment_and_wal_fetch_returns_them() {
     assert_no_gap(&archived);
 
     // Fetch one back and compare with PostgreSQL's own copy, if it is still in pg_wal.
-    let agent = Agent::new(weed.env("arch"));
+    let agent = Agent::for_store(&weed, "arch");
     let name = &finished[0];
     let dest = agent.home().join("RECOVERYXLOG");
     let output = fetch(&agent, name, &dest);
@@ -146,31 +146,26 @@ fn archiving_survives_the_store_going_down_without_a_gap() {
 #[test]
 fn wal_fetch_exit_codes_tell_postgresql_what_to_do() {
     let mut weed = Seaweed::start();
-    let mut agent = Agent::new(weed.env("fetch"));
+    let mut agent = Agent::for_store(&weed, "fetch");
     let config = weed.config_file(agent.home(), "fetch");
     agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
     let dest = agent.home().join("RECOVERYXLOG");
 
     // Not in the archive: 1, the only code that lets recovery end normally.
     let output = fetch(&agent, "000000010000000000000007", &dest);
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_exit(&output, 1);
     let output = fetch(&agent, "00000005.history", &dest);
-    assert_eq!(output.status.code(), Some(1));
+    assert_exit(&output, 1);
 
     // Every mistake is fatal for recovery (above 125), never "not found".
     let output = agent.run(&["wal-fetch", "000000010000000000000007"]);
-    assert_eq!(output.status.code(), Some(255), "missing argument");
+    assert_exit(&output, 255);
     let output = fetch(&agent, "not-a-wal-name", &dest);
-    assert_eq!(output.status.code(), Some(255), "bad name");
+    assert_exit(&output, 255);
     agent.set("AWS_SECRET_ACCESS_KEY", "wrong");
     agent.set("GC_BACKUP_CONFIG", "");
     let output = fetch(&agent, "000000010000000000000007", &dest);
-    assert_eq!(output.status.code(), Some(255), "wrong credentials");
+    assert_exit(&output, 255);
     agent.set("GC_BACKUP_CONFIG", config.to_str().unwrap());
 
     // A local store whose directory is absent (a volume not mounted, a typo) is a store that
@@ -193,19 +188,14 @@ fn wal_fetch_exit_codes_tell_postgresql_what_to_do() {
     // The store down: retried, then fatal.
     weed.kill();
     let output = fetch(&agent, "000000010000000000000007", &dest);
-    assert_eq!(
-        output.status.code(),
-        Some(255),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_exit(&output, 255);
     assert!(!dest.exists());
 }
 
 #[test]
 fn wal_push_of_the_same_segment_twice_is_ok_and_never_overwrites() {
     let weed = Seaweed::start();
-    let agent = Agent::new(weed.env("push"));
+    let agent = Agent::for_store(&weed, "push");
     let wal = agent.home().join("pg_wal");
     std::fs::create_dir_all(&wal).unwrap();
     let segment = wal.join("000000010000000000000003");
@@ -246,7 +236,7 @@ fn the_sidecar_archives_ahead_so_wal_push_answers_without_the_store() {
         assert!(status.join(format!("{name}.ready")).exists());
     }
 
-    let mut agent = Agent::new(weed.env("ahead"));
+    let mut agent = Agent::for_store(&weed, "ahead");
     agent.set("PGDATA", pg.data_dir().to_str().unwrap());
     let mut sidecar = agent.command(&["run"]).spawn().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -306,7 +296,7 @@ fn wal_fetch_prefetches_the_next_segments_into_a_bounded_spool() {
     let segments: Vec<String> = (0..5).map(|round| write_and_switch(&pg, round)).collect();
     wait_archived(&pg, segments.last().unwrap());
 
-    let agent = Agent::new(weed.env("prefetch"));
+    let agent = Agent::for_store(&weed, "prefetch");
     // The agent's home stands for a data directory in archive recovery.
     std::fs::write(agent.home().join("recovery.signal"), "").unwrap();
     let wal_dir = agent.home().join("pg_wal");
@@ -349,7 +339,7 @@ fn wal_fetch_prefetches_the_next_segments_into_a_bounded_spool() {
 
     // Another store never gets this store's segments: with prefetch on or off, a wal-fetch
     // from an empty prefix finds nothing, and the spool keeps what it holds.
-    let mut elsewhere = Agent::new(weed.env("prefetch-elsewhere"));
+    let mut elsewhere = Agent::for_store(&weed, "prefetch-elsewhere");
     std::fs::remove_file(&dest).unwrap();
     for prefetch in ["on", "off"] {
         elsewhere.set("GC_BACKUP_WAL_PREFETCH", prefetch);
