@@ -19,6 +19,7 @@ use crate::catalog::{self, BackupId, Kind, Manifest, layout};
 use crate::config::Config;
 use crate::error::Failure;
 use crate::pipeline::UploadSummary;
+use crate::sources::{SnapshotSent, SourceError};
 use crate::store::{ObjectKey, Store};
 
 use super::pg_dump::PgDumpRequest;
@@ -217,7 +218,6 @@ pub fn stored_object(key: &ObjectKey, summary: &UploadSummary) -> StoredObject {
 /// Uploads as `key` what a source pushes into a channel (at most `queue` chunks waiting), and
 /// checks the result: the source's verdict first (it explains an upload that stopped because
 /// of it), then the upload's, then that both counted the same bytes and the store holds them.
-/// The source returns its facts and the bytes it sent.
 pub async fn upload_snapshot<T, F>(
     config: &Config,
     store: &Store,
@@ -227,7 +227,8 @@ pub async fn upload_snapshot<T, F>(
     cancel: &CancellationToken,
 ) -> anyhow::Result<(T, UploadSummary)>
 where
-    F: Future<Output = anyhow::Result<(T, u64)>>,
+    F: Future<Output = Result<T, SourceError>>,
+    T: SnapshotSent,
 {
     let (chunks, received) = tokio::sync::mpsc::channel(queue);
     let reader =
@@ -236,7 +237,8 @@ where
         source(chunks),
         crate::pipeline::upload(store, key, reader, &config.pipeline, cancel)
     );
-    let (facts, bytes) = read?;
+    let facts = read?;
+    let bytes = facts.bytes_sent();
     let summary = uploaded?;
     if summary.raw_bytes != bytes {
         return Err(anyhow::Error::new(Failure::Corrupt(format!(

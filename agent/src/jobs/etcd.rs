@@ -46,11 +46,7 @@ pub async fn backup(
         store,
         &key,
         CHUNK_QUEUE,
-        |chunks| async {
-            let snapshot = member.stream(chunks).await?;
-            let bytes = snapshot.bytes;
-            Ok((snapshot, bytes))
-        },
+        |chunks| member.stream(chunks),
         cancel,
     );
     let (snapshot, summary) = run.guard(stored).await?;

@@ -54,11 +54,7 @@ pub async fn backup(
                 store,
                 &key,
                 CHUNK_QUEUE,
-                |chunks| async {
-                    let facts = snapshot.stream(chunks).await?;
-                    let bytes = facts.bytes;
-                    Ok((facts, bytes))
-                },
+                |chunks| snapshot.stream(chunks),
                 cancel,
             )
             .await?;

@@ -281,6 +281,12 @@ pub struct SnapshotFacts {
     pub sha256: String,
 }
 
+impl super::SnapshotSent for SnapshotFacts {
+    fn bytes_sent(&self) -> u64 {
+        self.bytes
+    }
+}
+
 /// Hashes everything but the last 32 bytes seen, which are kept to compare at the end.
 #[derive(Debug, Default)]
 pub struct SnapshotCheck {

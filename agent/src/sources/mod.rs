@@ -7,6 +7,7 @@
 //!   stream): the source gets the sender, `jobs::backup::upload_snapshot` turns the receiver
 //!   into a reader; the source checks the payload as it passes (CRC-64, SHA-256 trailer) and
 //!   pushes an error instead of the last chunk when it does not check out, so the upload aborts;
+//!   its facts say how many bytes it sent ([`SnapshotSent`]);
 //! - a blocking writer (the PGDATA tar walker): `pipeline::upload_written` runs it on the
 //!   compressor's own thread and gives it a `Write` into zstd, with no raw queue between.
 //!
@@ -17,6 +18,12 @@ pub mod etcd;
 pub mod pgdata;
 pub mod postgres;
 pub mod redis;
+
+/// What a snapshot source (the channel shape) reports once its stream has ended: among its
+/// facts, how many bytes it sent, which the job compares with what the pipeline took.
+pub trait SnapshotSent {
+    fn bytes_sent(&self) -> u64;
+}
 
 /// A source's failure, sorted by what the caller can do about it (`error::meaning` turns it
 /// into an exit code).

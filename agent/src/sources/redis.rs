@@ -474,6 +474,12 @@ pub struct RdbFacts {
     pub diskless: bool,
 }
 
+impl super::SnapshotSent for RdbFacts {
+    fn bytes_sent(&self) -> u64 {
+        self.bytes
+    }
+}
+
 impl Snapshot {
     /// Reads the payload into `chunks`, checking it; on a problem an error is the last item
     /// sent, so the pipeline aborts instead of completing the object.
