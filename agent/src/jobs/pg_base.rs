@@ -25,7 +25,7 @@ use crate::error::Failure;
 use crate::pipeline::{self, RawDigest, WrittenError};
 use crate::sources::pgdata::{self, CopiedFile, Entry};
 use crate::sources::postgres::backup_mode::{self, Stopped, timeline_of};
-use crate::sources::postgres::{self, query_error};
+use crate::sources::postgres;
 use crate::store::Store;
 
 /// How long the backup waits for its WAL to be archived unless `postgres.archive-timeout`
@@ -108,21 +108,8 @@ async fn preflight(
     config: &PostgresConfig,
     pgdata: &Path,
 ) -> anyhow::Result<Preflight> {
-    let row = client
-        .query_one(
-            "SELECT current_setting('archive_mode'), current_setting('wal_level'), \
-                    current_setting('server_version'), current_setting('server_version_num')::int4, \
-                    (SELECT system_identifier::text FROM pg_control_system()), \
-                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
-                    coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'), false), \
-                    coalesce(a.last_failed_wal, ''), coalesce(a.last_failed_time::text, '') \
-             FROM pg_stat_archiver a",
-            &[],
-        )
-        .await
-        .map_err(|e| query_error(config, "checking archiving", &e))?;
-    let archive_mode: String = row.get(0);
-    let wal_level: String = row.get(1);
+    let facts = backup_mode::archive_facts(client, config).await?;
+    let (archive_mode, wal_level) = (&facts.archive_mode, &facts.wal_level);
     if archive_mode == "off" || wal_level == "minimal" {
         return Err(Failure::Config(format!(
             "WAL archiving is off (archive_mode = {archive_mode}, wal_level = {wal_level}): a base \
@@ -131,10 +118,7 @@ async fn preflight(
         ))
         .into());
     }
-    let failing: bool = row.get(6);
-    if failing {
-        let wal: String = row.get(7);
-        let when: String = row.get(8);
+    if let Some((wal, when)) = &facts.failing {
         return Err(Failure::Config(format!(
             "WAL archiving is failing (segment {wal} failed at {when}, with no success since): a \
              base backup now could not be restored. Fix archive_command first; the server log \
@@ -142,13 +126,9 @@ async fn preflight(
         ))
         .into());
     }
-    let system_identifier: String = row.get(4);
-    let system_identifier: u64 = system_identifier
-        .parse()
-        .context("reading the system identifier")?;
-    let segment_size: i64 = row.get(5);
-    let wal_segment_size = pitr::check_segment_size(u64::try_from(segment_size).unwrap_or(0))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let system_identifier = facts.system_identifier;
+    let wal_segment_size =
+        pitr::check_segment_size(facts.wal_segment_size).map_err(|e| anyhow::anyhow!("{e}"))?;
     let on_disk = tokio::task::spawn_blocking({
         let pgdata = pgdata.to_path_buf();
         move || pgdata::system_identifier(&pgdata)
@@ -170,10 +150,9 @@ async fn preflight(
         ))
         .into());
     }
-    let version_num: i32 = row.get(3);
     Ok(Preflight {
-        server_version: row.get(2),
-        server_version_num: u32::try_from(version_num).unwrap_or_default(),
+        server_version: facts.server_version,
+        server_version_num: facts.server_version_num,
         system_identifier,
         wal_segment_size,
     })

@@ -8,6 +8,54 @@ use tokio_postgres::Client;
 use super::{SourceError, query_error};
 use crate::config::PostgresConfig;
 
+/// What a base backup must know before it starts: whether archiving is on and working, and
+/// which cluster this is.
+#[derive(Debug)]
+pub struct ArchiveFacts {
+    pub archive_mode: String,
+    pub wal_level: String,
+    pub server_version: String,
+    pub server_version_num: u32,
+    pub system_identifier: u64,
+    pub wal_segment_size: u64,
+    /// The archiver's last failure (segment, time) when no success came after it.
+    pub failing: Option<(String, String)>,
+}
+
+pub async fn archive_facts(
+    client: &Client,
+    config: &PostgresConfig,
+) -> Result<ArchiveFacts, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('archive_mode'), current_setting('wal_level'), \
+                    current_setting('server_version'), current_setting('server_version_num')::int4, \
+                    (SELECT system_identifier::text FROM pg_control_system()), \
+                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
+                    coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'), false), \
+                    coalesce(a.last_failed_wal, ''), coalesce(a.last_failed_time::text, '') \
+             FROM pg_stat_archiver a",
+            &[],
+        )
+        .await
+        .map_err(|e| query_error(config, "checking archiving", &e))?;
+    let system_identifier: String = row.get(4);
+    let version_num: i32 = row.get(3);
+    let segment_size: i64 = row.get(5);
+    let failing: bool = row.get(6);
+    Ok(ArchiveFacts {
+        archive_mode: row.get(0),
+        wal_level: row.get(1),
+        server_version: row.get(2),
+        server_version_num: u32::try_from(version_num).unwrap_or_default(),
+        system_identifier: system_identifier.parse().map_err(|e| {
+            SourceError::Failed(format!("the system identifier {system_identifier}: {e}"))
+        })?,
+        wal_segment_size: u64::try_from(segment_size).unwrap_or(0),
+        failing: failing.then(|| (row.get(7), row.get(8))),
+    })
+}
+
 /// Starts backup mode with an immediate checkpoint; returns the start LSN.
 pub async fn start(
     client: &Client,
