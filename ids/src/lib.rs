@@ -31,8 +31,9 @@ impl Kind {
 }
 
 impl fmt::Display for Kind {
+    /// Honours width and alignment (`{:<8}`), for tables.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -99,8 +100,9 @@ impl From<BackupId> for String {
 }
 
 impl fmt::Display for BackupId {
+    /// Honours width and alignment, for tables.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -120,6 +122,15 @@ mod tests {
         assert!(id < id.next());
         assert!("2026-01-15".parse::<BackupId>().is_err());
         assert!("../../etc".parse::<BackupId>().is_err());
+    }
+
+    #[test]
+    fn kinds_and_ids_fill_a_table_column() {
+        let id: BackupId = "20260115T020000Z".parse().unwrap();
+        assert_eq!(
+            format!("[{:<8}][{id:>18}]", Kind::Redis),
+            "[redis   ][  20260115T020000Z]"
+        );
     }
 
     #[test]

@@ -101,8 +101,9 @@ pub enum Target {
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Backup { kind, id } => write!(f, "{kind} {id}"),
-            Target::Object { key } | Target::Wal { key } => f.write_str(key),
+            // As one padded string, so that `{:<48}` lines up a plan's columns.
+            Target::Backup { kind, id } => f.pad(&format!("{kind} {id}")),
+            Target::Object { key } | Target::Wal { key } => f.pad(key),
         }
     }
 }

@@ -492,4 +492,119 @@ mod tests {
         );
         assert_eq!(text.lines().count(), 2);
     }
+
+    #[test]
+    fn the_retention_plan_shows_backups_one_by_one_and_wal_in_one_line() {
+        use retention::{Decision, Plan, Target};
+        let id = |day: &str| format!("202601{day}T000000Z").parse().unwrap();
+        let wal = |seg: u32| Decision {
+            target: Target::Wal {
+                key: format!("wal/0000000100000000/0000000100000000000000{seg:02X}.zst"),
+            },
+            delete: true,
+            reason: "before the oldest kept base backup".into(),
+        };
+        let report = jobs::retention::RetentionReport {
+            plan: Plan {
+                decisions: vec![
+                    Decision {
+                        target: Target::Backup {
+                            kind: Kind::Redis,
+                            id: id("01"),
+                        },
+                        delete: true,
+                        reason: "older than 7 days".into(),
+                    },
+                    Decision {
+                        target: Target::Backup {
+                            kind: Kind::Redis,
+                            id: id("09"),
+                        },
+                        delete: false,
+                        reason: "the newest".into(),
+                    },
+                    wal(3),
+                    wal(1),
+                    wal(2),
+                ],
+            },
+            now: "2026-01-10T00:00:00Z".parse().unwrap(),
+            deleted_backups: Default::default(),
+            deleted_objects: 0,
+            deleted_wal: 0,
+            stale_uploads: vec![],
+            uploads_unchecked: None,
+        };
+        let plan = retention_plan(&report, true);
+        let lines: Vec<&str> = plan.lines().collect();
+        assert_eq!(lines.len(), 3, "{plan}");
+        assert!(
+            lines[0].starts_with("would delete redis 20260101T000000Z"),
+            "{plan}"
+        );
+        assert!(lines[0].ends_with("older than 7 days"), "{plan}");
+        assert!(
+            lines[1].starts_with("keep         redis 20260109T000000Z"),
+            "{plan}"
+        );
+        assert!(lines[2].contains("3 WAL files"), "{plan}");
+        assert!(
+            lines[2].contains("000000010000000000000001.zst … "),
+            "{plan}"
+        );
+        assert!(
+            lines[2].ends_with("03.zst: before the oldest kept base backup"),
+            "{plan}"
+        );
+        assert_eq!(
+            retention_summary(&report, false),
+            "retention at 2026-01-10T00:00:00Z: deleted 1 backups, 0 data objects, 3 WAL files, \
+             0 stale multipart uploads"
+        );
+    }
+
+    #[test]
+    fn verify_shows_each_backup_and_its_problems_indented() {
+        let report = jobs::verify::VerifyReport {
+            checked: vec![
+                jobs::verify::Checked {
+                    kind: Kind::PgBase,
+                    id: "20260115T020000Z".parse().unwrap(),
+                    objects: 2,
+                    raw_bytes: 3 * 1024 * 1024,
+                    wal: Some("WAL chain complete".into()),
+                    problems: vec![],
+                },
+                jobs::verify::Checked {
+                    kind: Kind::Redis,
+                    id: "20260115T030000Z".parse().unwrap(),
+                    objects: 1,
+                    raw_bytes: 10,
+                    wal: None,
+                    problems: vec!["dump.rdb.zst fails its check".into()],
+                },
+            ],
+            unreadable: vec!["manifests/redis/x.json: not a manifest".into()],
+        };
+        let text = verify(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "unreadable manifest: manifests/redis/x.json: not a manifest"
+        );
+        assert!(
+            lines[1].starts_with("pg-base  20260115T020000Z  ok     2 objects"),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with("2 objects, 3.0 MiB checked; WAL chain complete"),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("redis    20260115T030000Z  FAILED 1 objects"),
+            "{text}"
+        );
+        assert_eq!(lines[3], "    dump.rdb.zst fails its check");
+        assert_eq!(report.problems(), 2);
+    }
 }

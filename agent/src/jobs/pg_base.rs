@@ -24,8 +24,8 @@ use crate::config::{Config, PipelineConfig, PostgresConfig};
 use crate::error::Failure;
 use crate::pipeline::{self, RawDigest, WrittenError};
 use crate::sources::pgdata::{self, CopiedFile, Entry};
-use crate::sources::postgres::backup_mode::{self, Stopped, timeline_of};
 use crate::sources::postgres;
+use crate::sources::postgres::backup_mode::{self, Stopped, timeline_of};
 use crate::store::Store;
 
 /// How long the backup waits for its WAL to be archived unless `postgres.archive-timeout`
