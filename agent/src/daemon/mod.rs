@@ -34,76 +34,10 @@ const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 const READY_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let schedules: Vec<(JobKind, crate::config::Schedule)> = [
-        (JobKind::Backup(Kind::PgDump), &config.schedule.pg_dump),
-        (JobKind::Backup(Kind::PgBase), &config.schedule.pg_base),
-        (JobKind::Backup(Kind::Redis), &config.schedule.redis),
-        (JobKind::Backup(Kind::Etcd), &config.schedule.etcd),
-        (JobKind::Retention, &config.schedule.retention),
-    ]
-    .into_iter()
-    .filter_map(|(job, schedule)| schedule.clone().map(|s| (job, s)))
-    .collect();
+    let schedules = schedules(&config);
+    refuse_what_cannot_run(&config, &schedules)?;
     let pgdata = config.postgres.pgdata.clone();
-    if let Some(pgdata) = &pgdata
-        && !pgdata.join("pg_wal/archive_status").is_dir()
-    {
-        return Err(Failure::Config(format!(
-            "{} has no pg_wal/archive_status: is it a PostgreSQL data directory?",
-            pgdata.display()
-        ))
-        .into());
-    }
-    // A scheduled kind that cannot run is a configuration error now, not a failure at 02:00.
-    for (job, _) in &schedules {
-        match job {
-            JobKind::Backup(Kind::Redis) => {
-                config.redis.endpoint().context("schedule.redis is set")?;
-            }
-            JobKind::Backup(Kind::Etcd) => {
-                config.etcd_endpoints().context("schedule.etcd is set")?;
-            }
-            JobKind::Backup(Kind::PgBase) if pgdata.is_none() => {
-                return Err(Failure::Config(
-                    "schedule.pg-base is set but the data directory is not: PGDATA or \
-                     [postgres] pgdata"
-                        .into(),
-                )
-                .into());
-            }
-            _ => {}
-        }
-    }
-    if pgdata.is_none() && schedules.is_empty() {
-        return Err(Failure::Config(
-            "nothing to run: set the data directory (PGDATA or [postgres] pgdata) for WAL \
-             archiving, or a [schedule]"
-                .into(),
-        )
-        .into());
-    }
-    // One memory limit for the whole process: the archiver's segments, then the backups.
-    let backup_kinds = schedules
-        .iter()
-        .filter(|(job, _)| matches!(job, JobKind::Backup(_)))
-        .count();
-    let plan = crate::pipeline::budget::sidecar(
-        config.pipeline.memory_limit,
-        pgdata.is_some(),
-        backup_kinds,
-        pitr::DEFAULT_SEGMENT_SIZE as usize,
-    )
-    .map_err(Failure::Config)?;
-    let mut config = config;
-    config.pipeline.memory_limit = plan.backup_limit;
-    config.pipeline = crate::pipeline::budget::single(&config.pipeline, plan.backup_limit)
-        .map_err(|e| Failure::Config(e.to_string()))?;
-    tracing::info!(
-        wal_uploads = plan.wal_uploads,
-        backups_at_once = plan.backups_at_once,
-        backup_limit = plan.backup_limit,
-        "memory planned"
-    );
+    let (config, plan) = plan_memory(config, &schedules)?;
     let backup_slots = Arc::new(tokio::sync::Semaphore::new(plan.backups_at_once));
     let store = check_store(&config, store).await;
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
@@ -164,6 +98,94 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
     }
     while tasks.join_next().await.is_some() {}
     archiver_result
+}
+
+/// The kinds with a `[schedule]` entry, with it.
+fn schedules(config: &Config) -> Vec<(JobKind, crate::config::Schedule)> {
+    [
+        (JobKind::Backup(Kind::PgDump), &config.schedule.pg_dump),
+        (JobKind::Backup(Kind::PgBase), &config.schedule.pg_base),
+        (JobKind::Backup(Kind::Redis), &config.schedule.redis),
+        (JobKind::Backup(Kind::Etcd), &config.schedule.etcd),
+        (JobKind::Retention, &config.schedule.retention),
+    ]
+    .into_iter()
+    .filter_map(|(job, schedule)| schedule.clone().map(|s| (job, s)))
+    .collect()
+}
+
+/// A scheduled kind that cannot run is a configuration error now, not a failure at 02:00.
+fn refuse_what_cannot_run(
+    config: &Config,
+    schedules: &[(JobKind, crate::config::Schedule)],
+) -> anyhow::Result<()> {
+    let pgdata = config.postgres.pgdata.as_deref();
+    if let Some(pgdata) = pgdata
+        && !pgdata.join("pg_wal/archive_status").is_dir()
+    {
+        return Err(Failure::Config(format!(
+            "{} has no pg_wal/archive_status: is it a PostgreSQL data directory?",
+            pgdata.display()
+        ))
+        .into());
+    }
+    for (job, _) in schedules {
+        match job {
+            JobKind::Backup(Kind::Redis) => {
+                config.redis.endpoint().context("schedule.redis is set")?;
+            }
+            JobKind::Backup(Kind::Etcd) => {
+                config.etcd_endpoints().context("schedule.etcd is set")?;
+            }
+            JobKind::Backup(Kind::PgBase) if pgdata.is_none() => {
+                return Err(Failure::Config(
+                    "schedule.pg-base is set but the data directory is not: PGDATA or \
+                     [postgres] pgdata"
+                        .into(),
+                )
+                .into());
+            }
+            _ => {}
+        }
+    }
+    if pgdata.is_none() && schedules.is_empty() {
+        return Err(Failure::Config(
+            "nothing to run: set the data directory (PGDATA or [postgres] pgdata) for WAL \
+             archiving, or a [schedule]"
+                .into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// One memory limit for the whole process: the archiver's segments first, then the backups,
+/// whose pipeline settings are fitted to what is left.
+fn plan_memory(
+    mut config: Config,
+    schedules: &[(JobKind, crate::config::Schedule)],
+) -> anyhow::Result<(Config, crate::pipeline::budget::SidecarPlan)> {
+    let backup_kinds = schedules
+        .iter()
+        .filter(|(job, _)| matches!(job, JobKind::Backup(_)))
+        .count();
+    let plan = crate::pipeline::budget::sidecar(
+        config.pipeline.memory_limit,
+        config.postgres.pgdata.is_some(),
+        backup_kinds,
+        pitr::DEFAULT_SEGMENT_SIZE as usize,
+    )
+    .map_err(Failure::Config)?;
+    config.pipeline.memory_limit = plan.backup_limit;
+    config.pipeline = crate::pipeline::budget::single(&config.pipeline, plan.backup_limit)
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    tracing::info!(
+        wal_uploads = plan.wal_uploads,
+        backups_at_once = plan.backups_at_once,
+        backup_limit = plan.backup_limit,
+        "memory planned"
+    );
+    Ok((config, plan))
 }
 
 /// At start: what the store can do (`gc-backup check`'s store part), logged, and the store to
