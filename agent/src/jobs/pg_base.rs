@@ -246,7 +246,7 @@ async fn copy_and_stop(
         .map(|s| s.file_name(timeline, segment_size))
         .collect();
     await_wal(run, needed).await?;
-    tracing::debug!(stop_lsn = %stopped.lsn, "backup mode ended; its WAL is archived");
+    tracing::info!(kind = "pg-base", stop_lsn = %stopped.lsn, "backup mode ended; its WAL is archived");
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok((objects, files, stopped))
 }
