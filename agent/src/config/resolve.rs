@@ -199,21 +199,28 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A number from the environment; a value that is not one is refused with the variable's name.
+fn env_number<T: std::str::FromStr>(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+) -> Result<Option<T>, ConfigError> {
+    env(name)
+        .map(|v| {
+            v.parse::<T>()
+                .map_err(|_| err(format!("{name} '{v}' is not a number")))
+        })
+        .transpose()
+}
+
 fn resolve_pipeline(
     file: &PipelineSection,
     env: &dyn Fn(&str) -> Option<String>,
     flags: &Overrides,
 ) -> Result<PipelineConfig, ConfigError> {
     let defaults = PipelineConfig::default();
-    let env_level = env("GC_BACKUP_ZSTD_LEVEL")
-        .map(|v| {
-            v.parse::<i32>()
-                .map_err(|_| err(format!("GC_BACKUP_ZSTD_LEVEL '{v}' is not a number")))
-        })
-        .transpose()?;
     let zstd_level = flags
         .zstd_level
-        .or(env_level)
+        .or(env_number(env, "GC_BACKUP_ZSTD_LEVEL")?)
         .or(file.zstd_level)
         .unwrap_or(defaults.zstd_level);
     if !(1..=19).contains(&zstd_level) {
@@ -233,15 +240,9 @@ fn resolve_pipeline(
             "part-size {part_size} is outside 64KiB..=512MiB"
         )));
     }
-    let env_parallel = env("GC_BACKUP_PARALLEL_UPLOADS")
-        .map(|v| {
-            v.parse::<usize>()
-                .map_err(|_| err(format!("GC_BACKUP_PARALLEL_UPLOADS '{v}' is not a number")))
-        })
-        .transpose()?;
     let parallel_uploads = flags
         .parallel_uploads
-        .or(env_parallel)
+        .or(env_number(env, "GC_BACKUP_PARALLEL_UPLOADS")?)
         .or(file.parallel_uploads)
         .unwrap_or(defaults.parallel_uploads);
     if !(1..=64).contains(&parallel_uploads) {

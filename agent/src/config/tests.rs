@@ -468,3 +468,17 @@ fn wal_prefetch_is_on_unless_the_environment_turns_it_off() {
     let on = resolve_with("", &[("GC_BACKUP_WAL_PREFETCH", "1")], Overrides::default());
     assert!(on.unwrap().wal_prefetch);
 }
+
+#[test]
+fn numbers_from_the_environment_that_are_not_numbers_name_their_variable() {
+    for name in ["GC_BACKUP_ZSTD_LEVEL", "GC_BACKUP_PARALLEL_UPLOADS"] {
+        let error = resolve_with("", &[(name, "three")], Overrides::default()).unwrap_err();
+        assert_eq!(error.0, format!("{name} 'three' is not a number"));
+    }
+    let config = resolve_with(
+        "",
+        &[("GC_BACKUP_PARALLEL_UPLOADS", "2")],
+        Overrides::default(),
+    );
+    assert_eq!(config.unwrap().pipeline.parallel_uploads, 2);
+}
