@@ -10,8 +10,6 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 /// Directories whose contents are never copied (the directory itself is kept, empty).
 const EMPTY_DIRS: &[&str] = &[
     "pg_wal",
@@ -36,8 +34,7 @@ const SKIP_TOP_FILES: &[&str] = &[
     "standby.signal",
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
     Dir,
     File,
@@ -54,9 +51,9 @@ pub struct Entry {
     pub mtime: u64,
 }
 
-/// What was copied of one file, for the manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// What was copied of one file. Not a stored format: the job turns it into the catalog's
+/// `BaseFile` for the manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopiedFile {
     pub path: String,
     /// Bytes in the tar (the size when the copy started).
@@ -66,7 +63,6 @@ pub struct CopiedFile {
     /// Which tar stream holds it.
     pub stream: u32,
     /// The file shrank while being copied and was padded with zeros (WAL replay repairs it).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub padded: bool,
 }
 
