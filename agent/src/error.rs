@@ -77,6 +77,9 @@ fn meaning_of(cause: &(dyn std::error::Error + 'static)) -> Option<Meaning> {
     if cause.is::<crate::config::ConfigError>() {
         return Some(Meaning::Config);
     }
+    if let Some(error) = cause.downcast_ref::<crate::seal::SealError>() {
+        return Some(seal(error));
+    }
     if let Some(error) = cause.downcast_ref::<SourceError>() {
         return match error {
             SourceError::Config(_) => Some(Meaning::Config),
@@ -92,6 +95,7 @@ fn meaning_of(cause: &(dyn std::error::Error + 'static)) -> Option<Meaning> {
                 Some(Meaning::NotFound)
             }
             CatalogError::Store(error) => store(error),
+            CatalogError::Encrypted { .. } => Some(Meaning::Config),
             CatalogError::BadManifest { .. } | CatalogError::NoFreeId { .. } => None,
         };
     }
@@ -99,11 +103,22 @@ fn meaning_of(cause: &(dyn std::error::Error + 'static)) -> Option<Meaning> {
         return match error {
             PipelineError::Store(error) | PipelineError::Part { source: error, .. } => store(error),
             PipelineError::Corrupt(_) => Some(Meaning::Corrupt),
+            PipelineError::Seal(error) => Some(seal(error)),
             PipelineError::Cancelled { .. } => Some(Meaning::Interrupted),
             _ => None,
         };
     }
     None
+}
+
+/// A key that is missing is a setting to fix (exit 2); one that does not open the object, or
+/// an object that does not decrypt, is a failure of the data (exit 3).
+fn seal(error: &crate::seal::SealError) -> Meaning {
+    if error.is_config() {
+        Meaning::Config
+    } else {
+        Meaning::Corrupt
+    }
 }
 
 /// The exit code for an error: the first meaning found in its chain decides.

@@ -19,6 +19,7 @@ pub mod error;
 pub mod host;
 pub mod jobs;
 pub mod pipeline;
+pub mod seal;
 pub mod sources;
 pub mod store;
 #[doc(hidden)]

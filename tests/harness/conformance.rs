@@ -74,6 +74,7 @@ async fn multipart_through_the_pipeline(store: &Store) {
         raw_bytes: summary.raw_bytes,
         stored_bytes: summary.stored_bytes,
         raw_sha256: summary.raw_sha256.clone(),
+        sealed: summary.sealed,
     };
     let sink = SharedSink::default();
     pipeline::download(store, &object, Box::new(sink.clone()))

@@ -8,6 +8,7 @@
 //!                                     and xlog id (at most 256 per directory)
 //! wal/<TTTTTTTT>.history.zst          timeline history files
 //! check/<run>/<probe>             `gc-backup check`'s probe objects, deleted before it ends
+//! encryption.json                 written by the first encrypted write: clear writes refused
 //! ```
 //!
 //! Keys are relative to the store's root (the bucket prefix or directory).
@@ -34,6 +35,11 @@ pub fn parse_manifest_key(key: &ObjectKey) -> Option<(Kind, BackupId)> {
     let (kind, file) = rest.split_once('/')?;
     let id = file.strip_suffix(".json")?;
     Some((kind.parse().ok()?, id.parse().ok()?))
+}
+
+/// The marker that says the store is encrypted ([`super::check_encryption`]).
+pub fn encryption_marker_key() -> ObjectKey {
+    ObjectKey::from("encryption.json")
 }
 
 /// Everything any backup stored besides its manifest.

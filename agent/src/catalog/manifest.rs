@@ -11,6 +11,9 @@ pub const MANIFEST_FORMAT: u32 = 1;
 /// is so, so that an older gc-backup refuses such a manifest with a clear message instead of
 /// a parse error, and still reads every other.
 pub const MANIFEST_FORMAT_UNHASHED: u32 = 2;
+/// A manifest with objects encrypted with age: a gc-backup that cannot decrypt must say so
+/// instead of taking them for zstd.
+pub const MANIFEST_FORMAT_SEALED: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +33,18 @@ pub struct Manifest {
     pub source: SourceFacts,
     /// The data objects, in restore order.
     pub objects: Vec<StoredObject>,
+    /// Whom the objects were encrypted to (public keys); absent: stored in the clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// How a backup's objects were encrypted. Public: `list` and retention read it without a key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    /// Always `age`.
+    pub algorithm: String,
+    pub recipients: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,6 +213,9 @@ pub struct StoredObject {
     pub raw_sha256: Option<String>,
     /// Number of uploaded parts (1 for a single PUT).
     pub parts: u32,
+    /// An age file of the zstd stream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sealed: bool,
 }
 
 impl Manifest {
@@ -213,10 +231,10 @@ impl Manifest {
         }
         let version: Version =
             serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
-        if !(MANIFEST_FORMAT..=MANIFEST_FORMAT_UNHASHED).contains(&version.format) {
+        if !(MANIFEST_FORMAT..=MANIFEST_FORMAT_SEALED).contains(&version.format) {
             return Err(format!(
                 "manifest format {} is not known to this gc-backup (knows {MANIFEST_FORMAT} to \
-                 {MANIFEST_FORMAT_UNHASHED}); use a newer gc-backup",
+                 {MANIFEST_FORMAT_SEALED}); use a newer gc-backup",
                 version.format
             ));
         }
@@ -257,9 +275,13 @@ mod tests {
             stored_bytes: 5,
             raw_sha256: None,
             parts: 1,
+            sealed: false,
         };
         let json = serde_json::to_string(&object).unwrap();
-        assert!(!json.contains("raw_sha256"), "{json}");
+        assert!(
+            !json.contains("raw_sha256") && !json.contains("sealed"),
+            "{json}"
+        );
     }
 
     proptest! {

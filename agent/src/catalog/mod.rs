@@ -39,6 +39,17 @@ pub enum CatalogError {
         first: BackupId,
         store: String,
     },
+    /// A clear write into a store whose marker says it is encrypted.
+    #[error(
+        "{store} is an encrypted store ({marker} since {since}), and this gc-backup has no \
+         encryption recipients: set [encryption] recipients or GC_BACKUP_AGE_RECIPIENTS. Nothing \
+         was written."
+    )]
+    Encrypted {
+        store: String,
+        marker: String,
+        since: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -177,6 +188,53 @@ pub async fn remove_data(store: &Store, kind: Kind, id: &BackupId) -> Result<(),
         store.delete(&object.location).await?;
     }
     Ok(())
+}
+
+/// The store's encryption marker, public like the manifests.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct EncryptionMarker {
+    algorithm: String,
+    since: DateTime<Utc>,
+    recipients: Vec<String>,
+    host: String,
+}
+
+/// Before any write of data or WAL: an encrypted writer makes sure the store's marker exists
+/// (the first one writes it, create-only); a clear writer is refused once it does, so a sidecar
+/// deployed without its recipients cannot put clear text into an encrypted store.
+pub async fn check_encryption(store: &Store) -> Result<(), CatalogError> {
+    let key = layout::encryption_marker_key();
+    let found = match store.get_bytes(&key).await {
+        Ok(bytes) => Some(bytes),
+        Err(StoreError::NotFound { .. }) => None,
+        Err(error) => return Err(error.into()),
+    };
+    match (&store.keys().recipients, found) {
+        (Some(_), Some(_)) | (None, None) => Ok(()),
+        (Some(recipients), None) => {
+            let marker = EncryptionMarker {
+                algorithm: "age".to_string(),
+                since: Utc::now(),
+                recipients: recipients.names().to_vec(),
+                host: hostname(),
+            };
+            let json = serde_json::to_vec_pretty(&marker).unwrap_or_default();
+            match store.put_new(&key, Bytes::from(json)).await {
+                Ok(()) | Err(StoreError::AlreadyExists { .. }) => Ok(()),
+                Err(error) => Err(error.into()),
+            }
+        }
+        (None, Some(bytes)) => {
+            let since = serde_json::from_slice::<EncryptionMarker>(&bytes)
+                .map(|marker| marker.since.to_rfc3339())
+                .unwrap_or_else(|_| "an unreadable date".to_string());
+            Err(CatalogError::Encrypted {
+                store: store.name().to_string(),
+                marker: key.to_string(),
+                since,
+            })
+        }
+    }
 }
 
 /// Commits a backup: the manifest is written create-only, so it never replaces another.
@@ -335,6 +393,7 @@ mod tests {
                 format: DumpFormat::Custom,
                 tables: vec![],
             }),
+            encryption: None,
             objects: vec![],
         }
     }
@@ -476,7 +535,7 @@ mod tests {
     }
 
     #[test]
-    fn both_manifest_formats_are_read_and_a_newer_one_is_refused_clearly() {
+    fn every_manifest_format_is_read_and_a_newer_one_is_refused_clearly() {
         let mut unhashed = manifest(
             "20260101T000000Z",
             "2026-01-01T00:00:00Z",
@@ -494,8 +553,15 @@ mod tests {
             "2026-01-01T00:01:00Z",
         );
         assert_eq!(Manifest::from_json(&old.to_json()).unwrap(), old);
+        let mut sealed = old.clone();
+        sealed.format = manifest::MANIFEST_FORMAT_SEALED;
+        sealed.encryption = Some(manifest::Encryption {
+            algorithm: "age".into(),
+            recipients: vec!["age1example".into()],
+        });
+        assert_eq!(Manifest::from_json(&sealed.to_json()).unwrap(), sealed);
         let mut newer = old.clone();
-        newer.format = manifest::MANIFEST_FORMAT_UNHASHED + 1;
+        newer.format = manifest::MANIFEST_FORMAT_SEALED + 1;
         let error = Manifest::from_json(&newer.to_json()).unwrap_err();
         assert!(error.contains("use a newer gc-backup"), "{error}");
     }

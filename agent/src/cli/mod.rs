@@ -52,7 +52,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Command::Backup(_) | Command::Run => OpenMode::CreateRoot,
         _ => OpenMode::Existing,
     };
-    let store = Store::open(&config.store, mode)?;
+    let store = Store::open(&config.store, mode)?.with_keys(config.keys()?);
     match cli.command {
         Command::Backup(command) => backup(&config, &store, command, &cancel).await,
         Command::List(args) => list(&store, &args).await,

@@ -426,6 +426,7 @@ mod tests {
                 format: DumpFormat::Custom,
                 tables: vec!["files".into()],
             }),
+            encryption: None,
             objects: vec![],
         }
     }

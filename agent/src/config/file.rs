@@ -19,6 +19,34 @@ pub struct FileConfig {
     pub schedule: ScheduleSection,
     pub retention: RetentionSection,
     pub metrics: MetricsSection,
+    pub encryption: EncryptionSection,
+}
+
+/// age encryption of every data and WAL object (see `crate::seal`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EncryptionSection {
+    /// Public keys (`age1…`) to encrypt to: all a writer needs.
+    pub recipients: Vec<String>,
+    /// One age identity file, or several (key rotation): what readers need.
+    pub identity_file: Option<OneOrMany<PathBuf>>,
+}
+
+/// A key that takes one value or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(many) => many,
+        }
+    }
 }
 
 /// Cron expressions for `gc-backup run`: 5 fields, or 6 with seconds first. A kind without

@@ -117,6 +117,26 @@ impl Config {
         if let Some(url) = &self.origin.store_url {
             env.push(("GC_BACKUP_STORE".to_string(), url.clone()));
         }
+        // wal-fetch must open encrypted WAL, whether the keys came from the file or not.
+        if !self.encryption.identity_files.is_empty() {
+            let files: Vec<String> = self
+                .encryption
+                .identity_files
+                .iter()
+                .map(|file| file.display().to_string())
+                .collect();
+            env.push(("GC_BACKUP_AGE_IDENTITY_FILE".to_string(), files.join(",")));
+        }
         env
+    }
+
+    /// The recipients, and the identities of `[encryption] identity-file` read now.
+    pub fn keys(&self) -> Result<crate::seal::Keys, ConfigError> {
+        let identities = crate::seal::Identities::load(&self.encryption.identity_files)
+            .map_err(|e| err(e.to_string()))?;
+        Ok(crate::seal::Keys {
+            recipients: self.encryption.recipients.clone(),
+            identities,
+        })
     }
 }

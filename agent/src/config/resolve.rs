@@ -31,6 +31,7 @@ impl Config {
         let etcd = resolve_etcd(file.etcd, &env, flags)?;
         let schedule = resolve_schedules(&file.schedule)?;
         let retention = resolve_retention(&file.retention)?;
+        let encryption = resolve_encryption(file.encryption, &env)?;
         let listen = env("GC_BACKUP_METRICS_LISTEN")
             .or(file.metrics.listen)
             .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
@@ -48,6 +49,7 @@ impl Config {
             schedule,
             retention,
             metrics_listen,
+            encryption,
             // On unless 0, off, false or no.
             wal_prefetch: !env("GC_BACKUP_WAL_PREFETCH").is_some_and(|value| {
                 matches!(
@@ -61,6 +63,43 @@ impl Config {
             },
         })
     }
+}
+
+/// Recipients parsed here (a bad key is exit 2 before any I/O); identity files only made
+/// absolute, since only readers load them (`Config::keys`).
+fn resolve_encryption(
+    file: EncryptionSection,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<EncryptionConfig, ConfigError> {
+    let list = |text: String| -> Vec<String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let recipients = env("GC_BACKUP_AGE_RECIPIENTS")
+        .map(list)
+        .unwrap_or(file.recipients);
+    let recipients = crate::seal::Recipients::parse(&recipients).map_err(|e| err(e.to_string()))?;
+    let identity_files: Vec<PathBuf> = match env("GC_BACKUP_AGE_IDENTITY_FILE") {
+        Some(text) => list(text).into_iter().map(PathBuf::from).collect(),
+        None => file
+            .identity_file
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default(),
+    };
+    let identity_files = identity_files
+        .into_iter()
+        .map(|path| {
+            std::path::absolute(&path)
+                .map_err(|e| err(format!("encryption.identity-file {}: {e}", path.display())))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(EncryptionConfig {
+        recipients,
+        identity_files,
+    })
 }
 
 fn resolve_store(

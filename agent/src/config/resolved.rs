@@ -19,10 +19,20 @@ pub struct Config {
     pub schedule: Schedules,
     pub retention: retention::Policy,
     pub metrics_listen: std::net::SocketAddr,
+    pub encryption: EncryptionConfig,
     /// Whether `wal-fetch` reads the next segments ahead (`GC_BACKUP_WAL_PREFETCH`).
     pub wal_prefetch: bool,
     /// The flags this was resolved with (see [`Config::child_env`]).
     pub origin: Overrides,
+}
+
+/// `[encryption]`: whom writers encrypt to, and where readers find the keys.
+#[derive(Debug, Clone, Default)]
+pub struct EncryptionConfig {
+    /// `None`: objects are written in the clear (refused once the store is encrypted).
+    pub recipients: Option<crate::seal::Recipients>,
+    /// Absolute paths; loaded by [`Config::keys`] only where something is read.
+    pub identity_files: Vec<PathBuf>,
 }
 
 /// The daemon's schedules, parsed.

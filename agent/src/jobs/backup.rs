@@ -84,6 +84,7 @@ impl<'a> BackupRun<'a> {
     /// Removes what abandoned runs of `kind` left behind, then claims a new id.
     pub async fn begin(config: &'a Config, store: &'a Store, kind: Kind) -> anyhow::Result<Self> {
         let start_time = Utc::now();
+        catalog::check_encryption(store).await?;
         catalog::sweep_abandoned(store, kind, start_time).await?;
         let id = catalog::claim_id(store, kind, start_time).await?;
         Ok(Self {
@@ -129,8 +130,20 @@ impl<'a> BackupRun<'a> {
         source: SourceFacts,
         objects: Vec<StoredObject>,
     ) -> Manifest {
+        let sealed = objects.iter().any(|object| object.sealed);
+        let encryption = match &self.store.keys().recipients {
+            Some(recipients) if sealed => Some(crate::catalog::manifest::Encryption {
+                algorithm: "age".to_string(),
+                recipients: recipients.names().to_vec(),
+            }),
+            _ => None,
+        };
         Manifest {
-            format,
+            format: if sealed {
+                crate::catalog::manifest::MANIFEST_FORMAT_SEALED
+            } else {
+                format
+            },
             id: self.id.clone(),
             kind: self.kind,
             start_time: self.start_time,
@@ -144,6 +157,7 @@ impl<'a> BackupRun<'a> {
             },
             source,
             objects,
+            encryption,
         }
     }
 
@@ -212,6 +226,7 @@ pub fn stored_object(key: &ObjectKey, summary: &UploadSummary) -> StoredObject {
         stored_bytes: summary.stored_bytes,
         raw_sha256: summary.raw_sha256.clone(),
         parts: summary.parts,
+        sealed: summary.sealed,
     }
 }
 

@@ -107,8 +107,15 @@ pub struct StoreFindings {
 /// Runs every check that applies to `config`.
 pub async fn check(config: &Config) -> CheckReport {
     let mut report = CheckReport::default();
+    let keys = config.keys().unwrap_or_else(|error| {
+        report
+            .findings
+            .push(Finding::fail("encryption", "keys", error.to_string(), true));
+        crate::seal::Keys::default()
+    });
     match Store::open(&config.store, OpenMode::Existing) {
         Ok(store) => {
+            let store = store.with_keys(keys);
             let found = store_checks(config, &store).await;
             let store = found.adapted.clone().unwrap_or(store);
             report.findings.extend(found.findings);

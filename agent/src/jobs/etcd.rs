@@ -79,6 +79,7 @@ pub async fn restore(
     cancel: &CancellationToken,
 ) -> anyhow::Result<RestoreEtcdReport> {
     let manifest = catalog::find(store, Kind::Etcd, selector).await?;
+    super::can_open(store, &manifest)?;
     let [object] = manifest.objects.as_slice() else {
         return Err(Failure::Corrupt(format!(
             "etcd backup {} has {} objects, expected 1",

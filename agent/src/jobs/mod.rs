@@ -23,6 +23,16 @@ use anyhow::Context;
 use crate::error::Failure;
 use crate::store::Store;
 
+/// Checked by every restore before it writes anything: an encrypted backup needs identities
+/// (exit 2, one line, nothing written).
+pub(crate) fn can_open(store: &Store, manifest: &crate::catalog::Manifest) -> anyhow::Result<()> {
+    if manifest.objects.iter().any(|object| object.sealed) {
+        let what = format!("{} backup {}", manifest.kind, manifest.id);
+        store.keys().identities_for(&what)?;
+    }
+    Ok(())
+}
+
 /// What the pipeline must find when it reads `object` back.
 pub(crate) fn expected(object: &crate::catalog::StoredObject) -> crate::pipeline::Expected {
     crate::pipeline::Expected {
@@ -30,6 +40,7 @@ pub(crate) fn expected(object: &crate::catalog::StoredObject) -> crate::pipeline
         raw_bytes: object.raw_bytes,
         stored_bytes: object.stored_bytes,
         raw_sha256: object.raw_sha256.clone(),
+        sealed: object.sealed,
     }
 }
 

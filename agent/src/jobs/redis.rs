@@ -119,6 +119,7 @@ pub async fn restore(
     cancel: &CancellationToken,
 ) -> anyhow::Result<RestoreRedisReport> {
     let manifest = catalog::find(store, Kind::Redis, selector).await?;
+    super::can_open(store, &manifest)?;
     let SourceFacts::Redis(facts) = &manifest.source else {
         anyhow::bail!("backup {} is not a redis backup", manifest.id);
     };

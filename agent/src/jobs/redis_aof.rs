@@ -173,7 +173,11 @@ async fn reusable(
     path: &Path,
     len: u64,
 ) -> anyhow::Result<Option<StoredObject>> {
-    let Some(earlier) = earlier.filter(|object| object.raw_bytes == len) else {
+    // An object stored in the clear is not reused by an encrypted backup, nor the other way.
+    let sealing = store.keys().recipients.is_some();
+    let Some(earlier) =
+        earlier.filter(|object| object.raw_bytes == len && object.sealed == sealing)
+    else {
         return Ok(None);
     };
     let owned = path.to_path_buf();

@@ -80,6 +80,7 @@ pub async fn restore(
         .into());
     }
     let (manifest, plan) = choose(store, &request.backup, &request.target).await?;
+    super::can_open(store, &manifest)?;
     let (_, facts) = archive::base_backup(&manifest)?;
     let bin_dir = match &request.start {
         Some(_) => Some(recovery::server_bin_dir(

@@ -45,6 +45,7 @@ pub async fn restore(
     cancel: &CancellationToken,
 ) -> anyhow::Result<RestoreReport> {
     let manifest = catalog::find(store, Kind::PgDump, selector).await?;
+    super::can_open(store, &manifest)?;
     let SourceFacts::PgDump(facts) = &manifest.source else {
         anyhow::bail!("backup {} is not a pg-dump backup", manifest.id);
     };

@@ -77,6 +77,9 @@ pub async fn verify(
         })
         .into());
     }
+    for manifest in &selected {
+        super::can_open(store, manifest)?;
+    }
     let wal_check = WalCheck::load(store, &manifests).await?;
     // Objects several backups name (Redis AOF files) are read once; their verdict counts for
     // every backup that names them.

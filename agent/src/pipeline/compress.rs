@@ -7,6 +7,9 @@
 //! speed of zstd's streaming API, whose ring buffer sends most blocks down its slower
 //! external-dictionary path, for 0.1% more bytes (measured on the bench cluster's PGDATA).
 //! Every zstd decoder, `zstd -d` included, reads concatenated frames as one stream.
+//!
+//! With recipients, the compressed stream is encrypted (age, 64 KiB chunks) on its way into
+//! the parts, on the same thread: the stored object is one age file of the zstd stream.
 
 use std::io::Write;
 
@@ -16,6 +19,7 @@ use tokio::sync::mpsc::{Receiver, Sender};
 
 use super::{MAX_PARTS, PartSlots, Piece, PipelineError, RawDigest, part_size_for};
 use crate::config::{MIB, PipelineConfig};
+use crate::seal::Recipients;
 
 /// Raw bytes per frame when compressing in frames, unless the memory budget asks for less
 /// (see the module's doc and [`super::budget`]).
@@ -31,6 +35,7 @@ pub(super) struct Compressed {
     pub raw_bytes: u64,
     pub raw_sha256: Option<String>,
     pub stored_bytes: u64,
+    pub sealed: bool,
 }
 
 /// Consumes raw chunks until [`Piece::End`], then finishes the zstd frame and sends the last
@@ -42,9 +47,10 @@ pub(super) fn run(
     slots: std::sync::Arc<PartSlots>,
     settings: &PipelineConfig,
     digest: RawDigest,
+    seal: Option<&Recipients>,
     key: &str,
 ) -> Result<Compressed, PipelineError> {
-    let mut writer = CompressingWriter::new(parts, slots, settings, digest, key)?;
+    let mut writer = CompressingWriter::new(parts, slots, settings, digest, seal, key)?;
     loop {
         let chunk = match chunks.blocking_recv() {
             Some(Piece::Data(chunk)) => chunk,
@@ -53,7 +59,7 @@ pub(super) fn run(
         };
         writer
             .write_all(&chunk)
-            .map_err(|e| classify(e, writer.encoder.writer()))?;
+            .map_err(|e| writer.faults.classify(e))?;
     }
     writer.finish()
 }
@@ -67,6 +73,8 @@ pub(super) fn run(
 /// and aborts the upload.
 pub struct CompressingWriter {
     encoder: Encoder,
+    sealed: bool,
+    faults: Faults,
     hasher: Option<Sha256>,
     raw_bytes: u64,
 }
@@ -85,11 +93,25 @@ impl CompressingWriter {
         slots: std::sync::Arc<PartSlots>,
         settings: &PipelineConfig,
         digest: RawDigest,
+        seal: Option<&Recipients>,
         key: &str,
     ) -> Result<Self, PipelineError> {
-        let writer = PartWriter::new(parts, slots, settings.part_size, key);
+        let faults = Faults {
+            failure: std::sync::Arc::new(std::sync::OnceLock::new()),
+            key: key.to_string(),
+            base_part_size: settings.part_size,
+        };
+        let writer = PartWriter::new(parts, slots, settings.part_size, faults.failure.clone());
+        let output = match seal {
+            None => Output::Clear(writer),
+            Some(recipients) => {
+                Output::Sealed(recipients.seal(writer).map_err(|e| faults.classify(e))?)
+            }
+        };
         Ok(Self {
-            encoder: Encoder::new(writer, settings).map_err(PipelineError::Compress)?,
+            encoder: Encoder::new(output, settings).map_err(PipelineError::Compress)?,
+            faults,
+            sealed: seal.is_some(),
             hasher: (digest == RawDigest::Sha256).then(Sha256::new),
             raw_bytes: 0,
         })
@@ -97,8 +119,9 @@ impl CompressingWriter {
 
     /// Ends the stream: the last frame, the last part, then the end of the part queue.
     pub(super) fn finish(self) -> Result<Compressed, PipelineError> {
-        let mut writer = self.encoder.finish()?;
-        writer.send_part().map_err(|e| classify(e, &writer))?;
+        let faults = self.faults;
+        let mut writer = self.encoder.finish(&faults)?;
+        writer.send_part().map_err(|e| faults.classify(e))?;
         if writer.parts.blocking_send(Piece::End).is_err() {
             return Err(PipelineError::Stopped);
         }
@@ -106,6 +129,7 @@ impl CompressingWriter {
             raw_bytes: self.raw_bytes,
             raw_sha256: self.hasher.map(|hasher| hex::encode(hasher.finalize())),
             stored_bytes: writer.stored_bytes,
+            sealed: self.sealed,
         })
     }
 }
@@ -127,8 +151,37 @@ impl Write for CompressingWriter {
 
 /// zstd's streaming encoder, or frames of `frame_bytes` compressed one at a time.
 enum Encoder {
-    Stream(zstd::stream::write::Encoder<'static, PartWriter>),
+    Stream(zstd::stream::write::Encoder<'static, Output>),
     Frames(FrameEncoder),
+}
+
+/// Where compressed bytes go: straight into parts, or through age first.
+enum Output {
+    Clear(PartWriter),
+    Sealed(age::stream::StreamWriter<PartWriter>),
+}
+
+impl Output {
+    /// Ends the age file (its last chunk), if any; what is left is the part writer.
+    fn finish(self) -> std::io::Result<PartWriter> {
+        match self {
+            Self::Clear(writer) => Ok(writer),
+            Self::Sealed(writer) => writer.finish(),
+        }
+    }
+}
+
+impl Write for Output {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Clear(writer) => writer.write(data),
+            Self::Sealed(writer) => writer.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 struct FrameEncoder {
@@ -137,7 +190,7 @@ struct FrameEncoder {
     raw: Vec<u8>,
     compressed: Vec<u8>,
     frames: u64,
-    writer: PartWriter,
+    writer: Output,
 }
 
 impl FrameEncoder {
@@ -165,7 +218,7 @@ impl FrameEncoder {
 }
 
 impl Encoder {
-    fn new(writer: PartWriter, settings: &PipelineConfig) -> std::io::Result<Self> {
+    fn new(writer: Output, settings: &PipelineConfig) -> std::io::Result<Self> {
         if uses_frames(settings) {
             let mut compressor = zstd::bulk::Compressor::new(settings.zstd_level)?;
             compressor.include_checksum(true)?;
@@ -187,13 +240,6 @@ impl Encoder {
         Ok(Self::Stream(encoder))
     }
 
-    fn writer(&self) -> &PartWriter {
-        match self {
-            Self::Stream(encoder) => encoder.get_ref(),
-            Self::Frames(frames) => &frames.writer,
-        }
-    }
-
     fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
         match self {
             Self::Stream(encoder) => encoder.write_all(data),
@@ -202,33 +248,40 @@ impl Encoder {
     }
 
     /// Ends the stream: the last frame, or the streaming encoder's epilogue.
-    fn finish(self) -> Result<PartWriter, PipelineError> {
-        match self {
-            Self::Stream(encoder) => encoder
-                .try_finish()
-                .map_err(|(encoder, e)| classify(e, encoder.get_ref())),
+    fn finish(self, faults: &Faults) -> Result<PartWriter, PipelineError> {
+        let output = match self {
+            Self::Stream(encoder) => encoder.try_finish().map_err(|(_, e)| faults.classify(e))?,
             Self::Frames(mut frames) => {
                 // An empty stream still gets one (empty) frame: the object must decompress.
                 if !frames.raw.is_empty() || frames.frames == 0 {
-                    let framed = frames.frame();
-                    framed.map_err(|e| classify(e, &frames.writer))?;
+                    frames.frame().map_err(|e| faults.classify(e))?;
                 }
-                Ok(frames.writer)
+                frames.writer
             }
-        }
+        };
+        output.finish().map_err(|e| faults.classify(e))
     }
 }
 
-/// A write error from inside zstd may be ours (the uploader stopped, too many parts); tell
-/// which.
-fn classify(error: std::io::Error, writer: &PartWriter) -> PipelineError {
-    match &writer.failure {
-        Some(Failure::Stopped) => PipelineError::Stopped,
-        Some(Failure::TooLarge) => PipelineError::TooLarge {
-            key: writer.key.clone(),
-            part_size: writer.base_part_size,
-        },
-        None => PipelineError::Compress(error),
+/// What the part writer ran into, seen from above zstd and age, whose write errors hide it.
+struct Faults {
+    failure: std::sync::Arc<std::sync::OnceLock<Failure>>,
+    key: String,
+    base_part_size: usize,
+}
+
+impl Faults {
+    /// A write error from inside zstd or age may be ours (the uploader stopped, too many
+    /// parts); tell which.
+    fn classify(&self, error: std::io::Error) -> PipelineError {
+        match self.failure.get() {
+            Some(Failure::Stopped) => PipelineError::Stopped,
+            Some(Failure::TooLarge) => PipelineError::TooLarge {
+                key: self.key.clone(),
+                part_size: self.base_part_size,
+            },
+            None => PipelineError::Compress(error),
+        }
     }
 }
 
@@ -248,8 +301,7 @@ struct PartWriter {
     base_part_size: usize,
     index: u32,
     stored_bytes: u64,
-    key: String,
-    failure: Option<Failure>,
+    failure: std::sync::Arc<std::sync::OnceLock<Failure>>,
 }
 
 impl PartWriter {
@@ -257,7 +309,7 @@ impl PartWriter {
         parts: Sender<Piece>,
         slots: std::sync::Arc<PartSlots>,
         base_part_size: usize,
-        key: &str,
+        failure: std::sync::Arc<std::sync::OnceLock<Failure>>,
     ) -> Self {
         Self {
             parts,
@@ -267,8 +319,7 @@ impl PartWriter {
             base_part_size,
             index: 0,
             stored_bytes: 0,
-            key: key.to_string(),
-            failure: None,
+            failure,
         }
     }
 
@@ -281,7 +332,7 @@ impl PartWriter {
             return Ok(());
         }
         if self.index >= MAX_PARTS {
-            self.failure = Some(Failure::TooLarge);
+            let _ = self.failure.set(Failure::TooLarge);
             return Err(std::io::Error::other("too many parts"));
         }
         self.index += 1;
@@ -296,7 +347,7 @@ impl PartWriter {
             .blocking_send(Piece::Data(Bytes::from(part)))
             .is_err()
         {
-            self.failure = Some(Failure::Stopped);
+            let _ = self.failure.set(Failure::Stopped);
             return Err(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
                 "uploader stopped",
@@ -312,7 +363,7 @@ impl Write for PartWriter {
             // A new part: wait until the uploader has room for one more in memory.
             let parts = &self.parts;
             if !self.slots.acquire(|| parts.is_closed()) {
-                self.failure = Some(Failure::Stopped);
+                let _ = self.failure.set(Failure::Stopped);
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::BrokenPipe,
                     "uploader stopped",

@@ -1,5 +1,5 @@
-//! The way back: store → zstd (XXH64 of each frame) → size and SHA-256 check → a sink, on a
-//! blocking thread.
+//! The way back: store → age (when sealed) → zstd (XXH64 of each frame) → size and SHA-256
+//! check → a sink, on a blocking thread.
 //!
 //! The last chunk is held back until the whole object has been checked, so a consumer that
 //! commits at end of input (`pg_restore --single-transaction`, `psql --single-transaction`)
@@ -32,6 +32,8 @@ pub struct Expected {
     pub stored_bytes: u64,
     /// SHA-256 of the raw bytes, hex; `None`: the content carries its own checks.
     pub raw_sha256: Option<String>,
+    /// Encrypted with age: only the store's identities open it.
+    pub sealed: bool,
 }
 
 /// Downloads `object`, decompresses it into `sink` and checks size and SHA-256 against what
@@ -46,7 +48,13 @@ pub async fn download(store: &Store, object: &Expected, sink: Sink) -> Result<Si
     }
     let (tx, rx) = mpsc::channel::<Result<Bytes, StoreError>>(FETCH_QUEUE);
     let expected = object.clone();
-    let decoder = tokio::task::spawn_blocking(move || decode(rx, sink, &expected));
+    let identities = if object.sealed {
+        let what = format!("{} in {}", object.key, store.name());
+        Some(store.keys().identities_for(&what)?.clone())
+    } else {
+        None
+    };
+    let decoder = tokio::task::spawn_blocking(move || decode(rx, sink, &expected, identities));
     let fetching = async {
         while let Some(chunk) = stream.next().await {
             let failed = chunk.is_err();
@@ -64,14 +72,28 @@ fn decode(
     chunks: mpsc::Receiver<Result<Bytes, StoreError>>,
     mut sink: Sink,
     expected: &Expected,
+    identities: Option<crate::seal::Identities>,
 ) -> Result<Sink, PipelineError> {
     let mut reader = ChannelReader {
         chunks,
         current: Bytes::new(),
         error: None,
     };
+    let what = expected.key.to_string();
+    let compressed: Box<dyn Read + '_> = match &identities {
+        None => Box::new(&mut reader),
+        Some(identities) => match identities.open(&mut reader, &what) {
+            Ok(clear) => Box::new(clear),
+            Err(error) => {
+                return Err(match reader.error.take() {
+                    Some(store_error) => PipelineError::Store(store_error),
+                    None => PipelineError::Seal(error),
+                });
+            }
+        },
+    };
     let mut decoder =
-        zstd::stream::read::Decoder::new(&mut reader).map_err(PipelineError::Compress)?;
+        zstd::stream::read::Decoder::new(compressed).map_err(PipelineError::Compress)?;
     let mut hasher = expected.raw_sha256.as_ref().map(|_| Sha256::new());
     let mut raw_bytes = 0u64;
     let mut held: Vec<u8> = Vec::with_capacity(OUT_CHUNK);
@@ -84,6 +106,11 @@ fn decode(
                 drop(decoder);
                 return Err(match reader.error.take() {
                     Some(store_error) => PipelineError::Store(store_error),
+                    None if expected.sealed => PipelineError::Corrupt(format!(
+                        "{} does not decrypt and decompress (damaged, truncated or tampered \
+                         with): {error}",
+                        expected.key
+                    )),
                     None => PipelineError::Corrupt(format!(
                         "{} does not decompress: {error}",
                         expected.key

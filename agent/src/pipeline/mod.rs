@@ -112,6 +112,8 @@ pub enum PipelineError {
     TooLarge { key: String, part_size: usize },
     #[error("{0}")]
     Corrupt(String),
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
     #[error("writing the restored data failed: {0}")]
     Sink(#[source] std::io::Error),
     #[error("interrupted; the upload of {key} was aborted")]
@@ -143,6 +145,8 @@ pub struct UploadSummary {
     pub stored_bytes: u64,
     pub parts: u32,
     pub elapsed: Duration,
+    /// Encrypted to the store's recipients.
+    pub sealed: bool,
 }
 
 /// Streams `source` through the pipeline into `key`.
@@ -167,8 +171,18 @@ where
         let settings = settings.clone();
         let key = key.to_string();
         let slots = slots.clone();
+        let seal = store.keys().recipients.clone();
         tokio::task::spawn_blocking(move || {
-            compress::run(chunk_rx, part_tx, slots, &settings, RawDigest::Sha256, &key)
+            let seal = seal.as_ref();
+            compress::run(
+                chunk_rx,
+                part_tx,
+                slots,
+                &settings,
+                RawDigest::Sha256,
+                seal,
+                &key,
+            )
         })
     };
     let reading = read_source(source, chunk_tx, cancel);
@@ -205,6 +219,7 @@ fn summary(
 ) -> UploadSummary {
     debug_assert_eq!(upload.stored_bytes, compressed.stored_bytes);
     UploadSummary {
+        sealed: compressed.sealed,
         raw_bytes: compressed.raw_bytes,
         raw_sha256: compressed.raw_sha256,
         stored_bytes: upload.stored_bytes,
@@ -243,9 +258,11 @@ where
         let settings = settings.clone();
         let key = key.to_string();
         let slots = slots.clone();
+        let seal = store.keys().recipients.clone();
         tokio::task::spawn_blocking(move || {
-            let mut writer = CompressingWriter::new(part_tx, slots, &settings, digest, &key)
-                .map_err(WrittenError::Pipeline)?;
+            let mut writer =
+                CompressingWriter::new(part_tx, slots, &settings, digest, seal.as_ref(), &key)
+                    .map_err(WrittenError::Pipeline)?;
             // On failure the writer is dropped unfinished: the uploader aborts.
             let produced = produce(&mut writer).map_err(WrittenError::Producer)?;
             let compressed = writer.finish().map_err(WrittenError::Pipeline)?;

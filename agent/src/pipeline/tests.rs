@@ -80,6 +80,7 @@ fn object_of(key: &ObjectKey, summary: &UploadSummary) -> Expected {
         raw_bytes: summary.raw_bytes,
         stored_bytes: summary.stored_bytes,
         raw_sha256: summary.raw_sha256.clone(),
+        sealed: summary.sealed,
     }
 }
 
@@ -361,4 +362,93 @@ fn parts_grow_only_past_two_thousand() {
     assert_eq!(part_size_for(9_999, base), 16 * base);
     let total: usize = (0..MAX_PARTS).map(|i| part_size_for(i, base)).sum();
     assert_eq!(total, 62_000 * base);
+}
+
+/// A memory store whose writer encrypts to a fresh key, and one that reads with `secret`.
+fn sealed_stores(secret_dir: &std::path::Path) -> (Store, Store, Arc<InMemory>) {
+    let (secret, public) = crate::seal::tests::key_pair();
+    let inner = Arc::new(InMemory::new());
+    let writer =
+        Store::from_object_store(inner.clone(), "memory://").with_keys(crate::seal::Keys {
+            recipients: crate::seal::Recipients::parse(&[public]).unwrap(),
+            identities: None,
+        });
+    let reader =
+        Store::from_object_store(inner.clone(), "memory://").with_keys(crate::seal::Keys {
+            recipients: None,
+            identities: Some(crate::seal::tests::identities(secret_dir, &secret)),
+        });
+    (writer, reader, inner)
+}
+
+#[tokio::test]
+async fn sealed_objects_round_trip_in_several_parts_and_fail_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, reader, inner) = sealed_stores(dir.path());
+    let key = ObjectKey::from("data/test/sealed.zst");
+    // Text that compresses, in several parts: every part boundary cuts the age stream.
+    let data: Vec<u8> = b"GC-STORAGE-ROW owner=alice file=/photos/1.jpg\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(3 << 20)
+        .chain(noise(12 << 20, 9))
+        .collect();
+    let summary = upload(
+        &writer,
+        &key,
+        &data[..],
+        &settings(5 * 1024 * 1024),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(summary.sealed && summary.parts >= 2, "{summary:?}");
+    let stored = inner.get(&key).await.unwrap().bytes().await.unwrap();
+    assert!(crate::seal::is_sealed(&stored));
+    assert!(memchr::memmem::find(&stored, b"GC-STORAGE-ROW").is_none());
+
+    let expected = object_of(&key, &summary);
+    let out = SharedSink::default();
+    download(&reader, &expected, Box::new(out.clone()))
+        .await
+        .unwrap();
+    assert!(
+        out.contents() == data,
+        "the sealed object did not come back as it was"
+    );
+
+    // Without identities: a configuration error before any byte reaches the sink.
+    let error = download(&writer, &expected, Box::new(std::io::sink()))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(
+        matches!(&error, PipelineError::Seal(seal) if seal.is_config()),
+        "{error}"
+    );
+    // A wrong identity, a flipped byte: corrupt, and the sink gets nothing.
+    let (other, _) = crate::seal::tests::key_pair();
+    let other_dir = tempfile::tempdir().unwrap();
+    let wrong = reader.clone().with_keys(crate::seal::Keys {
+        recipients: None,
+        identities: Some(crate::seal::tests::identities(other_dir.path(), &other)),
+    });
+    let out = SharedSink::default();
+    let error = download(&wrong, &expected, Box::new(out.clone()))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(error.to_string().contains("wrong identity"), "{error}");
+    assert!(out.contents().is_empty());
+    flip(&inner, &key, |len| len / 2, 0x01).await;
+    let out = SharedSink::default();
+    let error = download(&reader, &expected, Box::new(out.clone()))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(
+        crate::error::meaning(&anyhow::Error::new(error)) == Some(crate::error::Meaning::Corrupt)
+    );
+    assert!(out.contents().len() < data.len());
 }

@@ -77,6 +77,8 @@ pub struct Store {
     local_root: Option<std::path::PathBuf>,
     /// Shown in messages; never holds a credential.
     name: String,
+    /// Whom this process encrypts to, and the keys it opens objects with.
+    keys: crate::seal::Keys,
 }
 
 /// Whether opening a local store may create its directory.
@@ -184,6 +186,7 @@ impl Store {
             inner,
             local_root,
             name,
+            keys: crate::seal::Keys::default(),
         })
     }
 
@@ -193,6 +196,7 @@ impl Store {
             inner: Arc::new(InMemory::new()),
             local_root: None,
             name: "memory://".to_string(),
+            keys: crate::seal::Keys::default(),
         }
     }
 
@@ -202,7 +206,18 @@ impl Store {
             inner,
             local_root: None,
             name: name.into(),
+            keys: crate::seal::Keys::default(),
         }
+    }
+
+    /// This store as a process with `keys` writes and reads it.
+    pub fn with_keys(mut self, keys: crate::seal::Keys) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    pub fn keys(&self) -> &crate::seal::Keys {
+        &self.keys
     }
 
     pub fn name(&self) -> &str {

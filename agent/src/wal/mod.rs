@@ -9,6 +9,9 @@
 //! succeeds, of different content fails and overwrites nothing (create-only PUT, then a
 //! comparison with the stored header). wal-fetch writes DEST only after the content checked
 //! out, through a temporary name in DEST's directory.
+//!
+//! With recipients, the stored form is encrypted whole (an age file, `crate::seal`); its age
+//! header describes the content, so the comparison of a repeated push needs no key.
 
 pub mod archive;
 pub mod archiver;
@@ -56,16 +59,26 @@ pub async fn push(config: &Config, store: &Store, path: &Path) -> anyhow::Result
     let level = config.pipeline.zstd_level;
     let workers = config.pipeline.zstd_workers;
     let file = path.to_path_buf();
+    let seal = store.keys().recipients.clone();
     // Read and compressed frame by frame on a blocking thread: the raw segment is never held
     // whole, only its compressed form (what the PUT sends).
-    let (header, stored) = tokio::task::spawn_blocking(move || {
+    let encoding = tokio::task::spawn_blocking(move || {
         let reader = std::fs::File::open(&file)
             .with_context(|| format!("cannot read {}", file.display()))?;
-        object::encode_read(reader, level, workers)
-            .with_context(|| format!("reading and compressing {}", file.display()))
-    })
-    .await
-    .context("compression worker failed")??;
+        let (header, stored) = object::encode_read(reader, level, workers)
+            .with_context(|| format!("reading and compressing {}", file.display()))?;
+        let Some(recipients) = seal else {
+            return Ok((header, stored));
+        };
+        let sealed = recipients
+            .seal_wal(&stored, header.raw_size, &header.sha256_hex())
+            .with_context(|| format!("encrypting {}", file.display()))?;
+        anyhow::Ok((header, bytes::Bytes::from(sealed)))
+    });
+    // The store's encryption marker is read while the segment is compressed.
+    let (encoded, marker) = tokio::join!(encoding, crate::catalog::check_encryption(store));
+    let (header, stored) = encoded.context("compression worker failed")??;
+    marker.with_context(|| format!("archiving {name} failed"))?;
     let outcome = match store.put_new(&key, stored).await {
         Ok(()) => {
             store.sync(&key).await?;
@@ -91,7 +104,17 @@ async fn compare_with_archived(
     local: &WalHeader,
 ) -> anyhow::Result<PushOutcome> {
     let head = store.get_range(key, 0..HEADER_LEN as u64).await?;
-    let archived = WalHeader::parse(&head)
+    let archived = if crate::seal::is_sealed(&head) {
+        // Encrypted: the description is in the age header, whose length depends on the
+        // recipients. A repeated push is rare; read the whole object.
+        let stored = store.get_bytes(key).await?;
+        crate::seal::wal_description(&stored)
+            .and_then(|(raw_size, sha256)| WalHeader::from_hex(raw_size, &sha256))
+            .ok_or_else(|| "an encrypted object without its gc-backup-wal stanza".to_string())
+    } else {
+        WalHeader::parse(&head)
+    };
+    let archived = archived
         .map_err(|e| Failure::Corrupt(format!("{key} in {} is damaged: {e}", store.name())))?;
     if archived == *local {
         return Ok(PushOutcome::AlreadyArchived);
@@ -138,10 +161,22 @@ pub async fn read(store: &Store, file: &WalFile) -> anyhow::Result<Vec<u8>> {
             return Err(anyhow::Error::new(error).context(format!("fetching {name} failed")));
         }
     };
-    tokio::task::spawn_blocking(move || object::decode(&stored))
-        .await
-        .context("decompression worker failed")?
-        .map_err(|e| Failure::Corrupt(format!("{key} in {} {e}", store.name())).into())
+    let identities = if crate::seal::is_sealed(&stored) {
+        let what = format!("{key} in {}", store.name());
+        Some(store.keys().identities_for(&what)?.clone())
+    } else {
+        None
+    };
+    let what = key.to_string();
+    let decoded = tokio::task::spawn_blocking(move || match identities {
+        None => Ok(object::decode(&stored)),
+        Some(identities) => identities
+            .open_all(&stored, &what)
+            .map(|clear| object::decode(&clear)),
+    })
+    .await
+    .context("decompression worker failed")??;
+    decoded.map_err(|e| Failure::Corrupt(format!("{key} in {} {e}", store.name())).into())
 }
 
 /// Writes through a temporary name beside `dest` and renames, so DEST is whole or absent.
@@ -207,6 +242,65 @@ mod tests {
             std::fs::read(&dest).unwrap() == original,
             "the archived copy was overwritten"
         );
+    }
+
+    #[tokio::test]
+    async fn sealed_wal_compares_without_a_key_and_locks_out_clear_pushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = dir.path().join("000000010000000000000001");
+        let original = noise(1 << 20, 1);
+        std::fs::write(&segment, &original).unwrap();
+        let (secret, public) = crate::seal::tests::key_pair();
+        let clear = Store::memory();
+        let sealing = clear.clone().with_keys(crate::seal::Keys {
+            recipients: crate::seal::Recipients::parse(&[public]).unwrap(),
+            identities: None,
+        });
+        let config = config();
+        let pushed = push(&config, &sealing, &segment).await.unwrap();
+        assert_eq!(pushed.outcome, PushOutcome::Stored);
+        assert_eq!(
+            push(&config, &sealing, &segment).await.unwrap().outcome,
+            PushOutcome::AlreadyArchived
+        );
+        std::fs::write(&segment, noise(1 << 20, 2)).unwrap();
+        let error = push(&config, &sealing, &segment).await.unwrap_err();
+        assert!(
+            format!("{error:#}").contains("different content"),
+            "{error:#}"
+        );
+
+        // The store is now marked encrypted: a sidecar without recipients is turned away.
+        let next = dir.path().join("000000010000000000000002");
+        std::fs::write(&next, noise(1 << 16, 3)).unwrap();
+        let error = push(&config, &clear, &next).await.unwrap_err();
+        assert_eq!(
+            crate::error::meaning(&error),
+            Some(crate::error::Meaning::Config),
+            "{error:#}"
+        );
+        assert!(
+            format!("{error:#}").contains("encrypted store"),
+            "{error:#}"
+        );
+
+        let dest = dir.path().join("RECOVERYXLOG");
+        let error = fetch(&clear, "000000010000000000000001", &dest)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            crate::error::meaning(&error),
+            Some(crate::error::Meaning::Config)
+        );
+        assert!(!dest.exists());
+        let reading = clear.clone().with_keys(crate::seal::Keys {
+            recipients: None,
+            identities: Some(crate::seal::tests::identities(dir.path(), &secret)),
+        });
+        fetch(&reading, "000000010000000000000001", &dest)
+            .await
+            .unwrap();
+        assert!(std::fs::read(&dest).unwrap() == original);
     }
 
     #[tokio::test]

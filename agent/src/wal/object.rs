@@ -38,6 +38,16 @@ impl WalHeader {
         hex::encode(self.sha256)
     }
 
+    /// The header an encrypted object's description gives (see `crate::seal`).
+    pub fn from_hex(raw_size: u64, sha256: &str) -> Option<Self> {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(sha256, &mut digest).ok()?;
+        Some(Self {
+            raw_size,
+            sha256: digest,
+        })
+    }
+
     /// Parses the first [`HEADER_LEN`] bytes of a stored WAL object.
     pub fn parse(stored: &[u8]) -> Result<Self, String> {
         let header = stored
