@@ -39,6 +39,11 @@ impl Agent {
             .with("PGDATA", pg.data_dir().to_str().expect("a UTF-8 path"))
     }
 
+    /// Another agent (its own home) with this one's environment and `name` set to `value`.
+    pub fn clone_with(&self, name: &str, value: &str) -> Self {
+        Self::new(self.env.clone()).with(name, value)
+    }
+
     /// The same agent with `name` set to `value` in its environment.
     pub fn with(mut self, name: &str, value: &str) -> Self {
         self.set(name, value);

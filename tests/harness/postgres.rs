@@ -9,7 +9,7 @@ use super::{
     Seaweed, free_port, private_ca, run_ok, running_as_root, shared_temp_dir, signed_certificate,
 };
 
-fn pg_bin_dir() -> PathBuf {
+pub fn pg_bin_dir() -> PathBuf {
     let mut majors: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
         .expect(
             "PostgreSQL server binaries are missing: run scripts/test (apt-get install postgresql)",
@@ -401,8 +401,22 @@ pub fn archiving_cluster_on(
     weed: &Seaweed,
     prefix: &str,
 ) -> (Postgres, PathBuf) {
+    archiving_cluster_configured(server_bin, weed, prefix, "")
+}
+
+/// [`archiving_cluster_on`] with `extra` TOML appended to the agent's config before the first
+/// segment is archived (an `[encryption]` section, say).
+pub fn archiving_cluster_configured(
+    server_bin: PathBuf,
+    weed: &Seaweed,
+    prefix: &str,
+    extra: &str,
+) -> (Postgres, PathBuf) {
     let staging = shared_temp_dir("pgconf");
     let config = weed.config_file(staging.path(), prefix);
+    let mut text = std::fs::read_to_string(&config).expect("read config");
+    text.push_str(extra);
+    std::fs::write(&config, text).expect("write config");
     let binary = agent_binary_for_postgres(staging.path());
     let command = format!(
         "GC_BACKUP_CONFIG={} {} wal-push %p",

@@ -173,6 +173,10 @@ struct ListEntry<'a> {
     raw_bytes: u64,
     stored_bytes: u64,
     compression: String,
+    /// Whether the objects are age files; the recipients (public keys) when they are.
+    encrypted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recipients: Option<&'a [String]>,
     tool_version: &'a str,
     #[serde(flatten)]
     source: serde_json::Value,
@@ -213,6 +217,8 @@ pub fn list_json(manifests: &[Manifest]) -> anyhow::Result<String> {
             raw_bytes: m.raw_bytes,
             stored_bytes: m.stored_bytes,
             compression: format!("{}-{}", m.compression.algorithm, m.compression.level),
+            encrypted: m.objects.iter().any(|object| object.sealed),
+            recipients: m.encryption.as_ref().map(|e| e.recipients.as_slice()),
             tool_version: &m.tool_version,
             source: list_facts(&m.source),
         })
@@ -268,8 +274,13 @@ pub fn list_table(store_name: &str, manifests: &[Manifest]) -> String {
                 facts.files.len()
             ),
         };
+        let sealed = if m.objects.iter().any(|object| object.sealed) {
+            " [age]"
+        } else {
+            ""
+        };
         out.push_str(&format!(
-            "{:<17} {:<8} {:<20} {:>8.1}s {:>10} {:>10} {:>5.1}x  {source}\n",
+            "{:<17} {:<8} {:<20} {:>8.1}s {:>10} {:>10} {:>5.1}x  {source}{sealed}\n",
             m.id.as_str(),
             m.kind.as_str(),
             m.start_time.format("%Y-%m-%d %H:%M:%S"),
