@@ -35,20 +35,8 @@ PG_EXTRA_OPTS="-c shared_buffers=256MB -c max_wal_size=4GB" start_postgres "$BEN
 export PGDATABASE=bench
 pgdata=$(psql -X -At -c "SHOW data_directory")
 
-log "collecting 10 real WAL segments while pgbench writes"
 segments="$work/segments"
-mkdir -p "$segments"
-"$PG_BIN/pgbench" -n -c 4 -T 30 bench >/dev/null 2>&1 &
-load=$!
-while [ "$(ls "$segments" | wc -l)" -lt 10 ]; do
-  sleep 2
-  # Finished segments: all but the two newest.
-  ls -t "$pgdata/pg_wal" | grep -E '^[0-9A-F]{24}$' | sed -n '3,30p' | while read -r s; do
-    [ "$(ls "$segments" | wc -l)" -lt 10 ] && [ ! -e "$segments/$s" ] && cp "$pgdata/pg_wal/$s" "$segments/" || true
-  done
-done
-kill "$load" 2>/dev/null || true
-wait "$load" 2>/dev/null || true
+collect_wal_segments "$pgdata" "$segments" 10
 
 log "starting SeaweedFS (HTTP and HTTPS)"
 bench_tls "$work"

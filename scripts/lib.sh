@@ -215,6 +215,25 @@ bench_setup() {
   chmod 755 "$work"
 }
 
+# collect_wal_segments PGDATA DIR N: copies N finished WAL segments of the running bench
+# cluster into DIR while pgbench writes, so that they hold real WAL.
+collect_wal_segments() {
+  local pgdata=$1 segments=$2 count=$3 load
+  log "collecting $count real WAL segments while pgbench writes"
+  mkdir -p "$segments"
+  "$PG_BIN/pgbench" -n -c 4 -T 60 bench >/dev/null 2>&1 &
+  load=$!
+  while [ "$(ls "$segments" | wc -l)" -lt "$count" ]; do
+    sleep 2
+    # Finished segments: all but the two newest.
+    ls -t "$pgdata/pg_wal" | grep -E '^[0-9A-F]{24}$' | sed -n '3,30p' | while read -r s; do
+      [ "$(ls "$segments" | wc -l)" -lt "$count" ] && [ ! -e "$segments/$s" ] && cp "$pgdata/pg_wal/$s" "$segments/" || true
+    done
+  done
+  kill "$load" 2>/dev/null || true
+  wait "$load" 2>/dev/null || true
+}
+
 # bench_tls DIR: a private CA (DIR/cert.pem, the file to trust) and a certificate it signs for
 # localhost (DIR/server.pem, DIR/key.pem) for SeaweedFS's HTTPS port. rustls (gc-backup) refuses
 # a self-signed certificate that is its own CA (CA:TRUE on an end entity), which is what

@@ -118,18 +118,18 @@ impl Recipients {
         self.encryptor(None)?.wrap_output(out)
     }
 
-    /// A stored WAL object: `stored` (its clear stored form) encrypted, with the stanza that
-    /// lets a later push compare content without a key.
-    pub fn seal_wal(&self, stored: &[u8], raw_size: u64, sha256: &str) -> std::io::Result<Vec<u8>> {
+    /// Encrypts a stored WAL object written into the returned writer, with the stanza that lets
+    /// a later push compare content without a key (`header`: what the object holds).
+    pub fn seal_wal<W: Write>(
+        &self,
+        out: W,
+        header: &crate::wal::object::WalHeader,
+    ) -> std::io::Result<StreamWriter<W>> {
         let describe = WalStanza {
-            raw_size,
-            sha256: sha256.to_string(),
+            raw_size: header.raw_size,
+            sha256: header.sha256_hex(),
         };
-        let mut sealed = Vec::with_capacity(stored.len() + 1024);
-        let mut writer = self.encryptor(Some(&describe))?.wrap_output(&mut sealed)?;
-        writer.write_all(stored)?;
-        writer.finish()?;
-        Ok(sealed)
+        self.encryptor(Some(&describe))?.wrap_output(out)
     }
 
     fn encryptor(&self, describe: Option<&WalStanza>) -> std::io::Result<age::Encryptor> {
@@ -350,7 +350,11 @@ pub(crate) mod tests {
         let (_, second) = key_pair();
         let recipients = Recipients::parse(&[public, second]).unwrap().unwrap();
         let sha = "ab".repeat(32);
-        let sealed = recipients.seal_wal(b"segment", 16, &sha).unwrap();
+        let header = crate::wal::object::WalHeader::from_hex(16, &sha).unwrap();
+        let mut sealed = Vec::new();
+        let mut writer = recipients.seal_wal(&mut sealed, &header).unwrap();
+        writer.write_all(b"segment").unwrap();
+        writer.finish().unwrap();
         assert_eq!(wal_description(&sealed), Some((16, sha.clone())));
         assert_eq!(wal_description(b"\x5b\x2a\x4d\x18 clear"), None);
         let opened = identities(dir.path(), &secret)

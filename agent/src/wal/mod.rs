@@ -63,17 +63,8 @@ pub async fn push(config: &Config, store: &Store, path: &Path) -> anyhow::Result
     // Read and compressed frame by frame on a blocking thread: the raw segment is never held
     // whole, only its compressed form (what the PUT sends).
     let encoding = tokio::task::spawn_blocking(move || {
-        let reader = std::fs::File::open(&file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let (header, stored) = object::encode_read(reader, level, workers)
-            .with_context(|| format!("reading and compressing {}", file.display()))?;
-        let Some(recipients) = seal else {
-            return Ok((header, stored));
-        };
-        let sealed = recipients
-            .seal_wal(&stored, header.raw_size, &header.sha256_hex())
-            .with_context(|| format!("encrypting {}", file.display()))?;
-        anyhow::Ok((header, bytes::Bytes::from(sealed)))
+        object::encode_file(&file, level, workers, seal.as_ref())
+            .with_context(|| format!("cannot read and compress {}", file.display()))
     });
     // The store's encryption marker is read while the segment is compressed.
     let (encoded, marker) = tokio::join!(encoding, crate::catalog::check_encryption(store));
