@@ -3,7 +3,8 @@
 #
 #   gc-backup backup pg-base, clear and encrypted (rounds alternate)   target: within 10%
 #   gc-backup wal-push of 10 real segments, clear and encrypted        target: within 5 ms
-#                                                       (each segment pushed both ways in turn)
+#     each segment pushed both ways in turn, ROUNDS (default 3) times into fresh prefixes;
+#     the figure is the median of the paired differences, which cancels the machine's drift
 #
 # Medians of REPEAT (default 3) base backup rounds. Needs the cluster of
 # benches/pg_dump_e2e.sh prepare (BENCH_DIR).
@@ -53,17 +54,22 @@ done
 
 segments="$work/segments"
 collect_wal_segments "$pgdata" "$segments" 10
+# pgbench's checkpoint and autovacuum would otherwise run under the first pushes.
+psql -X -q -c CHECKPOINT
+sleep 5
 wal="$work/wal-results"
 : >"$wal"
 push() {
-  local mode=$1 segment=$2 start end
+  local mode=$1 segment=$2 round=$3 start end
   start=$(date +%s%N)
-  GC_BACKUP_CONFIG="$work/$mode.toml" GC_BACKUP_STORE="s3://bench/wal-$mode" "$GC_BACKUP" wal-push "$segment" \
+  GC_BACKUP_CONFIG="$work/$mode.toml" GC_BACKUP_STORE="s3://bench/wal-$mode-$round" "$GC_BACKUP" wal-push "$segment" \
     2>"$work/err" || { echo "wal-push ($mode) failed:" >&2; cat "$work/err" >&2; exit 1; }
   end=$(date +%s%N)
-  printf '%s\t%s\n' "$mode" $(((end - start) / 1000)) >>"$wal"
+  printf '%s\t%s\t%s\n' "$mode" $(((end - start) / 1000)) "$round $(basename "$segment")" >>"$wal"
 }
-for s in "$segments"/*; do push clear "$s"; push sealed "$s"; done
+for round in $(seq 1 "${ROUNDS:-3}"); do
+  for s in "$segments"/*; do push clear "$s" "$round"; push sealed "$s" "$round"; done
+done
 
 # The encrypted store opens with the identity alone: one restore-side check of the result.
 GC_BACKUP_CONFIG="$work/sealed.toml" GC_BACKUP_AGE_IDENTITY_FILE="$work/identity.txt" \
@@ -91,13 +97,15 @@ for name, (wall, group) in med.items():
     print(f"{name:20} {wall:7.2f} {pgdata / 2**20 / wall:7.1f} {float(row[2]):7.2f} {row[4]:>9}")
 loss = (sealed / clear - 1) * 100
 print(f"encrypted throughput: {clear / sealed * 100:.1f}% of clear ({loss:+.1f}% time; target: within 10%)")
-pushes = {}
+pushes, by_push = {}, {}
 for line in open(sys.argv[2]):
-    mode, micros = line.rstrip("\n").split("\t")
+    mode, micros, push = line.rstrip("\n").split("\t")
     pushes.setdefault(mode, []).append(int(micros) / 1000)
-c, s = statistics.median(pushes["clear"]), statistics.median(pushes["sealed"])
-print(f"\n{'wal-push (10 segments)':24} {'median ms':>10} {'mean ms':>9}")
+    by_push.setdefault(push, {})[mode] = int(micros) / 1000
+paired = [p["sealed"] - p["clear"] for p in by_push.values()]
+print(f"\n{f'wal-push ({len(paired)} pushes each)':24} {'median ms':>10} {'mean ms':>9}")
 for mode, ms in pushes.items():
     print(f"{mode:24} {statistics.median(ms):10.1f} {statistics.mean(ms):9.1f}")
-print(f"encrypted - clear: {s - c:+.1f} ms per segment (target: within 5 ms)")
+print(f"encrypted - clear, paired: median {statistics.median(paired):+.1f} ms, "
+      f"mean {statistics.mean(paired):+.1f} ms per segment (target: within 5 ms)")
 PY

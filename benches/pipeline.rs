@@ -1,6 +1,10 @@
 //! Pipeline throughput (raw MB/s in) into the in-memory store at zstd levels 1, 3 and 6, on
 //! data shaped like pg_dump output (COPY rows of ids, names, timestamps, hashes and JSON), so
 //! that compression does what it does on a real dump. Run: `cargo bench --bench pipeline`.
+//!
+//! `wal_encode`: what `wal-push` does to one 16 MiB segment before its PUT, clear and encrypted
+//! (age to one recipient); `GC_BACKUP_BENCH_SEGMENT=PATH` takes a real segment instead of
+//! dump-like rows.
 
 use std::hint::black_box;
 
@@ -68,5 +72,36 @@ fn pipeline_throughput(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pipeline_throughput);
+fn wal_encode(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let segment = match std::env::var_os("GC_BACKUP_BENCH_SEGMENT") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => {
+            let path = dir.path().join("000000010000000000000001");
+            std::fs::write(&path, dump_like(16 << 20)).expect("write segment");
+            path
+        }
+    };
+    let (_, recipient) = {
+        let identity = age::x25519::Identity::generate();
+        (identity.clone(), identity.to_public().to_string())
+    };
+    let recipients = gc_backup::seal::Recipients::parse(&[recipient])
+        .expect("recipient")
+        .expect("one");
+    let mut group = c.benchmark_group("wal_encode");
+    group.throughput(Throughput::Bytes(16 << 20));
+    group.sample_size(30);
+    for (name, seal) in [("clear", None), ("sealed", Some(&recipients))] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let encoded = gc_backup::wal::object::encode_file(&segment, 1, 0, seal);
+                black_box(encoded.expect("encode").1.len())
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pipeline_throughput, wal_encode);
 criterion_main!(benches);

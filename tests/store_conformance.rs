@@ -26,6 +26,7 @@ async fn local_directory_store_conforms() {
         max_retries: 1,
         retry_timeout: std::time::Duration::from_secs(5),
         connect_timeout: std::time::Duration::from_secs(5),
+        object_lock: None,
     };
     conformance::run_all(&Store::open(&config, OpenMode::CreateRoot).unwrap()).await;
 }

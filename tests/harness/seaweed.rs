@@ -23,17 +23,25 @@ pub struct Seaweed {
     /// The HTTPS port, when started with [`Seaweed::start_tls`].
     pub https_port: Option<u16>,
     args: Vec<String>,
+    /// The bucket was created with object lock (and so versioning) instead of by weed.
+    locked: bool,
 }
 
 impl Seaweed {
     pub fn start() -> Self {
-        Self::start_with_tls(false)
+        Self::start_with(false, false)
+    }
+
+    /// The bucket created with object lock, which turns versioning on: what an SRE who wants
+    /// backups that stolen credentials cannot destroy sets up.
+    pub fn start_locked() -> Self {
+        Self::start_with(false, true)
     }
 
     /// Also serves HTTPS, with a certificate for 127.0.0.1 from a throwaway CA
     /// ([`Seaweed::ca_file`]).
     pub fn start_tls() -> Self {
-        Self::start_with_tls(true)
+        Self::start_with(true, false)
     }
 
     pub fn ca_file(&self) -> PathBuf {
@@ -47,7 +55,7 @@ impl Seaweed {
         )
     }
 
-    fn start_with_tls(tls: bool) -> Self {
+    fn start_with(tls: bool, locked: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("gcb-s3-")
             .tempdir()
@@ -76,7 +84,6 @@ impl Seaweed {
             "-s3.autoCreateBucket=false".into(),
             "-volume.max=1000".into(),
             format!("-s3.config={}", config.display()),
-            format!("-bucket={BUCKET}"),
             format!(
                 "-filer.localSocket={}",
                 dir.path().join("filer.sock").display()
@@ -84,6 +91,9 @@ impl Seaweed {
             format!("-s3.localSocket={}", dir.path().join("s3.sock").display()),
         ];
         let mut fixed = fixed;
+        if !locked {
+            fixed.push(format!("-bucket={BUCKET}"));
+        }
         if tls {
             // A private CA, and a server certificate for 127.0.0.1 signed by it.
             private_ca(dir.path());
@@ -98,6 +108,7 @@ impl Seaweed {
             s3_port: 0,
             https_port: None,
             args: Vec::new(),
+            locked,
         };
         for _attempt in 0..3 {
             // Every listener on an explicit port, chosen together so no two collide.
@@ -176,6 +187,18 @@ impl Seaweed {
                         Ok(_) => s3.delete(&probe).await.is_ok(),
                         Err(error) => {
                             last_error = format!("{error:?}");
+                            if self.locked && last_error.contains("NoSuchBucket") {
+                                let created = self
+                                    .s3_api()
+                                    .create_bucket()
+                                    .bucket(BUCKET)
+                                    .object_lock_enabled_for_bucket(true)
+                                    .send()
+                                    .await;
+                                if let Err(error) = created {
+                                    last_error = format!("create bucket: {error:?}");
+                                }
+                            }
                             false
                         }
                     }
@@ -196,6 +219,82 @@ impl Seaweed {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// S3's own API (aws-sdk-s3), for what object_store does not speak: versions, retention.
+    pub fn s3_api(&self) -> aws_sdk_s3::Client {
+        use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test"))
+            .force_path_style(true)
+            .endpoint_url(self.endpoint())
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+    }
+
+    /// Every version and delete marker under `prefix`: (key, version id, is a delete marker).
+    pub fn versions(&self, prefix: &str) -> Vec<(String, String, bool)> {
+        block_on(async {
+            let listed = self
+                .s3_api()
+                .list_object_versions()
+                .bucket(BUCKET)
+                .prefix(prefix)
+                .send()
+                .await
+                .expect("list versions");
+            let mut all = Vec::new();
+            for version in listed.versions() {
+                all.push((
+                    version.key().unwrap_or_default().to_string(),
+                    version.version_id().unwrap_or_default().to_string(),
+                    false,
+                ));
+            }
+            for marker in listed.delete_markers() {
+                all.push((
+                    marker.key().unwrap_or_default().to_string(),
+                    marker.version_id().unwrap_or_default().to_string(),
+                    true,
+                ));
+            }
+            all
+        })
+    }
+
+    /// The lock on the current version of `key`: (mode, retain-until in Unix seconds).
+    pub fn retention(&self, key: &str) -> Option<(String, i64)> {
+        block_on(async {
+            let got = self
+                .s3_api()
+                .get_object_retention()
+                .bucket(BUCKET)
+                .key(key)
+                .send()
+                .await
+                .ok()?;
+            let retention = got.retention()?;
+            Some((
+                retention.mode()?.as_str().to_string(),
+                retention.retain_until_date()?.secs(),
+            ))
+        })
+    }
+
+    /// An attacker's delete of one version for good: whether the server allowed it.
+    pub fn delete_version(&self, key: &str, version: &str) -> bool {
+        block_on(async {
+            self.s3_api()
+                .delete_object()
+                .bucket(BUCKET)
+                .key(key)
+                .version_id(version)
+                .send()
+                .await
+                .is_ok()
+        })
     }
 
     pub fn endpoint(&self) -> String {

@@ -37,6 +37,35 @@ pub fn parse_manifest_key(key: &ObjectKey) -> Option<(Kind, BackupId)> {
     Some((kind.parse().ok()?, id.parse().ok()?))
 }
 
+/// What a key holds, as object lock sees it: how long it must outlive an attacker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// A backup's manifest or data object: kept for its kind's window.
+    Backup(Kind),
+    /// Archived WAL: kept as long as the PostgreSQL backups that need it.
+    Wal,
+    /// The encryption marker: kept as long as anything.
+    Marker,
+    /// Claims and `check`'s probes: deleted by gc-backup itself, never locked.
+    Transient,
+}
+
+pub fn held(key: &ObjectKey) -> Held {
+    if *key == encryption_marker_key() {
+        return Held::Marker;
+    }
+    if parse_wal_key(key).is_some() {
+        return Held::Wal;
+    }
+    if let Some((kind, _)) = parse_manifest_key(key) {
+        return Held::Backup(kind);
+    }
+    match parse_data_key(key) {
+        Some((_, _, CLAIM)) | None => Held::Transient,
+        Some((kind, _, _)) => Held::Backup(kind),
+    }
+}
+
 /// The marker that says the store is encrypted ([`super::check_encryption`]).
 pub fn encryption_marker_key() -> ObjectKey {
     ObjectKey::from("encryption.json")

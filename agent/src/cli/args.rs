@@ -41,6 +41,10 @@ pub struct GlobalArgs {
     /// Parts uploaded at once [env: GC_BACKUP_PARALLEL_UPLOADS]
     #[arg(long, global = true, value_name = "N")]
     pub parallel_uploads: Option<usize>,
+    /// Read the store as it was at TIME (a versioned bucket's older versions): list, restore,
+    /// verify and wal-fetch only [env: GC_BACKUP_AS_OF]
+    #[arg(long, global = true, value_name = "TIME")]
+    pub as_of: Option<String>,
     /// Log format on stderr
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "GC_BACKUP_LOG_FORMAT")]
     pub log_format: LogFormat,
@@ -370,6 +374,7 @@ impl Cli {
             zstd_level: global.zstd_level,
             part_size: global.part_size.clone(),
             parallel_uploads: global.parallel_uploads,
+            as_of: global.as_of.clone(),
             ..Overrides::default()
         };
         match &self.command {

@@ -52,7 +52,10 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Command::Backup(_) | Command::Run => OpenMode::CreateRoot,
         _ => OpenMode::Existing,
     };
-    let store = Store::open(&config.store, mode)?.with_keys(config.keys()?);
+    let store = Store::open(&config.store, mode)?
+        .with_keys(config.keys()?)
+        .with_lock(jobs::locker(&config)?)
+        .with_as_of(as_of_view(&config, &cli.command).await?);
     match cli.command {
         Command::Backup(command) => backup(&config, &store, command, &cancel).await,
         Command::List(args) => list(&store, &args).await,
@@ -241,6 +244,39 @@ async fn retention(config: &Config, store: &Store, args: &RetentionArgs) -> anyh
 /// restore_command. PostgreSQL signals it on shutdown: stop at once (exit 255), never leave it
 /// waiting on a store that does not answer. A segment the prefetcher already checked, from
 /// this very store, is a rename away.
+/// The `--as-of` view of the store, for the commands that only read it; refused for the rest
+/// and for a store that keeps no versions.
+async fn as_of_view(
+    config: &Config,
+    command: &Command,
+) -> anyhow::Result<Option<crate::store::versions::AsOf>> {
+    let Some(time) = config.as_of else {
+        return Ok(None);
+    };
+    let reads_only = matches!(
+        command,
+        Command::List(_) | Command::Restore(_) | Command::Verify(_) | Command::WalFetch(_)
+    );
+    if !reads_only {
+        return Err(Failure::Config(
+            "--as-of is for list, restore, verify and wal-fetch: this command writes to the store"
+                .to_string(),
+        )
+        .into());
+    }
+    let crate::config::StoreLocation::S3(s3) = &config.store.location else {
+        return Err(Failure::Config(format!(
+            "--as-of needs a versioned S3 bucket; {} is a directory",
+            config.store.location
+        ))
+        .into());
+    };
+    let name = config.store.location.to_string();
+    Ok(Some(
+        crate::store::versions::AsOf::open(s3, &name, time).await?,
+    ))
+}
+
 async fn wal_fetch(
     config: &Config,
     store: &Store,

@@ -96,6 +96,10 @@ pub struct StoreSection {
     pub verify_uploads: Option<bool>,
     /// PEM file of extra CA certificates to trust for an https endpoint (a private CA).
     pub ca_file: Option<PathBuf>,
+    /// `governance` or `compliance`: every object written gets a retain-until date.
+    pub object_lock: Option<String>,
+    /// Added to a kind's retention window for its retain-until date (default 7d).
+    pub object_lock_margin: Option<String>,
     pub max_retries: Option<usize>,
     /// Total time a request may spend in retries, e.g. "60s".
     pub retry_timeout: Option<String>,

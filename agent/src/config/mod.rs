@@ -80,6 +80,8 @@ pub struct Overrides {
     pub redis_aof_dir: Option<PathBuf>,
     /// `backup etcd --endpoints`, comma-separated.
     pub etcd_endpoints: Option<String>,
+    /// `--as-of TIME`, as given.
+    pub as_of: Option<String>,
 }
 
 impl Overrides {
@@ -116,6 +118,13 @@ impl Config {
         }
         if let Some(url) = &self.origin.store_url {
             env.push(("GC_BACKUP_STORE".to_string(), url.clone()));
+        }
+        // restore_command reads the archive as of the same moment.
+        if let Some(time) = self.as_of {
+            env.push((
+                "GC_BACKUP_AS_OF".to_string(),
+                time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            ));
         }
         // wal-fetch must open encrypted WAL, whether the keys came from the file or not.
         if !self.encryption.identity_files.is_empty() {

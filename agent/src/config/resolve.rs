@@ -32,6 +32,7 @@ impl Config {
         let schedule = resolve_schedules(&file.schedule)?;
         let retention = resolve_retention(&file.retention)?;
         let encryption = resolve_encryption(file.encryption, &env)?;
+        let as_of = resolve_as_of(&env, flags)?;
         let listen = env("GC_BACKUP_METRICS_LISTEN")
             .or(file.metrics.listen)
             .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
@@ -50,6 +51,7 @@ impl Config {
             retention,
             metrics_listen,
             encryption,
+            as_of,
             // On unless 0, off, false or no.
             wal_prefetch: !env("GC_BACKUP_WAL_PREFETCH").is_some_and(|value| {
                 matches!(
@@ -63,6 +65,23 @@ impl Config {
             },
         })
     }
+}
+
+/// `--as-of`, else `GC_BACKUP_AS_OF`: a moment with its zone, not in the future.
+fn resolve_as_of(
+    env: &dyn Fn(&str) -> Option<String>,
+    flags: &Overrides,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ConfigError> {
+    let Some(text) = flags.as_of.clone().or_else(|| env("GC_BACKUP_AS_OF")) else {
+        return Ok(None);
+    };
+    let time = pitr::target::parse_time(&text).map_err(|e| err(format!("--as-of: {e}")))?;
+    if time > chrono::Utc::now() {
+        return Err(err(format!(
+            "--as-of {text} is in the future: the store cannot be read as it will be"
+        )));
+    }
+    Ok(Some(time))
 }
 
 /// Recipients parsed here (a bad key is exit 2 before any I/O); identity files only made
@@ -120,7 +139,6 @@ fn resolve_store(
         Some(url) => parse_store_url(&url, file, env)?,
     };
     Ok(StoreConfig {
-        location,
         ca_file: env("GC_BACKUP_CA_FILE")
             .map(PathBuf::from)
             .or_else(|| file.ca_file.clone()),
@@ -129,7 +147,42 @@ fn resolve_store(
             .unwrap_or(Duration::from_secs(60)),
         connect_timeout: parse_duration("store.connect-timeout", file.connect_timeout.as_deref())?
             .unwrap_or(Duration::from_secs(5)),
+        object_lock: resolve_object_lock(file, env, &location)?,
+        location,
     })
+}
+
+fn resolve_object_lock(
+    file: &StoreSection,
+    env: &dyn Fn(&str) -> Option<String>,
+    location: &StoreLocation,
+) -> Result<Option<ObjectLock>, ConfigError> {
+    let Some(mode) = env("GC_BACKUP_OBJECT_LOCK").or_else(|| file.object_lock.clone()) else {
+        return Ok(None);
+    };
+    let mode = match mode.to_ascii_lowercase().as_str() {
+        "governance" => LockMode::Governance,
+        "compliance" => LockMode::Compliance,
+        "off" | "none" | "" => return Ok(None),
+        other => {
+            return Err(err(format!(
+                "store.object-lock '{other}' is not governance, compliance or off"
+            )));
+        }
+    };
+    if !matches!(location, StoreLocation::S3(_)) {
+        return Err(err(
+            "store.object-lock needs an s3:// store: a local directory has no object lock",
+        ));
+    }
+    let margin = parse_duration(
+        "store.object-lock-margin",
+        file.object_lock_margin.as_deref(),
+    )?
+    .map_or(Ok(chrono::TimeDelta::days(7)), |d| {
+        chrono::TimeDelta::from_std(d).map_err(|_| err("store.object-lock-margin is too long"))
+    })?;
+    Ok(Some(ObjectLock { mode, margin }))
 }
 
 /// `$XDG_DATA_HOME/gc-backup`, else `~/.local/share/gc-backup`, else `/var/lib/gc-backup`.

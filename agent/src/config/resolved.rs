@@ -20,6 +20,8 @@ pub struct Config {
     pub retention: retention::Policy,
     pub metrics_listen: std::net::SocketAddr,
     pub encryption: EncryptionConfig,
+    /// `--as-of`: read the store as it was then (a versioned bucket's older versions).
+    pub as_of: Option<chrono::DateTime<chrono::Utc>>,
     /// Whether `wal-fetch` reads the next segments ahead (`GC_BACKUP_WAL_PREFETCH`).
     pub wal_prefetch: bool,
     /// The flags this was resolved with (see [`Config::child_env`]).
@@ -103,6 +105,32 @@ pub struct StoreConfig {
     pub max_retries: usize,
     pub retry_timeout: Duration,
     pub connect_timeout: Duration,
+    /// S3 object lock on every object written (`store.object-lock`).
+    pub object_lock: Option<ObjectLock>,
+}
+
+/// How objects are locked: the mode, and what is added to each kind's retention window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    pub margin: chrono::TimeDelta,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Users with s3:BypassGovernanceRetention may still delete; gc-backup never asks to.
+    Governance,
+    /// Nobody can delete a version before its date, the account's root included.
+    Compliance,
+}
+
+impl LockMode {
+    pub fn as_s3(self) -> &'static str {
+        match self {
+            Self::Governance => "GOVERNANCE",
+            Self::Compliance => "COMPLIANCE",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -482,3 +482,81 @@ fn numbers_from_the_environment_that_are_not_numbers_name_their_variable() {
     );
     assert_eq!(config.unwrap().pipeline.parallel_uploads, 2);
 }
+
+#[test]
+fn encryption_object_lock_and_as_of_resolve_and_reach_the_restore_command() {
+    let identity = age::x25519::Identity::generate();
+    let recipient = identity.to_public().to_string();
+    let config = resolve_with(
+        &format!(
+            "[store]\nurl = \"s3://bucket/p\"\nobject-lock = \"compliance\"\n\
+             [encryption]\nrecipients = [\"{recipient}\"]\nidentity-file = \"key.txt\"\n"
+        ),
+        &[],
+        Overrides {
+            as_of: Some("2026-01-15 10:30:00+09".into()),
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        config.encryption.recipients.as_ref().unwrap().names(),
+        std::slice::from_ref(&recipient)
+    );
+    assert!(config.encryption.identity_files[0].is_absolute());
+    let lock = config.store.object_lock.unwrap();
+    assert_eq!(lock.mode, LockMode::Compliance);
+    assert_eq!(lock.margin, chrono::TimeDelta::days(7));
+    let as_of = config.as_of.unwrap();
+    assert_eq!(as_of.to_rfc3339(), "2026-01-15T01:30:00+00:00");
+    let env: HashMap<String, String> = config.child_env().into_iter().collect();
+    assert_eq!(env["GC_BACKUP_AS_OF"], "2026-01-15T01:30:00Z");
+    assert!(env["GC_BACKUP_AGE_IDENTITY_FILE"].ends_with("/key.txt"));
+
+    // The environment's comma-separated lists win over the file.
+    let from_env = resolve_with(
+        "[encryption]\nidentity-file = [\"a\", \"b\"]\n",
+        &[
+            (
+                "GC_BACKUP_AGE_RECIPIENTS",
+                &format!("{recipient}, {recipient}"),
+            ),
+            ("GC_BACKUP_AGE_IDENTITY_FILE", "/k/one,/k/two"),
+        ],
+        Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(from_env.encryption.recipients.unwrap().names().len(), 2);
+    assert_eq!(
+        from_env.encryption.identity_files,
+        [PathBuf::from("/k/one"), PathBuf::from("/k/two")]
+    );
+}
+
+#[test]
+fn bad_encryption_lock_and_as_of_settings_are_refused_with_their_key() {
+    let refused = |toml: &str, env: &[(&str, &str)], as_of: Option<&str>| {
+        let flags = Overrides {
+            as_of: as_of.map(String::from),
+            ..Overrides::default()
+        };
+        resolve_with(toml, env, flags).unwrap_err().to_string()
+    };
+    let error = refused("[encryption]\nrecipients = [\"age1nope\"]\n", &[], None);
+    assert!(error.contains("not an age public key"), "{error}");
+    let error = refused("", &[("GC_BACKUP_OBJECT_LOCK", "forever")], None);
+    assert!(
+        error.contains("not governance, compliance or off"),
+        "{error}"
+    );
+    let error = refused(
+        "[store]\nurl = \"file:///var/backups\"\nobject-lock = \"governance\"\n",
+        &[],
+        None,
+    );
+    assert!(error.contains("has no object lock"), "{error}");
+    let error = refused("", &[], Some("2999-01-01T00:00:00Z"));
+    assert!(error.contains("in the future"), "{error}");
+    let error = refused("", &[("GC_BACKUP_AS_OF", "2026-01-15 10:30")], None);
+    assert!(error.contains("--as-of"), "{error}");
+}

@@ -370,14 +370,36 @@ async fn bucket_state(config: &Config) -> Vec<Finding> {
         return Vec::new();
     };
     match crate::store::multipart::bucket_state(s3).await {
-        Ok(Some(state)) => vec![Finding::ok(
-            "store",
-            "versioning and object lock",
-            format!(
+        Ok(Some(state)) => {
+            let found = format!(
                 "versioning {}; object lock {}",
                 state.versioning, state.object_lock
-            ),
-        )],
+            );
+            let locked = state.object_lock != "off" && !state.object_lock.starts_with("unknown");
+            match config.store.object_lock {
+                Some(lock) if !locked || state.versioning != "Enabled" => vec![Finding::fail(
+                    "store",
+                    "versioning and object lock",
+                    format!(
+                        "{found}: store.object-lock = {} needs a bucket created with object \
+                         lock (which turns versioning on)",
+                        lock.mode.as_s3().to_lowercase()
+                    ),
+                    true,
+                )],
+                Some(lock) => vec![Finding::ok(
+                    "store",
+                    "versioning and object lock",
+                    format!(
+                        "{found}; every object written is locked ({}, its kind's retention \
+                         window + {} days)",
+                        lock.mode.as_s3(),
+                        lock.margin.num_days()
+                    ),
+                )],
+                None => vec![Finding::ok("store", "versioning and object lock", found)],
+            }
+        }
         Ok(None) => vec![Finding::warn(
             "store",
             "versioning and object lock",

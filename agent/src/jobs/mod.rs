@@ -23,6 +23,36 @@ use anyhow::Context;
 use crate::error::Failure;
 use crate::store::Store;
 
+/// The object lock of `config`: every backup object and manifest retained for its kind's window
+/// plus the margin from when it is written, WAL for PostgreSQL's window plus the margin (a
+/// segment is needed as long as a restore target after it is inside the window, and the
+/// segments before the window's start as long as the base backup they follow, one backup
+/// interval more: the margin), the encryption marker for the longest window.
+pub fn locker(
+    config: &crate::config::Config,
+) -> anyhow::Result<Option<crate::store::lock::Locker>> {
+    use crate::catalog::layout::{Held, held};
+    use crate::config::StoreLocation;
+    let (Some(lock), StoreLocation::S3(s3)) = (config.store.object_lock, &config.store.location)
+    else {
+        return Ok(None);
+    };
+    let policy = config.retention;
+    let until = std::sync::Arc::new(move |key: &crate::store::ObjectKey| {
+        let window = match held(key) {
+            Held::Backup(kind) => policy.window(kind),
+            Held::Wal => policy.pg,
+            Held::Marker => policy.pg.max(policy.redis).max(policy.etcd),
+            Held::Transient => return None,
+        };
+        Some(chrono::Utc::now() + window + lock.margin)
+    });
+    let name = config.store.location.to_string();
+    Ok(Some(crate::store::lock::Locker::new(
+        s3, &name, lock.mode, until,
+    )?))
+}
+
 /// Checked by every restore before it writes anything: an encrypted backup needs identities
 /// (exit 2, one line, nothing written).
 pub(crate) fn can_open(store: &Store, manifest: &crate::catalog::Manifest) -> anyhow::Result<()> {

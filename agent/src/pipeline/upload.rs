@@ -148,10 +148,11 @@ async fn upload_parts(
             }
         }
     }
-    upload
+    let written = upload
         .complete()
         .await
         .map_err(|e| store.error("complete multipart upload of", key, e))?;
+    store.retain(key, written.version.as_deref()).await?;
     Ok(Uploaded {
         stored_bytes,
         parts: count,

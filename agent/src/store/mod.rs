@@ -5,7 +5,9 @@
 //! credentials or the bucket name (a configuration problem), wait for the server (unreachable),
 //! or look at the named object. Messages name the store without credentials.
 
+pub mod lock;
 pub mod multipart;
+pub mod versions;
 
 use std::sync::Arc;
 
@@ -79,6 +81,10 @@ pub struct Store {
     name: String,
     /// Whom this process encrypts to, and the keys it opens objects with.
     keys: crate::seal::Keys,
+    /// Object lock on what this process writes (`store.object-lock`).
+    lock: Option<lock::Locker>,
+    /// `--as-of`: every read sees the bucket as it was then, and nothing is written.
+    as_of: Option<Arc<versions::AsOf>>,
 }
 
 /// Whether opening a local store may create its directory.
@@ -187,6 +193,8 @@ impl Store {
             local_root,
             name,
             keys: crate::seal::Keys::default(),
+            lock: None,
+            as_of: None,
         })
     }
 
@@ -197,6 +205,8 @@ impl Store {
             local_root: None,
             name: "memory://".to_string(),
             keys: crate::seal::Keys::default(),
+            lock: None,
+            as_of: None,
         }
     }
 
@@ -207,6 +217,8 @@ impl Store {
             local_root: None,
             name: name.into(),
             keys: crate::seal::Keys::default(),
+            lock: None,
+            as_of: None,
         }
     }
 
@@ -220,29 +232,91 @@ impl Store {
         &self.keys
     }
 
+    /// This store as it was at the view's moment: read-only.
+    pub fn with_as_of(mut self, view: Option<versions::AsOf>) -> Self {
+        self.as_of = view.map(Arc::new);
+        self
+    }
+
+    /// The moment this store is read as, when it is a `--as-of` view.
+    pub fn as_of(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.as_of.as_ref().map(|view| view.time())
+    }
+
+    /// Writes are refused in a `--as-of` view: it shows the past.
+    fn writable(&self, key: &Key) -> Result<(), StoreError> {
+        match &self.as_of {
+            None => Ok(()),
+            Some(view) => Err(StoreError::Setup {
+                store: self.name.clone(),
+                detail: format!(
+                    "cannot write {key}: --as-of {} reads the store as it was",
+                    view.time().to_rfc3339()
+                ),
+            }),
+        }
+    }
+
+    /// How to read `key`: its version at the view's moment, or the current object.
+    async fn read_options(&self, key: &Key) -> Result<object_store::GetOptions, StoreError> {
+        let Some(view) = &self.as_of else {
+            return Ok(object_store::GetOptions::default());
+        };
+        match view.resolve(key).await? {
+            Some(meta) => Ok(object_store::GetOptions {
+                version: meta.version,
+                ..Default::default()
+            }),
+            None => Err(StoreError::NotFound {
+                store: self.name.clone(),
+                key: format!("{key} (as of {})", view.time().to_rfc3339()),
+            }),
+        }
+    }
+
+    /// This store with every write locked as `locker` says.
+    pub fn with_lock(mut self, locker: Option<lock::Locker>) -> Self {
+        self.lock = locker;
+        self
+    }
+
+    /// Sets the retention of what was just written at `key` (`version`, from the write), when
+    /// object lock is on. Part of the write: a write whose retention fails has failed.
+    pub async fn retain(&self, key: &Key, version: Option<&str>) -> Result<(), StoreError> {
+        match &self.lock {
+            Some(locker) => locker.retain(&self.name, key, version).await,
+            None => Ok(()),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
 
     /// Writes `bytes` at `key` only if nothing is there yet.
     pub async fn put_new(&self, key: &Key, bytes: Bytes) -> Result<(), StoreError> {
+        self.writable(key)?;
         let options = PutOptions::from(PutMode::Create);
-        self.inner
+        let written = self
+            .inner
             .put_opts(key, PutPayload::from(bytes), options)
             .await
-            .map(|_| ())
-            .map_err(|e| self.error("put", key, e))
+            .map_err(|e| self.error("put", key, e))?;
+        self.retain(key, written.version.as_deref()).await
     }
 
     pub async fn put(&self, key: &Key, payload: PutPayload) -> Result<(), StoreError> {
-        self.inner
+        self.writable(key)?;
+        let written = self
+            .inner
             .put(key, payload)
             .await
-            .map(|_| ())
-            .map_err(|e| self.error("put", key, e))
+            .map_err(|e| self.error("put", key, e))?;
+        self.retain(key, written.version.as_deref()).await
     }
 
     pub async fn start_multipart(&self, key: &Key) -> Result<Box<dyn MultipartUpload>, StoreError> {
+        self.writable(key)?;
         self.inner
             .put_multipart(key)
             .await
@@ -279,16 +353,23 @@ impl Store {
         key: &Key,
         range: std::ops::Range<u64>,
     ) -> Result<Bytes, StoreError> {
-        self.inner
-            .get_range(key, range)
+        let options = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(range)),
+            ..self.read_options(key).await?
+        };
+        let result = self
+            .inner
+            .get_opts(key, options)
             .await
-            .map_err(|e| self.error("get", key, e))
+            .map_err(|e| self.error("get", key, e))?;
+        result.bytes().await.map_err(|e| self.error("read", key, e))
     }
 
     pub async fn get_bytes(&self, key: &Key) -> Result<Bytes, StoreError> {
+        let options = self.read_options(key).await?;
         let result = self
             .inner
-            .get(key)
+            .get_opts(key, options)
             .await
             .map_err(|e| self.error("get", key, e))?;
         result.bytes().await.map_err(|e| self.error("read", key, e))
@@ -299,9 +380,10 @@ impl Store {
         &self,
         key: &Key,
     ) -> Result<(u64, BoxStream<'static, Result<Bytes, StoreError>>), StoreError> {
+        let options = self.read_options(key).await?;
         let result = self
             .inner
-            .get(key)
+            .get_opts(key, options)
             .await
             .map_err(|e| self.error("get", key, e))?;
         let size = result.meta.size;
@@ -315,6 +397,15 @@ impl Store {
     }
 
     pub async fn head(&self, key: &Key) -> Result<ObjectMeta, StoreError> {
+        if let Some(view) = &self.as_of {
+            return view
+                .resolve(key)
+                .await?
+                .ok_or_else(|| StoreError::NotFound {
+                    store: self.name.clone(),
+                    key: format!("{key} (as of {})", view.time().to_rfc3339()),
+                });
+        }
         self.inner
             .head(key)
             .await
@@ -323,6 +414,9 @@ impl Store {
 
     /// Every object under `prefix`, following pagination to the end.
     pub async fn list(&self, prefix: &Key) -> Result<Vec<ObjectMeta>, StoreError> {
+        if let Some(view) = &self.as_of {
+            return view.list(prefix).await;
+        }
         let mut stream = self.inner.list(Some(prefix));
         let mut objects = Vec::new();
         while let Some(item) = stream.next().await {
@@ -333,6 +427,7 @@ impl Store {
 
     /// Deletes `key`; a key that is already gone is not an error.
     pub async fn delete(&self, key: &Key) -> Result<(), StoreError> {
+        self.writable(key)?;
         match self.inner.delete(key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error("delete", key, e)),
@@ -442,6 +537,7 @@ mod tests {
             max_retries: 0,
             retry_timeout: std::time::Duration::from_secs(1),
             connect_timeout: std::time::Duration::from_secs(1),
+            object_lock: None,
         }
     }
 

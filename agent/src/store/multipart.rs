@@ -22,7 +22,7 @@ pub struct MultipartError(String);
 
 /// A client for the bucket of `location`, with its static credentials; `None` when there are
 /// none (instance or IRSA credentials are not resolved here).
-fn client(location: &S3Location) -> Option<aws_sdk_s3::Client> {
+pub(super) fn client(location: &S3Location) -> Option<aws_sdk_s3::Client> {
     let access_key = location.access_key_id.clone()?;
     let secret = location.secret_access_key.as_ref()?.expose().to_string();
     let token = location
@@ -46,11 +46,11 @@ fn client(location: &S3Location) -> Option<aws_sdk_s3::Client> {
     Some(aws_sdk_s3::Client::from_conf(config.build()))
 }
 
-fn describe(error: &impl std::error::Error) -> String {
+pub(super) fn describe(error: &impl std::error::Error) -> String {
     aws_sdk_s3::error::DisplayErrorContext(error).to_string()
 }
 
-fn root(location: &S3Location) -> String {
+pub(super) fn root(location: &S3Location) -> String {
     if location.prefix.is_empty() {
         String::new()
     } else {

@@ -108,6 +108,8 @@ async fn compare_with_archived(
     let archived = archived
         .map_err(|e| Failure::Corrupt(format!("{key} in {} is damaged: {e}", store.name())))?;
     if archived == *local {
+        // The push that stored it may have died before its retention was set.
+        store.retain(key, None).await?;
         return Ok(PushOutcome::AlreadyArchived);
     }
     Err(anyhow::anyhow!(
