@@ -60,12 +60,15 @@ sleep 5
 wal="$work/wal-results"
 : >"$wal"
 push() {
-  local mode=$1 segment=$2 round=$3 start end
+  local mode=$1 segment=$2 round=$3 start end user sys
   start=$(date +%s%N)
-  GC_BACKUP_CONFIG="$work/$mode.toml" GC_BACKUP_STORE="s3://bench/wal-$mode-$round" "$GC_BACKUP" wal-push "$segment" \
+  GC_BACKUP_CONFIG="$work/$mode.toml" GC_BACKUP_STORE="s3://bench/wal-$mode-$round" \
+    /usr/bin/time -f "%U %S" -o "$work/cpu" "$GC_BACKUP" wal-push "$segment" \
     2>"$work/err" || { echo "wal-push ($mode) failed:" >&2; cat "$work/err" >&2; exit 1; }
   end=$(date +%s%N)
-  printf '%s\t%s\t%s\n' "$mode" $(((end - start) / 1000)) "$round $(basename "$segment")" >>"$wal"
+  read -r user sys <"$work/cpu"
+  printf '%s\t%s\t%s\t%s\n' "$mode" $(((end - start) / 1000)) "$round $(basename "$segment")" \
+    "$(echo "$user + $sys" | bc)" >>"$wal"
 }
 for round in $(seq 1 "${ROUNDS:-3}"); do
   for s in "$segments"/*; do push clear "$s" "$round"; push sealed "$s" "$round"; done
@@ -97,15 +100,16 @@ for name, (wall, group) in med.items():
     print(f"{name:20} {wall:7.2f} {pgdata / 2**20 / wall:7.1f} {float(row[2]):7.2f} {row[4]:>9}")
 loss = (sealed / clear - 1) * 100
 print(f"encrypted throughput: {clear / sealed * 100:.1f}% of clear ({loss:+.1f}% time; target: within 10%)")
-pushes, by_push = {}, {}
+pushes, by_push, cpu = {}, {}, {}
 for line in open(sys.argv[2]):
-    mode, micros, push = line.rstrip("\n").split("\t")
+    mode, micros, push, seconds = line.rstrip("\n").split("\t")
     pushes.setdefault(mode, []).append(int(micros) / 1000)
     by_push.setdefault(push, {})[mode] = int(micros) / 1000
+    cpu.setdefault(mode, []).append(float(seconds) * 1000)
 paired = [p["sealed"] - p["clear"] for p in by_push.values()]
-print(f"\n{f'wal-push ({len(paired)} pushes each)':24} {'median ms':>10} {'mean ms':>9}")
+print(f"\n{f'wal-push ({len(paired)} pushes each)':24} {'median ms':>10} {'mean ms':>9} {'CPU ms':>7}")
 for mode, ms in pushes.items():
-    print(f"{mode:24} {statistics.median(ms):10.1f} {statistics.mean(ms):9.1f}")
+    print(f"{mode:24} {statistics.median(ms):10.1f} {statistics.mean(ms):9.1f} {statistics.mean(cpu[mode]):7.1f}")
 print(f"encrypted - clear, paired: median {statistics.median(paired):+.1f} ms, "
       f"mean {statistics.mean(paired):+.1f} ms per segment (target: within 5 ms)")
 PY

@@ -263,3 +263,53 @@ fn the_binary_postgresql_runs_was_built_for_its_image() {
     }
     assert_eq!(checked, 1, "one PostgreSQL container runs gc-backup");
 }
+
+/// The S3 policies of README's "Least privilege": the sidecar can never destroy a version or
+/// loosen the bucket, and the restore identity cannot write at all.
+#[test]
+fn the_s3_policies_grant_no_destruction_to_the_sidecar_and_no_write_to_restores() {
+    let actions = |file: &str| -> Vec<String> {
+        let text = std::fs::read_to_string(docker().join("s3").join(file)).unwrap();
+        let policy: serde_json::Value = serde_json::from_str(&text).unwrap();
+        policy["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["Action"].as_array().unwrap().clone())
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let sidecar = actions("sidecar-policy.json");
+    for needed in [
+        "s3:PutObject",
+        "s3:GetObject",
+        "s3:DeleteObject",
+        "s3:ListBucket",
+    ] {
+        assert!(
+            sidecar.iter().any(|a| a == needed),
+            "sidecar lacks {needed}"
+        );
+    }
+    for forbidden in [
+        "s3:DeleteObjectVersion",
+        "s3:BypassGovernanceRetention",
+        "s3:*",
+    ] {
+        assert!(
+            !sidecar.iter().any(|a| a == forbidden),
+            "sidecar has {forbidden}"
+        );
+    }
+    assert!(
+        !sidecar.iter().any(|a| a.starts_with("s3:PutBucket")),
+        "{sidecar:?}"
+    );
+    let restore = actions("restore-policy.json");
+    assert!(
+        restore
+            .iter()
+            .all(|a| a.starts_with("s3:Get") || a.starts_with("s3:List")),
+        "the restore identity may write: {restore:?}"
+    );
+}

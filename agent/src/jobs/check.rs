@@ -232,7 +232,46 @@ pub async fn store_checks(config: &Config, store: &Store) -> StoreFindings {
         });
     }
     findings.extend(bucket_state(config).await);
+    findings.push(encryption_state(store).await);
     StoreFindings { findings, adapted }
+}
+
+/// Whether this process would write encrypted, and whether the store expects it to.
+async fn encryption_state(store: &Store) -> Finding {
+    let marker = crate::catalog::layout::encryption_marker_key();
+    let marked = match store.head(&marker).await {
+        Ok(_) => true,
+        Err(StoreError::NotFound { .. }) => false,
+        Err(error) => return Finding::fail("store", "encryption", error.to_string(), false),
+    };
+    let keys = store.keys();
+    let readers = keys.identities.as_ref().map_or(String::new(), |ids| {
+        format!("; {} identity file(s) to read with", ids.files().len())
+    });
+    match (&keys.recipients, marked) {
+        (Some(recipients), _) => Finding::ok(
+            "store",
+            "encryption",
+            format!(
+                "objects are encrypted (age) to {} recipient(s){readers}",
+                recipients.names().len()
+            ),
+        ),
+        (None, true) => Finding::fail(
+            "store",
+            "encryption",
+            format!(
+                "the store is encrypted ({marker} exists) and no recipients are configured: \
+                 backups and wal-push would be refused; set [encryption] recipients"
+            ),
+            true,
+        ),
+        (None, false) => Finding::ok(
+            "store",
+            "encryption",
+            format!("objects are stored in the clear (no [encryption] recipients){readers}"),
+        ),
+    }
 }
 
 /// A two-part multipart upload (5 MiB and 1 KiB), completed and read back; another one

@@ -173,8 +173,11 @@ pub fn encode_file(
             }
         };
     }
+    // Room for every frame of the file: the compressor must never wait for the hashing (the
+    // frames are the compressed object, which is held whole for its PUT anyway).
+    let frame_count = std::fs::metadata(path)?.len().div_ceil(WAL_FRAME as u64) as usize;
     std::thread::scope(|scope| {
-        let (frames, compressed) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let (frames, compressed) = std::sync::mpsc::sync_channel::<Vec<u8>>(frame_count + 1);
         let hashing = scope.spawn(move || hash_then_seal(path, seal, compressed));
         let mut reader = std::fs::File::open(path)?;
         let mut compressor = zstd::bulk::Compressor::new(level)?;
