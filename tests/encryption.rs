@@ -122,7 +122,7 @@ fn postgres_encrypted_end_to_end_dump_base_wal_and_pitr() {
     pg.psql(
         "postgres",
         &format!(
-            "CREATE TABLE secrets (id int PRIMARY KEY, t text); \
+            "CREATE EXTENSION amcheck; CREATE TABLE secrets (id int PRIMARY KEY, t text); \
              INSERT INTO secrets SELECT g, '{CLEAR}-' || g FROM generate_series(1, 5000) g"
         ),
     );
@@ -228,6 +228,10 @@ fn postgres_encrypted_end_to_end_dump_base_wal_and_pitr() {
         "5001|after the base backup"
     );
     reader.ok(&["verify"]);
+    // The drill restores into a temporary directory with the identity too; without it, the
+    // drill is refused before it starts a server.
+    reader.ok(&["verify", "--restore"]);
+    assert_fails(&writer.run(&["verify", "--restore"]), 2, "identity");
 
     // A flipped byte in the stored dump: refused, exit 3, no file.
     weed.flip_byte(dump_key);

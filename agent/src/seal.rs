@@ -344,6 +344,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn any_of_several_identity_files_opens_what_was_sealed_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old_secret, old_public) = key_pair();
+        let (new_secret, new_public) = key_pair();
+        let old_file = dir.path().join("old.txt");
+        let new_file = dir.path().join("new.txt");
+        std::fs::write(&old_file, format!("{old_secret}\n")).unwrap();
+        std::fs::write(&new_file, format!("# rotated 2026-12\n{new_secret}\n")).unwrap();
+        let both = Identities::load(&[old_file, new_file]).unwrap().unwrap();
+        for public in [old_public, new_public] {
+            let recipients = Recipients::parse(&[public]).unwrap().unwrap();
+            let mut sealed = Vec::new();
+            let mut writer = recipients.seal(&mut sealed).unwrap();
+            writer.write_all(b"backup").unwrap();
+            writer.finish().unwrap();
+            assert_eq!(both.open_all(&sealed, "x").unwrap(), b"backup");
+        }
+    }
+
+    #[test]
     fn a_sealed_wal_object_says_what_it_holds_without_a_key() {
         let dir = tempfile::tempdir().unwrap();
         let (secret, public) = key_pair();

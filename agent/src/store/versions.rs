@@ -188,16 +188,7 @@ impl AsOf {
         }
         let mut chosen: Vec<(String, Option<ObjectMeta>)> = history
             .into_iter()
-            .map(|(key, mut entries)| {
-                // The newest entry not newer than the moment; a delete marker that ties with a
-                // version wins, since the marker can only have come after it.
-                entries.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.is_some().cmp(&b.1.is_some())));
-                let meta = entries
-                    .into_iter()
-                    .find(|(modified, _)| *modified <= self.time)
-                    .and_then(|(_, meta)| meta);
-                (key, meta)
-            })
+            .map(|(key, entries)| (key, as_of(entries, self.time)))
             .collect();
         chosen.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(chosen)
@@ -207,6 +198,81 @@ impl AsOf {
 /// One version of a key, or a delete marker (`None`), with the time it was written.
 type Entry = (DateTime<Utc>, Option<ObjectMeta>);
 
+/// What a key was at `time`: its newest entry not newer than it. A delete marker that ties
+/// with a version wins, since the marker can only have come after what it hides.
+fn as_of(mut entries: Vec<Entry>, time: DateTime<Utc>) -> Option<ObjectMeta> {
+    entries.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.is_some().cmp(&b.1.is_some())));
+    entries
+        .into_iter()
+        .find(|(modified, _)| *modified <= time)
+        .and_then(|(_, meta)| meta)
+}
+
 fn to_chrono(time: &aws_sdk_s3::primitives::DateTime) -> DateTime<Utc> {
     DateTime::from_timestamp(time.secs(), time.subsec_nanos()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(id: &str, at: &str) -> Entry {
+        let time: DateTime<Utc> = at.parse().unwrap();
+        let meta = ObjectMeta {
+            location: Key::from("manifests/pg-dump/x.json"),
+            last_modified: time,
+            size: 1,
+            e_tag: None,
+            version: Some(id.to_string()),
+        };
+        (time, Some(meta))
+    }
+
+    fn marker(at: &str) -> Entry {
+        (at.parse().unwrap(), None)
+    }
+
+    fn chosen(entries: Vec<Entry>, at: &str) -> Option<String> {
+        as_of(entries, at.parse().unwrap()).and_then(|meta| meta.version)
+    }
+
+    #[test]
+    fn a_key_is_what_it_was_at_the_moment_whatever_came_after() {
+        let history = || {
+            vec![
+                marker("2026-12-01T12:00:00Z"),
+                version("ransom", "2026-12-01T12:00:05Z"),
+                version("v1", "2026-12-01T10:00:00Z"),
+                version("v2", "2026-12-01T11:00:00Z"),
+            ]
+        };
+        assert_eq!(
+            chosen(history(), "2026-12-01T09:59:59Z"),
+            None,
+            "not yet written"
+        );
+        assert_eq!(
+            chosen(history(), "2026-12-01T10:30:00Z").as_deref(),
+            Some("v1")
+        );
+        assert_eq!(
+            chosen(history(), "2026-12-01T11:59:59Z").as_deref(),
+            Some("v2")
+        );
+        assert_eq!(
+            chosen(history(), "2026-12-01T12:00:01Z"),
+            None,
+            "deleted then"
+        );
+        assert_eq!(
+            chosen(history(), "2026-12-01T13:00:00Z").as_deref(),
+            Some("ransom")
+        );
+        // Same second: the delete marker came after the version it hides.
+        let tie = vec![
+            version("v1", "2026-12-01T10:00:00Z"),
+            marker("2026-12-01T10:00:00Z"),
+        ];
+        assert_eq!(chosen(tie, "2026-12-01T10:00:00Z"), None);
+    }
 }
