@@ -182,6 +182,17 @@ fn as_of_and_object_lock_are_refused_where_the_bucket_cannot_keep_versions() {
         report.contains("needs a bucket created with object lock"),
         "{report}"
     );
+    // Over HTTPS with a private CA, S3's own API (versions, retention) trusts store.ca-file as
+    // the store does: the answer is about versioning, not an unknown certificate.
+    let tls = Seaweed::start_tls();
+    let over_tls = Agent::for_store(&tls, "plain")
+        .with("AWS_ENDPOINT_URL", &tls.https_endpoint())
+        .with("GC_BACKUP_CA_FILE", tls.ca_file().to_str().unwrap());
+    assert_fails(
+        &over_tls.run(&["list", "--as-of", &time]),
+        2,
+        "versioning off",
+    );
     let root = tempfile::tempdir().unwrap();
     let url = format!("file://{}", root.path().display());
     let local = Agent::new(vec![("GC_BACKUP_STORE".into(), url)]);

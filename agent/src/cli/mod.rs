@@ -253,9 +253,14 @@ async fn as_of_view(
     let Some(time) = config.as_of else {
         return Ok(None);
     };
+    // wal-prefetch is wal-fetch's helper: it reads as of the same moment.
     let reads_only = matches!(
         command,
-        Command::List(_) | Command::Restore(_) | Command::Verify(_) | Command::WalFetch(_)
+        Command::List(_)
+            | Command::Restore(_)
+            | Command::Verify(_)
+            | Command::WalFetch(_)
+            | Command::WalPrefetch(_)
     );
     if !reads_only {
         return Err(Failure::Config(

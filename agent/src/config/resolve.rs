@@ -269,6 +269,9 @@ fn parse_store_url(
             .or_else(|| file.session_token.clone()),
         virtual_hosted_style: file.virtual_hosted_style.unwrap_or(false),
         verify_uploads: file.verify_uploads.unwrap_or(true),
+        ca_file: env("GC_BACKUP_CA_FILE")
+            .map(PathBuf::from)
+            .or_else(|| file.ca_file.clone()),
     }))
 }
 

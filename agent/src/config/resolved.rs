@@ -154,6 +154,9 @@ pub struct S3Location {
     pub session_token: Option<Secret>,
     pub virtual_hosted_style: bool,
     pub verify_uploads: bool,
+    /// `store.ca-file` again, for the aws-sdk-s3 client of the S3-only corners (multipart
+    /// cleanup, object lock, versions), which does not share object_store's TLS setup.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl StoreLocation {

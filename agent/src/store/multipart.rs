@@ -20,8 +20,10 @@ pub struct PendingUpload {
 #[error("{0}")]
 pub struct MultipartError(String);
 
-/// A client for the bucket of `location`, with its static credentials; `None` when there are
-/// none (instance or IRSA credentials are not resolved here).
+/// A client for the bucket of `location`, with its static credentials, trusting its
+/// `ca_file` (`store.ca-file`) as well as the system's roots; `None` when there are no static
+/// credentials (instance or IRSA credentials are not resolved here) or the CA file is unusable
+/// (the store's own client has said so already).
 pub(super) fn client(location: &S3Location) -> Option<aws_sdk_s3::Client> {
     let access_key = location.access_key_id.clone()?;
     let secret = location.secret_access_key.as_ref()?.expose().to_string();
@@ -42,6 +44,22 @@ pub(super) fn client(location: &S3Location) -> Option<aws_sdk_s3::Client> {
         .force_path_style(!location.virtual_hosted_style);
     if let Some(endpoint) = &location.endpoint {
         config = config.endpoint_url(endpoint);
+    }
+    if let Some(ca_file) = &location.ca_file {
+        use aws_smithy_http_client::tls;
+        let pem = std::fs::read(ca_file).ok()?;
+        let trust = tls::TrustStore::default().with_pem_certificate(pem);
+        let context = tls::TlsContext::builder()
+            .with_trust_store(trust)
+            .build()
+            .ok()?;
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .tls_context(context)
+            .build_https();
+        config = config.http_client(http);
     }
     Some(aws_sdk_s3::Client::from_conf(config.build()))
 }
