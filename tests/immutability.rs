@@ -31,10 +31,15 @@ fn locked_versions_survive_an_attacker_and_as_of_restores_from_before_the_attack
     pg.psql(
         "postgres",
         "CREATE TABLE files (id int PRIMARY KEY, name text); \
-         INSERT INTO files SELECT g, 'file-' || g FROM generate_series(1, 1000) g",
+         INSERT INTO files SELECT g, 'file-' || g FROM generate_series(1, 1000) g; \
+         CREATE EXTENSION pgcrypto; \
+         CREATE TABLE noise AS SELECT gen_random_bytes(1024) AS b FROM generate_series(1, 16000)",
     );
-    let agent =
-        Agent::for_cluster(&pg, &weed, "lock").with("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    // 16 MB that does not compress, in 5 MiB parts: the base backup's object is a multipart
+    // upload, whose completion must lock it as a single PUT does.
+    let agent = Agent::for_cluster(&pg, &weed, "lock")
+        .with("GC_BACKUP_CONFIG", config.to_str().unwrap())
+        .with("GC_BACKUP_PART_SIZE", "5MiB");
     let dump = agent.backup(&["backup", "pg-dump"]);
     agent.backup(&["backup", "pg-base"]);
     pg.psql(
@@ -62,6 +67,11 @@ fn locked_versions_survive_an_attacker_and_as_of_restores_from_before_the_attack
         locked += 1;
     }
     assert!(locked >= 5, "{keys:?}");
+    assert!(
+        keys.iter()
+            .any(|k| k.contains("/data/pg-base/") && weed.get(k).len() > 5 << 20),
+        "no base backup object took more than one part: {keys:?}"
+    );
 
     // The moment to come back to (the listing's times have whole seconds).
     std::thread::sleep(Duration::from_millis(1_500));
