@@ -109,7 +109,10 @@ impl CompressingWriter {
             }
         };
         Ok(Self {
-            encoder: Encoder::new(output, settings).map_err(PipelineError::Compress)?,
+            // Sealed, age authenticates every 64 KiB of the compressed stream, which catches
+            // whatever zstd's XXH64 of each frame would: that hash is work for nothing.
+            encoder: Encoder::new(output, settings, seal.is_none())
+                .map_err(PipelineError::Compress)?,
             faults,
             sealed: seal.is_some(),
             hasher: (digest == RawDigest::Sha256).then(Sha256::new),
@@ -218,10 +221,10 @@ impl FrameEncoder {
 }
 
 impl Encoder {
-    fn new(writer: Output, settings: &PipelineConfig) -> std::io::Result<Self> {
+    fn new(writer: Output, settings: &PipelineConfig, checksum: bool) -> std::io::Result<Self> {
         if uses_frames(settings) {
             let mut compressor = zstd::bulk::Compressor::new(settings.zstd_level)?;
-            compressor.include_checksum(true)?;
+            compressor.include_checksum(checksum)?;
             let frame_bytes = settings.frame_bytes.clamp(64 * 1024, FRAME_BYTES);
             return Ok(Self::Frames(FrameEncoder {
                 compressor,
@@ -233,7 +236,7 @@ impl Encoder {
             }));
         }
         let mut encoder = zstd::stream::write::Encoder::new(writer, settings.zstd_level)?;
-        encoder.include_checksum(true)?;
+        encoder.include_checksum(checksum)?;
         if settings.zstd_workers > 0 {
             encoder.multithread(settings.zstd_workers)?;
         }
