@@ -17,13 +17,7 @@ bench_setup encbench
 apt_install openssl time age
 
 WEED_PID=
-cleanup() {
-  psql -X -q -d postgres -c "ALTER SYSTEM RESET archive_command" >/dev/null 2>&1 || true
-  stop_postgres "$BENCH_DIR/pg"
-  stop_pid "$WEED_PID"
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 bench_https_cluster
 age-keygen -o "$work/identity.txt" 2>/dev/null

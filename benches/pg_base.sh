@@ -19,13 +19,7 @@ apt_install pgbackrest openssl time
 command -v aws >/dev/null || python3 -m pip install -q awscli
 
 WEED_PID=
-cleanup() {
-  psql -X -q -d postgres -c "ALTER SYSTEM RESET archive_command" >/dev/null 2>&1 || true
-  stop_postgres "$BENCH_DIR/pg"
-  stop_pid "$WEED_PID"
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
 bench_https_cluster
 bench_pgbackrest

@@ -23,13 +23,10 @@ apt_install pgbackrest openssl time
 
 WEED_PID=
 cleanup() {
-  psql -X -q -d postgres -c "ALTER SYSTEM RESET archive_command" >/dev/null 2>&1 || true
-  stop_postgres "$BENCH_DIR/pg"
   for d in "$work"/restore-*; do
     [ -f "$d/postmaster.pid" ] && as_postgres "$PG_BIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1
   done
-  stop_pid "$WEED_PID"
-  rm -rf "$work"
+  bench_cleanup
 }
 trap cleanup EXIT
 

@@ -15,10 +15,7 @@ WEED_PID=
 sidecar=
 cleanup() {
   [ -n "$sidecar" ] && kill -TERM "$sidecar" 2>/dev/null && wait "$sidecar" 2>/dev/null
-  psql -X -q -d postgres -c "ALTER SYSTEM RESET archive_command" >/dev/null 2>&1 || true
-  stop_postgres "$BENCH_DIR/pg"
-  stop_pid "$WEED_PID"
-  rm -rf "$work"
+  bench_cleanup
 }
 trap cleanup EXIT
 

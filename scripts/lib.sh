@@ -234,6 +234,15 @@ collect_wal_segments() {
   wait "$load" 2>/dev/null || true
 }
 
+# bench_cleanup: the EXIT trap of the benchmarks on the bench cluster: archive_command reset,
+# the cluster and SeaweedFS ($WEED_PID) stopped, the work dir removed. Never fails.
+bench_cleanup() {
+  psql -X -q -d postgres -c "ALTER SYSTEM RESET archive_command" >/dev/null 2>&1 || true
+  stop_postgres "$BENCH_DIR/pg"
+  stop_pid "${WEED_PID:-}"
+  rm -rf "$work"
+}
+
 # bench_tls DIR: a private CA (DIR/cert.pem, the file to trust) and a certificate it signs for
 # localhost (DIR/server.pem, DIR/key.pem) for SeaweedFS's HTTPS port. rustls (gc-backup) refuses
 # a self-signed certificate that is its own CA (CA:TRUE on an end entity), which is what
