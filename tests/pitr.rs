@@ -24,43 +24,12 @@ fn markers(pg: &Postgres) -> String {
     )
 }
 
-/// An empty data directory the server's user owns.
 fn empty_pgdata() -> tempfile::TempDir {
-    let dir = harness::shared_temp_dir("pitr-restored");
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    harness::run_ok(Command::new("chown").arg("postgres:postgres").arg(&data));
-    dir
+    harness::empty_pgdata("pitr-restored")
 }
 
-/// `restore pg --start` with `args`; returns the recovered cluster started again, and the
-/// command's report.
 fn restore(agent: &Agent, args: &[&str]) -> (Postgres, String) {
-    let dir = empty_pgdata();
-    let data = dir.path().join("data");
-    let mut all = vec![
-        "restore",
-        "pg",
-        "--pgdata",
-        data.to_str().unwrap(),
-        "--start",
-    ];
-    all.extend_from_slice(args);
-    let output = agent.run(&all);
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(
-        output.status.success(),
-        "restore {args:?} failed:\n{stderr}"
-    );
-    assert!(
-        !data.join("postmaster.pid").exists(),
-        "the temporary server still runs"
-    );
-    assert!(
-        !data.join("pg_wal/gc-backup-prefetch").exists(),
-        "the prefetch spool outlived the recovery"
-    );
-    (Postgres::start_restored(dir), stderr)
+    harness::restore_started(agent, "pitr-restored", args)
 }
 
 #[test]

@@ -96,7 +96,9 @@ fn meaning_of(cause: &(dyn std::error::Error + 'static)) -> Option<Meaning> {
             }
             CatalogError::Store(error) => store(error),
             CatalogError::Encrypted { .. } => Some(Meaning::Config),
-            CatalogError::BadManifest { .. } | CatalogError::NoFreeId { .. } => None,
+            CatalogError::BadManifest { .. }
+            | CatalogError::NoFreeId { .. }
+            | CatalogError::BrokenChain { .. } => None,
         };
     }
     if let Some(error) = cause.downcast_ref::<PipelineError>() {

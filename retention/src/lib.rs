@@ -9,6 +9,9 @@
 //! - PostgreSQL base backups keep a *recovery* window: the newest base backup that ended at or
 //!   before `now - window` is kept with everything newer, so that a point-in-time restore to
 //!   any moment of the window has a base backup to start from.
+//! - An incremental base backup restores only on top of its parent (and the parent's parent,
+//!   up to a full backup): **a backup that a kept backup needs as an ancestor is kept**,
+//!   whatever its age, and so is the WAL from its start (it is a base backup of its own too).
 //! - WAL older than the start segment of the oldest kept base backup is deleted, on every
 //!   timeline (no kept backup can need a segment before its own start); timeline history files
 //!   are always kept. Without any base backup, no WAL is deleted.
@@ -36,6 +39,8 @@ pub struct Backup {
     pub objects: Vec<String>,
     /// Base backups only: the first WAL segment its recovery needs.
     pub wal_start: Option<WalFile>,
+    /// Incremental base backups: the backup it restores on top of.
+    pub parent: Option<BackupId>,
 }
 
 /// A data object in the store (`data/<kind>/<id>/…`).
@@ -153,8 +158,8 @@ fn age(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
 /// Computes the plan. `now` is the only notion of time.
 pub fn plan(inventory: &Inventory, policy: &Policy, now: DateTime<Utc>) -> Plan {
     let mut decisions = Vec::new();
-    let mut kept: Vec<&Backup> = Vec::new();
-    let mut deleted: BTreeSet<(Kind, &str)> = BTreeSet::new();
+    // Every backup, with its decision's index in `decisions`.
+    let mut decided: Vec<(&Backup, usize)> = Vec::new();
 
     for kind in Kind::ALL {
         let window = policy.window(kind);
@@ -203,11 +208,7 @@ pub fn plan(inventory: &Inventory, policy: &Policy, now: DateTime<Utc>) -> Plan 
                     ),
                 )
             };
-            if delete {
-                deleted.insert((kind, backup.id.as_str()));
-            } else {
-                kept.push(backup);
-            }
+            decided.push((backup, decisions.len()));
             decisions.push(Decision {
                 target: Target::Backup {
                     kind,
@@ -216,6 +217,41 @@ pub fn plan(inventory: &Inventory, policy: &Policy, now: DateTime<Utc>) -> Plan 
                 delete,
                 reason,
             });
+        }
+    }
+
+    // Ancestors of kept incrementals are kept, up the chain (a fixpoint: a chain is short).
+    loop {
+        let mut changed = false;
+        let kept_parents: Vec<(&str, &BackupId)> = decided
+            .iter()
+            .filter(|(_, index)| !decisions[*index].delete)
+            .filter_map(|(b, _)| Some((b.id.as_str(), b.parent.as_ref()?)))
+            .collect();
+        for (child, parent) in kept_parents {
+            let found = decided
+                .iter()
+                .find(|(b, _)| b.kind == Kind::PgBase && &b.id == parent);
+            if let Some((_, index)) = found
+                && decisions[*index].delete
+            {
+                decisions[*index].delete = false;
+                decisions[*index].reason =
+                    format!("the parent of kept incremental {child}: it restores on top of it");
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let mut kept: Vec<&Backup> = Vec::new();
+    let mut deleted: BTreeSet<(Kind, &str)> = BTreeSet::new();
+    for (backup, index) in &decided {
+        if decisions[*index].delete {
+            deleted.insert((backup.kind, backup.id.as_str()));
+        } else {
+            kept.push(backup);
         }
     }
 

@@ -29,6 +29,7 @@ fn backup(kind: Kind, day: i64, objects: &[&str]) -> Backup {
         end_time: at(day) + TimeDelta::minutes(30),
         objects: objects.iter().map(|o| o.to_string()).collect(),
         wal_start: None,
+        parent: None,
     }
 }
 
@@ -236,11 +237,12 @@ fn without_base_backups_no_wal_is_deleted() {
 /// with increasing start segments, WAL from segment 0 up, and `now` anywhere after.
 fn history() -> impl Strategy<Value = (Inventory, DateTime<Utc>)> {
     let kinds = prop::sample::select(Kind::ALL.to_vec());
-    let backups = prop::collection::vec((kinds, 0i64..120, 0u32..3), 0..40);
+    let backups = prop::collection::vec((kinds, 0i64..120, 0u32..3, any::<bool>()), 0..40);
     (backups, 0i64..200).prop_map(|(specs, now_after)| {
         let mut inventory = Inventory::default();
         let mut last_day = 0;
-        for (n, (kind, day, timeline)) in specs.into_iter().enumerate() {
+        let mut incremental = Vec::new();
+        for (n, (kind, day, timeline, is_incremental)) in specs.into_iter().enumerate() {
             let mut b = backup(kind, day, &[]);
             // Unique per kind whatever the day: a second apart in the order drawn.
             b.id = BackupId::at(at(day) + TimeDelta::seconds(i64::try_from(n).unwrap()));
@@ -260,7 +262,25 @@ fn history() -> impl Strategy<Value = (Inventory, DateTime<Utc>)> {
                 last_modified: b.end_time,
             });
             last_day = last_day.max(day);
+            incremental.push(is_incremental && kind == Kind::PgBase);
             inventory.backups.push(b);
+        }
+        // An incremental's parent: the newest base backup that ended before it started.
+        let parents: Vec<Option<BackupId>> = inventory
+            .backups
+            .iter()
+            .zip(&incremental)
+            .map(|(b, is_incremental)| {
+                let parent = inventory
+                    .backups
+                    .iter()
+                    .filter(|p| p.kind == Kind::PgBase && p.end_time < b.start_time)
+                    .max_by(|x, y| (x.end_time, &x.id).cmp(&(y.end_time, &y.id)))?;
+                is_incremental.then(|| parent.id.clone())
+            })
+            .collect();
+        for (b, parent) in inventory.backups.iter_mut().zip(parents) {
+            b.parent = parent;
         }
         for seg in 0..u32::try_from(last_day * 10 + 10).unwrap() {
             for timeline in 1..=3 {
@@ -271,7 +291,52 @@ fn history() -> impl Strategy<Value = (Inventory, DateTime<Utc>)> {
     })
 }
 
+#[test]
+fn the_chain_under_a_kept_incremental_is_kept() {
+    // A full on day 0, incrementals on days 1 and 2 (each on the one before), a full on day 3,
+    // an incremental on day 4 on top of it. At day 40 the window starts on day 10: the day 4
+    // incremental is the newest before it (kept to anchor the window) and so its full of day 3,
+    // but nothing of days 0 to 2.
+    let mut backups: Vec<Backup> = (0..5).map(base).collect();
+    backups[1].parent = Some(backups[0].id.clone());
+    backups[2].parent = Some(backups[1].id.clone());
+    backups[4].parent = Some(backups[3].id.clone());
+    let inventory = Inventory {
+        backups: backups.clone(),
+        ..Inventory::default()
+    };
+    let plan = plan(&inventory, &policy(), at(40));
+    let kept = remaining(&inventory, &plan);
+    let kept: Vec<&BackupId> = kept[&Kind::PgBase].iter().map(|b| &b.id).collect();
+    assert_eq!(kept, vec![&backups[3].id, &backups[4].id]);
+    let reason = plan
+        .decisions
+        .iter()
+        .find(|d| {
+            d.target
+                == Target::Backup {
+                    kind: Kind::PgBase,
+                    id: backups[3].id.clone(),
+                }
+        })
+        .map(|d| d.reason.clone())
+        .unwrap();
+    assert!(reason.contains("parent of kept incremental"), "{reason}");
+}
+
 proptest! {
+    #[test]
+    fn keeps_every_ancestor_of_a_kept_backup((inventory, now) in history()) {
+        let plan = plan(&inventory, &policy(), now);
+        let kept = remaining(&inventory, &plan);
+        let kept_ids: BTreeSet<&str> = kept.values().flatten().map(|b| b.id.as_str()).collect();
+        for backup in kept.values().flatten() {
+            if let Some(parent) = &backup.parent {
+                prop_assert!(kept_ids.contains(parent.as_str()), "{} kept without its parent {}", backup.id, parent);
+            }
+        }
+    }
+
     #[test]
     fn never_deletes_the_newest_backup_of_a_kind((inventory, now) in history()) {
         let plan = plan(&inventory, &policy(), now);

@@ -432,3 +432,43 @@ pub fn archiving_cluster_configured(
     pg.adopt(staging);
     (pg, config)
 }
+
+/// An empty data directory (`DIR/data`) the server's user owns, in a temp dir tagged `tag`.
+pub fn empty_pgdata(tag: &str) -> tempfile::TempDir {
+    let dir = super::shared_temp_dir(tag);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("create data dir");
+    super::run_ok(Command::new("chown").arg("postgres:postgres").arg(&data));
+    dir
+}
+
+/// `restore pg --start` with `args` into a new directory: asserts success, no server left
+/// running, no prefetch spool left; returns the recovered cluster started again, and the
+/// command's report (its stderr).
+pub fn restore_started(agent: &super::Agent, tag: &str, args: &[&str]) -> (Postgres, String) {
+    let dir = empty_pgdata(tag);
+    let data = dir.path().join("data");
+    let mut all = vec![
+        "restore",
+        "pg",
+        "--pgdata",
+        data.to_str().expect("utf-8 path"),
+        "--start",
+    ];
+    all.extend_from_slice(args);
+    let output = agent.run(&all);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "restore {args:?} failed:\n{stderr}"
+    );
+    assert!(
+        !data.join("postmaster.pid").exists(),
+        "the temporary server still runs"
+    );
+    assert!(
+        !data.join("pg_wal/gc-backup-prefetch").exists(),
+        "the prefetch spool outlived the recovery"
+    );
+    (Postgres::start_restored(dir), stderr)
+}

@@ -14,6 +14,11 @@ pub const MANIFEST_FORMAT_UNHASHED: u32 = 2;
 /// A manifest with objects encrypted with age: a gc-backup that cannot decrypt must say so
 /// instead of taking them for zstd.
 pub const MANIFEST_FORMAT_SEALED: u32 = 3;
+/// Base backups with a block map, and incremental ones (a `parent`, delta streams): older
+/// readers would restore an incremental as if it were whole.
+pub const MANIFEST_FORMAT_BLOCKS: u32 = 4;
+/// The newest format this gc-backup reads.
+pub const MANIFEST_FORMAT_NEWEST: u32 = MANIFEST_FORMAT_BLOCKS;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,6 +152,34 @@ pub struct PgBaseFacts {
     pub tablespace_map: Option<String>,
     /// Every copied file, with its CRC-32C and the tar stream that holds it.
     pub files: Vec<BaseFile>,
+    /// BLCKSZ of the cluster: the unit of block maps and delta streams.
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// The hash of every block of every relation file (see `sources::blocks`), for the next
+    /// incremental to compare against. Absent in backups of older gc-backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_map: Option<StoredObject>,
+    /// An incremental backup: the backup its delta streams apply to (itself full or
+    /// incremental). Its `objects` are delta streams, not tars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<BackupId>,
+    /// Incrementals between it and its full backup, itself included (0: a full backup).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub depth: u32,
+}
+
+fn default_block_size() -> u32 {
+    8192
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl PgBaseFacts {
+    pub fn is_incremental(&self) -> bool {
+        self.parent.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,6 +211,29 @@ pub struct BaseFile {
     /// The file shrank while being copied and was padded with zeros (WAL replay repairs it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub padded: bool,
+    /// Incremental backups only: what its delta stream holds of the file. `crc32c` and `size`
+    /// are always of the whole file as this backup read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Delta>,
+}
+
+/// What an incremental backup stored of one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delta {
+    /// Nothing: the parent's copy is this file.
+    Unchanged,
+    /// Its new size and these many blocks; the others are the parent's.
+    Changed { blocks: u64 },
+    /// All of it; nothing of an older copy is kept.
+    Whole,
+}
+
+impl Delta {
+    /// The file has a record in its stream.
+    pub fn in_stream(self) -> bool {
+        self != Delta::Unchanged
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,10 +287,10 @@ impl Manifest {
         }
         let version: Version =
             serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
-        if !(MANIFEST_FORMAT..=MANIFEST_FORMAT_SEALED).contains(&version.format) {
+        if !(MANIFEST_FORMAT..=MANIFEST_FORMAT_NEWEST).contains(&version.format) {
             return Err(format!(
                 "manifest format {} is not known to this gc-backup (knows {MANIFEST_FORMAT} to \
-                 {MANIFEST_FORMAT_SEALED}); use a newer gc-backup",
+                 {MANIFEST_FORMAT_NEWEST}); use a newer gc-backup",
                 version.format
             ));
         }
@@ -255,6 +311,7 @@ mod tests {
             crc32c: 7,
             stream: 1,
             padded: false,
+            delta: None,
         };
         assert_eq!(
             serde_json::to_string(&file).unwrap(),

@@ -50,8 +50,57 @@ pub enum CatalogError {
         marker: String,
         since: String,
     },
+    /// An incremental whose parent (or an older ancestor) has no manifest any more.
+    #[error(
+        "pg-base backup {id} is an incremental on top of {missing}, which is not in {store} \
+         (deleted?): it cannot be restored; restore {full_hint}"
+    )]
+    BrokenChain {
+        id: BackupId,
+        missing: BackupId,
+        store: String,
+        full_hint: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// The chain an incremental base backup restores from, oldest (its full backup) first and
+/// `manifest` last; a full backup alone is a chain of one. `manifests` is the catalog.
+pub fn chain<'a>(
+    store: &Store,
+    manifests: &'a [Manifest],
+    manifest: &'a Manifest,
+) -> Result<Vec<&'a Manifest>, CatalogError> {
+    let mut chain = vec![manifest];
+    let mut at = manifest;
+    while let manifest::SourceFacts::PgBase(facts) = &at.source
+        && let Some(parent) = &facts.parent
+    {
+        let found = manifests
+            .iter()
+            .find(|m| &m.id == parent && m.kind == Kind::PgBase);
+        let Some(found) = found else {
+            return Err(CatalogError::BrokenChain {
+                id: manifest.id.clone(),
+                missing: parent.clone(),
+                store: store.name().to_string(),
+                full_hint: "a full backup or another chain (`gc-backup list --kind pg-base`)"
+                    .into(),
+            });
+        };
+        if chain.len() > manifests.len() {
+            // A loop of parents: no writer makes one; a hostile store might.
+            return Err(CatalogError::BadManifest {
+                key: layout::manifest_key(Kind::PgBase, &manifest.id).to_string(),
+                reason: "its chain of parents loops".into(),
+            });
+        }
+        chain.push(found);
+        at = found;
+    }
+    chain.reverse();
+    Ok(chain)
 }
 
 /// Which backup a command means.
@@ -561,7 +610,7 @@ mod tests {
         });
         assert_eq!(Manifest::from_json(&sealed.to_json()).unwrap(), sealed);
         let mut newer = old.clone();
-        newer.format = manifest::MANIFEST_FORMAT_SEALED + 1;
+        newer.format = manifest::MANIFEST_FORMAT_NEWEST + 1;
         let error = Manifest::from_json(&newer.to_json()).unwrap_err();
         assert!(error.contains("use a newer gc-backup"), "{error}");
     }

@@ -172,6 +172,9 @@ pub struct PgBaseArgs {
     /// The cluster's data directory (shared with the sidecar) [env: PGDATA]
     #[arg(long, value_name = "DIR")]
     pub pgdata: Option<PathBuf>,
+    /// Store only what changed since the newest base backup (a full when there is none, or the chain is max-incremental-chain long)
+    #[arg(long)]
+    pub incremental: bool,
 }
 
 #[derive(Debug, Args)]

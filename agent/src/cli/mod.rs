@@ -107,7 +107,9 @@ async fn backup(
             format: args.format.into(),
             tables: args.tables,
         }),
-        BackupCommand::PgBase(_) => BackupRequest::PgBase,
+        BackupCommand::PgBase(args) => BackupRequest::PgBase {
+            incremental: args.incremental,
+        },
         BackupCommand::Redis(_) => BackupRequest::Redis,
         BackupCommand::Etcd(_) => BackupRequest::Etcd,
     };

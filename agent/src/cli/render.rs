@@ -197,6 +197,8 @@ fn list_facts(source: &SourceFacts) -> serde_json::Value {
             "start_wal": facts.start_wal,
             "stop_wal": facts.stop_wal,
             "files": facts.files.len(),
+            "parent": facts.parent,
+            "depth": facts.depth,
         }),
     }
 }
@@ -266,13 +268,18 @@ pub fn list_table(store_name: &str, manifests: &[Manifest]) -> String {
                 "{} (etcd {}, revision {})",
                 facts.endpoint, facts.etcd_version, facts.revision
             ),
-            SourceFacts::PgBase(facts) => format!(
-                "timeline {} {}..{} ({} files)",
-                facts.timeline,
-                facts.start_lsn,
-                facts.stop_lsn,
-                facts.files.len()
-            ),
+            SourceFacts::PgBase(facts) => {
+                let incremental = facts.parent.as_ref().map_or(String::new(), |parent| {
+                    format!(" incremental on {parent} (depth {})", facts.depth)
+                });
+                format!(
+                    "timeline {} {}..{} ({} files){incremental}",
+                    facts.timeline,
+                    facts.start_lsn,
+                    facts.stop_lsn,
+                    facts.files.len()
+                )
+            }
         };
         let sealed = if m.objects.iter().any(|object| object.sealed) {
             " [age]"

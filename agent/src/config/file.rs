@@ -56,6 +56,8 @@ impl<T> OneOrMany<T> {
 pub struct ScheduleSection {
     pub pg_dump: Option<String>,
     pub pg_base: Option<String>,
+    /// Incremental base backups (`backup pg-base --incremental`), beside `pg-base`'s fulls.
+    pub pg_base_incremental: Option<String>,
     pub redis: Option<String>,
     pub etcd: Option<String>,
     pub retention: Option<String>,
@@ -136,6 +138,8 @@ pub struct PostgresSection {
     pub pgdata: Option<PathBuf>,
     /// How long a base backup waits for its WAL to reach the store (default 5m).
     pub archive_timeout: Option<String>,
+    /// Incrementals after a full before the next `--incremental` run takes a full (default 7).
+    pub max_incremental_chain: Option<u32>,
     /// libpq's TLS settings (PGSSLMODE, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY win over these).
     pub sslmode: Option<String>,
     pub sslrootcert: Option<PathBuf>,

@@ -412,6 +412,16 @@ fn resolve_postgres(
             env,
         )?,
         login_user: env("USER"),
+        max_incremental_chain: match env("GC_BACKUP_MAX_INCREMENTAL_CHAIN") {
+            Some(text) => text.trim().parse().map_err(|_| {
+                err(format!(
+                    "GC_BACKUP_MAX_INCREMENTAL_CHAIN '{text}' is not a number of backups"
+                ))
+            })?,
+            None => file
+                .max_incremental_chain
+                .unwrap_or(super::resolved::DEFAULT_MAX_INCREMENTAL_CHAIN),
+        },
     })
 }
 
@@ -493,6 +503,7 @@ fn resolve_schedules(file: &ScheduleSection) -> Result<Schedules, ConfigError> {
     Ok(Schedules {
         pg_dump: parse("pg-dump", &file.pg_dump)?,
         pg_base: parse("pg-base", &file.pg_base)?,
+        pg_base_incremental: parse("pg-base-incremental", &file.pg_base_incremental)?,
         redis: parse("redis", &file.redis)?,
         etcd: parse("etcd", &file.etcd)?,
         retention: parse("retention", &file.retention)?,

@@ -42,6 +42,7 @@ pub struct EncryptionConfig {
 pub struct Schedules {
     pub pg_dump: Option<Schedule>,
     pub pg_base: Option<Schedule>,
+    pub pg_base_incremental: Option<Schedule>,
     pub redis: Option<Schedule>,
     pub etcd: Option<Schedule>,
     pub retention: Option<Schedule>,
@@ -249,7 +250,13 @@ pub struct PostgresConfig {
     pub tls: crate::sources::postgres::tls::PgTls,
     /// The login name (`USER`): libpq's default role when none is configured.
     pub login_user: Option<String>,
+    /// Incrementals after a full before `--incremental` takes a full again.
+    pub max_incremental_chain: u32,
 }
+
+/// Incrementals after a full before the next is a full: a week of dailies, or 7 hours of
+/// hourlies beside a daily full. Each link adds one delta stream to read on restore.
+pub const DEFAULT_MAX_INCREMENTAL_CHAIN: u32 = 7;
 
 pub const MIB: usize = 1024 * 1024;
 /// S3's smallest allowed part (all but the last).

@@ -25,6 +25,8 @@ pub const START_TIME: &str = "gc_backup_start_time_seconds";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
     Backup(Kind),
+    /// `[schedule] pg-base-incremental`: a pg-base backup that stores what changed.
+    IncrementalBase,
     Retention,
 }
 
@@ -32,7 +34,19 @@ impl JobKind {
     pub fn label(self) -> &'static str {
         match self {
             JobKind::Backup(kind) => kind.as_str(),
+            JobKind::IncrementalBase => "pg-base-incremental",
             JobKind::Retention => "retention",
+        }
+    }
+}
+
+impl JobKind {
+    /// The kind of backup the job takes, if it takes one.
+    pub fn backup_kind(self) -> Option<Kind> {
+        match self {
+            JobKind::Backup(kind) => Some(kind),
+            JobKind::IncrementalBase => Some(Kind::PgBase),
+            JobKind::Retention => None,
         }
     }
 }
@@ -140,7 +154,7 @@ pub fn register(job: JobKind) {
     for result in [RunResult::Success, RunResult::Failure, RunResult::Skipped] {
         counter!(RUNS, "kind" => job.label(), "result" => result.label()).increment(0);
     }
-    if let JobKind::Backup(kind) = job {
+    if let Some(kind) = job.backup_kind() {
         for stage in ["raw", "stored"] {
             counter!(BYTES, "kind" => kind.as_str(), "stage" => stage).increment(0);
         }

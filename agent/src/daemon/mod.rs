@@ -60,10 +60,9 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
     tracing::info!(%address, "serving /metrics, /health and /health/ready");
     let scheduled: Vec<Kind> = schedules
         .iter()
-        .filter_map(|(job, _)| match job {
-            JobKind::Backup(kind) => Some(*kind),
-            JobKind::Retention => None,
-        })
+        .filter_map(|(job, _)| job.backup_kind())
+        .collect::<std::collections::BTreeSet<Kind>>()
+        .into_iter()
         .collect();
     tasks.spawn(refresh_catalog(store.clone(), scheduled, shutdown.clone()));
     for (job, schedule) in schedules {
@@ -105,6 +104,10 @@ fn schedules(config: &Config) -> Vec<(JobKind, crate::config::Schedule)> {
     [
         (JobKind::Backup(Kind::PgDump), &config.schedule.pg_dump),
         (JobKind::Backup(Kind::PgBase), &config.schedule.pg_base),
+        (
+            JobKind::IncrementalBase,
+            &config.schedule.pg_base_incremental,
+        ),
         (JobKind::Backup(Kind::Redis), &config.schedule.redis),
         (JobKind::Backup(Kind::Etcd), &config.schedule.etcd),
         (JobKind::Retention, &config.schedule.retention),
@@ -137,12 +140,11 @@ fn refuse_what_cannot_run(
             JobKind::Backup(Kind::Etcd) => {
                 config.etcd_endpoints().context("schedule.etcd is set")?;
             }
-            JobKind::Backup(Kind::PgBase) if pgdata.is_none() => {
-                return Err(Failure::Config(
-                    "schedule.pg-base is set but the data directory is not: PGDATA or \
+            JobKind::Backup(Kind::PgBase) | JobKind::IncrementalBase if pgdata.is_none() => {
+                return Err(Failure::Config(format!(
+                    "schedule.{job} is set but the data directory is not: PGDATA or \
                      [postgres] pgdata"
-                        .into(),
-                )
+                ))
                 .into());
             }
             _ => {}
@@ -167,7 +169,7 @@ fn plan_memory(
 ) -> anyhow::Result<(Config, crate::pipeline::budget::SidecarPlan)> {
     let backup_kinds = schedules
         .iter()
-        .filter(|(job, _)| matches!(job, JobKind::Backup(_)))
+        .filter(|(job, _)| job.backup_kind().is_some())
         .count();
     let plan = crate::pipeline::budget::sidecar(
         config.pipeline.memory_limit,

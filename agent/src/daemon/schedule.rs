@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::{self, JobKind, RunResult};
 
+use crate::catalog::Kind;
 use crate::config::{Config, Schedule};
 use crate::jobs;
 use crate::store::Store;
@@ -54,12 +55,12 @@ pub async fn run_on_schedule(
         let (config, store, cancel) = (config.clone(), store.clone(), runs.child_token());
         let slots = backup_slots.clone();
         running = Some(tokio::spawn(async move {
-            let _slot = match job {
-                JobKind::Backup(_) => tokio::select! {
+            let _slot = match job.backup_kind() {
+                Some(_) => tokio::select! {
                     slot = slots.acquire_owned() => slot.ok(),
                     () = cancel.cancelled() => return,
                 },
-                JobKind::Retention => None,
+                None => None,
             };
             run_once(job, &config, &store, &cancel).await;
         }));
@@ -72,12 +73,32 @@ pub async fn run_on_schedule(
     }
 }
 
+/// Held by the base backup in flight: the full and the incremental schedules share it, so that
+/// one of them coming round while the other runs is skipped, as a second run of one kind is.
+static BASE_BACKUP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One run, with its outcome logged (one line) and recorded in the metrics.
 pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &CancellationToken) {
     let started = Instant::now();
-    let outcome = match job {
-        JobKind::Backup(kind) => {
-            let request = jobs::backup::BackupRequest::scheduled(kind);
+    let _base = match job.backup_kind() {
+        Some(Kind::PgBase) => match BASE_BACKUP.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(_) => {
+                tracing::warn!(kind = %job, "skipped: another base backup is still going");
+                metrics::run_finished(job, RunResult::Skipped, 0.0);
+                return;
+            }
+        },
+        _ => None,
+    };
+    let outcome = match job.backup_kind() {
+        Some(kind) => {
+            let request = match job {
+                JobKind::IncrementalBase => {
+                    jobs::backup::BackupRequest::PgBase { incremental: true }
+                }
+                _ => jobs::backup::BackupRequest::scheduled(kind),
+            };
             jobs::backup::backup(config, store, &request, cancel)
                 .await
                 .map(|manifest| {
@@ -89,7 +110,7 @@ pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &Can
                     );
                 })
         }
-        JobKind::Retention => {
+        None => {
             let report = tokio::select! {
                 report = jobs::retention::run(store, config.store.location.s3(), &config.retention, Utc::now(), false) => report,
                 () = cancel.cancelled() => Err(anyhow::anyhow!("retention interrupted")),

@@ -28,7 +28,10 @@ use super::pg_dump::PgDumpRequest;
 #[derive(Debug, Clone)]
 pub enum BackupRequest {
     PgDump(PgDumpRequest),
-    PgBase,
+    /// Incremental: only what changed since the newest base backup (`--incremental`).
+    PgBase {
+        incremental: bool,
+    },
     Redis,
     Etcd,
 }
@@ -38,7 +41,7 @@ impl BackupRequest {
     pub fn scheduled(kind: Kind) -> Self {
         match kind {
             Kind::PgDump => Self::PgDump(PgDumpRequest::default()),
-            Kind::PgBase => Self::PgBase,
+            Kind::PgBase => Self::PgBase { incremental: false },
             Kind::Redis => Self::Redis,
             Kind::Etcd => Self::Etcd,
         }
@@ -56,7 +59,9 @@ pub async fn backup(
         BackupRequest::PgDump(request) => {
             super::pg_dump::backup(config, store, request, cancel).await
         }
-        BackupRequest::PgBase => super::pg_base::backup(config, store, cancel).await,
+        BackupRequest::PgBase { incremental } => {
+            super::pg_base::backup(config, store, *incremental, cancel).await
+        }
         BackupRequest::Redis => {
             let endpoint = config.redis.endpoint()?;
             let aof_dir = config.redis.aof_dir.as_deref();
@@ -140,7 +145,7 @@ impl<'a> BackupRun<'a> {
         };
         Manifest {
             format: if sealed {
-                crate::catalog::manifest::MANIFEST_FORMAT_SEALED
+                format.max(crate::catalog::manifest::MANIFEST_FORMAT_SEALED)
             } else {
                 format
             },

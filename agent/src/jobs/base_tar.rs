@@ -24,7 +24,11 @@ pub fn files_of_stream(manifest: &Manifest, stream: usize) -> Option<Vec<BaseFil
     let SourceFacts::PgBase(facts) = &manifest.source else {
         return None;
     };
-    let files = facts.files.iter().filter(|f| f.stream as usize == stream);
+    // An incremental's unchanged files have no record in any stream.
+    let files = facts
+        .files
+        .iter()
+        .filter(|f| f.stream as usize == stream && f.delta.is_none_or(|d| d.in_stream()));
     Some(files.cloned().collect())
 }
 
@@ -200,6 +204,7 @@ mod tests {
                 crc32c: crc32c::crc32c(data),
                 stream: 0,
                 padded: false,
+                delta: None,
             });
         }
         (builder.into_inner().unwrap(), copied)
@@ -282,6 +287,7 @@ mod tests {
             crc32c: crc32c::crc32c(b"x"),
             stream: 0,
             padded: false,
+            delta: None,
         };
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("data");

@@ -6,6 +6,7 @@
 //! them (exit codes), with the object, backup or database named in the message.
 
 pub mod backup;
+pub mod base_delta;
 pub mod base_tar;
 pub mod check;
 pub mod etcd;
@@ -64,6 +65,25 @@ pub(crate) fn can_open(store: &Store, manifest: &crate::catalog::Manifest) -> an
 }
 
 /// What the pipeline must find when it reads `object` back.
+/// Downloads `object` into a pipe that `read` consumes on a blocking thread. `read` must read
+/// to the end even after it fails (the checkers do), so that a download error is the
+/// download's own, and reported first: it is the cause of whatever the reader met after it.
+pub(crate) async fn download_into<T: Send + 'static>(
+    store: &crate::store::Store,
+    object: &crate::catalog::StoredObject,
+    read: impl FnOnce(std::io::PipeReader) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    use anyhow::Context;
+    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    let reading = tokio::task::spawn_blocking(move || read(reader));
+    let downloaded = crate::pipeline::download(store, &expected(object), Box::new(writer))
+        .await
+        .map(drop)
+        .map_err(anyhow::Error::from);
+    let read = reading.await.context("reading worker failed")?;
+    downloaded.and(read)
+}
+
 pub(crate) fn expected(object: &crate::catalog::StoredObject) -> crate::pipeline::Expected {
     crate::pipeline::Expected {
         key: crate::store::ObjectKey::from(object.key.as_str()),

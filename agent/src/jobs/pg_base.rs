@@ -1,5 +1,7 @@
-//! `backup pg-base`: a physical base backup of the running cluster through the non-exclusive
-//! backup API, PGDATA's files streamed as several compressed tar objects at once.
+//! `backup pg-base [--incremental]`: a physical base backup of the running cluster through the
+//! non-exclusive backup API, PGDATA's files streamed as several compressed tar objects at once
+//! (a full backup), or as delta streams of what changed since a parent (an incremental one,
+//! see `sources::blocks`). Both write a block map for the next incremental.
 //!
 //! Order: refuse if archiving does not work → claim the id → start backup mode (one session,
 //! kept open throughout) → stream the tars → stop backup mode → wait until every WAL segment
@@ -17,13 +19,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::backup::{BackupRun, check_stored_size, stored_object};
 use crate::catalog::manifest::{
-    BaseFile, MANIFEST_FORMAT_UNHASHED, Manifest, PgBaseFacts, SourceFacts, StoredObject,
+    BaseFile, Delta, MANIFEST_FORMAT_BLOCKS, Manifest, PgBaseFacts, SourceFacts, StoredObject,
 };
 use crate::catalog::{BackupId, Kind, layout};
 use crate::config::{Config, PipelineConfig, PostgresConfig};
 use crate::error::Failure;
 use crate::pipeline::{self, RawDigest, WrittenError};
-use crate::sources::pgdata::{self, CopiedFile, Entry};
+use crate::sources::blocks::{FileMap, MapWriter};
+use crate::sources::pgdata::{self, CopiedFile, Entry, MapSink};
 use crate::sources::postgres;
 use crate::sources::postgres::backup_mode::{self, Stopped, timeline_of};
 use crate::store::Store;
@@ -35,17 +38,30 @@ const ARCHIVE_WAIT: Duration = Duration::from_secs(300);
 /// The longest pause between two looks at the archive while waiting for the backup's WAL.
 const ARCHIVE_POLL: Duration = Duration::from_millis(250);
 
+/// Block maps waiting for the map's writer, from all streams.
+const MAP_QUEUE: usize = 8;
+
 /// What the server says before the backup starts.
 struct Preflight {
     server_version: String,
     server_version_num: u32,
     system_identifier: u64,
     wal_segment_size: u64,
+    block_size: u32,
+}
+
+/// The backup an incremental applies to.
+#[derive(Debug, Clone)]
+struct Parent {
+    id: BackupId,
+    depth: u32,
+    block_map: StoredObject,
 }
 
 pub async fn backup(
     config: &Config,
     store: &Store,
+    incremental: bool,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Manifest> {
     let pgdata = config.postgres.pgdata.clone().ok_or_else(|| {
@@ -55,6 +71,10 @@ pub async fn backup(
     })?;
     let client = postgres::connect(&config.postgres).await?;
     let preflight = preflight(&client, &config.postgres, &pgdata).await?;
+    let parent = match incremental {
+        true => choose_parent(config, store, &preflight).await?,
+        false => None,
+    };
 
     let mut run = BackupRun::begin(config, store, Kind::PgBase).await?;
     let id = run.id().clone();
@@ -66,7 +86,14 @@ pub async fn backup(
         &label,
     )
     .await?;
-    tracing::info!(kind = "pg-base", id = %id, start_lsn = %start_lsn, pgdata = %pgdata.display(), "backup started");
+    tracing::info!(
+        kind = "pg-base",
+        id = %id,
+        start_lsn = %start_lsn,
+        pgdata = %pgdata.display(),
+        parent = parent.as_ref().map(|p| p.id.to_string()),
+        "backup started"
+    );
 
     let copy = BaseCopy {
         config,
@@ -76,13 +103,25 @@ pub async fn backup(
         cancel,
     };
     let outcome = run
-        .guard(copy_and_stop(&copy, &client, &preflight, start_lsn))
+        .guard(copy_and_stop(
+            &copy,
+            &client,
+            &preflight,
+            start_lsn,
+            parent.as_ref(),
+        ))
         .await;
     drop(client); // ends backup mode if it is still on
-    let (objects, files, stop) = outcome?;
+    let Copied {
+        objects,
+        files,
+        stopped: stop,
+        block_map,
+    } = outcome?;
 
     let timeline = timeline_of(&stop.label).unwrap_or(1);
     let segment_size = preflight.wal_segment_size;
+    let (map_raw, map_stored) = (block_map.raw_bytes, block_map.stored_bytes);
     let source = SourceFacts::PgBase(Box::new(PgBaseFacts {
         system_identifier: preflight.system_identifier.to_string(),
         server_version: preflight.server_version.clone(),
@@ -97,10 +136,83 @@ pub async fn backup(
         backup_label: stop.label,
         tablespace_map: stop.tablespace_map,
         files,
+        block_size: preflight.block_size,
+        depth: parent.as_ref().map_or(0, |p| p.depth + 1),
+        parent: parent.map(|p| p.id),
+        block_map: Some(block_map),
     }));
-    let manifest = run.manifest(MANIFEST_FORMAT_UNHASHED, source, objects);
+    let mut manifest = run.manifest(MANIFEST_FORMAT_BLOCKS, source, objects);
+    // What the backup costs in the store includes its block map.
+    manifest.raw_bytes += map_raw;
+    manifest.stored_bytes += map_stored;
     run.commit(&manifest).await?;
     Ok(manifest)
+}
+
+/// The parent of an incremental: the newest base backup of this cluster, unless the chain
+/// would grow past `postgres.max-incremental-chain` or the parent cannot be compared against
+/// (no block map, another block size); then `None`, a full backup, and the log says why.
+///
+/// Timelines do not matter here: blocks are compared by content, so any earlier copy of the
+/// cluster is a correct parent (see ARCHITECTURE.md, "Incremental base backups").
+async fn choose_parent(
+    config: &Config,
+    store: &Store,
+    preflight: &Preflight,
+) -> anyhow::Result<Option<Parent>> {
+    let (manifests, unreadable) = crate::catalog::list(store, Some(Kind::PgBase)).await?;
+    for problem in &unreadable {
+        tracing::warn!("{problem}");
+    }
+    let system = preflight.system_identifier.to_string();
+    let newest = manifests
+        .iter()
+        .filter_map(|m| match &m.source {
+            SourceFacts::PgBase(facts) if facts.system_identifier == system => Some((m, facts)),
+            _ => None,
+        })
+        .max_by(|(a, _), (b, _)| (a.end_time, &a.id).cmp(&(b.end_time, &b.id)));
+    let full = |why: String| {
+        tracing::info!(kind = "pg-base", "taking a full backup: {why}");
+        Ok(None)
+    };
+    let Some((manifest, facts)) = newest else {
+        return full("no base backup of this cluster in the store yet".into());
+    };
+    let id = &manifest.id;
+    let Some(block_map) = &facts.block_map else {
+        return full(format!(
+            "the newest base backup, {id}, has no block map (an older gc-backup took it)"
+        ));
+    };
+    if facts.block_size != preflight.block_size {
+        return full(format!(
+            "the newest base backup, {id}, has {}-byte blocks, the server {}",
+            facts.block_size, preflight.block_size
+        ));
+    }
+    let limit = config.postgres.max_incremental_chain;
+    if facts.depth >= limit {
+        return full(format!(
+            "the newest base backup, {id}, ends a chain of {} incremental(s), \
+             postgres.max-incremental-chain is {limit}",
+            facts.depth
+        ));
+    }
+    if block_map.sealed {
+        store
+            .keys()
+            .identities_for(&format!(
+                "an incremental backup, which reads the block map of its parent {id} (or run \
+                 a full one: without --incremental)"
+            ))
+            .map_err(|e| Failure::Config(e.to_string()))?;
+    }
+    Ok(Some(Parent {
+        id: id.clone(),
+        depth: facts.depth,
+        block_map: block_map.clone(),
+    }))
 }
 
 async fn preflight(
@@ -155,16 +267,39 @@ async fn preflight(
         server_version_num: facts.server_version_num,
         system_identifier,
         wal_segment_size,
+        block_size: facts.block_size,
     })
 }
 
 /// How many tar streams to write at once, and each one's settings: one per core (at most 4),
 /// as many as `pipeline.memory-limit` holds (see `pipeline::budget`).
-fn stream_plan(pipeline: &PipelineConfig) -> anyhow::Result<(usize, PipelineConfig)> {
+fn stream_plan(pipeline: &PipelineConfig, limit: usize) -> anyhow::Result<(usize, PipelineConfig)> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    crate::pipeline::budget::streams(pipeline, pipeline.memory_limit, cores)
+    crate::pipeline::budget::streams(pipeline, limit, cores)
         .map_err(|e| Failure::Config(e.to_string()).into())
 }
+
+/// The block map's one pipeline: minimum parts, 1 MiB frames, one part in flight; and the
+/// limit left for the streams. What it holds is at most its two parts and a frame, and never
+/// more than the map itself and a frame: a map of up to [`MAP_IN_RESERVE`] (a cluster of
+/// about 512 MiB) is left to the process reserve, so that the smallest limit still backs up
+/// a small cluster.
+fn map_plan(pipeline: &PipelineConfig, map_bytes: usize) -> (PipelineConfig, usize) {
+    use crate::config::{MIB, S3_MIN_PART_SIZE};
+    let mut settings = pipeline.clone();
+    settings.part_size = S3_MIN_PART_SIZE.min(pipeline.part_size.max(MIB));
+    settings.parallel_uploads = 1;
+    settings.frame_bytes = MIB;
+    let reserve = if map_bytes <= MAP_IN_RESERVE {
+        0
+    } else {
+        (2 * settings.part_size).min(map_bytes) + 2 * MIB
+    };
+    (settings, pipeline.memory_limit.saturating_sub(reserve))
+}
+
+/// Block maps this small fit in `pipeline::budget::PROCESS_RESERVE`'s slack.
+const MAP_IN_RESERVE: usize = crate::config::MIB;
 
 /// What every stage of one base backup needs.
 struct BaseCopy<'a> {
@@ -175,12 +310,21 @@ struct BaseCopy<'a> {
     cancel: &'a CancellationToken,
 }
 
+/// What the copy stage produced.
+struct Copied {
+    objects: Vec<StoredObject>,
+    files: Vec<BaseFile>,
+    stopped: Stopped,
+    block_map: StoredObject,
+}
+
 async fn copy_and_stop(
     run: &BaseCopy<'_>,
     client: &Client,
     preflight: &Preflight,
     start_lsn: Lsn,
-) -> anyhow::Result<(Vec<StoredObject>, Vec<BaseFile>, Stopped)> {
+    parent: Option<&Parent>,
+) -> anyhow::Result<Copied> {
     let BaseCopy {
         config,
         store,
@@ -198,27 +342,94 @@ async fn copy_and_stop(
         pgdata::PgDataError::Unsupported(message) => anyhow::Error::new(Failure::Config(message)),
         other => anyhow::Error::new(other),
     })?;
-    let (dirs, files) = pgdata::partition(entries);
-    let files = std::sync::Arc::new(files);
-    let (streams, settings) = stream_plan(&config.pipeline)?;
+    let map_bytes = estimated_map_bytes(&entries, preflight.block_size);
+    let (dirs, files): (Vec<Entry>, Vec<Entry>) = entries
+        .into_iter()
+        .partition(|e| e.kind == pgdata::EntryKind::Dir);
+    let (map_settings, limit) = map_plan(&config.pipeline, map_bytes);
+    let (streams, settings) = stream_plan(&config.pipeline, limit)?;
     tracing::debug!(
         streams,
         part_size = settings.part_size,
         frame_bytes = settings.frame_bytes,
         memory_limit = config.pipeline.memory_limit,
+        map_bytes,
         "base backup streams planned"
     );
-    let uploads = (0..streams).map(|index| {
-        let settings = settings.clone();
-        // Stream 0 holds the directories, so that they are restored first.
-        let dirs = if index == 0 { dirs.clone() } else { Vec::new() };
-        let files = files.clone();
-        async move { upload_stream(run, index, dirs, files, &settings).await }
-    });
+    let (map_sink, map_queue) = std::sync::mpsc::sync_channel::<FileMap>(MAP_QUEUE);
+    let map_key = layout::data_key(Kind::PgBase, run.id, "blockmap.zst");
+    let block_size = preflight.block_size;
+    let map_upload = pipeline::upload_written(
+        store,
+        &map_key,
+        &map_settings,
+        RawDigest::Sha256,
+        cancel,
+        move |out| -> std::io::Result<()> {
+            let mut writer = MapWriter::new(out, block_size)?;
+            for file in map_queue {
+                writer.write(&file)?;
+            }
+            writer.finish().map(drop)
+        },
+    );
+    let (queue, parent_map): (Queue, ParentMapReading) = match parent {
+        None => (
+            Queue::Full(std::sync::Arc::new(pgdata::FileQueue::new(files))),
+            None,
+        ),
+        Some(parent) => {
+            let (work_sender, work) = std::sync::mpsc::sync_channel(streams * 2);
+            let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+            let dispatcher = tokio::task::spawn_blocking(move || {
+                pgdata::dispatch(reader, block_size, files, work_sender)
+            });
+            (
+                Queue::Delta(std::sync::Arc::new(pgdata::WorkQueue::new(work))),
+                Some((parent.block_map.clone(), writer, dispatcher)),
+            )
+        }
+    };
+    let uploads: Vec<_> =
+        (0..streams)
+            .map(|index| {
+                let settings = settings.clone();
+                // Stream 0 holds the directories, so that they are restored first.
+                let dirs = if index == 0 { dirs.clone() } else { Vec::new() };
+                let queue = queue.clone();
+                let map_sink = map_sink.clone();
+                async move {
+                    upload_stream(run, index, dirs, queue, &settings, map_sink, block_size).await
+                }
+            })
+            .collect();
+    drop(map_sink); // the streams hold the only senders: the map ends when they do
+    let reading_parent = async {
+        let Some((parent, writer, dispatcher)) = parent_map else {
+            return Ok(());
+        };
+        let downloaded = pipeline::download(store, &super::expected(&parent), Box::new(writer))
+            .await
+            .map(drop);
+        let dispatched = dispatcher.await.context("dispatching worker failed")?;
+        // The dispatcher drains the map after a failure: a download error is the cause.
+        downloaded.with_context(|| format!("reading the parent's block map {}", parent.key))?;
+        dispatched.with_context(|| format!("reading the parent's block map {}", parent.key))
+    };
+    let (streamed, mapped, read_parent) =
+        tokio::join!(join_all(uploads), map_upload, reading_parent);
+    read_parent?;
     let mut objects = Vec::new();
     let mut files = Vec::new();
-    for result in join_all(uploads).await {
-        let (object, copied) = result?;
+    let mut map_gone = None;
+    for result in streamed {
+        let (object, copied) = match result {
+            Err(error) if is_map_gone(&error) => {
+                map_gone = Some(error);
+                continue;
+            }
+            other => other?,
+        };
         objects.push(object);
         files.extend(copied.into_iter().map(|file| BaseFile {
             path: file.path,
@@ -226,9 +437,24 @@ async fn copy_and_stop(
             crc32c: file.crc32c,
             stream: file.stream,
             padded: file.padded,
+            delta: file.delta.map(|delta| match delta {
+                pgdata::Delta::Unchanged => Delta::Unchanged,
+                pgdata::Delta::Changed { blocks } => Delta::Changed { blocks },
+                pgdata::Delta::Whole => Delta::Whole,
+            }),
         }));
     }
-    for object in &objects {
+    let block_map = match mapped {
+        Ok((summary, ())) => stored_object(&map_key, &summary),
+        Err(WrittenError::Producer(error)) => {
+            return Err(anyhow::Error::new(error).context(format!("writing {map_key}")));
+        }
+        Err(WrittenError::Pipeline(error)) => return Err(anyhow::Error::new(error)),
+    };
+    if let Some(error) = map_gone {
+        return Err(error);
+    }
+    for object in objects.iter().chain([&block_map]) {
         let key = crate::store::ObjectKey::from(object.key.as_str());
         check_stored_size(store, &key, object.stored_bytes).await?;
     }
@@ -248,7 +474,48 @@ async fn copy_and_stop(
     await_wal(run, needed).await?;
     tracing::info!(kind = "pg-base", stop_lsn = %stopped.lsn, "backup mode ended; its WAL is archived");
     files.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok((objects, files, stopped))
+    Ok(Copied {
+        objects,
+        files,
+        stopped,
+        block_map,
+    })
+}
+
+fn is_map_gone(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<pgdata::PgDataError>(),
+        Some(pgdata::PgDataError::MapGone)
+    )
+}
+
+/// The queue the streams share (cheap to clone).
+#[derive(Clone)]
+enum Queue {
+    Full(std::sync::Arc<pgdata::FileQueue>),
+    Delta(std::sync::Arc<pgdata::WorkQueue>),
+}
+
+/// An incremental's parent map: the object, the pipe it is downloaded into, and the thread
+/// that reads it and hands out the files.
+type ParentMapReading = Option<(
+    StoredObject,
+    std::io::PipeWriter,
+    tokio::task::JoinHandle<Result<(), pgdata::PgDataError>>,
+)>;
+
+/// A rough size of the block map: 16 bytes per block of the relation files, and their names.
+fn estimated_map_bytes(entries: &[Entry], block_size: u32) -> usize {
+    entries
+        .iter()
+        .filter(|e| crate::sources::blocks::is_relation_file(&e.path))
+        .map(|e| {
+            let blocks = crate::sources::blocks::blocks_in(e.size, block_size.max(1));
+            usize::try_from(blocks).unwrap_or(usize::MAX / 32) * crate::sources::blocks::HASH_BYTES
+                + e.path.len()
+                + 16
+        })
+        .fold(0usize, usize::saturating_add)
 }
 
 /// Waits until every segment in `needed` is in the store. A segment PostgreSQL has finished
@@ -326,13 +593,16 @@ async fn await_wal(run: &BaseCopy<'_>, mut needed: Vec<String>) -> anyhow::Resul
     }
 }
 
-/// One tar stream: a blocking tar writer feeding a pipeline through a bounded channel.
+/// One stream: a blocking tar (full) or delta (incremental) writer compressing into its
+/// pipeline, sending the block map of every relation file it reads to `map_sink`.
 async fn upload_stream(
     run: &BaseCopy<'_>,
     index: usize,
     dirs: Vec<Entry>,
-    files: std::sync::Arc<pgdata::FileQueue>,
+    queue: Queue,
     settings: &PipelineConfig,
+    map_sink: MapSink,
+    block_size: u32,
 ) -> anyhow::Result<(StoredObject, Vec<CopiedFile>)> {
     let BaseCopy {
         store,
@@ -341,21 +611,45 @@ async fn upload_stream(
         cancel,
         ..
     } = *run;
-    let key = layout::data_key(Kind::PgBase, id, &format!("base.{index}.tar.zst"));
+    let name = match queue {
+        Queue::Full(_) => format!("base.{index}.tar.zst"),
+        Queue::Delta(_) => format!("delta.{index}.zst"),
+    };
+    let key = layout::data_key(Kind::PgBase, id, &name);
     let stream_no = u32::try_from(index).unwrap_or(u32::MAX);
     let pgdata = pgdata.to_path_buf();
-    // The tar writer compresses on its own thread: no raw queue between it and zstd.
+    // The writer compresses on its own thread: no raw queue between it and zstd.
     let written = pipeline::upload_written(store, &key, settings, RawDigest::Skip, cancel, {
-        move |out| pgdata::write_tar(&pgdata, &dirs, &files, stream_no, out)
+        move |out| match queue {
+            Queue::Full(files) => pgdata::write_tar(
+                &pgdata,
+                &dirs,
+                &files,
+                stream_no,
+                out,
+                Some((&map_sink, block_size)),
+            ),
+            Queue::Delta(work) => pgdata::write_delta(
+                &pgdata,
+                &dirs,
+                &work,
+                stream_no,
+                out,
+                (&map_sink, block_size),
+            ),
+        }
     })
     .await;
     let (summary, copied) = match written {
         Ok(done) => done,
-        Err(WrittenError::Producer(tar_error)) => {
-            return Err(anyhow::Error::new(tar_error).context(format!("copying PGDATA into {key}")));
+        Err(WrittenError::Producer(pgdata::PgDataError::MapGone)) => {
+            return Err(anyhow::Error::new(pgdata::PgDataError::MapGone));
+        }
+        Err(WrittenError::Producer(error)) => {
+            return Err(anyhow::Error::new(error).context(format!("copying PGDATA into {key}")));
         }
         Err(WrittenError::Pipeline(error)) => return Err(anyhow::Error::new(error)),
     };
-    tracing::debug!(key = %key, raw_bytes = summary.raw_bytes, stored_bytes = summary.stored_bytes, elapsed_ms = summary.elapsed.as_millis(), "tar stream stored");
+    tracing::debug!(key = %key, raw_bytes = summary.raw_bytes, stored_bytes = summary.stored_bytes, elapsed_ms = summary.elapsed.as_millis(), "stream stored");
     Ok((stored_object(&key, &summary), copied))
 }

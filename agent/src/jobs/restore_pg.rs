@@ -5,7 +5,10 @@
 //! archive across timeline switches, and (with `--start`) the server binaries of the backup's
 //! major version are installed. Then the tar streams are downloaded in parallel, each frame
 //! checked against its XXH64 and each file against the manifest's size and CRC-32C while it
-//! is unpacked, and the recovery settings are written:
+//! is unpacked. An incremental backup is restored as its chain: its full backup unpacked as
+//! above, then each incremental's delta streams applied in order (`base_delta`), files the
+//! newest backup does not have removed, and every file an incremental wrote to read back
+//! against the newest backup's CRC-32C. Then the recovery settings are written:
 //! `restore_command` calling this binary's `wal-fetch`, the target, `recovery.signal`.
 
 use std::io::Write;
@@ -79,8 +82,14 @@ pub async fn restore(
         ))
         .into());
     }
-    let (manifest, plan) = choose(store, &request.backup, &request.target).await?;
-    super::can_open(store, &manifest)?;
+    let (chain, plan) = choose(store, &request.backup, &request.target).await?;
+    for link in &chain {
+        super::can_open(store, link)?;
+    }
+    check_objects_exist(store, &chain).await?;
+    let Some(manifest) = chain.last().cloned() else {
+        return Err(anyhow::anyhow!("an empty chain of backups"));
+    };
     let (_, facts) = archive::base_backup(&manifest)?;
     let bin_dir = match &request.start {
         Some(_) => Some(recovery::server_bin_dir(
@@ -97,13 +106,14 @@ pub async fn restore(
         last_wal = %plan.last_wal,
         segments = plan.segments,
         target = %request.target,
+        chain = chain.len(),
         "restore planned; WAL chain complete"
     );
 
     let started = Instant::now();
     let created = create_dir(dir, existed)?;
     let unpacked = async {
-        unpack_all(store, &manifest, dir, cancel).await?;
+        unpack_chain(store, &chain, dir, cancel).await?;
         let settings = RecoverySettings {
             label: facts.backup_label.clone(),
             tablespace_map: facts.tablespace_map.clone(),
@@ -164,12 +174,13 @@ pub async fn restore(
     })
 }
 
-/// The base backup for `target` and the checked plan, from the catalog and the archive.
+/// The base backup for `target` with the chain it restores from (oldest first, itself last),
+/// and the checked plan, from the catalog and the archive.
 pub async fn choose(
     store: &Store,
     selector: &Selector,
     target: &RecoveryTarget,
-) -> anyhow::Result<(Manifest, RestorePlan)> {
+) -> anyhow::Result<(Vec<Manifest>, RestorePlan)> {
     let (mut manifests, unreadable) = catalog::list(store, Some(Kind::PgBase)).await?;
     for problem in &unreadable {
         tracing::warn!("{problem}");
@@ -189,7 +200,47 @@ pub async fn choose(
     }
     let wal = archive::load(store, segment_size).await?;
     let plan = pitr::plan::plan(&bases, &wal, target, chosen).map_err(plan_error)?;
-    Ok((manifests.swap_remove(plan.backup), plan))
+    let chain = catalog::chain(store, &manifests, &manifests[plan.backup])?
+        .into_iter()
+        .cloned()
+        .collect();
+    manifests.clear();
+    Ok((chain, plan))
+}
+
+/// Every object of every backup of the chain is in the store, before anything is written: a
+/// parent's stream deleted by hand fails here, in one line, not half-way through the restore.
+async fn check_objects_exist(store: &Store, chain: &[Manifest]) -> anyhow::Result<()> {
+    let objects = chain
+        .iter()
+        .flat_map(|m| m.objects.iter().map(move |o| (m, o)));
+    let looks = futures::stream::iter(objects)
+        .map(|(manifest, object)| async move {
+            let key = crate::store::ObjectKey::from(object.key.as_str());
+            match store.head(&key).await {
+                Ok(_) => Ok(()),
+                Err(crate::store::StoreError::NotFound { .. }) => Err(Failure::Corrupt(format!(
+                    "{} of pg-base backup {} is not in {}: {}",
+                    object.key,
+                    manifest.id,
+                    store.name(),
+                    if Some(manifest) == chain.last() {
+                        "the backup cannot be restored".to_string()
+                    } else {
+                        format!(
+                            "{} is an incremental on top of it and cannot be restored",
+                            chain.last().map(|m| m.id.to_string()).unwrap_or_default()
+                        )
+                    }
+                ))
+                .into()),
+                Err(error) => Err(anyhow::Error::new(error)),
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<anyhow::Result<()>>>()
+        .await;
+    looks.into_iter().collect()
 }
 
 /// Refusals of the request are usage errors (exit 2); a broken archive is a failure (exit 3).
@@ -260,23 +311,154 @@ fn clear(dir: &Path, created: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Unpacks every tar stream, [`PARALLEL_STREAMS`] at a time. The first failure (or SIGTERM)
-/// stops the others, and this returns only once every unpacking thread has finished, so that
-/// the caller can empty DIR without a thread still writing into it.
+/// Restores a chain into DIR: the full backup, then each incremental on top, then what only
+/// the chain as a whole can say (files removed since, files rebuilt from several backups).
+async fn unpack_chain(
+    store: &Store,
+    chain: &[Manifest],
+    dir: &Path,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut dirs = Vec::new();
+    for manifest in chain {
+        dirs = unpack_all(store, manifest, dir, cancel).await?;
+    }
+    if chain.len() < 2 {
+        return Ok(());
+    }
+    let chain = chain.to_vec();
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || finish_chain(&chain, &dir, &dirs))
+        .await
+        .context("worker failed")?
+}
+
+/// After the last incremental: removes what the newest backup does not have, and checks every
+/// file against it: those an incremental wrote to are read back, the others must have kept
+/// the CRC-32C the full backup's check already confirmed.
+fn finish_chain(chain: &[Manifest], dir: &Path, dirs: &[String]) -> anyhow::Result<()> {
+    use std::collections::{HashMap, HashSet};
+    let files_of = |m: &Manifest| -> Vec<crate::catalog::manifest::BaseFile> {
+        match &m.source {
+            crate::catalog::manifest::SourceFacts::PgBase(facts) => facts.files.clone(),
+            _ => Vec::new(),
+        }
+    };
+    let (Some(full), Some(newest)) = (chain.first(), chain.last()) else {
+        return Ok(());
+    };
+    let newest_files = files_of(newest);
+    let keep: HashSet<&str> = newest_files.iter().map(|f| f.path.as_str()).collect();
+    let keep_dirs: HashSet<&str> = dirs.iter().map(String::as_str).collect();
+    remove_unlisted(dir, dir, &keep, &keep_dirs)?;
+    let mut written: HashSet<String> = HashSet::new();
+    for manifest in &chain[1..] {
+        for file in files_of(manifest) {
+            if file.delta.is_some_and(|d| d.in_stream()) {
+                written.insert(file.path);
+            }
+        }
+    }
+    let in_full: HashMap<String, crate::catalog::manifest::BaseFile> = files_of(full)
+        .into_iter()
+        .map(|f| (f.path.clone(), f))
+        .collect();
+    let rebuilt: Vec<&crate::catalog::manifest::BaseFile> = newest_files
+        .iter()
+        .filter(|f| written.contains(&f.path))
+        .collect();
+    for file in &newest_files {
+        if written.contains(&file.path) {
+            continue;
+        }
+        let same = in_full
+            .get(&file.path)
+            .is_some_and(|old| old.size == file.size && old.crc32c == file.crc32c);
+        if !same {
+            return Err(Failure::Corrupt(format!(
+                "{} is unchanged since the full backup {} by the chain's manifests, but its                  size or CRC-32C differs in {}: the chain is inconsistent",
+                file.path, full.id, newest.id
+            ))
+            .into());
+        }
+    }
+    // Read back on a few threads: the rebuilt files are most of a busy cluster.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..PARALLEL_STREAMS)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(file) = rebuilt.get(index) else {
+                            return Ok(());
+                        };
+                        super::base_delta::check_rebuilt(dir, file)?;
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a check thread panicked")))
+        })
+    })
+}
+
+/// Removes files and directories under `at` that the newest backup does not list.
+fn remove_unlisted(
+    root: &Path,
+    at: &Path,
+    files: &std::collections::HashSet<&str>,
+    dirs: &std::collections::HashSet<&str>,
+) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(at).with_context(|| format!("reading {}", at.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", at.display()))?;
+        let path = entry.path();
+        let relative = path
+            .strip_prefix(root)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("reading {}", path.display()))?;
+        if kind.is_dir() {
+            if dirs.contains(relative.as_str()) {
+                remove_unlisted(root, &path, files, dirs)?;
+            } else {
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        } else if !files.contains(relative.as_str()) {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks every stream of one backup (tars of a full, delta streams of an incremental),
+/// [`PARALLEL_STREAMS`] at a time, and returns the directories an incremental's streams name.
+/// The first failure (or SIGTERM) stops the others, and this returns only once every
+/// unpacking thread has finished, so that the caller can empty DIR without a thread still
+/// writing into it.
 async fn unpack_all(
     store: &Store,
     manifest: &Manifest,
     dir: &Path,
     cancel: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<String>> {
     let abort = cancel.child_token();
-    let results: Vec<anyhow::Result<()>> =
+    let delta = match &manifest.source {
+        crate::catalog::manifest::SourceFacts::PgBase(facts) => facts.is_incremental(),
+        _ => false,
+    };
+    let results: Vec<anyhow::Result<Vec<String>>> =
         futures::stream::iter(manifest.objects.iter().enumerate())
             .map(|(stream, object)| {
                 let abort = abort.clone();
                 let files = super::base_tar::files_of_stream(manifest, stream).unwrap_or_default();
                 async move {
-                    let result = unpack(store, object, files, dir, &abort).await;
+                    let result = unpack(store, object, files, delta, dir, &abort).await;
                     if result.is_err() {
                         abort.cancel();
                     }
@@ -290,13 +472,21 @@ async fn unpack_all(
         return Err(Failure::Interrupted("restore interrupted".into()).into());
     }
     // The stream that failed first says why; the others only stopped because of it.
-    let errors = results.into_iter().filter_map(Result::err);
-    let (stopped, failed): (Vec<_>, Vec<_>) =
-        errors.partition(|e| e.downcast_ref::<Stopped>().is_some());
-    match failed.into_iter().chain(stopped).next() {
-        Some(error) => Err(error),
-        None => Ok(()),
+    let mut dirs = Vec::new();
+    let mut errors = Vec::new();
+    for result in results {
+        match result {
+            Ok(named) => dirs.extend(named),
+            Err(error) => errors.push(error),
+        }
     }
+    let (stopped, failed): (Vec<_>, Vec<_>) = errors
+        .into_iter()
+        .partition(|e| e.downcast_ref::<Stopped>().is_some());
+    if let Some(error) = failed.into_iter().chain(stopped).next() {
+        return Err(error);
+    }
+    Ok(dirs)
 }
 
 /// A stream stopped because another one failed.
@@ -310,17 +500,22 @@ async fn unpack(
     store: &Store,
     object: &catalog::StoredObject,
     files: Vec<crate::catalog::manifest::BaseFile>,
+    delta: bool,
     dir: &Path,
     abort: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<String>> {
     if abort.is_cancelled() {
         return Err(Stopped.into());
     }
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
     let target = dir.to_path_buf();
     let key = object.key.clone();
-    let unpacker = tokio::task::spawn_blocking(move || {
-        super::base_tar::read_checked(reader, &files, Some(&target), &key)
+    let unpacker = tokio::task::spawn_blocking(move || match delta {
+        true => super::base_delta::read_checked(reader, &files, Some(&target), &key)
+            .map(|applied| applied.dirs),
+        false => {
+            super::base_tar::read_checked(reader, &files, Some(&target), &key).map(|()| Vec::new())
+        }
     });
     let sink: Sink = Box::new(writer);
     // Dropping the download closes the pipe's writer, which ends the tar reader.

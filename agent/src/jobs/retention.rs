@@ -26,13 +26,23 @@ fn backup_of(manifest: &Manifest) -> Backup {
             .filter(|file| matches!(file, pitr::WalFile::Segment { .. })),
         _ => None,
     };
+    let (block_map, parent) = match &manifest.source {
+        SourceFacts::PgBase(facts) => (facts.block_map.as_ref(), facts.parent.clone()),
+        _ => (None, None),
+    };
     Backup {
         kind: manifest.kind,
         id: manifest.id.clone(),
         start_time: manifest.start_time,
         end_time: manifest.end_time,
-        objects: manifest.objects.iter().map(|o| o.key.clone()).collect(),
+        objects: manifest
+            .objects
+            .iter()
+            .chain(block_map)
+            .map(|o| o.key.clone())
+            .collect(),
         wal_start,
+        parent,
     }
 }
 

@@ -81,10 +81,7 @@ pub async fn verify(
         super::can_open(store, manifest)?;
     }
     let wal_check = WalCheck::load(store, &manifests).await?;
-    // Objects several backups name (Redis AOF files) are read once; their verdict counts for
-    // every backup that names them.
-    let mut verdicts: std::collections::HashMap<(String, Option<String>), Option<String>> =
-        std::collections::HashMap::new();
+    let mut verdicts = Verdicts::default();
     for manifest in selected {
         if cancel.is_cancelled() {
             return Err(Failure::Interrupted("verify interrupted".into()).into());
@@ -95,25 +92,23 @@ pub async fn verify(
             objects: manifest.objects.len(),
             raw_bytes: manifest.raw_bytes,
             wal: None,
-            problems: Vec::new(),
+            problems: verdicts.objects_of(store, manifest).await?,
         };
-        for (stream, object) in manifest.objects.iter().enumerate() {
-            let seen = (object.key.clone(), object.raw_sha256.clone());
-            if let Some(verdict) = verdicts.get(&seen) {
-                result.problems.extend(verdict.clone());
-                continue;
-            }
-            let mut verdict = None;
-            let files = base_tar::files_of_stream(manifest, stream);
-            if let Err(error) = read_object(store, object, files).await {
-                if crate::error::meaning(&error) != Some(crate::error::Meaning::Corrupt) {
-                    // The store itself failed: nothing more can be verified now.
-                    return Err(error.context(format!("verifying {}", object.key)));
+        // An incremental is only as good as every backup under it.
+        match crate::catalog::chain(store, &manifests, manifest) {
+            Ok(chain) => {
+                for ancestor in chain.iter().rev().skip(1) {
+                    let problems = verdicts.objects_of(store, ancestor).await?;
+                    if let Some(first) = problems.first() {
+                        result.problems.push(format!(
+                            "it is an incremental on top of {}, which is damaged: {first}",
+                            ancestor.id
+                        ));
+                        break;
+                    }
                 }
-                verdict = Some(format!("{error:#}"));
             }
-            result.problems.extend(verdict.clone());
-            verdicts.insert(seen, verdict);
+            Err(error) => result.problems.push(error.to_string()),
         }
         if manifest.kind == Kind::PgBase
             && let Some(wal_check) = &wal_check
@@ -128,29 +123,99 @@ pub async fn verify(
     Ok(report)
 }
 
+/// Objects several backups name (Redis AOF files, the backups under incrementals) are read
+/// once; their verdict counts for every backup that names them.
+#[derive(Default)]
+struct Verdicts {
+    seen: std::collections::HashMap<(String, Option<String>), Option<String>>,
+}
+
+impl Verdicts {
+    /// What is wrong with the objects of one backup (empty: nothing), its block map included.
+    async fn objects_of(
+        &mut self,
+        store: &Store,
+        manifest: &Manifest,
+    ) -> anyhow::Result<Vec<String>> {
+        let delta = match &manifest.source {
+            crate::catalog::manifest::SourceFacts::PgBase(facts) => facts.is_incremental(),
+            _ => false,
+        };
+        let block_map = match &manifest.source {
+            crate::catalog::manifest::SourceFacts::PgBase(facts) => facts.block_map.clone(),
+            _ => None,
+        };
+        let streams = manifest
+            .objects
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (Some(i), o));
+        let mut problems = Vec::new();
+        for (stream, object) in streams.chain(block_map.iter().map(|o| (None, o))) {
+            let seen = (object.key.clone(), object.raw_sha256.clone());
+            if let Some(verdict) = self.seen.get(&seen) {
+                problems.extend(verdict.clone());
+                continue;
+            }
+            let mut verdict = None;
+            let result = match stream {
+                Some(stream) => {
+                    let files = base_tar::files_of_stream(manifest, stream);
+                    read_object(store, object, files, delta).await
+                }
+                None => read_block_map(store, object).await,
+            };
+            if let Err(error) = result {
+                if crate::error::meaning(&error) != Some(crate::error::Meaning::Corrupt) {
+                    // The store itself failed: nothing more can be verified now.
+                    return Err(error.context(format!("verifying {}", object.key)));
+                }
+                verdict = Some(format!("{error:#}"));
+            }
+            problems.extend(verdict.clone());
+            self.seen.insert(seen, verdict);
+        }
+        Ok(problems)
+    }
+}
+
+/// Reads a block map through its checks and its format to the end.
+async fn read_block_map(
+    store: &Store,
+    object: &crate::catalog::StoredObject,
+) -> anyhow::Result<()> {
+    let key = object.key.clone();
+    super::download_into(store, object, move |mut reader| {
+        let result = (|| {
+            let mut map = crate::sources::blocks::MapReader::new(&mut reader)?;
+            while map.next_file()?.is_some() {}
+            Ok::<_, crate::sources::blocks::BlockError>(())
+        })();
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        result.map_err(|e| Failure::Corrupt(format!("{key}: {e}")).into())
+    })
+    .await
+}
+
 /// Reads one object through its checks into nothing. A base backup's tar stream (`files` is
-/// what its manifest lists) is also read as tar, each file checked against its CRC-32C.
+/// what its manifest lists) is also read as tar, each file checked against its CRC-32C; an
+/// incremental's delta stream record by record.
 async fn read_object(
     store: &Store,
     object: &crate::catalog::StoredObject,
     files: Option<Vec<crate::catalog::manifest::BaseFile>>,
+    delta: bool,
 ) -> anyhow::Result<()> {
     let Some(files) = files else {
         pipeline::download(store, &super::expected(object), Box::new(std::io::sink())).await?;
         return Ok(());
     };
-    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
     let key = object.key.clone();
-    let reading =
-        tokio::task::spawn_blocking(move || base_tar::read_checked(reader, &files, None, &key));
-    let downloaded = pipeline::download(store, &super::expected(object), Box::new(writer))
-        .await
-        .map(drop)
-        .map_err(anyhow::Error::from);
-    let read = reading.await.context("tar check worker failed")?;
-    // The checker reads to the end even after a bad file, so a download error is the
-    // download's own: the store's failure, or a damaged frame that also broke the tar.
-    downloaded.and(read)
+    super::download_into(store, object, move |reader| match delta {
+        true => super::base_delta::read_checked(reader, &files, None, &key).map(drop),
+        false => base_tar::read_checked(reader, &files, None, &key),
+    })
+    .await
 }
 
 /// The archive and every base backup, to check each backup's WAL chain.

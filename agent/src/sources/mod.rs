@@ -14,6 +14,7 @@
 //! Every source reports failures as [`SourceError`], sorted by what the caller can do.
 
 pub mod aof;
+pub mod blocks;
 pub mod etcd;
 pub mod pgdata;
 pub mod postgres;

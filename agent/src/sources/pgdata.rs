@@ -10,6 +10,8 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use super::blocks::{self, BlockError, BlockHash, DeltaWriter, FileMap, MapReader};
+
 /// Directories whose contents are never copied (the directory itself is kept, empty).
 const EMPTY_DIRS: &[&str] = &[
     "pg_wal",
@@ -64,7 +66,26 @@ pub struct CopiedFile {
     pub stream: u32,
     /// The file shrank while being copied and was padded with zeros (WAL replay repairs it).
     pub padded: bool,
+    /// Incremental backups: what of the file the delta stream holds. `None` in a full's tar.
+    pub delta: Option<Delta>,
 }
+
+/// What an incremental backup stored of one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delta {
+    /// Same size and every block the same as in the parent: nothing stored.
+    Unchanged,
+    /// Its size and the blocks that differ from the parent's.
+    Changed { blocks: u64 },
+    /// All of it (not in the parent, or not a relation file).
+    Whole,
+}
+
+/// Where the tar and delta writers send the block map of every relation file they read.
+pub type MapSink = std::sync::mpsc::SyncSender<FileMap>;
+
+/// How the writers read relation files: in chunks of this many blocks.
+const CHUNK_BLOCKS: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgDataError {
@@ -76,6 +97,11 @@ pub enum PgDataError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the parent's block map: {0}")]
+    ParentMap(BlockError),
+    /// The block map's uploader went away (its upload failed, which it reports itself).
+    #[error("the block map's upload stopped")]
+    MapGone,
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> PgDataError {
@@ -190,12 +216,15 @@ pub fn partition(entries: Vec<Entry>) -> (Vec<Entry>, FileQueue) {
 
 /// Writes `dirs`, then files taken from `files` until it is empty, as one tar stream into
 /// `out`. Blocking.
+///
+/// With `maps`, every relation file's blocks are hashed on the way and its map sent there.
 pub fn write_tar(
     pgdata: &Path,
     dirs: &[Entry],
     files: &FileQueue,
     stream: u32,
     out: impl Write,
+    maps: Option<(&MapSink, u32)>,
 ) -> Result<Vec<CopiedFile>, PgDataError> {
     let mut builder = tar::Builder::new(out);
     let mut copied = Vec::new();
@@ -231,22 +260,35 @@ pub fn write_tar(
                 };
                 header.set_entry_type(tar::EntryType::Regular);
                 header.set_size(entry.size);
+                let hasher = maps
+                    .filter(|_| blocks::is_relation_file(&entry.path))
+                    .map(|(_, block_size)| BlockHasher::new(block_size));
                 let mut reader = PaddedReader {
                     inner: file.take(entry.size),
                     remaining: entry.size,
                     crc: 0,
                     padded: false,
+                    hasher,
                 };
                 builder
                     .append_data(&mut header, &entry.path, &mut reader)
                     .map_err(|e| tar_error(&entry.path, e))?;
                 forget_cached(&reader.inner.into_inner());
+                if let (Some(hasher), Some((sink, _))) = (reader.hasher, maps) {
+                    let map = FileMap {
+                        path: entry.path.clone(),
+                        size: entry.size,
+                        hashes: hasher.finish(),
+                    };
+                    sink.send(map).map_err(|_| PgDataError::MapGone)?;
+                }
                 copied.push(CopiedFile {
                     path: entry.path.clone(),
                     size: entry.size,
                     crc32c: reader.crc,
                     stream,
                     padded: reader.padded,
+                    delta: None,
                 });
             }
         }
@@ -258,12 +300,60 @@ pub fn write_tar(
     Ok(copied)
 }
 
-/// Exactly `remaining` bytes of a file: zeros after a premature end. Computes CRC-32C.
+/// Exactly `remaining` bytes of a file: zeros after a premature end. Computes CRC-32C, and
+/// block hashes with a hasher.
 struct PaddedReader<R> {
     inner: R,
     remaining: u64,
     crc: u32,
     padded: bool,
+    hasher: Option<BlockHasher>,
+}
+
+/// The hash of every block of a byte stream read in pieces of any size.
+struct BlockHasher {
+    block_size: usize,
+    current: blake3::Hasher,
+    in_block: usize,
+    hashes: Vec<BlockHash>,
+}
+
+impl BlockHasher {
+    fn new(block_size: u32) -> Self {
+        Self {
+            block_size: block_size as usize,
+            current: blake3::Hasher::new(),
+            in_block: 0,
+            hashes: Vec::new(),
+        }
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let take = (self.block_size - self.in_block).min(bytes.len());
+            self.current.update(&bytes[..take]);
+            self.in_block += take;
+            bytes = &bytes[take..];
+            if self.in_block == self.block_size {
+                self.push();
+            }
+        }
+    }
+
+    fn push(&mut self) {
+        let mut hash = [0u8; blocks::HASH_BYTES];
+        hash.copy_from_slice(&self.current.finalize().as_bytes()[..blocks::HASH_BYTES]);
+        self.hashes.push(hash);
+        self.current.reset();
+        self.in_block = 0;
+    }
+
+    fn finish(mut self) -> Vec<BlockHash> {
+        if self.in_block > 0 {
+            self.push();
+        }
+        self.hashes
+    }
 }
 
 impl<R: Read> Read for PaddedReader<R> {
@@ -282,9 +372,196 @@ impl<R: Read> Read for PaddedReader<R> {
             self.padded = true;
         }
         self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&buf[..n]);
+        }
         self.remaining -= n as u64;
         Ok(n)
     }
+}
+
+/// One file for an incremental's delta writers, with its map in the parent (if it had it).
+pub type Work = (Entry, Option<FileMap>);
+
+/// The files of an incremental backup, in the order of the parent's block map, then the rest
+/// largest first: [`dispatch`] feeds it, the delta writers take from it. Bounded, so that the
+/// parent's map is read as fast as the files are, not into memory.
+#[derive(Debug)]
+pub struct WorkQueue {
+    receiver: std::sync::Mutex<std::sync::mpsc::Receiver<Work>>,
+}
+
+impl WorkQueue {
+    pub fn new(receiver: std::sync::mpsc::Receiver<Work>) -> Self {
+        Self {
+            receiver: std::sync::Mutex::new(receiver),
+        }
+    }
+
+    fn next(&self) -> Option<Work> {
+        self.receiver.lock().ok()?.recv().ok()
+    }
+}
+
+/// Reads the parent's block map and hands `files` to the delta writers: each file the parent
+/// mapped with that map, in the parent's order (its writers balanced that order already), then
+/// the files it did not map. Blocking. Returns once every file is handed out, or early when
+/// the writers are gone (they failed, and say why). Reads the map to its end whatever
+/// happens, so that its download ends by itself and reports its own error, if any.
+pub fn dispatch(
+    mut parent_map: impl Read,
+    block_size: u32,
+    files: Vec<Entry>,
+    queue: std::sync::mpsc::SyncSender<Work>,
+) -> Result<(), PgDataError> {
+    let result = dispatch_from(&mut parent_map, block_size, files, queue);
+    let _ = std::io::copy(&mut parent_map, &mut std::io::sink());
+    result
+}
+
+fn dispatch_from(
+    parent_map: impl Read,
+    block_size: u32,
+    files: Vec<Entry>,
+    queue: std::sync::mpsc::SyncSender<Work>,
+) -> Result<(), PgDataError> {
+    let mut by_path: std::collections::HashMap<String, Entry> =
+        files.into_iter().map(|f| (f.path.clone(), f)).collect();
+    let mut reader = MapReader::new(parent_map).map_err(PgDataError::ParentMap)?;
+    if reader.block_size() != block_size {
+        return Err(PgDataError::ParentMap(BlockError::Invalid(format!(
+            "its block size is {}, the server's {block_size}",
+            reader.block_size()
+        ))));
+    }
+    while let Some(map) = reader.next_file().map_err(PgDataError::ParentMap)? {
+        if let Some(entry) = by_path.remove(&map.path)
+            && queue.send((entry, Some(map))).is_err()
+        {
+            return Ok(());
+        }
+    }
+    let mut rest: Vec<Entry> = by_path.into_values().collect();
+    rest.sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.path.cmp(&b.path)));
+    for entry in rest {
+        if queue.send((entry, None)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Writes `dirs`, then files taken from `work` until it is empty, as one delta stream into
+/// `out`: of a relation file the parent mapped, its size and the blocks whose hash differs
+/// from the parent's (nothing at all when none differs and the size is the same); of any
+/// other file, all of it. Sends every relation file's new map to `maps`. Blocking.
+pub fn write_delta(
+    pgdata: &Path,
+    dirs: &[Entry],
+    work: &WorkQueue,
+    stream: u32,
+    out: impl Write,
+    maps: (&MapSink, u32),
+) -> Result<Vec<CopiedFile>, PgDataError> {
+    let (sink, block_size) = maps;
+    let write_error = |path: &str, e: std::io::Error| PgDataError::Io {
+        path: path.to_string(),
+        source: e,
+    };
+    let mut writer = DeltaWriter::new(out, block_size).map_err(|e| write_error("the stream", e))?;
+    for dir in dirs {
+        writer
+            .dir(&dir.path, dir.mode, dir.mtime)
+            .map_err(|e| write_error(&dir.path, e))?;
+    }
+    let block = block_size as usize;
+    let mut buf = vec![0u8; CHUNK_BLOCKS * block];
+    let mut copied = Vec::new();
+    while let Some((entry, parent)) = work.next() {
+        let path = pgdata.join(&entry.path);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error(&path, e)),
+        };
+        let relation = blocks::is_relation_file(&entry.path);
+        let whole = !relation || parent.is_none();
+        let (mut crc, mut padded, mut written, mut stored) = (0u32, false, false, 0u64);
+        let mut hashes = Vec::new();
+        let mut number = 0u32;
+        let mut offset = 0u64;
+        while offset < entry.size {
+            let want = usize::try_from(entry.size - offset)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let chunk = &mut buf[..want];
+            let got =
+                crate::wal::object::read_full(&mut file, chunk).map_err(|e| io_error(&path, e))?;
+            if got < want {
+                // Shrank while we read it (VACUUM truncated it): zeros, as the tar writer.
+                chunk[got..].fill(0);
+                padded = true;
+            }
+            crc = crc32c::crc32c_append(crc, chunk);
+            for piece in chunk.chunks(block) {
+                let hash = relation.then(|| blocks::hash(piece));
+                let same = match (&parent, &hash) {
+                    (Some(parent), Some(hash)) if !whole => {
+                        parent.hashes.get(number as usize) == Some(hash)
+                    }
+                    _ => false,
+                };
+                if !same {
+                    if !written {
+                        writer
+                            .file(&entry.path, entry.size, entry.mode, entry.mtime, whole)
+                            .map_err(|e| write_error(&entry.path, e))?;
+                        written = true;
+                    }
+                    writer
+                        .block(number, piece)
+                        .map_err(|e| write_error(&entry.path, e))?;
+                    stored += 1;
+                }
+                hashes.extend(hash);
+                number += 1;
+            }
+            offset += want as u64;
+        }
+        let resized = parent.as_ref().is_none_or(|p| p.size != entry.size);
+        if !written && (whole || resized) {
+            writer
+                .file(&entry.path, entry.size, entry.mode, entry.mtime, whole)
+                .map_err(|e| write_error(&entry.path, e))?;
+            written = true;
+        }
+        forget_cached(&file);
+        if relation {
+            let map = FileMap {
+                path: entry.path.clone(),
+                size: entry.size,
+                hashes,
+            };
+            sink.send(map).map_err(|_| PgDataError::MapGone)?;
+        }
+        let delta = match (whole, written) {
+            (true, _) => Delta::Whole,
+            (false, true) => Delta::Changed { blocks: stored },
+            (false, false) => Delta::Unchanged,
+        };
+        copied.push(CopiedFile {
+            path: entry.path.clone(),
+            size: entry.size,
+            crc32c: crc,
+            stream,
+            padded,
+            delta: Some(delta),
+        });
+    }
+    writer
+        .finish()
+        .map_err(|e| write_error("end of the stream", e))?;
+    Ok(copied)
 }
 
 /// Drops the file's pages from the page cache once it has been copied. A base backup reads
@@ -368,11 +645,11 @@ mod tests {
         let mut second = Vec::new();
         let none = FileQueue::new(Vec::new());
         let one = |queue: &FileQueue| FileQueue::new(queue.next().into_iter().collect());
-        let mut copied = write_tar(dir.path(), &dirs, &one(&files), 0, &mut first).unwrap();
-        copied.extend(write_tar(dir.path(), &[], &one(&files), 1, &mut second).unwrap());
-        copied.extend(write_tar(dir.path(), &[], &files, 1, &mut second).unwrap());
+        let mut copied = write_tar(dir.path(), &dirs, &one(&files), 0, &mut first, None).unwrap();
+        copied.extend(write_tar(dir.path(), &[], &one(&files), 1, &mut second, None).unwrap());
+        copied.extend(write_tar(dir.path(), &[], &files, 1, &mut second, None).unwrap());
         assert!(
-            write_tar(dir.path(), &[], &none, 2, Vec::new())
+            write_tar(dir.path(), &[], &none, 2, Vec::new(), None)
                 .unwrap()
                 .is_empty()
         );
@@ -403,7 +680,7 @@ mod tests {
         std::fs::remove_file(dir.path().join("base/2")).unwrap();
         let mut tar_bytes = Vec::new();
         let (dirs, files) = partition(entries);
-        let copied = write_tar(dir.path(), &dirs, &files, 0, &mut tar_bytes).unwrap();
+        let copied = write_tar(dir.path(), &dirs, &files, 0, &mut tar_bytes, None).unwrap();
         assert_eq!(copied.len(), 1);
         assert!(copied[0].padded);
         assert_eq!(copied[0].size, 10);

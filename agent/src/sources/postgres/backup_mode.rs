@@ -18,6 +18,8 @@ pub struct ArchiveFacts {
     pub server_version_num: u32,
     pub system_identifier: u64,
     pub wal_segment_size: u64,
+    /// BLCKSZ: the unit incremental backups compare and store.
+    pub block_size: u32,
     /// The archiver's last failure (segment, time) when no success came after it.
     pub failing: Option<(String, String)>,
 }
@@ -33,7 +35,8 @@ pub async fn archive_facts(
                     (SELECT system_identifier::text FROM pg_control_system()), \
                     (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
                     coalesce(a.last_failed_time > coalesce(a.last_archived_time, '-infinity'), false), \
-                    coalesce(a.last_failed_wal, ''), coalesce(a.last_failed_time::text, '') \
+                    coalesce(a.last_failed_wal, ''), coalesce(a.last_failed_time::text, ''), \
+                    current_setting('block_size')::int4 \
              FROM pg_stat_archiver a",
             &[],
         )
@@ -52,6 +55,7 @@ pub async fn archive_facts(
             SourceError::Failed(format!("the system identifier {system_identifier}: {e}"))
         })?,
         wal_segment_size: u64::try_from(segment_size).unwrap_or(0),
+        block_size: u32::try_from(row.get::<_, i32>(9)).unwrap_or(0),
         failing: failing.then(|| (row.get(7), row.get(8))),
     })
 }

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Incremental base backups of the ~2.5 GB bench cluster, side by side in one run, SeaweedFS
+# over HTTPS, WAL archived to both repositories all along:
+#
+#   a full of each:  gc-backup backup pg-base          pgbackrest backup --type=full
+#   then, twice (after an UPDATE of 1% of the files rows, by id range; after pgbench -c 4 -T 60):
+#     gc-backup backup pg-base --incremental      (parent: the previous gc-backup backup)
+#     pgbackrest backup --type=incr               (parent: the previous pgBackRest backup)
+#     pgbackrest backup --type=diff               (against pgBackRest's full)
+#
+# pgBackRest 2.45 (Debian's) compares whole files (size and time); block incremental came in
+# 2.46. Wall time, CPU seconds, peak RSS, stored bytes, and the share of relation blocks the
+# incremental stored (from its manifest). Targets (at <= 1% of pages changed): an incremental
+# stores <= 10% of a full's bytes in <= 40% of its time, and fewer bytes than pgBackRest's incr.
+# Needs the cluster of benches/pg_dump_e2e.sh prepare (BENCH_DIR). The UPDATE and pgbench
+# change the bench database; the figures of other benchmarks do not depend on its contents.
+set -euo pipefail
+source "$(dirname "$0")/../scripts/lib.sh"
+cd "$ROOT"
+
+bench_setup incrbench
+apt_install pgbackrest openssl time
+command -v aws >/dev/null || python3 -m pip install -q awscli
+
+WEED_PID=
+trap bench_cleanup EXIT
+
+bench_https_cluster
+bench_pgbackrest
+set_archive_command "GC_BACKUP_CONFIG=$work/gc-backup.toml $work/gc-backup wal-push %p && pgbackrest --config=$work/pgbackrest.conf --stanza=bench archive-push %p"
+
+results="$work/results"
+: >"$results"
+gc() { echo "GC_BACKUP_CONFIG='$work/gc-backup.toml' GC_BACKUP_LOG_FORMAT=json PGDATA='$pgdata' '$GC_BACKUP' $*"; }
+newest_stored="GC_BACKUP_CONFIG='$work/gc-backup.toml' '$GC_BACKUP' list --kind pg-base --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1][\"stored_bytes\"])'"
+prefix_bytes() { aws s3 ls --recursive "s3://bench/$1" | awk '{s+=$3} END {print s+0}'; }
+pgbackrest_run() {
+  local name=$1 type=$2 before
+  before=$(prefix_bytes pgbackrest/backup)
+  bench_measure "$results" "$name" "echo \$((\$(aws s3 ls --recursive s3://bench/pgbackrest/backup | awk '{s+=\$3} END {print s+0}') - $before))" \
+    "runuser -u postgres -- pgbackrest --config='$work/pgbackrest.conf' --stanza=bench --type=$type backup"
+}
+# The share of the relation files' blocks the newest gc-backup backup stored.
+stored_share() {
+  local id
+  id=$(GC_BACKUP_CONFIG="$work/gc-backup.toml" "$GC_BACKUP" list --kind pg-base --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
+  aws s3 cp --quiet "s3://bench/gcb/manifests/pg-base/$id.json" "$work/manifest.json"
+  python3 - "$work/manifest.json" <<'PY'
+import json, re, sys
+m = json.load(open(sys.argv[1]))
+facts = m["source"]
+block = facts.get("block_size", 8192)
+rel = re.compile(r"^(base/\d+|global)/\d+(_(fsm|vm|init))?(\.\d+)?$")
+total = stored = 0
+for f in facts["files"]:
+    if not rel.match(f["path"]):
+        continue
+    blocks = -(-f["size"] // block)
+    total += blocks
+    d = f.get("delta")
+    if d is None or d == "whole":
+        stored += blocks
+    elif isinstance(d, dict):
+        stored += d["changed"]["blocks"]
+print(f"{stored} of {total} relation blocks stored ({100 * stored / max(total, 1):.2f}%)")
+PY
+}
+
+log "warming the page cache with PGDATA"
+tar -cf - -C "$pgdata" . 2>/dev/null | cat >/dev/null || true
+
+bench_measure "$results" "full: gc-backup pg-base" "$newest_stored" "$(gc backup pg-base)"
+pgbackrest_run "full: pgbackrest --type=full" full
+
+scenario() {
+  local label=$1
+  psql -X -q -c CHECKPOINT
+  bench_measure "$results" "$label: gc-backup --incremental" "$newest_stored" "$(gc backup pg-base --incremental)"
+  log "$label: $(stored_share)"
+  stored_share | sed "s/^/$label: /" >>"$work/shares"
+  pgbackrest_run "$label: pgbackrest --type=incr" incr
+  pgbackrest_run "$label: pgbackrest --type=diff" diff
+}
+: >"$work/shares"
+log "UPDATE of 1% of the files rows (15,000 consecutive ids)"
+psql -X -q -c "UPDATE files SET modified_at = modified_at + interval '1 day' WHERE id BETWEEN 700001 AND 715000"
+scenario "1% of files"
+log "pgbench -c 4 -T 60"
+"$PG_BIN/pgbench" -n -c 4 -T 60 bench >/dev/null 2>&1
+scenario "pgbench 60 s"
+
+cat "$work/shares"
+python3 - "$results" <<'PY'
+import sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+full = next(r for r in rows if r[0].startswith("full: gc-backup"))
+fw, fs = float(full[1]), int(full[5])
+print(f"{'run':40} {'wall s':>7} {'cpu s':>6} {'RSS MiB':>7} {'agent':>6} {'stored MiB':>10} {'time/full':>9} {'bytes/full':>10}")
+for r in rows:
+    wall, stored = float(r[1]), int(r[5])
+    print(f"{r[0]:40} {wall:7.2f} {float(r[2]):6.2f} {int(r[3]):7d} {r[4]:>6} {stored / 2**20:10.2f} "
+          f"{100 * wall / fw:8.1f}% {100 * stored / fs:9.2f}%")
+print("time/full, bytes/full: against gc-backup's full. Targets at <= 1% of pages changed: "
+      "<= 40% and <= 10%, and fewer bytes than pgbackrest --type=incr.")
+PY
