@@ -30,6 +30,32 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The memory this process's container may use: the cgroup's limit (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`) when there is one, else the host's RAM.
+pub fn memory_bytes() -> Option<u64> {
+    let limit = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|path| {
+        std::fs::read_to_string(path)
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    });
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let total = meminfo.as_deref().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    });
+    match (limit, total) {
+        (Some(limit), Some(total)) => Some(limit.min(total)),
+        (limit, total) => limit.or(total),
+    }
+}
+
 /// Whether this process runs as root (then files it writes for PostgreSQL need chown).
 pub fn running_as_root() -> bool {
     nix::unistd::geteuid().is_root()

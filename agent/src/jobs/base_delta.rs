@@ -201,11 +201,22 @@ fn finish(done: Current, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `path` under `dir`, refusing any way out: every directory on the way must be a real
-/// directory (a symlink a damaged or hostile tar left would lead elsewhere).
-fn inside(dir: &Path, path: &str) -> anyhow::Result<PathBuf> {
+/// `path` under `dir`, refusing any way out: a relative path of plain names (no `..`, `.`,
+/// empty or absolute parts), and every directory on the way a real directory (a symlink a
+/// damaged or hostile tar left would lead elsewhere).
+pub(crate) fn inside(dir: &Path, path: &str) -> anyhow::Result<PathBuf> {
     let mut at = dir.to_path_buf();
-    let parts: Vec<&str> = path.split('/').collect();
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == "..")
+        || path.contains('\0')
+    {
+        return Err(Failure::Corrupt(format!(
+            "{path:?} is a path outside the data directory; nothing of it was written"
+        ))
+        .into());
+    }
     for (index, part) in parts.iter().enumerate() {
         at.push(part);
         let last = index + 1 == parts.len();

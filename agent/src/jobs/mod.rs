@@ -65,6 +65,15 @@ pub(crate) fn can_open(store: &Store, manifest: &crate::catalog::Manifest) -> an
 }
 
 /// What the pipeline must find when it reads `object` back.
+/// A pipe between a download and the thread that reads it, as large as Linux allows an
+/// unprivileged process by default (1 MiB, not 64 KiB): 16 times fewer wake-ups of either side.
+pub(crate) fn pipe() -> anyhow::Result<(std::io::PipeReader, std::io::PipeWriter)> {
+    use anyhow::Context;
+    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    let _ = nix::fcntl::fcntl(&writer, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+    Ok((reader, writer))
+}
+
 /// Downloads `object` into a pipe that `read` consumes on a blocking thread. `read` must read
 /// to the end even after it fails (the checkers do), so that a download error is the
 /// download's own, and reported first: it is the cause of whatever the reader met after it.
@@ -74,7 +83,7 @@ pub(crate) async fn download_into<T: Send + 'static>(
     read: impl FnOnce(std::io::PipeReader) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     use anyhow::Context;
-    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    let (reader, writer) = pipe()?;
     let reading = tokio::task::spawn_blocking(move || read(reader));
     let downloaded = crate::pipeline::download(store, &expected(object), Box::new(writer))
         .await

@@ -380,7 +380,7 @@ async fn copy_and_stop(
         ),
         Some(parent) => {
             let (work_sender, work) = std::sync::mpsc::sync_channel(streams * 2);
-            let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+            let (reader, writer) = super::pipe()?;
             let dispatcher = tokio::task::spawn_blocking(move || {
                 pgdata::dispatch(reader, block_size, files, work_sender)
             });

@@ -151,6 +151,7 @@ pub async fn restore(
                 target: request.target.clone(),
                 action: request.action,
                 amcheck_as: start.amcheck.then(|| amcheck_role(config, dir)),
+                major: facts.server_version_num / 10000,
             };
             let recovered = recovery::run(dir, &options, cancel).await;
             // The server has stopped: the prefetcher's spool in pg_wal has nothing to serve.
@@ -507,7 +508,7 @@ async fn unpack(
     if abort.is_cancelled() {
         return Err(Stopped.into());
     }
-    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    let (reader, writer) = super::pipe()?;
     let target = dir.to_path_buf();
     let key = object.key.clone();
     let unpacker = tokio::task::spawn_blocking(move || match delta {

@@ -35,6 +35,54 @@ pub struct RecoveryOptions {
     pub action: TargetAction,
     /// Run `pg_amcheck --all` as this role once the server accepts connections.
     pub amcheck_as: Option<String>,
+    /// The server's major version: which settings it knows.
+    pub major: u32,
+}
+
+/// Settings the temporary server recovers with, on top of the cluster's own. Given with `-c`
+/// on its command line, so nothing of them stays in the cluster: it starts later with its own.
+///
+/// - `shared_buffers`: a quarter of what the container may use (16 GiB at most, the cluster's
+///   own 128 MB default at least): replay reads every page it changes, and a page evicted
+///   between two changes is read again.
+/// - `max_wal_size`, `checkpoint_timeout` at their maxima: no restartpoint during replay (each
+///   one writes every dirty buffer); the shutdown at the end writes them once.
+/// - `fsync = off`: the server is ours until it stops; once it has, the data directory's file
+///   system is flushed (`syncfs`) before the restore reports success. A host that crashes
+///   during `--start` means restoring again, as it would without it.
+/// - `recovery_prefetch`, `wal_decode_buffer_size` (15+), `maintenance_io_concurrency`: read
+///   the blocks the next records need ahead of replay.
+///
+/// `GC_BACKUP_RECOVERY_SETTINGS` overrides: `none` for the cluster's own settings only, or
+/// `name=value,…` added to (or replacing) these; the benchmark measures each this way.
+pub fn tuning(major: u32, memory: Option<u64>, overrides: Option<&str>) -> Vec<(String, String)> {
+    const MB: u64 = 1024 * 1024;
+    let shared_buffers_mb = memory.map_or(128, |bytes| (bytes / 4 / MB).clamp(128, 16 * 1024));
+    let mut settings: Vec<(String, String)> = vec![
+        ("shared_buffers".into(), format!("{shared_buffers_mb}MB")),
+        ("max_wal_size".into(), "1TB".into()),
+        ("checkpoint_timeout".into(), "1d".into()),
+        ("fsync".into(), "off".into()),
+        ("maintenance_io_concurrency".into(), "64".into()),
+    ];
+    if major >= 15 {
+        settings.push(("recovery_prefetch".into(), "on".into()));
+        settings.push(("wal_decode_buffer_size".into(), "4MB".into()));
+    }
+    match overrides.map(str::trim) {
+        Some("none") => Vec::new(),
+        Some(list) if !list.is_empty() => {
+            for item in list.split(',') {
+                if let Some((name, value)) = item.split_once('=') {
+                    let (name, value) = (name.trim().to_string(), value.trim().to_string());
+                    settings.retain(|(n, _)| *n != name);
+                    settings.push((name, value));
+                }
+            }
+            settings
+        }
+        _ => settings,
+    }
 }
 
 /// What recovery reached, from the server's own log.
@@ -257,7 +305,17 @@ pub async fn run(
         ("log_min_messages", "warning".into()),
         ("log_line_prefix", "%m [%p] ".into()),
     ];
-    for (name, value) in fixed {
+    let tuned = tuning(
+        options.major,
+        crate::host::memory_bytes(),
+        std::env::var("GC_BACKUP_RECOVERY_SETTINGS").ok().as_deref(),
+    );
+    let fsync_off = tuned.iter().any(|(n, v)| n == "fsync" && v == "off");
+    tracing::debug!(?tuned, "recovery settings");
+    let fixed = fixed
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value));
+    for (name, value) in fixed.chain(tuned) {
         command.arg("-c").arg(format!("{name}={value}"));
     }
     command
@@ -365,6 +423,10 @@ pub async fn run(
             .map_err(|_| anyhow::anyhow!("the log reader failed"))?,
     );
     state.report.amcheck = amcheck_report;
+    if fsync_off {
+        // Everything the server wrote without fsync reaches the disk before we say it is done.
+        flush_file_system(dir)?;
+    }
     state.report.elapsed = started.elapsed();
     if interrupted {
         return Err(Failure::Interrupted(format!(
@@ -374,6 +436,13 @@ pub async fn run(
         .into());
     }
     judge(state, status.success(), stopping, options)
+}
+
+/// Flushes the file system that holds `dir` (syncfs: one call, whatever the number of files).
+fn flush_file_system(dir: &Path) -> anyhow::Result<()> {
+    let handle = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    nix::unistd::syncfs(&handle)
+        .with_context(|| format!("flushing the file system of {} to disk", dir.display()))
 }
 
 /// Exit 0 only when the target was reached and the action done.
@@ -479,7 +548,39 @@ mod tests {
             target,
             action: TargetAction::Promote,
             amcheck_as: None,
+            major: 15,
         }
+    }
+
+    #[test]
+    fn recovery_settings_fit_the_host_and_the_major_and_can_be_overridden() {
+        let gib = 1024 * 1024 * 1024;
+        let value = |settings: &[(String, String)], name: &str| {
+            settings
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let big = tuning(17, Some(24 * gib), None);
+        assert_eq!(value(&big, "shared_buffers").as_deref(), Some("6144MB"));
+        assert_eq!(value(&big, "recovery_prefetch").as_deref(), Some("on"));
+        assert_eq!(
+            value(&tuning(17, Some(256 * gib), None), "shared_buffers").as_deref(),
+            Some("16384MB")
+        );
+        assert_eq!(
+            value(&tuning(17, Some(gib / 4), None), "shared_buffers").as_deref(),
+            Some("128MB")
+        );
+        // 13 and 14 know neither setting: the server would refuse to start.
+        let old = tuning(13, None, None);
+        assert_eq!(value(&old, "recovery_prefetch"), None);
+        assert_eq!(value(&old, "wal_decode_buffer_size"), None);
+        assert!(tuning(17, None, Some("none")).is_empty());
+        let custom = tuning(17, None, Some("fsync=on, shared_buffers=1GB"));
+        assert_eq!(value(&custom, "fsync").as_deref(), Some("on"));
+        assert_eq!(value(&custom, "shared_buffers").as_deref(), Some("1GB"));
+        assert_eq!(custom.iter().filter(|(n, _)| n == "fsync").count(), 1);
     }
 
     const PROMOTED: &[&str] = &[
