@@ -89,6 +89,32 @@ log "pgbench -c 4 -T 60"
 "$PG_BIN/pgbench" -n -c 4 -T 60 bench >/dev/null 2>&1
 scenario "pgbench 60 s"
 
+# A chain of a full and 6 incrementals (2 above, 4 more after short pgbench runs) restored
+# against the full alone, base restore only (no --start: the same WAL would follow both).
+# Target: the chain within 1.2x of the full.
+for n in 3 4 5 6; do
+  "$PG_BIN/pgbench" -n -c 4 -T 5 bench >/dev/null 2>&1
+  psql -X -q -c CHECKPOINT
+  GC_BACKUP_CONFIG="$work/gc-backup.toml" PGDATA="$pgdata" "$GC_BACKUP" backup pg-base --incremental >/dev/null
+done
+ids=$(GC_BACKUP_CONFIG="$work/gc-backup.toml" "$GC_BACKUP" list --kind pg-base --json |
+  python3 -c 'import json,sys; l=json.load(sys.stdin); print(l[0]["id"], l[-1]["id"], l[-1]["depth"])')
+read -r full_id chain_id depth <<<"$ids"
+restore_base() {
+  local name=$1 id=$2 dir="$work/restored"
+  rm -rf "$dir"
+  install -d -o postgres -g postgres -m 700 "$dir"
+  sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+  bench_measure "$work/restores" "$name" "echo 0" \
+    "GC_BACKUP_CONFIG='$work/gc-backup.toml' GC_BACKUP_LOG_FORMAT=json '$GC_BACKUP' restore pg --pgdata '$dir' --backup $id"
+  rm -rf "$dir"
+}
+: >"$work/restores"
+for round in 1 2 3; do
+  restore_base "restore: the full alone" "$full_id"
+  restore_base "restore: the chain (full + $depth incrementals)" "$chain_id"
+done
+
 cat "$work/shares"
 python3 - "$results" <<'PY'
 import sys
@@ -102,4 +128,17 @@ for r in rows:
           f"{100 * wall / fw:8.1f}% {100 * stored / fs:9.2f}%")
 print("time/full, bytes/full: against gc-backup's full. Targets at <= 1% of pages changed: "
       "<= 40% and <= 10%, and fewer bytes than pgbackrest --type=incr.")
+PY
+python3 - "$work/restores" <<'PY'
+import sys
+runs = {}
+for line in open(sys.argv[1]):
+    f = line.rstrip("\n").split("\t")
+    runs.setdefault(f[0], []).append(float(f[1]))
+medians = {name: sorted(w)[(len(w) - 1) // 2] for name, w in runs.items()}
+names = list(medians)
+print()
+for name in names:
+    print(f"{name:48} {medians[name]:7.2f} s  (runs: {', '.join(f'{w:.2f}' for w in runs[name])})")
+print(f"chain / full alone: {medians[names[1]] / medians[names[0]]:.2f}x (target <= 1.2x)")
 PY

@@ -126,13 +126,19 @@ run_pgbackrest() {
 }
 
 # CONTENDERS narrows a run while tuning (e.g. CONTENDERS=gcb WAL_GIB=0); a reported run uses
-# all three.
-CONTENDERS=${CONTENDERS:-gcb gcb-noprefetch pgbackrest}
+# the first three. TUNING=1 adds the runs that take one recovery setting away each.
+CONTENDERS=${CONTENDERS:-gcb gcb-noprefetch pgbackrest${TUNING:+ gcb-untuned gcb-fsync gcb-buffers gcb-restartpoints gcb-noreadahead}}
 for round in $(seq 1 "$REPEAT"); do
   for contender in $CONTENDERS; do
     case $contender in
       gcb) run_gc_backup "gc-backup restore pg --start" gcb ;;
       gcb-noprefetch) run_gc_backup "gc-backup restore pg --start, no prefetch" gcb-noprefetch GC_BACKUP_WAL_PREFETCH=0 ;;
+      # The recovery settings of --start, each taken away in turn (see the README's table).
+      gcb-untuned) run_gc_backup "gc-backup --start, the cluster's own settings" gcb-untuned GC_BACKUP_RECOVERY_SETTINGS=none ;;
+      gcb-fsync) run_gc_backup "gc-backup --start, but fsync = on" gcb-fsync GC_BACKUP_RECOVERY_SETTINGS=fsync=on ;;
+      gcb-buffers) run_gc_backup "gc-backup --start, but shared_buffers = 128MB" gcb-buffers GC_BACKUP_RECOVERY_SETTINGS=shared_buffers=128MB ;;
+      gcb-restartpoints) run_gc_backup "gc-backup --start, but restartpoints (1GB, 5min)" gcb-restartpoints GC_BACKUP_RECOVERY_SETTINGS=max_wal_size=1GB,checkpoint_timeout=5min ;;
+      gcb-noreadahead) run_gc_backup "gc-backup --start, but recovery_prefetch = off" gcb-noreadahead GC_BACKUP_RECOVERY_SETTINGS=recovery_prefetch=off ;;
       pgbackrest) run_pgbackrest ;;
     esac
   done

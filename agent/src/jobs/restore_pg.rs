@@ -152,6 +152,8 @@ pub async fn restore(
                 action: request.action,
                 amcheck_as: start.amcheck.then(|| amcheck_role(config, dir)),
                 major: facts.server_version_num / 10000,
+                // The cluster's size (an incremental's own objects are only its changes).
+                data_bytes: facts.files.iter().map(|f| f.size).sum(),
             };
             let recovered = recovery::run(dir, &options, cancel).await;
             // The server has stopped: the prefetcher's spool in pg_wal has nothing to serve.
