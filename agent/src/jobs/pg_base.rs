@@ -38,8 +38,9 @@ const ARCHIVE_WAIT: Duration = Duration::from_secs(300);
 /// The longest pause between two looks at the archive while waiting for the backup's WAL.
 const ARCHIVE_POLL: Duration = Duration::from_millis(250);
 
-/// Block maps waiting for the map's writer, from all streams.
-const MAP_QUEUE: usize = 8;
+/// Block maps waiting for the map's writer, from all streams. A map is 16 bytes a block
+/// (2 MiB for a 1 GiB relation segment), so queues of them are kept short.
+const MAP_QUEUE: usize = 2;
 
 /// What the server says before the backup starts.
 struct Preflight {
@@ -379,7 +380,7 @@ async fn copy_and_stop(
             None,
         ),
         Some(parent) => {
-            let (work_sender, work) = std::sync::mpsc::sync_channel(streams * 2);
+            let (work_sender, work) = std::sync::mpsc::sync_channel(streams);
             let (reader, writer) = super::pipe()?;
             let dispatcher = tokio::task::spawn_blocking(move || {
                 pgdata::dispatch(reader, block_size, files, work_sender)

@@ -323,17 +323,33 @@ async fn unpack_chain(
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut dirs = Vec::new();
-    for manifest in chain {
+    for (depth, manifest) in chain.iter().enumerate() {
+        let started = Instant::now();
         dirs = unpack_all(store, manifest, dir, cancel).await?;
+        if chain.len() > 1 {
+            tracing::info!(
+                id = %manifest.id,
+                depth,
+                raw_bytes = manifest.raw_bytes,
+                elapsed_ms = started.elapsed().as_millis(),
+                "chain link restored"
+            );
+        }
     }
     if chain.len() < 2 {
         return Ok(());
     }
+    let started = Instant::now();
     let chain = chain.to_vec();
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || finish_chain(&chain, &dir, &dirs))
+    let finished = tokio::task::spawn_blocking(move || finish_chain(&chain, &dir, &dirs))
         .await
-        .context("worker failed")?
+        .context("worker failed")?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis(),
+        "files removed since the full, rebuilt files read back"
+    );
+    finished
 }
 
 /// After the last incremental: removes what the newest backup does not have, and checks every
