@@ -404,7 +404,11 @@ async fn copy_and_stop(
                 }
             })
             .collect();
-    drop(map_sink); // the streams hold the only senders: the map ends when they do
+    // The streams hold the only senders of the map, and the only handles on the work queue:
+    // the map ends when they do, and should they all fail, the dispatcher's next send fails
+    // instead of waiting for a reader that is gone.
+    drop(map_sink);
+    drop(queue);
     let reading_parent = async {
         let Some((parent, writer, dispatcher)) = parent_map else {
             return Ok(());

@@ -44,9 +44,10 @@ pub struct RecoveryOptions {
 /// Settings the temporary server recovers with, on top of the cluster's own. Given with `-c`
 /// on its command line, so nothing of them stays in the cluster: it starts later with its own.
 ///
-/// - `shared_buffers`: a quarter of what the container may use (16 GiB at most, the cluster's
-///   own 128 MB default at least): replay reads every page it changes, and a page evicted
-///   between two changes is read again.
+/// - `shared_buffers`: a quarter of what the container may use, at most 16 GiB: replay reads
+///   every page it changes, and a page evicted between two changes is read again. Left to the
+///   cluster when a quarter is below PostgreSQL's 128 MB default (a small container, the
+///   drill in a sidecar): the server's memory counts against the same limit as ours.
 /// - `max_wal_size`, `checkpoint_timeout` at their maxima: no restartpoint during replay (each
 ///   one writes every dirty buffer); the shutdown at the end writes them once.
 /// - `fsync = off`: the server is ours until it stops; once it has, the data directory's file
@@ -67,14 +68,22 @@ pub fn tuning(
     overrides: Option<&str>,
 ) -> Vec<(String, String)> {
     const MB: u64 = 1024 * 1024;
-    let shared_buffers_mb = memory.map_or(128, |bytes| (bytes / 4 / MB).clamp(128, 16 * 1024));
-    let mut settings: Vec<(String, String)> = vec![
-        ("shared_buffers".into(), format!("{shared_buffers_mb}MB")),
+    let quarter_mb = memory.map(|bytes| bytes / 4 / MB).filter(|mb| *mb >= 128);
+    let mut settings: Vec<(String, String)> = quarter_mb
+        .map(|mb| {
+            (
+                "shared_buffers".to_string(),
+                format!("{}MB", mb.min(16 * 1024)),
+            )
+        })
+        .into_iter()
+        .collect();
+    settings.extend([
         ("max_wal_size".into(), "1TB".into()),
         ("checkpoint_timeout".into(), "1d".into()),
         ("fsync".into(), "off".into()),
         ("maintenance_io_concurrency".into(), "64".into()),
-    ];
+    ]);
     if major >= 15 {
         let cached = memory.is_some_and(|memory| data_bytes < memory / 2);
         let prefetch = if cached { "off" } else { "on" };
@@ -583,8 +592,10 @@ mod tests {
         assert_eq!(value(&huge, "recovery_prefetch").as_deref(), Some("on"));
         let most = tuning(17, Some(256 * gib), 0, None);
         assert_eq!(value(&most, "shared_buffers").as_deref(), Some("16384MB"));
+        // A small container: the cluster's own setting, not more than it can hold.
         let least = tuning(17, Some(gib / 4), 0, None);
-        assert_eq!(value(&least, "shared_buffers").as_deref(), Some("128MB"));
+        assert_eq!(value(&least, "shared_buffers"), None);
+        assert_eq!(value(&tuning(17, None, 0, None), "shared_buffers"), None);
         // 13 and 14 know neither setting: the server would refuse to start.
         let old = tuning(13, None, 0, None);
         assert_eq!(value(&old, "recovery_prefetch"), None);
