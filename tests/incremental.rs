@@ -197,6 +197,19 @@ fn a_chain_of_incrementals_restores_every_kind_of_change_exactly() {
     assert_eq!(source_of(&entries, &capped)["depth"], 0);
     weed.delete(&format!("incr/manifests/pg-base/{capped}.json"));
 
+    // The newest backup's block map gone: the next --incremental is a full, not a failure.
+    let map = format!("incr/data/pg-base/{second}/blockmap.zst");
+    let listed = weed.keys(&format!("incr/data/pg-base/{second}"));
+    assert!(listed.contains(&map), "{listed:?}");
+    weed.delete(&map);
+    let instead = agent.backup(&["backup", "pg-base", "--incremental"]);
+    let entries = agent.list_json();
+    assert_eq!(
+        source_of(&entries, &instead)["parent"],
+        serde_json::Value::Null
+    );
+    weed.delete(&format!("incr/manifests/pg-base/{instead}.json"));
+
     // A damaged parent fails every backup on top of it, in verify and in restore.
     let tar = weed
         .keys(&format!("incr/data/pg-base/{full}"))

@@ -200,6 +200,23 @@ async fn choose_parent(
             facts.depth
         ));
     }
+    // A map deleted by hand (or by a lifecycle rule) would fail every incremental until the
+    // next scheduled full: take that full now instead.
+    match store
+        .head(&crate::store::ObjectKey::from(block_map.key.as_str()))
+        .await
+    {
+        Ok(_) => {}
+        Err(crate::store::StoreError::NotFound { .. }) => {
+            return full(format!(
+                "the block map of the newest base backup, {id}, is missing from the store ({})",
+                block_map.key
+            ));
+        }
+        Err(error) => {
+            return Err(anyhow::Error::new(error).context("looking for the parent's block map"));
+        }
+    }
     if block_map.sealed {
         store
             .keys()

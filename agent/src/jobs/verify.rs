@@ -166,7 +166,11 @@ impl Verdicts {
                 None => read_block_map(store, object).await,
             };
             if let Err(error) = result {
-                if crate::error::meaning(&error) != Some(crate::error::Meaning::Corrupt) {
+                use crate::error::Meaning;
+                // Damaged or gone (deleted by hand, by a lifecycle rule): this backup's problem.
+                let of_the_backup =
+                    crate::error::meaning(&error) == Some(Meaning::Corrupt) || is_lost(&error);
+                if !of_the_backup {
                     // The store itself failed: nothing more can be verified now.
                     return Err(error.context(format!("verifying {}", object.key)));
                 }
@@ -177,6 +181,20 @@ impl Verdicts {
         }
         Ok(problems)
     }
+}
+
+/// The object is not in the store (a store error that says so, however wrapped).
+fn is_lost(error: &anyhow::Error) -> bool {
+    use crate::store::StoreError;
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<StoreError>(),
+            Some(StoreError::NotFound { .. })
+        ) || matches!(
+            cause.downcast_ref::<pipeline::PipelineError>(),
+            Some(pipeline::PipelineError::Store(StoreError::NotFound { .. }))
+        )
+    })
 }
 
 /// Reads a block map through its checks and its format to the end.
