@@ -3,7 +3,9 @@
 # over HTTPS, WAL archived to both repositories all along:
 #
 #   a full of each:  gc-backup backup pg-base          pgbackrest backup --type=full
-#   then, twice (after an UPDATE of 1% of the files rows, by id range; after pgbench -c 4 -T 60):
+#   then after each of: an UPDATE of 0.2% of the files rows (by id range: about 1% of the
+#   relation blocks, the targets' premise), one of 1% of them (about 5% of the blocks: each
+#   row's new version and its entries in two indexes on random keys), pgbench -c 4 -T 60:
 #     gc-backup backup pg-base --incremental      (parent: the previous gc-backup backup)
 #     pgbackrest backup --type=incr               (parent: the previous pgBackRest backup)
 #     pgbackrest backup --type=diff               (against pgBackRest's full)
@@ -86,6 +88,9 @@ scenario() {
   pgbackrest_run "$label: pgbackrest --type=diff" diff
 }
 : >"$work/shares"
+log "UPDATE of 0.2% of the files rows (3,000 consecutive ids)"
+psql -X -q -c "UPDATE files SET modified_at = modified_at + interval '1 day' WHERE id BETWEEN 400001 AND 403000"
+scenario "0.2% of files"
 log "UPDATE of 1% of the files rows (15,000 consecutive ids)"
 psql -X -q -c "UPDATE files SET modified_at = modified_at + interval '1 day' WHERE id BETWEEN 700001 AND 715000"
 scenario "1% of files"
@@ -93,10 +98,10 @@ log "pgbench -c 4 -T 60"
 "$PG_BIN/pgbench" -n -c 4 -T 60 bench >/dev/null 2>&1
 scenario "pgbench 60 s"
 
-# A chain of a full and 6 incrementals (2 above, 4 more after short pgbench runs) restored
+# A chain of a full and 6 incrementals (3 above, 3 more after short pgbench runs) restored
 # against the full alone, base restore only (no --start: the same WAL would follow both).
 # Target: the chain within 1.2x of the full.
-for n in 3 4 5 6; do
+for n in 4 5 6; do
   "$PG_BIN/pgbench" -n -c 4 -T 5 bench >/dev/null 2>&1
   psql -X -q -c CHECKPOINT
   GC_BACKUP_CONFIG="$work/gc-backup.toml" PGDATA="$pgdata" "$GC_BACKUP" backup pg-base --incremental >/dev/null
@@ -111,14 +116,29 @@ restore_base() {
   sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
   bench_measure "$work/restores" "$name" "echo 0" \
     "GC_BACKUP_CONFIG='$work/gc-backup.toml' GC_BACKUP_LOG_FORMAT=json '$GC_BACKUP' restore pg --pgdata '$dir' --backup $id"
+  cp "$work/err" "/tmp/gc-backup-bench-last-restore.log"
   rm -rf "$dir"
 }
 : >"$work/restores"
-for round in 1 2 3; do
+for round in 1 2 3 4 5; do
   restore_base "restore: the full alone" "$full_id"
   restore_base "restore: the chain (full + $depth incrementals)" "$chain_id"
 done
 
+# Where the last chain restore spent its time, step by step.
+python3 - /tmp/gc-backup-bench-last-restore.log <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        event = json.loads(line)
+    except ValueError:
+        continue
+    fields = event.get("fields", event)
+    if "elapsed_ms" in fields:
+        extra = f" depth {fields['depth']}, {int(fields.get('raw_bytes', 0)) / 2**20:.0f} MiB raw" if "depth" in fields else ""
+        print(f"  {fields.get('message', '')}:{extra} {int(fields['elapsed_ms']) / 1000:.2f} s")
+PY
+cp "$work/results" "$work/restores" /tmp/ 2>/dev/null || true
 cat "$work/shares"
 python3 - "$results" <<'PY'
 import sys
@@ -127,7 +147,7 @@ full = next(r for r in rows if r[0].startswith("full: gc-backup"))
 fw, fs = float(full[1]), int(full[5])
 print(f"{'run':40} {'wall s':>7} {'cpu s':>6} {'RSS MiB':>7} {'agent':>6} {'stored MiB':>10} {'time/full':>9} {'bytes/full':>10}")
 for r in rows:
-    wall, stored = float(r[1]), int(r[5])
+    wall, stored = float(r[1]), int(r[5] or 0)
     print(f"{r[0]:40} {wall:7.2f} {float(r[2]):6.2f} {int(r[3]):7d} {r[4]:>6} {stored / 2**20:10.2f} "
           f"{100 * wall / fw:8.1f}% {100 * stored / fs:9.2f}%")
 print("time/full, bytes/full: against gc-backup's full. Targets at <= 1% of pages changed: "

@@ -14,6 +14,7 @@ use std::io::Read;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::base_chain::{BaseWriter, ChangedBlocks, Destination};
 use crate::catalog::manifest::{BaseFile, Delta};
 use crate::error::Failure;
 use crate::sources::blocks::{BlockError, DeltaReader, Record};
@@ -25,8 +26,8 @@ pub struct Applied {
     pub dirs: Vec<String>,
 }
 
-/// Reads one delta stream to its end. With `apply_into`, its records are applied to the files
-/// there; without, only checked. `expected` is the manifest's files of this stream (those with
+/// Reads one delta stream to its end, its records applied to the files of `destination` (or
+/// only checked). `expected` is the manifest's files of this stream (those with
 /// a record in it); `name` (the object's key) is for messages.
 ///
 /// After a failure the rest of the stream is read and dropped, so that the download on the
@@ -34,7 +35,7 @@ pub struct Applied {
 pub fn read_checked(
     reader: impl Read,
     expected: &[BaseFile],
-    apply_into: Option<&Path>,
+    destination: Destination,
     name: &str,
 ) -> anyhow::Result<Applied> {
     let mut stream = match DeltaReader::new(reader) {
@@ -42,7 +43,7 @@ pub fn read_checked(
         Err(error) => return Err(corrupt(name, error)),
     };
     let mut applied = Applied::default();
-    let result = apply(&mut stream, expected, apply_into, name, &mut applied);
+    let result = apply(&mut stream, expected, destination, name, &mut applied);
     if result.is_err() {
         let _ = std::io::copy(&mut stream.into_inner(), &mut std::io::sink());
     }
@@ -57,9 +58,9 @@ fn corrupt(name: &str, error: BlockError) -> anyhow::Error {
 }
 
 /// The file whose records are being read.
-struct Current<'a> {
+struct Current<'a, 'r> {
     file: &'a BaseFile,
-    handle: Option<std::fs::File>,
+    output: Output<'r>,
     whole: bool,
     blocks: u64,
     crc: u32,
@@ -67,13 +68,31 @@ struct Current<'a> {
     next: u64,
 }
 
+/// Where the blocks of the current file go.
+enum Output<'r> {
+    Nowhere,
+    /// One backup applied on its own: written as they come.
+    File(std::fs::File),
+    /// In a chain, changed blocks: those no newer backup wrote.
+    Changed(ChangedBlocks<'r>),
+    /// In a chain, a whole file: the file's base.
+    Base(BaseWriter<'r>),
+}
+
 fn apply<R: Read>(
     stream: &mut DeltaReader<R>,
     expected: &[BaseFile],
-    dir: Option<&Path>,
+    destination: Destination,
     name: &str,
     applied: &mut Applied,
 ) -> anyhow::Result<()> {
+    let dir = match destination {
+        Destination::Nowhere => None,
+        Destination::Dir(dir) => Some(dir),
+        Destination::Chain(rebuild) => Some(rebuild.dir()),
+    };
+    // Applied newest first, a chain's older backups leave the modes newer ones gave.
+    let chained = matches!(destination, Destination::Chain(_));
     let block_size = u64::from(stream.block_size());
     let mut missing: HashMap<&str, &BaseFile> =
         expected.iter().map(|f| (f.path.as_str(), f)).collect();
@@ -89,15 +108,18 @@ fn apply<R: Read>(
             Record::Dir { path, mode, .. } => {
                 if let Some(dir) = dir {
                     let target = inside(dir, &path)?;
-                    if !target.is_dir() {
+                    let existed = target.is_dir();
+                    if !existed {
                         std::fs::create_dir(&target)
                             .map_err(|e| io(format!("creating {path}"), e))?;
                     }
-                    std::fs::set_permissions(
-                        &target,
-                        std::fs::Permissions::from_mode(mode & 0o7777),
-                    )
-                    .map_err(|e| io(format!("setting the mode of {path}"), e))?;
+                    if !(existed && chained) {
+                        std::fs::set_permissions(
+                            &target,
+                            std::fs::Permissions::from_mode(mode & 0o7777),
+                        )
+                        .map_err(|e| io(format!("setting the mode of {path}"), e))?;
+                    }
                 }
                 applied.dirs.push(path);
             }
@@ -130,13 +152,19 @@ fn apply<R: Read>(
                     ))
                     .into());
                 }
-                let handle = match dir {
-                    Some(dir) => Some(open_for(dir, &path, size, mode, whole)?),
-                    None => None,
+                let output = match destination {
+                    Destination::Nowhere => Output::Nowhere,
+                    Destination::Dir(dir) => Output::File(open_for(dir, &path, size, mode, whole)?),
+                    Destination::Chain(rebuild) if whole => rebuild
+                        .base(&path, mode)?
+                        .map_or(Output::Nowhere, Output::Base),
+                    Destination::Chain(rebuild) => rebuild
+                        .changed(&path, mode)?
+                        .map_or(Output::Nowhere, Output::Changed),
                 };
                 current = Some(Current {
                     file,
-                    handle,
+                    output,
                     whole,
                     blocks: 0,
                     crc: 0,
@@ -161,10 +189,13 @@ fn apply<R: Read>(
                     open.crc = crc32c::crc32c_append(open.crc, &bytes);
                     open.next = offset + bytes.len() as u64;
                 }
-                if let Some(handle) = &open.handle {
-                    handle
+                match &mut open.output {
+                    Output::Nowhere => {}
+                    Output::File(handle) => handle
                         .write_all_at(&bytes, offset)
-                        .map_err(|e| io(format!("writing {}", open.file.path), e))?;
+                        .map_err(|e| io(format!("writing {}", open.file.path), e))?,
+                    Output::Changed(changed) => changed.block(number, &bytes)?,
+                    Output::Base(base) => base.feed(&bytes)?,
                 }
                 open.blocks += 1;
             }
@@ -197,6 +228,9 @@ fn finish(done: Current, name: &str) -> anyhow::Result<()> {
             file.path, done.blocks
         ))
         .into());
+    }
+    if let Output::Base(base) = done.output {
+        base.finish()?;
     }
     Ok(())
 }
@@ -300,18 +334,18 @@ pub fn check_rebuilt(dir: &Path, file: &BaseFile) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::sources::blocks::DeltaWriter;
 
-    fn listed(path: &str, data: &[u8], delta: Delta) -> BaseFile {
+    pub(crate) fn listed(path: &str, data: &[u8], delta: Option<Delta>) -> BaseFile {
         BaseFile {
             path: path.into(),
             size: data.len() as u64,
             crc32c: crc32c::crc32c(data),
             stream: 0,
             padded: false,
-            delta: Some(delta),
+            delta,
         }
     }
 
@@ -336,11 +370,11 @@ mod tests {
         writer.block(0, b"hello").unwrap();
         let stream = writer.finish().unwrap();
         let files = vec![
-            listed("base/1", &new, Delta::Changed { blocks: 2 }),
-            listed("base/2", b"hello", Delta::Whole),
+            listed("base/1", &new, Some(Delta::Changed { blocks: 2 })),
+            listed("base/2", b"hello", Some(Delta::Whole)),
         ];
-        read_checked(&stream[..], &files, None, "t").unwrap();
-        let applied = read_checked(&stream[..], &files, Some(dir.path()), "t").unwrap();
+        read_checked(&stream[..], &files, Destination::Nowhere, "t").unwrap();
+        let applied = read_checked(&stream[..], &files, Destination::Dir(dir.path()), "t").unwrap();
         assert_eq!(applied.dirs, vec!["base"]);
         assert_eq!(std::fs::read(dir.path().join("base/1")).unwrap(), new);
         check_rebuilt(dir.path(), &files[0]).unwrap();
@@ -354,9 +388,9 @@ mod tests {
             Some(crate::error::Meaning::Corrupt)
         );
         wrong[1].crc32c ^= 1;
-        let error = read_checked(&stream[..], &wrong, None, "t").unwrap_err();
+        let error = read_checked(&stream[..], &wrong, Destination::Nowhere, "t").unwrap_err();
         assert!(format!("{error:#}").contains("base/2"), "{error:#}");
-        let error = read_checked(&stream[..], &files[..1], None, "t").unwrap_err();
+        let error = read_checked(&stream[..], &files[..1], Destination::Nowhere, "t").unwrap_err();
         assert!(format!("{error:#}").contains("does not list"), "{error:#}");
     }
 
@@ -372,8 +406,8 @@ mod tests {
         writer.file("base/1", 5, 0o600, 0, true).unwrap();
         writer.block(0, b"hello").unwrap();
         let stream = writer.finish().unwrap();
-        let files = vec![listed("base/1", b"hello", Delta::Whole)];
-        assert!(read_checked(&stream[..], &files, Some(&dir), "t").is_err());
+        let files = vec![listed("base/1", b"hello", Some(Delta::Whole))];
+        assert!(read_checked(&stream[..], &files, Destination::Dir(&dir), "t").is_err());
         assert!(!outside.join("1").exists());
     }
 }

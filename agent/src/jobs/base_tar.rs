@@ -14,6 +14,7 @@ use std::io::Read;
 use std::path::Path;
 use std::rc::Rc;
 
+use super::base_chain::Destination;
 use crate::catalog::manifest::BaseFile;
 use crate::catalog::manifest::{Manifest, SourceFacts};
 use crate::error::Failure;
@@ -32,8 +33,8 @@ pub fn files_of_stream(manifest: &Manifest, stream: usize) -> Option<Vec<BaseFil
     Some(files.cloned().collect())
 }
 
-/// Reads one tar stream to its end. With `unpack_into`, entries are unpacked there (tar's own
-/// path checks: nothing lands outside the directory); without, file data is only read.
+/// Reads one tar stream to its end, its entries unpacked into `destination` (tar's own path
+/// checks: nothing lands outside the directory) or their data only read.
 /// Every regular file must be one `expected` names, with its size and CRC-32C, and every
 /// expected file must be in the stream. `name` (the object's key) is for messages.
 ///
@@ -42,7 +43,7 @@ pub fn files_of_stream(manifest: &Manifest, stream: usize) -> Option<Vec<BaseFil
 pub fn read_checked(
     reader: impl Read,
     expected: &[BaseFile],
-    unpack_into: Option<&Path>,
+    destination: Destination,
     name: &str,
 ) -> anyhow::Result<()> {
     let tap = Rc::new(RefCell::new(Tap::default()));
@@ -52,7 +53,7 @@ pub fn read_checked(
     });
     archive.set_preserve_permissions(true);
     archive.set_overwrite(false);
-    let result = check_entries(&mut archive, &tap, expected, unpack_into, name);
+    let result = check_entries(&mut archive, &tap, expected, destination, name);
     if result.is_err() {
         let _ = std::io::copy(&mut archive.into_inner().inner, &mut std::io::sink());
     }
@@ -63,7 +64,7 @@ fn check_entries<R: Read>(
     archive: &mut tar::Archive<TappedReader<R>>,
     tap: &RefCell<Tap>,
     expected: &[BaseFile],
-    unpack_into: Option<&Path>,
+    destination: Destination,
     name: &str,
 ) -> anyhow::Result<()> {
     let mut missing: HashMap<&str, &BaseFile> =
@@ -85,13 +86,26 @@ fn check_entries<R: Read>(
             tap.borrow_mut()
                 .arm(entry.raw_file_position(), entry.size());
         }
-        match unpack_into {
-            Some(dir) if is_file => {
-                let mode = entry.header().mode().unwrap_or(0o600) & 0o7777;
+        let dir = match destination {
+            Destination::Nowhere => None,
+            Destination::Dir(dir) => Some(dir),
+            Destination::Chain(rebuild) => Some(rebuild.dir()),
+        };
+        let mode = entry.header().mode().unwrap_or(0o600) & 0o7777;
+        match (destination, dir) {
+            (Destination::Chain(rebuild), _) if is_file => {
+                write_base(&mut entry, rebuild, &path, mode, &mut buffer)
+                    .map_err(|e| e.context(format!("unpacking {path} in {name}")))?;
+            }
+            (_, Some(dir)) if is_file => {
                 write_file(&mut entry, dir, &path, mode, &mut buffer)
                     .map_err(|e| e.context(format!("unpacking {path} in {name}")))?;
             }
-            Some(dir) => {
+            // The newest backup of a chain, applied first, made it with its own mode.
+            (Destination::Chain(_), Some(dir))
+                if entry.header().entry_type().is_dir()
+                    && super::base_delta::inside(dir, &path)?.is_dir() => {}
+            (_, Some(dir)) => {
                 let unpacked = entry
                     .unpack_in(dir)
                     .map_err(|e| io(&format!("unpacking {path}"), e))?;
@@ -103,7 +117,7 @@ fn check_entries<R: Read>(
                     .into());
                 }
             }
-            None => {
+            (_, None) => {
                 std::io::copy(&mut entry, &mut std::io::sink())
                     .map_err(|e| io(&format!("reading {path}"), e))?;
             }
@@ -173,6 +187,35 @@ fn write_file(
     }
     file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     Ok(())
+}
+
+/// In a chain: the full's copy of a regular file, the base of the rebuilt file, or read past
+/// when the newest backup does not have it or a newer backup holds it whole.
+fn write_base(
+    entry: &mut impl Read,
+    rebuild: &super::base_chain::Rebuild,
+    path: &str,
+    mode: u32,
+    buffer: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    let mut base = rebuild.base(path, mode)?;
+    buffer.resize(WRITE_CHUNK, 0);
+    loop {
+        let n = crate::wal::object::read_full(entry, buffer)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(base) = &mut base {
+            base.feed(&buffer[..n])?;
+        }
+        if n < buffer.len() {
+            break;
+        }
+    }
+    match base {
+        Some(base) => base.finish(),
+        None => Ok(()),
+    }
 }
 
 /// The CRC-32C of the bytes read inside one window of the stream (a file's data).
@@ -284,10 +327,10 @@ mod tests {
             (&long_name, &big),
         ]);
         for chunk in [1, 7, 512, 4096, 1 << 20] {
-            read_checked(Trickle(&tar, chunk), &files, None, "t").unwrap();
+            read_checked(Trickle(&tar, chunk), &files, Destination::Nowhere, "t").unwrap();
         }
         let dir = tempfile::tempdir().unwrap();
-        read_checked(&tar[..], &files, Some(dir.path()), "t").unwrap();
+        read_checked(&tar[..], &files, Destination::Dir(dir.path()), "t").unwrap();
         assert_eq!(std::fs::read(dir.path().join(&long_name)).unwrap(), big);
     }
 
@@ -295,21 +338,26 @@ mod tests {
     fn a_file_that_differs_from_the_manifest_is_corrupt() {
         let (tar, mut files) = tar_of(&[("base/1", b"hello"), ("base/2", b"world")]);
         files[1].crc32c ^= 1;
-        let message = corrupt(read_checked(&tar[..], &files, None, "t"));
+        let message = corrupt(read_checked(&tar[..], &files, Destination::Nowhere, "t"));
         assert!(message.contains("base/2"), "{message}");
         files[1].crc32c ^= 1;
         files[0].size += 1;
-        let message = corrupt(read_checked(&tar[..], &files, None, "t"));
+        let message = corrupt(read_checked(&tar[..], &files, Destination::Nowhere, "t"));
         assert!(message.contains("base/1"), "{message}");
     }
 
     #[test]
     fn a_file_missing_or_unlisted_is_corrupt() {
         let (tar, files) = tar_of(&[("base/1", b"hello"), ("base/2", b"world")]);
-        let message = corrupt(read_checked(&tar[..], &files[..1], None, "t"));
+        let message = corrupt(read_checked(
+            &tar[..],
+            &files[..1],
+            Destination::Nowhere,
+            "t",
+        ));
         assert!(message.contains("does not list"), "{message}");
         let (short, _) = tar_of(&[("base/1", b"hello")]);
-        let message = corrupt(read_checked(&short[..], &files, None, "t"));
+        let message = corrupt(read_checked(&short[..], &files, Destination::Nowhere, "t"));
         assert!(message.contains("lacks 1 file(s)"), "{message}");
     }
 
@@ -336,7 +384,7 @@ mod tests {
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("data");
         std::fs::create_dir(&dir).unwrap();
-        let result = read_checked(&tar[..], &[file], Some(&dir), "t");
+        let result = read_checked(&tar[..], &[file], Destination::Dir(&dir), "t");
         assert!(result.is_err());
         assert!(!parent.path().join("escape").exists(), "written outside");
     }
@@ -346,11 +394,11 @@ mod tests {
         #[test]
         fn any_bytes_are_refused_or_checked(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
             let (tar, files) = tar_of(&[("base/1", b"hello")]);
-            let _ = read_checked(&bytes[..], &files, None, "t");
+            let _ = read_checked(&bytes[..], &files, Destination::Nowhere, "t");
             let mut spliced = tar.clone();
             let at = bytes.len() % tar.len();
             spliced.splice(at..at, bytes.iter().copied());
-            let _ = read_checked(&spliced[..], &files, None, "t");
+            let _ = read_checked(&spliced[..], &files, Destination::Nowhere, "t");
         }
     }
 }

@@ -6,6 +6,7 @@
 //! them (exit codes), with the object, backup or database named in the message.
 
 pub mod backup;
+pub mod base_chain;
 pub mod base_delta;
 pub mod base_tar;
 pub mod check;

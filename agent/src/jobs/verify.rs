@@ -9,6 +9,7 @@ use anyhow::Context;
 use pitr::{PlanError, RecoveryTarget, TargetAction};
 use tokio_util::sync::CancellationToken;
 
+use super::base_chain::Destination;
 use super::base_tar;
 use super::restore_pg::{self, RestorePgReport, RestorePgRequest, StartOptions};
 use crate::catalog::manifest::Manifest;
@@ -230,8 +231,10 @@ async fn read_object(
     };
     let key = object.key.clone();
     super::download_into(store, object, move |reader| match delta {
-        true => super::base_delta::read_checked(reader, &files, None, &key).map(drop),
-        false => base_tar::read_checked(reader, &files, None, &key),
+        true => {
+            super::base_delta::read_checked(reader, &files, Destination::Nowhere, &key).map(drop)
+        }
+        false => base_tar::read_checked(reader, &files, Destination::Nowhere, &key),
     })
     .await
 }
