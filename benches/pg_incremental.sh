@@ -3,7 +3,7 @@
 # over HTTPS, WAL archived to both repositories all along:
 #
 #   a full of each:  gc-backup backup pg-base          pgbackrest backup --type=full
-#   then after each of: an UPDATE of 0.2% of the files rows (by id range: about 1% of the
+#   then after each of: an UPDATE of 0.1% of the files rows (by id range: under 1% of the
 #   relation blocks, the targets' premise), one of 1% of them (about 5% of the blocks: each
 #   row's new version and its entries in two indexes on random keys), pgbench -c 4 -T 60:
 #     gc-backup backup pg-base --incremental      (parent: the previous gc-backup backup)
@@ -88,9 +88,9 @@ scenario() {
   pgbackrest_run "$label: pgbackrest --type=diff" diff
 }
 : >"$work/shares"
-log "UPDATE of 0.2% of the files rows (3,000 consecutive ids)"
-psql -X -q -c "UPDATE files SET modified_at = modified_at + interval '1 day' WHERE id BETWEEN 400001 AND 403000"
-scenario "0.2% of files"
+log "UPDATE of 0.1% of the files rows (1,500 consecutive ids)"
+psql -X -q -c "UPDATE files SET modified_at = modified_at + interval '1 day' WHERE id BETWEEN 400001 AND 401500"
+scenario "0.1% of files"
 log "UPDATE of 1% of the files rows (15,000 consecutive ids)"
 psql -X -q -c "UPDATE files SET modified_at = modified_at + interval '1 day' WHERE id BETWEEN 700001 AND 715000"
 scenario "1% of files"
