@@ -35,11 +35,12 @@ results="$work/results"
 : >"$results"
 gc() { echo "GC_BACKUP_CONFIG='$work/gc-backup.toml' GC_BACKUP_LOG_FORMAT=json PGDATA='$pgdata' '$GC_BACKUP' $*"; }
 newest_stored="GC_BACKUP_CONFIG='$work/gc-backup.toml' '$GC_BACKUP' list --kind pg-base --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1][\"stored_bytes\"])'"
-prefix_bytes() { aws s3 ls --recursive "s3://bench/$1" | awk '{s+=$3} END {print s+0}'; }
+# pgBackRest's own account of what its newest backup stored (its repository delta): listing
+# the bucket undercounted once the repository passed 1,000 objects.
+pgbackrest_stored="runuser -u postgres -- pgbackrest --config='$work/pgbackrest.conf' --stanza=bench --output=json info | python3 -c 'import json,sys; print(json.load(sys.stdin)[0][\"backup\"][-1][\"info\"][\"repository\"][\"delta\"])'"
 pgbackrest_run() {
-  local name=$1 type=$2 before
-  before=$(prefix_bytes pgbackrest/backup)
-  bench_measure "$results" "$name" "echo \$((\$(aws s3 ls --recursive s3://bench/pgbackrest/backup | awk '{s+=\$3} END {print s+0}') - $before))" \
+  local name=$1 type=$2
+  bench_measure "$results" "$name" "$pgbackrest_stored" \
     "runuser -u postgres -- pgbackrest --config='$work/pgbackrest.conf' --stanza=bench --type=$type backup"
 }
 # The share of the relation files' blocks the newest gc-backup backup stored.

@@ -42,6 +42,19 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load(&cli.overrides())?;
+    // PostgreSQL calls wal-fetch once per segment and waits for each: a segment the
+    // prefetcher has spooled is handed over before any client is built (that took longer
+    // than the rename).
+    if let Command::WalFetch(args) = &cli.command
+        && config.wal_prefetch
+    {
+        let spool = crate::wal::prefetch::spool_dir(&args.dest, &config.store.location.to_string());
+        if crate::wal::prefetch::take(&spool, &args.dest, &args.name) {
+            crate::wal::prefetch::forget_before(&spool, &args.name);
+            crate::wal::prefetch::start_behind(&spool, &args.name, &config);
+            return Ok(());
+        }
+    }
     // check reports an unusable store as a finding, so it opens the store itself.
     if let Command::Check(args) = &cli.command {
         return check(&config, args).await;
@@ -290,7 +303,7 @@ async fn wal_fetch(
     args: &WalFetchArgs,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let spool = crate::wal::prefetch::spool_dir(&args.dest, store);
+    let spool = crate::wal::prefetch::spool_dir(&args.dest, store.name());
     if !(config.wal_prefetch && crate::wal::prefetch::take(&spool, &args.dest, &args.name)) {
         let fetched = tokio::select! {
             fetched = crate::wal::fetch(store, &args.name, &args.dest) => fetched,

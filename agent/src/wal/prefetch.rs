@@ -43,16 +43,15 @@ const IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often a prefetcher with a full spool looks again.
 const POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// Where the prefetched segments for a wal-fetch into `dest` from `store` live. `dest` is in
-/// `pg_wal`, so the data directory being recovered is two levels up.
-pub fn spool_dir(dest: &Path, store: &Store) -> PathBuf {
+/// Where the prefetched segments for a wal-fetch into `dest` from the store named `store`
+/// ([`Store::name`]) live. `dest` is in `pg_wal`, so the data directory being recovered is
+/// two levels up.
+pub fn spool_dir(dest: &Path, store: &str) -> PathBuf {
     let pg_wal = dest.parent().unwrap_or(Path::new("."));
     let pgdata = pg_wal.parent().unwrap_or(Path::new("."));
     let cluster = crate::sources::pgdata::system_identifier(pgdata)
         .map_or_else(|_| "unknown".to_string(), |id| id.to_string());
-    pg_wal
-        .join(SPOOL_DIR)
-        .join(spool_key(store.name(), &cluster))
+    pg_wal.join(SPOOL_DIR).join(spool_key(store, &cluster))
 }
 
 /// A short, stable name for (store, cluster): the spool must never serve one store's or one
