@@ -50,6 +50,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
     {
         let spool = crate::wal::prefetch::spool_dir(&args.dest, &config.store.location.to_string());
         if crate::wal::prefetch::take(&spool, &args.dest, &args.name) {
+            tracing::debug!(name = %args.name, "WAL handed over from the prefetch spool");
             crate::wal::prefetch::forget_before(&spool, &args.name);
             crate::wal::prefetch::start_behind(&spool, &args.name, &config);
             return Ok(());

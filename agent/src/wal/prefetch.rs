@@ -158,6 +158,7 @@ fn release_lock(dir: &Path) {
 /// The prefetcher: downloads the [`AHEAD`] segments after `name` that are not spooled yet.
 pub async fn run(config: &Config, store: &Store, name: &str, dir: &Path) -> anyhow::Result<()> {
     let _ = std::fs::write(dir.join(LOCK), std::process::id().to_string());
+    yield_to_replay();
     let result = prefetch(config, store, name, dir).await;
     if recovery_ended(dir) {
         // Promoted (or never in archive recovery): nobody will take these segments.
@@ -169,6 +170,16 @@ pub async fn run(config: &Config, store: &Store, name: &str, dir: &Path) -> anyh
         release_lock(dir);
     }
     result
+}
+
+/// Lowers this process's CPU priority (nice 10). Replay is PostgreSQL's one startup process,
+/// the critical path of a recovery; the prefetcher only has to stay a few segments ahead of it,
+/// and on a node short of cores took CPU time the startup process was waiting for.
+#[allow(unsafe_code)]
+fn yield_to_replay() {
+    // SAFETY: setpriority only changes this process's scheduling niceness; raising it needs no
+    // privilege and cannot fail in a way that matters (the prefetcher then runs as before).
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
 }
 
 /// Whether the data directory that holds the spool `dir` (`PGDATA/pg_wal/SPOOL_DIR/key`) has

@@ -447,7 +447,12 @@ pub async fn run(
     state.report.amcheck = amcheck_report;
     if fsync_off {
         // Everything the server wrote without fsync reaches the disk before we say it is done.
+        let flushing = Instant::now();
         flush_file_system(dir)?;
+        tracing::info!(
+            elapsed_ms = flushing.elapsed().as_millis(),
+            "the restored cluster's file system flushed to disk"
+        );
     }
     state.report.elapsed = started.elapsed();
     if interrupted {
