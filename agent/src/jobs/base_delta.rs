@@ -1,13 +1,13 @@
-//! An incremental base backup's delta streams read back: applied on top of the files its
-//! parent left in the data directory (`restore pg`), or read into nothing (`verify`), every
+//! An incremental base backup's delta streams read back: applied into a chain's rebuild
+//! (`restore pg`, newest backup first: `base_chain`), or read into nothing (`verify`), every
 //! record checked against the manifest as it passes.
 //!
 //! What a stream can be checked against while it is read: each file record is one the
 //! manifest lists in that stream, once; a whole file's blocks come in order and add up to its
 //! size and CRC-32C; a changed file has the number of blocks the manifest counted. A changed
-//! file's result depends on its parent's bytes as well, so it is checked once the whole chain
-//! is applied: [`check_rebuilt`] reads it back against the CRC-32C the newest backup took of
-//! the file it read.
+//! file's result depends on older backups' bytes as well: `base_chain` composes its CRC-32C
+//! when its base is written, or, past that module's memory budget, [`check_rebuilt`] reads it
+//! back once the whole chain is applied.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -307,8 +307,8 @@ impl<T> PathContext<T> for std::io::Result<T> {
     }
 }
 
-/// After a chain is applied: every file of the newest backup that an incremental wrote to
-/// is read back and must have the size and CRC-32C that backup took of it. Blocking.
+/// After a chain is applied: a file whose CRC-32C could not be composed (past the budget) is
+/// read back and must have the size and CRC-32C the newest backup took of it. Blocking.
 pub fn check_rebuilt(dir: &Path, file: &BaseFile) -> anyhow::Result<()> {
     let path = dir.join(&file.path);
     let mut handle = std::fs::File::open(&path).with_context_path(&path, "reading")?;
