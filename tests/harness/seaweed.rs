@@ -214,10 +214,36 @@ impl Seaweed {
             }
             assert!(
                 Instant::now() < deadline,
-                "SeaweedFS did not become ready in 60 s (last probe: {last_error}); log:\n{}",
+                "SeaweedFS did not become ready in 60 s (last probe: {last_error}){}; log:\n{}",
+                self.disk_short(),
                 std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Why weed may have no writable volume: its volume server turns every volume read-only
+    /// below 1% of the disk free. A nearly full disk (another checkout's `target/` beside this
+    /// one) otherwise looks like a hung server.
+    fn disk_short(&self) -> String {
+        let Ok(stat) = nix::sys::statvfs::statvfs(self.dir.path()) else {
+            return String::new();
+        };
+        let block = stat.fragment_size();
+        let free = stat.blocks_available() * block;
+        let total = stat.blocks() * block;
+        let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
+        if free < total / 100 + (256 << 20) {
+            format!(
+                "; the disk under {} has only {:.2} GiB free of {:.0} GiB, and SeaweedFS turns \
+                 its volumes read-only below 1% free ({:.2} GiB): free some space",
+                self.dir.path().display(),
+                gib(free),
+                gib(total),
+                gib(total / 100)
+            )
+        } else {
+            String::new()
         }
     }
 
