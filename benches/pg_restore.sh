@@ -138,6 +138,7 @@ for round in $(seq 1 "$REPEAT"); do
       gcb-fsync) run_gc_backup "gc-backup --start, but fsync = on" gcb-fsync GC_BACKUP_RECOVERY_SETTINGS=fsync=on ;;
       gcb-buffers) run_gc_backup "gc-backup --start, but shared_buffers = 128MB" gcb-buffers GC_BACKUP_RECOVERY_SETTINGS=shared_buffers=128MB ;;
       gcb-restartpoints) run_gc_backup "gc-backup --start, but restartpoints (1GB, 5min)" gcb-restartpoints GC_BACKUP_RECOVERY_SETTINGS=max_wal_size=1GB,checkpoint_timeout=5min ;;
+      gcb-hotstandby-off) run_gc_backup "gc-backup --start, but hot_standby = off" gcb-hotstandby-off GC_BACKUP_RECOVERY_SETTINGS=hot_standby=off ;;
       gcb-noreadahead) run_gc_backup "gc-backup --start, but recovery_prefetch = off" gcb-noreadahead GC_BACKUP_RECOVERY_SETTINGS=recovery_prefetch=off ;;
       pgbackrest) run_pgbackrest ;;
     esac

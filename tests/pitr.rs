@@ -152,9 +152,21 @@ fn restores_to_a_time_a_restore_point_an_xid_and_an_lsn_hold_exactly_their_rows(
     );
     drop(at_xid);
 
-    // An LSN, promoted: a new timeline, whose history file reaches the archive.
-    let (at_lsn, report) = restore(&agent, &["--target-lsn", &after_3]);
+    // An LSN, promoted: a new timeline, whose history file reaches the archive once the
+    // cluster runs, and not before: the temporary server of --start archives nothing.
+    // (The source cluster still archives its own segments meanwhile.)
+    let histories = || -> Vec<String> {
+        let keys = weed.keys("pitr/wal");
+        keys.into_iter()
+            .filter(|k| k.contains(".history") || k.contains(".partial"))
+            .collect()
+    };
+    let before = histories();
+    let (dir, report) =
+        harness::restore_stopped(&agent, "pitr-restored", &["--target-lsn", &after_3]);
     assert!(report.contains("timeline 2; promoted"), "{report}");
+    assert_eq!(before, histories(), "the temporary server archived");
+    let at_lsn = Postgres::start_restored(dir);
     assert_eq!(markers(&at_lsn), "1,2,3");
     at_lsn.assert_amcheck("postgres", &[]);
     // Work goes on on timeline 2 (a failover to the restored cluster).

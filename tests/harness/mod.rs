@@ -22,6 +22,7 @@ pub use agent::{Agent, assert_exit, assert_fails};
 pub use postgres::{
     Postgres, agent_binary_for_postgres, archiving_cluster, archiving_cluster_configured,
     archiving_cluster_on, empty_pgdata, pg_bin_dir, pg_major_bin_dir, restore_started,
+    restore_stopped,
 };
 pub use seaweed::Seaweed;
 pub use tls::{private_ca, signed_certificate};

@@ -446,6 +446,18 @@ pub fn empty_pgdata(tag: &str) -> tempfile::TempDir {
 /// running, no prefetch spool left; returns the recovered cluster started again, and the
 /// command's report (its stderr).
 pub fn restore_started(agent: &super::Agent, tag: &str, args: &[&str]) -> (Postgres, String) {
+    let (dir, stderr) = restore_stopped(agent, tag, args);
+    (Postgres::start_restored(dir), stderr)
+}
+
+/// [`restore_started`] without starting the cluster afterwards: its directory (`DIR/data`)
+/// as the temporary server left it. A promotion left the new timeline's history file marked
+/// for archiving (and archived nothing itself).
+pub fn restore_stopped(
+    agent: &super::Agent,
+    tag: &str,
+    args: &[&str],
+) -> (tempfile::TempDir, String) {
     let dir = empty_pgdata(tag);
     let data = dir.path().join("data");
     let mut all = vec![
@@ -470,5 +482,21 @@ pub fn restore_started(agent: &super::Agent, tag: &str, args: &[&str]) -> (Postg
         !data.join("pg_wal/gc-backup-prefetch").exists(),
         "the prefetch spool outlived the recovery"
     );
-    (Postgres::start_restored(dir), stderr)
+    // "…; timeline 2; promoted."
+    let promoted_to = stderr
+        .split("; timeline ")
+        .nth(1)
+        .and_then(|rest| rest.split_once("; promoted"))
+        .and_then(|(timeline, _)| timeline.parse::<u32>().ok());
+    if let Some(timeline) = promoted_to {
+        let ready = data.join(format!(
+            "pg_wal/archive_status/{timeline:08X}.history.ready"
+        ));
+        assert!(
+            ready.exists(),
+            "{} is missing: the cluster would never archive its timeline",
+            ready.display()
+        );
+    }
+    (dir, stderr)
 }

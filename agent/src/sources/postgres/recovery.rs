@@ -320,6 +320,14 @@ pub async fn run(
         ("port", PORT.to_string()),
         ("hba_file", hba.display().to_string()),
         ("hot_standby", "on".into()),
+        // Never archive from here: this server's promotion and its `.partial` must not reach
+        // the archive before someone starts the cluster for real (it may be an inspection
+        // copy). Archiving stays on with no command, so PostgreSQL still marks the new
+        // timeline's history file and the rest `.ready` and the cluster's own
+        // `archive_command` archives them when it starts; a cluster with archiving off never
+        // looks at the marks.
+        ("archive_mode", "on".into()),
+        ("archive_command", String::new()),
         ("lc_messages", "C".into()),
         ("logging_collector", "off".into()),
         ("log_destination", "stderr".into()),
@@ -334,8 +342,11 @@ pub async fn run(
     );
     let fsync_off = tuned.iter().any(|(n, v)| n == "fsync" && v == "off");
     tracing::debug!(?tuned, "recovery settings");
+    // 15+ may archive through a library instead; both empty is "not configured" there.
+    let no_library = (options.major >= 15).then(|| ("archive_library", String::new()));
     let fixed = fixed
         .into_iter()
+        .chain(no_library)
         .map(|(name, value)| (name.to_string(), value));
     for (name, value) in fixed.chain(tuned) {
         command.arg("-c").arg(format!("{name}={value}"));
