@@ -127,7 +127,7 @@ run_pgbackrest() {
 
 # CONTENDERS narrows a run while tuning (e.g. CONTENDERS=gcb WAL_GIB=0); a reported run uses
 # the first three. TUNING=1 adds the runs that take one recovery setting away each.
-CONTENDERS=${CONTENDERS:-gcb gcb-noprefetch pgbackrest${TUNING:+ gcb-untuned gcb-fsync gcb-buffers gcb-restartpoints gcb-noreadahead}}
+CONTENDERS=${CONTENDERS:-gcb gcb-noprefetch pgbackrest${TUNING:+ gcb-untuned gcb-fsync gcb-buffers gcb-restartpoints gcb-noreadahead gcb-hotstandby-off}}
 for round in $(seq 1 "$REPEAT"); do
   for contender in $CONTENDERS; do
     case $contender in
