@@ -293,7 +293,8 @@ fn wal_fetch_prefetches_the_next_segments_into_a_bounded_spool() {
     let mut weed = Seaweed::start();
     let pg = archiving_cluster(&weed, "prefetch");
     pg.psql("postgres", "CREATE TABLE marks (round int, n int)");
-    let segments: Vec<String> = (0..5).map(|round| write_and_switch(&pg, round)).collect();
+    // More than the prefetcher's 8 ahead, so that it must follow recovery to fetch them all.
+    let segments: Vec<String> = (0..12).map(|round| write_and_switch(&pg, round)).collect();
     wait_archived(&pg, segments.last().unwrap());
 
     let agent = Agent::for_store(&weed, "prefetch");
@@ -323,7 +324,7 @@ fn wal_fetch_prefetches_the_next_segments_into_a_bounded_spool() {
         assert!(std::time::Instant::now() < deadline, "no spool was made");
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    while !segments[1..].iter().all(|n| spool.join(n).exists()) {
+    while !segments[1..=8].iter().all(|n| spool.join(n).exists()) {
         assert!(
             std::time::Instant::now() < deadline,
             "nothing was prefetched"
@@ -336,36 +337,66 @@ fn wal_fetch_prefetches_the_next_segments_into_a_bounded_spool() {
         .filter(|e| e.as_ref().unwrap().file_name().len() == 24)
         .count();
     assert!(spooled <= 8, "{spooled} segments in the spool");
+    assert!(!spool.join(&segments[9]).exists(), "more than 8 ahead");
+
+    // restore_command's shell takes spooled segments without starting gc-backup (nor writing
+    // the position): the prefetcher sees them gone and follows.
+    let relative = spool.strip_prefix(agent.home()).unwrap();
+    let take = gc_backup::wal::prefetch::shell_take(relative).expect("a plain spool path");
+    for name in &segments[1..=4] {
+        let command = take
+            .replace("%f", name)
+            .replace("%p", "pg_wal/RECOVERYXLOG")
+            + "exit 7";
+        let status = Command::new("sh")
+            .args(["-c", &command])
+            .current_dir(agent.home())
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{name} was not taken from the spool"
+        );
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 * 1024 * 1024);
+    }
+    std::fs::remove_file(&dest).unwrap();
+    while !segments[9..].iter().all(|n| spool.join(n).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline + std::time::Duration::from_secs(30),
+            "the prefetcher did not follow the segments the shell took"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     // Another store never gets this store's segments: with prefetch on or off, a wal-fetch
     // from an empty prefix finds nothing, and the spool keeps what it holds.
     let mut elsewhere = Agent::for_store(&weed, "prefetch-elsewhere");
-    std::fs::remove_file(&dest).unwrap();
     for prefetch in ["on", "off"] {
         elsewhere.set("GC_BACKUP_WAL_PREFETCH", prefetch);
-        let output = fetch(&elsewhere, &segments[1], &dest);
+        let output = fetch(&elsewhere, &segments[5], &dest);
         harness::assert_fails(&output, 1, "not in the archive");
         assert!(!dest.exists(), "another store's segment was served");
-        assert!(spool.join(&segments[1]).exists());
+        assert!(spool.join(&segments[5]).exists());
     }
 
     // The next segments come from the spool: the store is not needed any more.
     weed.kill();
-    let output = fetch(&agent, &segments[1], &dest);
+    let output = fetch(&agent, &segments[5], &dest);
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 * 1024 * 1024);
-    if let Ok(original) = std::fs::read(pg.data_dir().join("pg_wal").join(&segments[1])) {
+    if let Ok(original) = std::fs::read(pg.data_dir().join("pg_wal").join(&segments[5])) {
         assert!(
             std::fs::read(&dest).unwrap() == original,
             "prefetched segment differs"
         );
     }
     assert!(
-        !spool.join(&segments[1]).exists(),
+        !spool.join(&segments[5]).exists(),
         "taken from the spool, not copied"
     );
 

@@ -122,6 +122,7 @@ pub async fn restore(
             // wal-fetch runs in PostgreSQL's environment, not ours: it needs the config file
             // and a --store given on our command line.
             restore_env: config.child_env(),
+            prefetch_from: config.wal_prefetch.then(|| store.name().to_string()),
             target: pitr::target::recovery_settings(&request.target, request.action)
                 .into_iter()
                 .chain(
@@ -570,6 +571,9 @@ struct RecoverySettings {
     tablespace_map: Option<String>,
     exe: PathBuf,
     restore_env: Vec<(String, String)>,
+    /// The store's name ([`Store::name`]) when wal-fetch prefetches: restore_command then
+    /// takes spooled segments in the shell first.
+    prefetch_from: Option<String>,
     target: Vec<(String, String)>,
 }
 
@@ -600,7 +604,13 @@ impl RecoverySettings {
             .map(|(name, value)| format!("{name}={} ", shell_quote(value)))
             .collect();
         let exe = shell_quote(&self.exe.display().to_string());
-        let restore_command = format!("{env}{exe} wal-fetch %f %p");
+        // The spool as wal-fetch will find it, relative to the data directory (PostgreSQL's
+        // working directory): the same function names it for both.
+        let take = self.prefetch_from.as_deref().and_then(|store| {
+            let spool = crate::wal::prefetch::spool_dir(&dir.join("pg_wal/RECOVERYXLOG"), store);
+            crate::wal::prefetch::shell_take(spool.strip_prefix(dir).ok()?)
+        });
+        let restore_command = format!("{}{env}{exe} wal-fetch %f %p", take.unwrap_or_default());
         // Once recovery ends, the prefetcher's spool in pg_wal has nothing left to serve.
         let recovery_end_command = format!("{exe} wal-prefetch-stop");
         let mut lines = String::from("\n# Written by gc-backup restore pg\n");
