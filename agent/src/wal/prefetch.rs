@@ -67,7 +67,7 @@ fn spool_key(store: &str, cluster: &str) -> String {
 /// bench host starting gc-backup took 5 ms of CPU per segment and `mv` 1 ms, and replay spent
 /// a fifth of its time waiting for restore_command. Anything else (not spooled, a history
 /// file, a rename that fails) goes on to `wal-fetch`, so a failure here is never taken for
-/// the end of the archive. The prefetcher notices taken segments itself ([`prefetch`]).
+/// the end of the archive. The prefetcher notices taken segments itself.
 pub fn shell_take(spool: &Path) -> Option<String> {
     let spool = spool.to_str()?;
     // Only names that need no quoting inside double quotes: ours are hex and slashes.
