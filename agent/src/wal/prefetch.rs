@@ -1,10 +1,13 @@
 //! Prefetching for restore_command: PostgreSQL asks for one segment at a time and waits for
 //! each, so wal-fetch starts a detached `gc-backup wal-prefetch NAME` that keeps the next
-//! [`AHEAD`] segments downloaded (`PARALLEL` at a time) in a spool beside DEST. The next
-//! wal-fetch then only renames a file that was already checked.
+//! [`AHEAD`] segments downloaded (`PARALLEL` at a time) in a spool beside DEST. The
+//! restore_command that `restore pg` writes renames a spooled segment in the shell
+//! ([`shell_take`]) and starts wal-fetch only for the rest; wal-fetch too renames from the
+//! spool before anything else. Either way a file that was already checked.
 //!
 //! One prefetcher follows the whole recovery: each wal-fetch records the segment asked for
-//! (`position`), and the prefetcher tops the spool up as recovery consumes it, so recovery
+//! (`position`), a spooled segment that disappeared was taken by the shell, and the
+//! prefetcher tops the spool up as recovery consumes it, so recovery
 //! costs one process and one connection pool instead of one of each per segment. It exits at
 //! the end of the archive (or of the timeline it follows), or after `IDLE` without progress
 //! (a paused recovery). The spool (`<DEST dir>/gc-backup-prefetch/`) holds at most [`AHEAD`]
@@ -15,7 +18,9 @@
 //! The spool is keyed: `gc-backup-prefetch/<key>/`, where the key is a hash of the store's
 //! location and the system identifier in `global/pg_control`. A wal-fetch that reads another
 //! store (or recovers another cluster into the same place) never takes a segment that came
-//! from elsewhere. Once recovery has ended (no `recovery.signal` nor `standby.signal`, or
+//! from elsewhere. The shell's test names the key computed when `restore pg` wrote it: whoever
+//! edits the store in that restore_command by hand must drop the test with it (README).
+//! Once recovery has ended (no `recovery.signal` nor `standby.signal`, or
 //! PostgreSQL's `recovery_end_command`), the spool is removed: nothing will read it again.
 
 use std::path::{Path, PathBuf};
