@@ -130,21 +130,30 @@ impl Postgres {
             pg.dir.path().display()
         );
         let log = pg.dir.path().join("server.log");
-        pg.as_owner(
-            "pg_ctl",
-            &[
-                "-D",
-                pg.data.to_str().unwrap(),
-                "-o",
-                &options,
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-        );
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pg.as_owner(
+                "pg_ctl",
+                &[
+                    "-D",
+                    pg.data.to_str().unwrap(),
+                    "-o",
+                    &options,
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
+            )
+        }));
+        // The server's own log says why (the temp dir, and the log with it, goes next).
+        if started.is_err() {
+            panic!(
+                "the server did not start; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
     }
 
     /// From now on the server accepts TCP connections over TLS only (`hostssl`), with a
