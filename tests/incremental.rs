@@ -39,6 +39,22 @@ fn markers(pg: &Postgres) -> String {
     )
 }
 
+/// The mode of every directory under `base/`, the one part of PGDATA a new database adds to:
+/// a chain's restore creates some as the parents of files another stream writes first.
+fn database_dir_modes(data: &std::path::Path) -> Vec<(String, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut modes: Vec<(String, u32)> = std::fs::read_dir(data.join("base"))
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o7777;
+            (entry.file_name().to_string_lossy().into_owned(), mode)
+        })
+        .collect();
+    modes.sort();
+    modes
+}
+
 /// A backup's entry in `list --json` (its source's facts are at the top level).
 fn source_of<'a>(entries: &'a [serde_json::Value], id: &str) -> &'a serde_json::Value {
     entries
@@ -167,6 +183,10 @@ fn a_chain_of_incrementals_restores_every_kind_of_change_exactly() {
     for db in ["postgres", "copied", "fresh"] {
         latest.assert_amcheck(db, &["--heapallindexed"]);
     }
+    assert_eq!(
+        database_dir_modes(latest.data_dir()),
+        database_dir_modes(pg.data_dir())
+    );
     drop(latest);
 
     // Between the incrementals: the full and the first.

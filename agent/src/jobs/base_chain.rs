@@ -57,6 +57,9 @@ pub struct Rebuild {
     targets: HashMap<String, Mutex<Target>>,
     crcs_left: AtomicUsize,
     read_back: Mutex<Vec<String>>,
+    /// Directories whose mode a backup's record set: the newest backup that has one (applied
+    /// first), whoever created it (another stream may have, as a file's parent).
+    moded_dirs: Mutex<std::collections::HashSet<String>>,
 }
 
 /// One file as the newest backup read it, and what is already written of it.
@@ -113,11 +116,18 @@ impl Rebuild {
             targets,
             crcs_left: AtomicUsize::new(crc_budget),
             read_back: Mutex::new(Vec::new()),
+            moded_dirs: Mutex::default(),
         }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether a backup's record of directory `path` sets its mode: only the first, which is
+    /// the newest backup's.
+    pub fn claims_dir_mode(&self, path: &str) -> bool {
+        lock(&self.moded_dirs).insert(path.to_string())
     }
 
     /// An older backup's record of the changed blocks of `path`: where to write those that no

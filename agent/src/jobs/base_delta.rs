@@ -92,7 +92,10 @@ fn apply<R: Read>(
         Destination::Chain(rebuild) => Some(rebuild.dir()),
     };
     // Applied newest first, a chain's older backups leave the modes newer ones gave.
-    let chained = matches!(destination, Destination::Chain(_));
+    let rebuild = match destination {
+        Destination::Chain(rebuild) => Some(rebuild),
+        _ => None,
+    };
     let block_size = u64::from(stream.block_size());
     let mut missing: HashMap<&str, &BaseFile> =
         expected.iter().map(|f| (f.path.as_str(), f)).collect();
@@ -108,12 +111,16 @@ fn apply<R: Read>(
             Record::Dir { path, mode, .. } => {
                 if let Some(dir) = dir {
                     let target = inside(dir, &path)?;
-                    let existed = target.is_dir();
-                    if !existed {
-                        std::fs::create_dir(&target)
-                            .map_err(|e| io(format!("creating {path}"), e))?;
+                    // Another stream of the chain may create it at the same moment (its own
+                    // record, or a file's parent that came before this record).
+                    match std::fs::create_dir(&target) {
+                        Ok(()) => {}
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::AlreadyExists && target.is_dir() => {
+                        }
+                        Err(e) => return Err(io(format!("creating {path}"), e)),
                     }
-                    if !(existed && chained) {
+                    if rebuild.is_none_or(|r| r.claims_dir_mode(&path)) {
                         std::fs::set_permissions(
                             &target,
                             std::fs::Permissions::from_mode(mode & 0o7777),
@@ -392,6 +399,37 @@ pub(super) mod tests {
         assert!(format!("{error:#}").contains("base/2"), "{error:#}");
         let error = read_checked(&stream[..], &files[..1], Destination::Nowhere, "t").unwrap_err();
         assert!(format!("{error:#}").contains("does not list"), "{error:#}");
+    }
+
+    /// A chain's streams are applied at once, and a directory one creates (its record, or a
+    /// file's parent) can appear between another's look and its mkdir.
+    #[test]
+    fn streams_creating_the_same_directories_at_once_all_succeed() {
+        let mut writer = DeltaWriter::new(Vec::new(), 8192).unwrap();
+        writer.dir("base", 0o700, 0).unwrap();
+        for database in 0..32 {
+            writer.dir(&format!("base/{database}"), 0o700, 0).unwrap();
+        }
+        let stream = writer.finish().unwrap();
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let start = std::sync::Barrier::new(4);
+            std::thread::scope(|scope| {
+                let streams: Vec<_> = (0..4)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            start.wait();
+                            read_checked(&stream[..], &[], Destination::Dir(dir.path()), "t")
+                                .map(|applied| applied.dirs.len())
+                                .map_err(|e| format!("{e:#}"))
+                        })
+                    })
+                    .collect();
+                for stream in streams {
+                    assert_eq!(stream.join().unwrap(), Ok(33));
+                }
+            });
+        }
     }
 
     #[test]
