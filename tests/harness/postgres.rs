@@ -66,7 +66,7 @@ impl Postgres {
         let dir = shared_temp_dir("pg");
         let data = dir.path().join("data");
         let port = free_port();
-        let pg = Self {
+        let mut pg = Self {
             dir,
             adopted: Vec::new(),
             port,
@@ -109,7 +109,7 @@ impl Postgres {
 
     /// [`Postgres::start_restored`] with the server in `server_bin`.
     pub fn start_restored_on(server_bin: PathBuf, dir: tempfile::TempDir) -> Self {
-        let pg = Self {
+        let mut pg = Self {
             data: dir.path().join("data"),
             dir,
             adopted: Vec::new(),
@@ -121,38 +121,46 @@ impl Postgres {
         pg
     }
 
-    fn launch(&self) {
-        let pg = self;
-        let port = self.port;
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c synchronous_commit=off -c shared_buffers=32MB",
-            pg.dir.path().display()
-        );
-        let log = pg.dir.path().join("server.log");
-        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            pg.as_owner(
-                "pg_ctl",
-                &[
-                    "-D",
-                    pg.data.to_str().unwrap(),
-                    "-o",
-                    &options,
-                    "-l",
-                    log.to_str().unwrap(),
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ],
-            )
-        }));
-        // The server's own log says why (the temp dir, and the log with it, goes next).
-        if started.is_err() {
-            panic!(
-                "the server did not start; its log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+    /// Starts the server; on another port when the one chosen was taken before the server
+    /// bound it (free_port releases it first).
+    fn launch(&mut self) {
+        let log = self.dir.path().join("server.log");
+        for attempt in 1..=3 {
+            let logged_before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+            let options = format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+                 -c synchronous_commit=off -c shared_buffers=32MB",
+                self.port,
+                self.dir.path().display()
             );
+            let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.as_owner(
+                    "pg_ctl",
+                    &[
+                        "-D",
+                        self.data.to_str().unwrap(),
+                        "-o",
+                        &options,
+                        "-l",
+                        log.to_str().unwrap(),
+                        "-w",
+                        "-t",
+                        "60",
+                        "start",
+                    ],
+                )
+            }));
+            if started.is_ok() {
+                return;
+            }
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let this_attempt = text.get(logged_before as usize..).unwrap_or(&text);
+            if attempt < 3 && this_attempt.contains("Address already in use") {
+                self.port = free_port();
+                continue;
+            }
+            // The server's own log says why (the temp dir, and the log with it, goes next).
+            panic!("the server did not start; its log:\n{text}");
         }
     }
 
