@@ -148,6 +148,7 @@ pub async fn restore(
 
     let recovery = match (&request.start, bin_dir) {
         (Some(start), Some(bin_dir)) => {
+            crate::wal::prefetch::start_before(dir, &plan.first_wal, store, config);
             let options = RecoveryOptions {
                 bin_dir,
                 target: request.target.clone(),

@@ -143,6 +143,26 @@ pub fn start_behind(dir: &Path, name: &str, config: &crate::config::Config) {
     }
 }
 
+/// Starts the prefetcher of a data directory about to recover (`restore pg --start`), before
+/// its server asks for `first`: recovery's first segments are then spooled by the time it
+/// asks, instead of each costing a download of its own while the prefetcher starts up.
+pub fn start_before(pgdata: &Path, first: &str, store: &Store, config: &Config) {
+    // The prefetcher fetches what follows the segment it is given.
+    if let Some(before) = segment_before(first) {
+        let spool = spool_dir(&pgdata.join("pg_wal/RECOVERYXLOG"), store.name());
+        start_behind(&spool, &before, config);
+    }
+}
+
+/// The segment before `name` on its timeline (none before the first, or for a file that is
+/// not a segment).
+fn segment_before(name: &str) -> Option<String> {
+    let size = pitr::DEFAULT_SEGMENT_SIZE;
+    let file = WalFile::parse(name).ok()?;
+    let before = file.segment_no(size)?.0.checked_sub(1)?;
+    Some(SegmentNo(before).file_name(file.timeline(), size))
+}
+
 /// Takes the lock for a new prefetcher (pid filled in by the prefetcher itself).
 fn take_lock(dir: &Path) -> bool {
     let lock = dir.join(LOCK);
@@ -401,6 +421,20 @@ mod tests {
         // A spool path that would need quoting gets no shell path at all.
         assert_eq!(shell_take(Path::new("pg wal/x")), None);
         assert_eq!(shell_take(Path::new("pg_wal/$(rm)")), None);
+    }
+
+    #[test]
+    fn a_prefetcher_started_before_recovery_begins_at_its_first_segment() {
+        assert_eq!(
+            segment_before("000000030000000100000000").as_deref(),
+            Some("0000000300000000000000FF")
+        );
+        assert_eq!(
+            segment_before("000000010000000000000007").as_deref(),
+            Some("000000010000000000000006")
+        );
+        assert_eq!(segment_before("000000010000000000000000"), None);
+        assert_eq!(segment_before("00000002.history"), None);
     }
 
     #[test]
