@@ -23,6 +23,7 @@
 //! Once recovery has ended (no `recovery.signal` nor `standby.signal`, or
 //! PostgreSQL's `recovery_end_command`), the spool is removed: nothing will read it again.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -117,11 +118,27 @@ pub fn clear(dir: &Path) {
 /// Starts a detached prefetcher for the segments after `name` into the spool `dir`, unless
 /// one is running there or prefetching is off (`GC_BACKUP_WAL_PREFETCH=0`).
 pub fn start_behind(dir: &Path, name: &str, config: &crate::config::Config) {
+    start(dir, name, config, None);
+}
+
+/// [`start_behind`], the prefetcher and its spool belonging to `owner` (uid, gid) when given.
+fn start(dir: &Path, name: &str, config: &Config, owner: Option<(u32, u32)>) {
     if !matches!(WalFile::parse(name), Ok(WalFile::Segment { .. })) || !config.wal_prefetch {
         return;
     }
     if std::fs::create_dir_all(dir).is_err() || !take_lock(dir) {
         return;
+    }
+    if let Some((uid, gid)) = owner {
+        // The spool's two directories and the lock, which the prefetcher writes its pid into.
+        let chowned = [dir.parent(), Some(dir), Some(&dir.join(LOCK))]
+            .into_iter()
+            .flatten()
+            .all(|path| std::os::unix::fs::chown(path, Some(uid), Some(gid)).is_ok());
+        if !chowned {
+            release_lock(dir);
+            return;
+        }
     }
     let Ok(exe) = std::env::current_exe() else {
         release_lock(dir);
@@ -138,6 +155,10 @@ pub fn start_behind(dir: &Path, name: &str, config: &crate::config::Config) {
         .stderr(Stdio::null());
     // Its own process group: PostgreSQL's signals to restore_command do not reach it.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    if let Some((uid, gid)) = owner {
+        std::os::unix::process::CommandExt::uid(&mut command, uid);
+        std::os::unix::process::CommandExt::gid(&mut command, gid);
+    }
     if command.spawn().is_err() {
         release_lock(dir);
     }
@@ -148,10 +169,18 @@ pub fn start_behind(dir: &Path, name: &str, config: &crate::config::Config) {
 /// asks, instead of each costing a download of its own while the prefetcher starts up.
 pub fn start_before(pgdata: &Path, first: &str, store: &Store, config: &Config) {
     // The prefetcher fetches what follows the segment it is given.
-    if let Some(before) = segment_before(first) {
-        let spool = spool_dir(&pgdata.join("pg_wal/RECOVERYXLOG"), store.name());
-        start_behind(&spool, &before, config);
-    }
+    let Some(before) = segment_before(first) else {
+        return;
+    };
+    // The server runs as PGDATA's owner, whose restore_command must be able to take spooled
+    // segments out of the spool: root starts the prefetcher as that owner too.
+    let owner = crate::host::running_as_root()
+        .then(|| std::fs::metadata(pgdata).ok())
+        .flatten()
+        .map(|meta| (meta.uid(), meta.gid()))
+        .filter(|(uid, _)| *uid != 0);
+    let spool = spool_dir(&pgdata.join("pg_wal/RECOVERYXLOG"), store.name());
+    start(&spool, &before, config, owner);
 }
 
 /// The segment before `name` on its timeline (none before the first, or for a file that is
