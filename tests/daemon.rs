@@ -7,111 +7,14 @@
 
 mod harness;
 
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use harness::daemon::{Daemon, get, sample, wait_for};
 use harness::etcd::Etcd;
 use harness::redis::Redis;
-use harness::{Agent, Seaweed, free_port, run_ok};
-
-/// `GET path` on 127.0.0.1:port: the status code and body (status 0 when nothing answers).
-fn get(port: u16, path: &str) -> (u16, String) {
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn wait_for(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The value of one series in Prometheus text (0 when absent).
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0.0)
-}
-
-struct Daemon {
-    child: Child,
-    port: u16,
-}
-
-impl Daemon {
-    fn start(agent: &Agent) -> Self {
-        let port = free_port();
-        let mut command = agent.command(&["run"]);
-        command
-            .env("GC_BACKUP_METRICS_LISTEN", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(agent.home().join("daemon.log")).unwrap(),
-            ));
-        let daemon = Self {
-            child: command.spawn().unwrap(),
-            port,
-        };
-        wait_for("/health", 30, || get(port, "/health").0 == 200);
-        daemon
-    }
-
-    fn metrics(&self) -> String {
-        let (status, body) = get(self.port, "/metrics");
-        assert_eq!(status, 200);
-        body
-    }
-
-    /// SIGTERM, and the exit status once it has stopped.
-    fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
-        let started = Instant::now();
-        run_ok(Command::new("kill").args(["-TERM", &self.child.id().to_string()]));
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, started.elapsed());
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "no exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use harness::{Agent, Seaweed};
 
 #[test]
 fn the_sidecar_schedules_backups_exports_metrics_and_follows_the_store() {

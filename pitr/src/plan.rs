@@ -113,6 +113,18 @@ impl Archive {
         }
     }
 
+    /// A segment known only from its streamed beginning: counted unless the archive has it
+    /// (its archived object is the whole segment, and its time is when that was stored).
+    pub fn add_streamed(&mut self, file: &WalFile, stored: DateTime<Utc>) {
+        if let WalFile::Segment { .. } = file
+            && let Some(segment) = file.segment_no(self.segment_size)
+        {
+            self.segments
+                .entry((file.timeline(), segment.0))
+                .or_insert(stored);
+        }
+    }
+
     pub fn add_history(&mut self, path: TimelinePath) {
         self.histories.insert(path.target(), path);
     }

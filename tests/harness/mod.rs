@@ -1,6 +1,6 @@
 //! Real servers for end-to-end tests, each on free loopback ports in its own temp dir, stopped
 //! and removed on drop, one file per server: [`postgres`], [`seaweed`] (the S3 server),
-//! [`redis`], [`etcd`]; [`tls`] makes certificates; [`agent`] runs the binary under test.
+//! [`redis`], [`etcd`]; [`tls`] makes certificates; [`agent`] runs the binary under test, [`daemon`] as the sidecar.
 //!
 //! `scripts/test` installs what is needed; a missing program is a test failure that says what
 //! to install, never a silent skip.
@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod conformance;
+pub mod daemon;
 pub mod etcd;
 pub mod postgres;
 pub mod redis;

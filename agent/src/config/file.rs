@@ -140,6 +140,12 @@ pub struct PostgresSection {
     pub archive_timeout: Option<String>,
     /// Incrementals after a full before the next `--incremental` run takes a full (default 7).
     pub max_incremental_chain: Option<u32>,
+    /// `gc-backup run` streams WAL through a replication slot as it is written.
+    pub stream_wal: Option<bool>,
+    /// The physical replication slot the stream uses (default `gc_backup`).
+    pub slot_name: Option<String>,
+    /// The longest a streamed byte waits before it is stored, while WAL flows (default 1s).
+    pub stream_flush: Option<String>,
     /// libpq's TLS settings (PGSSLMODE, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY win over these).
     pub sslmode: Option<String>,
     pub sslrootcert: Option<PathBuf>,

@@ -422,7 +422,55 @@ fn resolve_postgres(
                 .max_incremental_chain
                 .unwrap_or(super::resolved::DEFAULT_MAX_INCREMENTAL_CHAIN),
         },
+        stream: resolve_stream(
+            env("GC_BACKUP_STREAM_WAL"),
+            file.stream_wal,
+            env("GC_BACKUP_SLOT_NAME").or(file.slot_name),
+            env("GC_BACKUP_STREAM_FLUSH").or(file.stream_flush),
+        )?,
     })
+}
+
+/// `stream-wal` (the environment's `GC_BACKUP_STREAM_WAL` first) and its slot and flush
+/// interval, checked even when streaming is off so that a typo shows at once.
+fn resolve_stream(
+    from_env: Option<String>,
+    from_file: Option<bool>,
+    slot: Option<String>,
+    flush: Option<String>,
+) -> Result<Option<super::resolved::WalStreamConfig>, ConfigError> {
+    let on = match from_env.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        Some("1" | "on" | "true" | "yes") => true,
+        Some("0" | "off" | "false" | "no" | "") => false,
+        Some(other) => {
+            return Err(err(format!(
+                "GC_BACKUP_STREAM_WAL '{other}' is not true or false"
+            )));
+        }
+        None => from_file.unwrap_or(false),
+    };
+    let slot = slot.unwrap_or_else(|| super::resolved::DEFAULT_SLOT_NAME.to_string());
+    // PostgreSQL's own rule for slot names.
+    let valid = !slot.is_empty()
+        && slot.len() <= 63
+        && slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !valid {
+        return Err(err(format!(
+            "postgres.slot-name '{slot}' is not a slot name: lower-case letters, digits and _, \
+             at most 63"
+        )));
+    }
+    let flush = parse_duration("postgres.stream-flush", flush.as_deref())?
+        .unwrap_or(super::resolved::DEFAULT_STREAM_FLUSH);
+    if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&flush) {
+        return Err(err(format!(
+            "postgres.stream-flush {} is outside 100ms..=60s",
+            humantime::format_duration(flush)
+        )));
+    }
+    Ok(on.then_some(super::resolved::WalStreamConfig { slot, flush }))
 }
 
 /// libpq's TLS settings: its environment, then the file, then libpq's own defaults (the

@@ -252,7 +252,19 @@ pub struct PostgresConfig {
     pub login_user: Option<String>,
     /// Incrementals after a full before `--incremental` takes a full again.
     pub max_incremental_chain: u32,
+    /// WAL streaming in `gc-backup run`, when on.
+    pub stream: Option<WalStreamConfig>,
 }
+
+/// `[postgres] stream-wal` and its settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalStreamConfig {
+    pub slot: String,
+    pub flush: Duration,
+}
+
+pub const DEFAULT_SLOT_NAME: &str = "gc_backup";
+pub const DEFAULT_STREAM_FLUSH: Duration = Duration::from_secs(1);
 
 /// Incrementals after a full before the next is a full: a week of dailies, or 7 hours of
 /// hourlies beside a daily full. Each link adds one delta stream to read on restore.

@@ -560,3 +560,37 @@ fn bad_encryption_lock_and_as_of_settings_are_refused_with_their_key() {
     let error = refused("", &[("GC_BACKUP_AS_OF", "2026-01-15 10:30")], None);
     assert!(error.contains("--as-of"), "{error}");
 }
+
+#[test]
+fn wal_streaming_is_off_until_asked_for_and_its_settings_are_checked() {
+    let off = resolve_with("", &[], Overrides::default()).unwrap();
+    assert_eq!(off.postgres.stream, None);
+    let file =
+        "[postgres]\nstream-wal = true\nslot-name = \"sidecar_1\"\nstream-flush = \"500ms\"\n";
+    let on = resolve_with(file, &[], Overrides::default()).unwrap();
+    assert_eq!(
+        on.postgres.stream,
+        Some(crate::config::resolved::WalStreamConfig {
+            slot: "sidecar_1".into(),
+            flush: std::time::Duration::from_millis(500),
+        })
+    );
+    // The environment wins over the file, both ways.
+    let env_off = resolve_with(
+        file,
+        &[("GC_BACKUP_STREAM_WAL", "false")],
+        Overrides::default(),
+    );
+    assert_eq!(env_off.unwrap().postgres.stream, None);
+    let env_on = resolve_with("", &[("GC_BACKUP_STREAM_WAL", "1")], Overrides::default()).unwrap();
+    assert_eq!(env_on.postgres.stream.unwrap().slot, "gc_backup");
+    for (name, value, needle) in [
+        ("GC_BACKUP_STREAM_WAL", "sometimes", "is not true or false"),
+        ("GC_BACKUP_SLOT_NAME", "Gc-Backup", "is not a slot name"),
+        ("GC_BACKUP_STREAM_FLUSH", "10ms", "outside 100ms..=60s"),
+        ("GC_BACKUP_STREAM_FLUSH", "soon", "is not a duration"),
+    ] {
+        let error = resolve_with("", &[(name, value)], Overrides::default()).unwrap_err();
+        assert!(error.0.contains(needle), "{name}={value}: {}", error.0);
+    }
+}

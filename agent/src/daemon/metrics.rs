@@ -17,6 +17,13 @@ pub const LAST_SIZE: &str = "gc_backup_last_size_bytes";
 pub const WAL_LAST_ARCHIVED: &str = "gc_backup_wal_last_archived_timestamp_seconds";
 pub const WAL_PENDING: &str = "gc_backup_wal_pending_segments";
 pub const WAL_FAILURES: &str = "gc_backup_wal_archive_failures_total";
+pub const STREAM_UP: &str = "gc_backup_wal_stream_up";
+pub const STREAM_LAG: &str = "gc_backup_wal_stream_lag_bytes";
+pub const STREAM_STORED: &str = "gc_backup_wal_stream_stored_position_bytes";
+pub const STREAM_LAST_FLUSH: &str = "gc_backup_wal_stream_last_flush_timestamp_seconds";
+pub const STREAM_FAILURES: &str = "gc_backup_wal_stream_failures_total";
+pub const STREAM_GAPS: &str = "gc_backup_wal_stream_gaps_total";
+pub const SLOT_RETAINED: &str = "gc_backup_wal_slot_retained_bytes";
 pub const RETENTION_DELETED: &str = "gc_backup_retention_deleted_total";
 pub const RETENTION_LAST_RUN: &str = "gc_backup_retention_last_run_timestamp_seconds";
 pub const START_TIME: &str = "gc_backup_start_time_seconds";
@@ -126,6 +133,40 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         WAL_FAILURES,
         "WAL uploads by the look-ahead archiver that failed"
     );
+    describe_gauge!(
+        STREAM_UP,
+        "1 while the WAL receiver streams from its replication slot, else 0"
+    );
+    describe_gauge!(
+        STREAM_LAG,
+        Unit::Bytes,
+        "WAL the server has written that the receiver has not stored yet"
+    );
+    describe_gauge!(
+        STREAM_STORED,
+        Unit::Bytes,
+        "The WAL position (LSN as a byte count) before which all streamed WAL is stored"
+    );
+    describe_gauge!(
+        STREAM_LAST_FLUSH,
+        Unit::Seconds,
+        "When the WAL receiver last stored streamed WAL"
+    );
+    describe_counter!(
+        STREAM_FAILURES,
+        "WAL receiver sessions that failed (each is retried)"
+    );
+    describe_counter!(
+        STREAM_GAPS,
+        "WAL the receiver found missing from the store: a replication slot dropped or \
+         invalidated before its WAL was stored"
+    );
+    describe_gauge!(
+        SLOT_RETAINED,
+        Unit::Bytes,
+        "WAL PostgreSQL keeps for the receiver's replication slot (it grows while the \
+         receiver is down, until max_slot_wal_keep_size)"
+    );
     describe_counter!(RETENTION_DELETED, "Backups deleted by retention, by kind");
     describe_gauge!(
         RETENTION_LAST_RUN,
@@ -204,6 +245,24 @@ pub fn wal(last_archived: Option<DateTime<Utc>>, pending: usize, failures: u64) 
     }
     gauge!(WAL_PENDING).set(pending as f64);
     counter!(WAL_FAILURES).absolute(failures);
+}
+
+pub fn wal_stream(status: &crate::wal::receiver::StreamStatus) {
+    gauge!(STREAM_UP).set(if status.streaming { 1.0 } else { 0.0 });
+    if let Some(stored) = status.stored_lsn {
+        gauge!(STREAM_STORED).set(stored.0 as f64);
+        if let Some(server) = status.server_lsn {
+            gauge!(STREAM_LAG).set(server.0.saturating_sub(stored.0) as f64);
+        }
+    }
+    if let Some(time) = status.last_flush_at {
+        gauge!(STREAM_LAST_FLUSH).set(seconds(time));
+    }
+    if let Some(bytes) = status.slot_retained_bytes {
+        gauge!(SLOT_RETAINED).set(bytes as f64);
+    }
+    counter!(STREAM_FAILURES).absolute(status.failures);
+    counter!(STREAM_GAPS).absolute(status.gaps);
 }
 
 /// Copies this process's peak resident memory into its gauge.

@@ -48,8 +48,10 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
         .context("reading the HTTP listener's address")?;
     let handle = metrics::install()?;
     let config = Arc::new(config);
-    let uses_postgres =
-        pgdata.is_some() || config.schedule.pg_dump.is_some() || config.schedule.pg_base.is_some();
+    let uses_postgres = pgdata.is_some()
+        || config.schedule.pg_dump.is_some()
+        || config.schedule.pg_base.is_some()
+        || config.postgres.stream.is_some();
 
     let mut tasks = JoinSet::new();
     let endpoints = Arc::new(http::Endpoints {
@@ -74,6 +76,16 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
             backup_slots.clone(),
             shutdown.clone(),
         ));
+    }
+    if config.postgres.stream.is_some() {
+        let status = Arc::new(Mutex::new(crate::wal::receiver::StreamStatus::default()));
+        tasks.spawn(copy_stream_metrics(status.clone(), shutdown.clone()));
+        let (config, store, shutdown) = (config.clone(), store.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(error) = crate::wal::receiver::run(&config, &store, status, shutdown).await {
+                tracing::error!(error = %format!("{error:#}"), "WAL streaming stopped");
+            }
+        });
     }
     let mut archiver_result = Ok(());
     if let Some(pgdata) = pgdata {
@@ -150,10 +162,10 @@ fn refuse_what_cannot_run(
             _ => {}
         }
     }
-    if pgdata.is_none() && schedules.is_empty() {
+    if pgdata.is_none() && schedules.is_empty() && config.postgres.stream.is_none() {
         return Err(Failure::Config(
             "nothing to run: set the data directory (PGDATA or [postgres] pgdata) for WAL \
-             archiving, or a [schedule]"
+             archiving, [postgres] stream-wal, or a [schedule]"
                 .into(),
         )
         .into());
@@ -262,6 +274,21 @@ async fn refresh_catalog(store: Store, scheduled: Vec<Kind>, shutdown: Cancellat
         }
         tokio::select! {
             () = tokio::time::sleep(CATALOG_REFRESH) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn copy_stream_metrics(
+    status: Arc<Mutex<crate::wal::receiver::StreamStatus>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Ok(status) = status.lock() {
+            metrics::wal_stream(&status);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(WAL_METRICS_EVERY) => {}
             () = shutdown.cancelled() => return,
         }
     }

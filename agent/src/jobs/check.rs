@@ -148,6 +148,7 @@ fn uses_postgres(config: &Config) -> bool {
         || pg.dbname.is_some()
         || config.schedule.pg_dump.is_some()
         || config.schedule.pg_base.is_some()
+        || pg.stream.is_some()
 }
 
 /// The store's part: access, create-only PUT, multipart and abort, part checksum, delete,
@@ -519,7 +520,105 @@ async fn postgres_checks(config: &Config, store: &Store) -> Vec<Finding> {
     if archiving {
         findings.push(switched_segment_arrives(config, store, &client).await);
     }
+    if let Some(stream) = &pg.stream {
+        findings.push(replication_session(config).await);
+        findings.push(slot_state(&client, &stream.slot).await);
+    }
     findings
+}
+
+/// `stream-wal`: a replication session opens (the role may replicate, `pg_hba.conf` lets it).
+async fn replication_session(config: &Config) -> Finding {
+    use crate::sources::postgres::replication::Replication;
+    const CHECK: &str = "replication session";
+    let opened = async {
+        let mut session = Replication::connect(&config.postgres).await?;
+        session.identify_system().await
+    };
+    match opened.await {
+        Ok(identity) => Finding::ok(
+            "postgres",
+            CHECK,
+            format!(
+                "system {}, timeline {}, WAL flushed to {}",
+                identity.system_id, identity.timeline, identity.flushed
+            ),
+        ),
+        Err(error) => {
+            let config_error = matches!(error, crate::sources::SourceError::Config(_));
+            Finding::fail("postgres", CHECK, error.to_string(), config_error)
+        }
+    }
+}
+
+/// `stream-wal`: the replication slot, and how much WAL it holds back.
+async fn slot_state(client: &tokio_postgres::Client, slot: &str) -> Finding {
+    const CHECK: &str = "replication slot";
+    let row = client
+        .query_opt(
+            "SELECT slot_type, active, wal_status, \
+             pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    let row = match row {
+        Ok(Some(row)) => row,
+        Ok(None) => {
+            return Finding::warn(
+                "postgres",
+                CHECK,
+                format!("{slot} does not exist yet: `gc-backup run` creates it when it starts"),
+            );
+        }
+        Err(error) => return Finding::fail("postgres", CHECK, error.to_string(), false),
+    };
+    let kind: String = row.get(0);
+    let active: bool = row.get(1);
+    let wal_status: Option<String> = row.get(2);
+    let retained = row
+        .get::<_, Option<i64>>(3)
+        .map_or_else(|| "no".to_string(), human_bytes);
+    if kind != "physical" {
+        return Finding::fail(
+            "postgres",
+            CHECK,
+            format!("{slot} is a {kind} slot: set [postgres] slot-name to a free name"),
+            true,
+        );
+    }
+    match wal_status.as_deref() {
+        Some("lost") => Finding::fail(
+            "postgres",
+            CHECK,
+            format!(
+                "{slot} was invalidated (max_slot_wal_keep_size): WAL it held is gone; the \
+                 receiver creates it again and reports the gap"
+            ),
+            false,
+        ),
+        _ if !active => Finding::warn(
+            "postgres",
+            CHECK,
+            format!(
+                "{slot} is not in use: no receiver streams from it, and PostgreSQL keeps {retained} \
+                 of WAL for it"
+            ),
+        ),
+        status => Finding::ok(
+            "postgres",
+            CHECK,
+            format!(
+                "{slot} streaming, holds {retained} of WAL (wal_status {})",
+                status.unwrap_or("unknown")
+            ),
+        ),
+    }
+}
+
+fn human_bytes(bytes: i64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    format!("{:.1} MiB", bytes as f64 / MIB)
 }
 
 /// Forces a segment switch and waits for that segment in this store: proof that the WAL of

@@ -29,6 +29,11 @@ pub async fn load(store: &Store, segment_size: u64) -> anyhow::Result<Archive> {
         }
         archive.add(&file, meta.last_modified);
     }
+    // Segments the WAL receiver is still streaming: recovery reads them through wal-fetch
+    // (the chunks from the segment's start, zero-filled), so the chain reaches them too.
+    for (file, stored) in super::receiver::streamed_segments(store).await? {
+        archive.add_streamed(&file, stored);
+    }
     let paths: Vec<TimelinePath> = futures::stream::iter(histories)
         .map(|timeline| read_history(store, timeline))
         .buffer_unordered(8)

@@ -17,6 +17,7 @@ pub mod archive;
 pub mod archiver;
 pub mod object;
 pub mod prefetch;
+pub mod receiver;
 
 use std::path::{Path, PathBuf};
 
@@ -54,8 +55,7 @@ pub async fn push(config: &Config, store: &Store, path: &Path) -> anyhow::Result
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| Failure::Config(format!("{} names no WAL file", path.display())))?;
-    let file = parse_name(name)?;
-    let key = layout::wal_key(&file);
+    let file_name = parse_name(name)?;
     let level = config.pipeline.zstd_level;
     let workers = config.pipeline.zstd_workers;
     let file = path.to_path_buf();
@@ -70,22 +70,34 @@ pub async fn push(config: &Config, store: &Store, path: &Path) -> anyhow::Result
     let (encoded, marker) = tokio::join!(encoding, crate::catalog::check_encryption(store));
     let (header, stored) = encoded.context("compression worker failed")??;
     marker.with_context(|| format!("archiving {name} failed"))?;
-    let outcome = match store.put_new(&key, stored).await {
-        Ok(()) => {
-            store.sync(&key).await?;
-            PushOutcome::Stored
-        }
-        Err(StoreError::AlreadyExists { .. }) => {
-            compare_with_archived(store, &key, name, &header).await?
-        }
-        Err(error) => {
-            return Err(anyhow::Error::new(error).context(format!("archiving {name} failed")));
-        }
-    };
+    let outcome = store_archived(store, &file_name, &header, stored).await?;
     Ok(Pushed {
         outcome,
         sha256: header.sha256_hex(),
     })
+}
+
+/// Stores `stored` (the stored form of `file`, whose content `header` describes) as the
+/// archive's object for it: create-only, and a second store of the same content succeeds, of
+/// other content fails and overwrites nothing. wal-push and the WAL receiver both store here.
+pub async fn store_archived(
+    store: &Store,
+    file: &WalFile,
+    header: &WalHeader,
+    stored: bytes::Bytes,
+) -> anyhow::Result<PushOutcome> {
+    let name = file.name();
+    let key = layout::wal_key(file);
+    match store.put_new(&key, stored).await {
+        Ok(()) => {
+            store.sync(&key).await?;
+            Ok(PushOutcome::Stored)
+        }
+        Err(StoreError::AlreadyExists { .. }) => {
+            compare_with_archived(store, &key, &name, header).await
+        }
+        Err(error) => Err(anyhow::Error::new(error).context(format!("archiving {name} failed"))),
+    }
 }
 
 async fn compare_with_archived(
@@ -137,22 +149,32 @@ pub async fn fetch(store: &Store, name: &str, dest: &Path) -> anyhow::Result<u64
     Ok(size)
 }
 
-/// The content of an archived WAL file, checked against its header.
+/// The content of an archived WAL file, checked against its header. A segment the archive
+/// does not have yet may have been streamed (`[postgres] stream-wal`): then its streamed part,
+/// zero-filled to a segment.
 pub async fn read(store: &Store, file: &WalFile) -> anyhow::Result<Vec<u8>> {
     let name = file.name();
-    let key = layout::wal_key(file);
-    let stored = match store.get_bytes(&key).await {
+    match read_object(store, &layout::wal_key(file)).await {
+        Err(error) if crate::error::is_not_found(&error) => {}
+        read => return read.with_context(|| format!("fetching {name} failed")),
+    }
+    if matches!(file, WalFile::Segment { .. })
+        && let Some(streamed) = receiver::read_streamed(store, file).await?
+    {
+        return Ok(streamed);
+    }
+    Err(Failure::NotFound(format!("{name} is not in the archive {}", store.name())).into())
+}
+
+/// The content of one stored WAL object (a file or a streamed chunk), checked against its
+/// header. `Failure::NotFound` when there is none.
+pub async fn read_object(store: &Store, key: &ObjectKey) -> anyhow::Result<Vec<u8>> {
+    let stored = match store.get_bytes(key).await {
         Ok(stored) => stored,
         Err(StoreError::NotFound { .. }) => {
-            return Err(Failure::NotFound(format!(
-                "{name} is not in the archive {}",
-                store.name()
-            ))
-            .into());
+            return Err(Failure::NotFound(format!("{key} is not in {}", store.name())).into());
         }
-        Err(error) => {
-            return Err(anyhow::Error::new(error).context(format!("fetching {name} failed")));
-        }
+        Err(error) => return Err(anyhow::Error::new(error)),
     };
     let identities = if crate::seal::is_sealed(&stored) {
         let what = format!("{key} in {}", store.name());

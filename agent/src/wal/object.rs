@@ -144,6 +144,93 @@ impl WalHeader {
     }
 }
 
+/// The stored form of WAL that arrives in pieces (the WAL receiver's segment as it streams
+/// in): each full 1 MiB frame is hashed and compressed as it completes, so what is held is
+/// the compressed frames and less than one frame of raw bytes, never the raw segment.
+#[derive(Debug)]
+pub struct FrameEncoder {
+    level: i32,
+    hasher: Sha256,
+    /// The header's room, then the compressed frames.
+    stored: Vec<u8>,
+    frame: Vec<u8>,
+    raw_size: u64,
+}
+
+impl FrameEncoder {
+    pub fn new(level: i32) -> Self {
+        Self {
+            level,
+            hasher: Sha256::new(),
+            stored: vec![0u8; HEADER_LEN],
+            frame: Vec::with_capacity(WAL_FRAME),
+            raw_size: 0,
+        }
+    }
+
+    /// Takes raw bytes up to the end of the current frame; returns how many it took. When the
+    /// frame is then full, [`Self::compress_frame`] must run before more is taken.
+    pub fn take(&mut self, raw: &[u8]) -> usize {
+        let n = raw.len().min(WAL_FRAME - self.frame.len());
+        self.frame.extend_from_slice(&raw[..n]);
+        n
+    }
+
+    pub fn frame_is_full(&self) -> bool {
+        self.frame.len() == WAL_FRAME
+    }
+
+    /// Hashes and compresses the frame taken so far. CPU-bound: call from a blocking thread.
+    pub fn compress_frame(&mut self) -> std::io::Result<()> {
+        if self.frame.is_empty() {
+            return Ok(());
+        }
+        self.hasher.update(&self.frame);
+        self.raw_size += self.frame.len() as u64;
+        let mut compressor = zstd::bulk::Compressor::new(self.level)?;
+        compressor.include_checksum(true)?;
+        let end = self.stored.len();
+        self.stored
+            .reserve(zstd::zstd_safe::compress_bound(self.frame.len()));
+        let mut cursor = std::io::Cursor::new(&mut self.stored);
+        cursor.set_position(end as u64);
+        compressor.compress_to_buffer(&self.frame, &mut cursor)?;
+        self.frame.clear();
+        Ok(())
+    }
+
+    /// The stored form of everything taken, sealed to `seal` when given. CPU-bound.
+    pub fn finish(
+        mut self,
+        seal: Option<&crate::seal::Recipients>,
+    ) -> std::io::Result<(WalHeader, Bytes)> {
+        self.compress_frame()?;
+        let header = WalHeader {
+            raw_size: self.raw_size,
+            sha256: self.hasher.finalize().into(),
+        };
+        header.write_to(&mut self.stored[..HEADER_LEN]);
+        let stored = Bytes::from(self.stored);
+        Ok((header, seal_stored(&header, stored, seal)?))
+    }
+}
+
+/// `stored` (a whole clear WAL object) encrypted to `seal`, or as it is without recipients.
+pub fn seal_stored(
+    header: &WalHeader,
+    stored: Bytes,
+    seal: Option<&crate::seal::Recipients>,
+) -> std::io::Result<Bytes> {
+    let Some(recipients) = seal else {
+        return Ok(stored);
+    };
+    let mut sealed = Vec::with_capacity(stored.len() + 1024);
+    let mut writer = recipients.seal_wal(&mut sealed, header)?;
+    std::io::Write::write_all(&mut writer, &stored)?;
+    writer.finish()?;
+    Ok(Bytes::from(sealed))
+}
+
 /// The stored form of the WAL file at `path`, encrypted to `seal` when given: what `wal-push`
 /// uploads. CPU-bound: call from a blocking thread.
 ///
@@ -162,16 +249,7 @@ pub fn encode_file(
     if workers > 0 {
         // zstd's own threads already use the cores: one pass, then encryption.
         let (header, stored) = encode_read(std::fs::File::open(path)?, level, workers)?;
-        return match seal {
-            None => Ok((header, stored)),
-            Some(recipients) => {
-                let mut sealed = Vec::with_capacity(stored.len() + 1024);
-                let mut writer = recipients.seal_wal(&mut sealed, &header)?;
-                std::io::Write::write_all(&mut writer, &stored)?;
-                writer.finish()?;
-                Ok((header, Bytes::from(sealed)))
-            }
-        };
+        return Ok((header, seal_stored(&header, stored, seal)?));
     }
     // Room for every frame of the file: the compressor must never wait for the hashing (the
     // frames are the compressed object, which is held whole for its PUT anyway).

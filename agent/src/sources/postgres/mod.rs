@@ -3,6 +3,7 @@
 
 pub mod backup_mode;
 pub mod recovery;
+pub mod replication;
 pub mod tls;
 
 use std::path::{Path, PathBuf};

@@ -110,6 +110,14 @@ impl PgTls {
     /// The connector for tokio-postgres. Errors are configuration errors, worded for the
     /// operator (which setting to change).
     pub fn connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(
+            self.client_config()?,
+        ))
+    }
+
+    /// rustls' client configuration for these settings (the replication session's TLS, which
+    /// tokio-postgres does not carry).
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, String> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -143,7 +151,7 @@ impl PgTls {
                 );
             }
         };
-        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+        Ok(config)
     }
 
     fn roots(&self) -> Result<rustls::RootCertStore, String> {
