@@ -104,21 +104,8 @@ fn insert_rows(pg: &harness::Postgres, from: u32, to: u32) -> String {
 #[test]
 fn a_receiver_killed_mid_stream_resumes_at_its_slot_without_a_gap() {
     let weed = Seaweed::start();
-    let (pg, _) = archiving_cluster(&weed, "resume");
-    let agent = Agent::for_cluster(&pg, &weed, "resume");
-    pg.psql(
-        "postgres",
-        "CREATE EXTENSION amcheck; CREATE TABLE rows (n int PRIMARY KEY, pad text)",
-    );
-    let backup = agent.backup(&["backup", "pg-base"]);
-    // From here on only the receiver stores WAL: archive_command fails, and the sidecar is
-    // not given PGDATA (no look-ahead archiving).
-    pg.psql("postgres", "ALTER SYSTEM SET archive_command = 'false'");
-    pg.psql("postgres", "SELECT pg_reload_conf()");
-    let streamer = Agent::for_store(&weed, "resume")
-        .with_env(pg.env())
-        .with("PGDATABASE", "postgres")
-        .with("GC_BACKUP_STREAM_WAL", "true");
+    let (pg, agent, backup) = backed_up_cluster(&weed, "resume");
+    let streamer = streamer(&weed, &pg, "resume");
 
     let mut daemon = Daemon::start(&streamer);
     let first = insert_rows(&pg, 1, 100_000);
@@ -154,10 +141,7 @@ fn a_receiver_killed_mid_stream_resumes_at_its_slot_without_a_gap() {
 fn a_slot_dropped_behind_the_receivers_back_is_a_gap_reported_and_counted() {
     let weed = Seaweed::start();
     let pg = harness::Postgres::start();
-    let agent = Agent::for_store(&weed, "gap")
-        .with_env(pg.env())
-        .with("PGDATABASE", "postgres")
-        .with("GC_BACKUP_STREAM_WAL", "true");
+    let agent = streamer(&weed, &pg, "gap");
     pg.psql("postgres", "CREATE TABLE rows (n int, pad text)");
 
     let mut daemon = Daemon::start(&agent);
@@ -166,7 +150,41 @@ fn a_slot_dropped_behind_the_receivers_back_is_a_gap_reported_and_counted() {
     let (status, _) = daemon.terminate();
     assert!(status.success(), "{status:?}");
 
-    // Someone drops the slot; WAL moves on three segments and a checkpoint lets it go.
+    // Someone drops the slot, WAL moves on two segments and a checkpoint moves the new slot's
+    // start past them, but the server keeps them (wal_keep_size): the receiver takes them
+    // from where the store's WAL ends, and there is no gap.
+    pg.psql("postgres", "ALTER SYSTEM SET wal_keep_size = '1GB'");
+    pg.psql("postgres", "SELECT pg_reload_conf()");
+    pg.psql("postgres", "SELECT pg_drop_replication_slot('gc_backup')");
+    let mut kept = Vec::new();
+    for round in 0..2 {
+        insert_rows(&pg, 100_001 + round * 1000, 101_000 + round * 1000);
+        kept.push(pg.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())"));
+        pg.psql("postgres", "SELECT pg_switch_wal()");
+    }
+    pg.psql("postgres", "CHECKPOINT");
+    let mut daemon = Daemon::start(&agent);
+    let stored = insert_rows(&pg, 102_001, 102_010);
+    wait_stored(&daemon, &stored);
+    assert_eq!(
+        sample(&daemon.metrics(), "gc_backup_wal_stream_gaps_total"),
+        0.0
+    );
+    let keys = weed.keys("gap");
+    for segment in &kept {
+        assert!(
+            keys.iter()
+                .any(|key| key.ends_with(&format!("/{segment}.zst"))),
+            "{segment} not stored: {keys:?}"
+        );
+    }
+    let (status, _) = daemon.terminate();
+    assert!(status.success(), "{status:?}");
+
+    // Dropped again; WAL moves on three segments and, with nothing keeping them, a
+    // checkpoint lets them go.
+    pg.psql("postgres", "ALTER SYSTEM RESET wal_keep_size");
+    pg.psql("postgres", "SELECT pg_reload_conf()");
     pg.psql("postgres", "SELECT pg_drop_replication_slot('gc_backup')");
     for round in 0..3 {
         insert_rows(&pg, 1001 + round * 1000, 2000 + round * 1000);
@@ -195,4 +213,114 @@ fn a_slot_dropped_behind_the_receivers_back_is_a_gap_reported_and_counted() {
         .unwrap_or_else(|| panic!("{text}"));
     assert!(slot_line.contains("gc_backup streaming"), "{text}");
     assert!(text.contains("replication session"), "{text}");
+}
+
+/// An agent that only streams (no PGDATA: no look-ahead archiving beside it) into `prefix`.
+fn streamer(weed: &Seaweed, pg: &harness::Postgres, prefix: &str) -> Agent {
+    Agent::for_store(weed, prefix)
+        .with_env(pg.env())
+        .with("PGDATABASE", "postgres")
+        .with("GC_BACKUP_STREAM_WAL", "true")
+}
+
+/// A cluster with a base backup in `prefix`, whose archive_command fails from then on: only
+/// the receiver stores its WAL.
+fn backed_up_cluster(weed: &Seaweed, prefix: &str) -> (harness::Postgres, Agent, String) {
+    let (pg, _) = archiving_cluster(weed, prefix);
+    let agent = Agent::for_cluster(&pg, weed, prefix);
+    pg.psql(
+        "postgres",
+        "CREATE EXTENSION amcheck; CREATE TABLE rows (n int PRIMARY KEY, pad text)",
+    );
+    let backup = agent.backup(&["backup", "pg-base"]);
+    pg.psql("postgres", "ALTER SYSTEM SET archive_command = 'false'");
+    pg.psql("postgres", "SELECT pg_reload_conf()");
+    (pg, agent, backup)
+}
+
+#[test]
+fn the_store_down_for_20_s_costs_nothing_the_slot_keeps_the_wal_until_it_is_back() {
+    let mut weed = Seaweed::start();
+    let (pg, agent, _) = backed_up_cluster(&weed, "outage");
+    let daemon = Daemon::start(&streamer(&weed, &pg, "outage"));
+    let before = insert_rows(&pg, 1, 1000);
+    wait_stored(&daemon, &before);
+
+    weed.kill();
+    insert_rows(&pg, 1001, 50_000);
+    // The receiver fails and retries; PostgreSQL holds what it could not store.
+    wait_for("a failed session", 60, || {
+        sample(&daemon.metrics(), "gc_backup_wal_stream_failures_total") >= 1.0
+    });
+    let held = pg.psql(
+        "postgres",
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) > 0 \
+         FROM pg_replication_slots WHERE slot_name = 'gc_backup'",
+    );
+    assert_eq!(held, "t");
+    std::thread::sleep(std::time::Duration::from_secs(20));
+    insert_rows(&pg, 50_001, 60_000);
+    weed.restart();
+
+    let last = insert_rows(&pg, 60_001, 60_010);
+    wait_stored(&daemon, &last);
+    let metrics = daemon.metrics();
+    assert_eq!(
+        sample(&metrics, "gc_backup_wal_stream_gaps_total"),
+        0.0,
+        "{metrics}"
+    );
+    drop(daemon);
+    let (restored, report) = lose_and_restore(&pg, &agent);
+    assert_eq!(
+        restored.psql("postgres", "SELECT count(*), max(n) FROM rows"),
+        "60010|60010",
+        "{report}"
+    );
+}
+
+#[test]
+fn a_cluster_restored_onto_a_new_timeline_is_streamed_on_that_timeline() {
+    let weed = Seaweed::start();
+    let (pg, agent, _) = backed_up_cluster(&weed, "timeline");
+    let daemon = Daemon::start(&streamer(&weed, &pg, "timeline"));
+    let first = insert_rows(&pg, 1, 1000);
+    wait_stored(&daemon, &first);
+    drop(daemon);
+
+    // The primary is lost; the restore from the stream is promoted to timeline 2 and runs as
+    // the new primary, archive_command failing there too.
+    let (restored, report) = lose_and_restore(&pg, &agent);
+    assert!(report.contains("timeline 2"), "{report}");
+    restored.psql("postgres", "ALTER SYSTEM SET archive_command = 'false'");
+    restored.psql("postgres", "SELECT pg_reload_conf()");
+    let on_two = streamer(&weed, &restored, "timeline");
+    let daemon = Daemon::start(&on_two);
+    let second = insert_rows(&restored, 1001, 2000);
+    wait_stored(&daemon, &second);
+    let metrics = daemon.metrics();
+    assert_eq!(
+        sample(&metrics, "gc_backup_wal_stream_gaps_total"),
+        0.0,
+        "{}",
+        std::fs::read_to_string(on_two.home().join("daemon.log")).unwrap()
+    );
+    drop(daemon);
+    // The new timeline's history file came from the server, through the receiver.
+    assert!(
+        weed.keys("timeline")
+            .iter()
+            .any(|key| key.ends_with("wal/00000002.history.zst")),
+        "{:?}",
+        weed.keys("timeline")
+    );
+
+    // Lost again: a restore follows timeline 2 to the last streamed commit.
+    let (again, report) = lose_and_restore(&restored, &agent);
+    assert!(report.contains("timeline 3"), "{report}");
+    assert_eq!(
+        again.psql("postgres", "SELECT count(*), max(n) FROM rows"),
+        "2000|2000",
+        "{report}"
+    );
 }

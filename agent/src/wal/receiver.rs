@@ -80,8 +80,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut pause = RETRY_FIRST;
+    let mut from_slot = false;
     loop {
-        let result = session(config, store, &status, &shutdown).await;
+        let result = session(config, store, &status, &shutdown, from_slot).await;
+        // The server no longer has the WAL the store lacks: the next session starts at the
+        // slot, and reports the gap.
+        from_slot = result.as_ref().is_err_and(wal_removed);
         if let Ok(mut status) = status.lock() {
             status.streaming = false;
         }
@@ -118,6 +122,7 @@ async fn session(
     store: &Store,
     status: &Arc<Mutex<StreamStatus>>,
     shutdown: &CancellationToken,
+    from_slot: bool,
 ) -> anyhow::Result<()> {
     let pg = &config.postgres;
     let settings = pg
@@ -141,10 +146,21 @@ async fn session(
         TimelinePath::first()
     };
     let restart = slot.restart_lsn.unwrap_or(identity.flushed);
-    let timeline = path.timeline_at(restart);
     let system = identity.system_id.to_string();
-    check_continuity(store, &system, &path, restart, status).await?;
-    let start = SegmentNo::of(restart, SEGMENT_SIZE).start(SEGMENT_SIZE);
+    let store_end = store_end(store, &system, &path).await?;
+    // Where the store's WAL of this server's history ends, if the slot begins later (a
+    // slot dropped and created again, a new timeline whose first segment nobody stored):
+    // the server may still have that WAL. When it has not, from the slot, and the WAL in
+    // between is looked for in the archive and reported missing.
+    let resume = match store_end {
+        Some(end) if end < restart && !from_slot => end,
+        _ => restart,
+    };
+    if let Some(end) = store_end.filter(|end| *end < resume) {
+        report_gap(store, &path, end, resume, status).await?;
+    }
+    let timeline = path.timeline_at(resume);
+    let start = SegmentNo::of(resume, SEGMENT_SIZE).start(SEGMENT_SIZE);
     tracing::info!(
         slot = %settings.slot,
         %start,
@@ -158,9 +174,8 @@ async fn session(
         timeline,
         segment: Segment::new(start, config.pipeline.zstd_level),
         received: start,
-        // The slot's start is what the last session stored (the continuity check reports
-        // it otherwise); the server never hears of an older position.
-        stored: restart,
+        // Nothing older than where this session resumes is ever confirmed.
+        stored: resume,
         uploads: futures::stream::FuturesOrdered::new(),
         status: status.clone(),
     };
@@ -237,17 +252,22 @@ async fn ensure_slot(
     })
 }
 
-/// Checks that the slot begins where the store's WAL ends (or before): a slot that begins
-/// after it lost WAL in between, unless the archive has those segments.
-async fn check_continuity(
+/// Whether a session failed because the server had removed WAL it was asked for.
+fn wal_removed(error: &anyhow::Error) -> bool {
+    format!("{error:#}").contains("has already been removed")
+}
+
+/// Where the store's WAL of this server's history ends, as the receiver last recorded it: its
+/// position on its timeline, or the point where this server's history left that timeline.
+/// `None` without a record, or when the recorded timeline is not on this server's history.
+/// A record of another cluster is refused.
+async fn store_end(
     store: &Store,
     system: &str,
     path: &TimelinePath,
-    restart: Lsn,
-    status: &Arc<Mutex<StreamStatus>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Lsn>> {
     let Some(state) = read_state(store).await? else {
-        return Ok(());
+        return Ok(None);
     };
     if state.system_identifier != system {
         return Err(Failure::Config(format!(
@@ -258,15 +278,25 @@ async fn check_continuity(
         .into());
     }
     let Ok(stored) = state.stored.parse::<Lsn>() else {
-        return Ok(());
+        return Ok(None);
     };
-    // Only along this server's history: after a fork, the new timeline starts from the
-    // archive's WAL of the old one.
-    if !path.continues_from(state.timeline, stored) || restart <= stored {
-        return Ok(());
-    }
-    let first = SegmentNo::of(stored, SEGMENT_SIZE);
-    let last = SegmentNo::of(restart, SEGMENT_SIZE);
+    Ok(path
+        .span_of(state.timeline)
+        .map(|span| span.end.map_or(stored, |end| stored.min(end))))
+}
+
+/// The store's WAL ends at `end` and streaming resumes at `resume`: each segment in between
+/// that the archive does not have (archive_command may have stored it) is missing, which is
+/// logged as an error and counted.
+async fn report_gap(
+    store: &Store,
+    path: &TimelinePath,
+    end: Lsn,
+    resume: Lsn,
+    status: &Arc<Mutex<StreamStatus>>,
+) -> anyhow::Result<()> {
+    let first = SegmentNo::of(end, SEGMENT_SIZE);
+    let last = SegmentNo::of(resume, SEGMENT_SIZE);
     let mut missing = Vec::new();
     for number in first.0..last.0 {
         let segment = SegmentNo(number);
@@ -279,21 +309,19 @@ async fn check_continuity(
             Err(error) => return Err(error.into()),
         }
     }
-    if missing.is_empty() {
+    let Some(first_missing) = missing.first() else {
         return Ok(());
-    }
-    if let Ok(mut status) = status.lock() {
-        status.gaps += 1;
-    }
+    };
     let error = format!(
-        "the replication slot begins at {restart}, but the store's WAL ends at {stored}: {} \
-         segment(s), {} first, are in neither the stream nor the archive. The slot was dropped \
-         or invalidated; restores cannot pass this gap: take a base backup now",
-        missing.len(),
-        missing[0]
+        "the replication slot begins at {resume}, but the store's WAL ends at {end}: {} \
+         segment(s), {first_missing} first, are in neither the stream nor the archive, and \
+         the server no longer has them. The slot was dropped or invalidated; restores cannot \
+         pass this gap: take a base backup now",
+        missing.len()
     );
     tracing::error!(%error, "WAL gap");
     if let Ok(mut status) = status.lock() {
+        status.gaps += 1;
         status.last_error = Some(error);
     }
     Ok(())
@@ -393,6 +421,9 @@ impl<'a> Stream<'a> {
                 }
                 Event::Stored(done) => {
                     self.stored_up_to(done?);
+                    // Recorded before the slot is told: the record a restart resumes from is
+                    // never behind the slot, or a killed receiver would look like a gap.
+                    save_state(self.store, self.state()).await?;
                     replication
                         .status(self.received, self.stored, false)
                         .await?;

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Recovery point lag: WAL streaming (`[postgres] stream-wal`) against archive_command alone,
+# side by side on the bench cluster with archive_timeout = 0. pgbench -c 4 runs for DURATION
+# seconds (default 60) while a marker transaction commits 10 times a second (its time, and
+# after its commit the WAL position, in two tables). Every second the newest marker whose WAL
+# is in the store (streaming: the sidecar's stored position; archive_command: the end of the
+# last archived segment) is looked up, and its age against the primary's clock is the lag.
+# Reports median and worst lag, pgbench's TPS in both runs (the cost of streaming), and the
+# sidecar's peak RSS. Targets (issue 16): median <= 2 s, worst <= 5 s, TPS cost <= 5%.
+# Needs the cluster of benches/pg_dump_e2e.sh prepare (BENCH_DIR).
+set -euo pipefail
+source "$(dirname "$0")/../scripts/lib.sh"
+cd "$ROOT"
+
+DURATION=${DURATION:-60}
+bench_setup walstream
+
+sidecar=
+cleanup() {
+  [ -n "$sidecar" ] && kill -TERM "$sidecar" 2>/dev/null && wait "$sidecar" 2>/dev/null
+  bench_cleanup
+}
+trap cleanup EXIT
+
+log "building gc-backup (release)"
+cargo build --release --locked --quiet
+cp "$ROOT/target/release/gc-backup" "$work/gc-backup"
+start_seaweedfs "$work/s3" bench
+PG_EXTRA_OPTS="-c shared_buffers=256MB -c max_wal_size=4GB -c archive_mode=on -c archive_timeout=0" \
+  start_postgres "$BENCH_DIR/pg"
+export PGDATABASE=bench
+metrics_port=$(free_port)
+
+cat >"$work/marks.sql" <<'SQL'
+INSERT INTO rpo_marks (at) VALUES (clock_timestamp()) RETURNING id \gset
+INSERT INTO rpo_commits VALUES (:id, pg_current_wal_insert_lsn());
+SQL
+
+# The stored position, as an LSN, in each mode.
+streamed_lsn() {
+  local bytes
+  bytes=$(curl -s "http://127.0.0.1:$metrics_port/metrics" |
+    awk '$1 == "gc_backup_wal_stream_stored_position_bytes" { printf "%d", $2 }')
+  [ -n "$bytes" ] && printf '%X/%X' $((bytes >> 32)) $((bytes & 0xFFFFFFFF))
+}
+archived_lsn() {
+  psql -X -At -c "SELECT CASE WHEN last_archived_wal ~ '^[0-9A-F]{24}$' THEN
+      (('x' || substr(last_archived_wal, 9, 8))::bit(32)::bigint * 4294967296
+       + (('x' || substr(last_archived_wal, 17, 8))::bit(32)::bigint + 1) * 16777216) END
+    FROM pg_stat_archiver" | { read -r bytes; [ -n "$bytes" ] && printf '%X/%X' $((bytes >> 32)) $((bytes & 0xFFFFFFFF)); }
+}
+
+run() {
+  local mode=$1 prefix=$2
+  cat >"$work/$prefix.toml" <<CONF
+[store]
+url = "s3://bench/$prefix"
+endpoint = "$AWS_ENDPOINT_URL"
+access-key-id = "bench"
+secret-access-key = "bench-secret"
+CONF
+  chmod 644 "$work/$prefix.toml"
+  set_archive_command "GC_BACKUP_CONFIG=$work/$prefix.toml $work/gc-backup wal-push %p"
+  psql -X -q -c "DROP TABLE IF EXISTS rpo_marks, rpo_commits" \
+    -c "CREATE TABLE rpo_marks (id bigserial PRIMARY KEY, at timestamptz)" \
+    -c "CREATE TABLE rpo_commits (id bigint PRIMARY KEY, lsn pg_lsn)" \
+    -c "SELECT pg_switch_wal()" >/dev/null
+  local position=archived_lsn
+  if [ "$mode" = streaming ]; then
+    # Streaming only: no PGDATA, so no look-ahead archiving beside it.
+    GC_BACKUP_CONFIG="$work/$prefix.toml" GC_BACKUP_STREAM_WAL=true \
+      GC_BACKUP_METRICS_LISTEN="127.0.0.1:$metrics_port" GC_BACKUP_LOG_FORMAT=json \
+      "$work/gc-backup" run 2>"$work/sidecar.log" &
+    sidecar=$!
+    position=streamed_lsn
+    for _ in $(seq 1 300); do
+      [ -n "$(streamed_lsn)" ] && break
+      sleep 0.1
+    done
+  fi
+  "$PG_BIN/pgbench" -n -c 4 -j 2 -T "$DURATION" bench >"$work/pgbench.out" 2>&1 &
+  local load=$!
+  "$PG_BIN/pgbench" -n -c 1 -R 10 -T "$DURATION" -f "$work/marks.sql" bench >"$work/marks.out" 2>&1 &
+  local marks=$! samples=()
+  sleep 2
+  while kill -0 "$load" 2>/dev/null; do
+    local lsn lag
+    lsn=$($position || true)
+    if [ -n "$lsn" ]; then
+      lag=$(psql -X -At -c "SELECT extract(epoch FROM clock_timestamp() - max(m.at))
+        FROM rpo_marks m JOIN rpo_commits c USING (id) WHERE c.lsn <= '$lsn'::pg_lsn")
+      [ -n "$lag" ] && samples+=("$lag")
+    fi
+    sleep 1
+  done
+  wait "$load" || true
+  wait "$marks" || true
+  local tps rss=-
+  tps=$(grep -o 'tps = [0-9.]*' "$work/pgbench.out" | head -n 1 | cut -d' ' -f3)
+  if [ -n "$sidecar" ]; then
+    rss=$(curl -s "http://127.0.0.1:$metrics_port/metrics" |
+      awk '$1 == "gc_backup_peak_rss_bytes" { printf "%.0f", $2 / 1048576 }')
+    kill -TERM "$sidecar"
+    wait "$sidecar" || true
+    sidecar=
+  fi
+  python3 - "$mode" "$tps" "$rss" "${samples[@]}" >>"$work/results" <<'PY'
+import statistics, sys
+mode, tps, rss, *samples = sys.argv[1:]
+lags = sorted(float(s) for s in samples)
+if not lags:
+    print(f"{mode:36} {'no samples':>10}")
+else:
+    print(f"{mode:36} {statistics.median(lags):10.2f} {lags[-1]:9.2f} {len(lags):8d} {float(tps or 0):8.0f} {rss:>8}")
+PY
+  log "$mode done"
+}
+
+run "archive_command alone" rpo-archive
+run streaming rpo-stream
+echo
+printf '%-36s %10s %9s %8s %8s %8s\n' "run" "median s" "worst s" "samples" "tps" "RSS MiB"
+cat "$work/results"
+python3 - "$work/results" <<'PY'
+import sys
+rows = [line.split() for line in open(sys.argv[1])]
+tps = {" ".join(r[:-5]): float(r[-2]) for r in rows if len(r) >= 6}
+base, streamed = tps.get("archive_command alone"), tps.get("streaming")
+if base and streamed:
+    print(f"TPS cost of streaming: {100 * (base - streamed) / base:.1f}% (target <= 5%)")
+PY
+psql -X -q -c "DROP TABLE IF EXISTS rpo_marks, rpo_commits" >/dev/null
