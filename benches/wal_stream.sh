@@ -12,23 +12,7 @@ set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 cd "$ROOT"
 
-DURATION=${DURATION:-60}
-bench_setup walstream
-
-sidecar=
-cleanup() {
-  [ -n "$sidecar" ] && kill -TERM "$sidecar" 2>/dev/null && wait "$sidecar" 2>/dev/null
-  bench_cleanup
-}
-trap cleanup EXIT
-
-log "building gc-backup (release)"
-cargo build --release --locked --quiet
-cp "$ROOT/target/release/gc-backup" "$work/gc-backup"
-start_seaweedfs "$work/s3" bench
-PG_EXTRA_OPTS="-c shared_buffers=256MB -c max_wal_size=4GB -c archive_mode=on -c archive_timeout=0" \
-  start_postgres "$BENCH_DIR/pg"
-export PGDATABASE=bench
+bench_sidecar_setup walstream "-c archive_timeout=0"
 metrics_port=$(free_port)
 
 cat >"$work/marks.sql" <<'SQL'
@@ -100,9 +84,7 @@ CONF
   if [ -n "$sidecar" ]; then
     rss=$(curl -s "http://127.0.0.1:$metrics_port/metrics" |
       awk '$1 == "gc_backup_peak_rss_bytes" { printf "%.0f", $2 / 1048576 }')
-    kill -TERM "$sidecar"
-    wait "$sidecar" || true
-    sidecar=
+    bench_stop_sidecar
   fi
   python3 - "$mode" "$tps" "$rss" "${samples[@]}" >>"$work/results" <<'PY'
 import statistics, sys

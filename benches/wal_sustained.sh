@@ -8,23 +8,7 @@ set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
 cd "$ROOT"
 
-DURATION=${DURATION:-60}
-bench_setup walsustained
-
-WEED_PID=
-sidecar=
-cleanup() {
-  [ -n "$sidecar" ] && kill -TERM "$sidecar" 2>/dev/null && wait "$sidecar" 2>/dev/null
-  bench_cleanup
-}
-trap cleanup EXIT
-
-log "building gc-backup (release)"
-cargo build --release --locked --quiet
-cp "$ROOT/target/release/gc-backup" "$work/gc-backup"
-start_seaweedfs "$work/s3" bench
-PG_EXTRA_OPTS="-c shared_buffers=256MB -c max_wal_size=4GB -c archive_mode=on" start_postgres "$BENCH_DIR/pg"
-export PGDATABASE=bench
+bench_sidecar_setup walsustained
 pgdata=$(psql -X -At -c "SHOW data_directory")
 
 run() {
@@ -69,7 +53,7 @@ CONF
   drained=$((($(date +%s%N) - drain_start) / 1000000))
   local failed_after archived_after
   read -r failed_after archived_after < <(psql -X -At -F ' ' -c "SELECT failed_count, archived_count FROM pg_stat_archiver")
-  if [ -n "$sidecar" ]; then kill -TERM "$sidecar"; wait "$sidecar" || true; sidecar=; fi
+  bench_stop_sidecar
   python3 - "$mode" "$wal_bytes" "$DURATION" "$tps" "$drained" "$((archived_after - archived_before))" \
     "$((failed_after - failed_before))" "${samples[@]}" >>"$work/results" <<'PY'
 import sys

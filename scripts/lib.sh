@@ -215,6 +215,34 @@ bench_setup() {
   chmod 755 "$work"
 }
 
+# bench_sidecar_setup NAME EXTRA_PG_OPTS: bench_setup for the benchmarks that run `gc-backup
+# run` beside the bench cluster: an EXIT trap that stops the sidecar ($sidecar) and cleans up,
+# the release binary in $work, SeaweedFS, and the cluster started with archiving on
+# (PGDATABASE=bench).
+bench_sidecar_setup() {
+  DURATION=${DURATION:-60}
+  bench_setup "$1"
+  WEED_PID=
+  sidecar=
+  trap 'bench_stop_sidecar; bench_cleanup' EXIT
+  log "building gc-backup (release)"
+  cargo build --release --locked --quiet
+  cp "$ROOT/target/release/gc-backup" "$work/gc-backup"
+  start_seaweedfs "$work/s3" bench
+  PG_EXTRA_OPTS="-c shared_buffers=256MB -c max_wal_size=4GB -c archive_mode=on ${2:-}" \
+    start_postgres "$BENCH_DIR/pg"
+  export PGDATABASE=bench
+}
+
+# bench_stop_sidecar: SIGTERM to the sidecar of bench_sidecar_setup, if one runs.
+bench_stop_sidecar() {
+  if [ -n "${sidecar:-}" ]; then
+    kill -TERM "$sidecar" 2>/dev/null || true
+    wait "$sidecar" 2>/dev/null || true
+    sidecar=
+  fi
+}
+
 # collect_wal_segments PGDATA DIR N: copies N finished WAL segments of the running bench
 # cluster into DIR while pgbench writes, so that they hold real WAL.
 collect_wal_segments() {

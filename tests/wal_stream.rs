@@ -81,6 +81,32 @@ fn lose_and_restore(pg: &harness::Postgres, agent: &Agent) -> (harness::Postgres
     restore_started(agent, "stream-restored", &["--archive-mode", "off"])
 }
 
+/// Ten more rows up to `last`, stored by the receiver without a gap; then the primary and its
+/// WAL are lost, and a restore holds rows 1 to `last`.
+fn all_rows_survive(
+    pg: &harness::Postgres,
+    agent: &Agent,
+    daemon: Daemon,
+    last: u32,
+) -> harness::Postgres {
+    let lsn = insert_rows(pg, last - 9, last);
+    wait_stored(&daemon, &lsn);
+    let metrics = daemon.metrics();
+    assert_eq!(
+        sample(&metrics, "gc_backup_wal_stream_gaps_total"),
+        0.0,
+        "{metrics}"
+    );
+    drop(daemon);
+    let (restored, report) = lose_and_restore(pg, agent);
+    assert_eq!(
+        restored.psql("postgres", "SELECT count(*), max(n) FROM rows"),
+        format!("{last}|{last}"),
+        "{report}"
+    );
+    restored
+}
+
 /// The receiver's stored position, once the metrics show it at or past `lsn`.
 fn wait_stored(daemon: &Daemon, lsn: &str) {
     wait_for(&format!("WAL up to {lsn} in the store"), 120, || {
@@ -117,21 +143,7 @@ fn a_receiver_killed_mid_stream_resumes_at_its_slot_without_a_gap() {
     insert_rows(&pg, 200_001, 300_000);
 
     let daemon = Daemon::start(&streamer);
-    let last = insert_rows(&pg, 300_001, 300_010);
-    wait_stored(&daemon, &last);
-    let metrics = daemon.metrics();
-    assert_eq!(
-        sample(&metrics, "gc_backup_wal_stream_gaps_total"),
-        0.0,
-        "{metrics}"
-    );
-    drop(daemon);
-    let (restored, report) = lose_and_restore(&pg, &agent);
-    assert_eq!(
-        restored.psql("postgres", "SELECT count(*), max(n) FROM rows"),
-        "300010|300010",
-        "{report}"
-    );
+    let restored = all_rows_survive(&pg, &agent, daemon, 300_010);
     restored.assert_amcheck("postgres", &[]);
     drop(restored);
     agent.ok(&["verify", &backup]);
@@ -262,21 +274,7 @@ fn the_store_down_for_20_s_costs_nothing_the_slot_keeps_the_wal_until_it_is_back
     insert_rows(&pg, 50_001, 60_000);
     weed.restart();
 
-    let last = insert_rows(&pg, 60_001, 60_010);
-    wait_stored(&daemon, &last);
-    let metrics = daemon.metrics();
-    assert_eq!(
-        sample(&metrics, "gc_backup_wal_stream_gaps_total"),
-        0.0,
-        "{metrics}"
-    );
-    drop(daemon);
-    let (restored, report) = lose_and_restore(&pg, &agent);
-    assert_eq!(
-        restored.psql("postgres", "SELECT count(*), max(n) FROM rows"),
-        "60010|60010",
-        "{report}"
-    );
+    all_rows_survive(&pg, &agent, daemon, 60_010);
 }
 
 #[test]
