@@ -38,14 +38,7 @@ archived_lsn() {
 
 run() {
   local mode=$1 prefix=$2 load_args=$3
-  cat >"$work/$prefix.toml" <<CONF
-[store]
-url = "s3://bench/$prefix"
-endpoint = "$AWS_ENDPOINT_URL"
-access-key-id = "bench"
-secret-access-key = "bench-secret"
-CONF
-  chmod 644 "$work/$prefix.toml"
+  bench_store_config "$prefix"
   set_archive_command "GC_BACKUP_CONFIG=$work/$prefix.toml $work/gc-backup wal-push %p"
   psql -X -q -c "DROP TABLE IF EXISTS rpo_marks, rpo_commits" \
     -c "CREATE TABLE rpo_marks (id bigserial PRIMARY KEY, at timestamptz)" \

@@ -13,17 +13,8 @@ pgdata=$(psql -X -At -c "SHOW data_directory")
 
 run() {
   local mode=$1 prefix=$2
-  cat >"$work/$prefix.toml" <<CONF
-[store]
-url = "s3://bench/$prefix"
-endpoint = "$AWS_ENDPOINT_URL"
-access-key-id = "bench"
-secret-access-key = "bench-secret"
-CONF
-  chmod 644 "$work/$prefix.toml"
-  psql -X -q -d postgres \
-    -c "ALTER SYSTEM SET archive_command = 'GC_BACKUP_CONFIG=$work/$prefix.toml $work/gc-backup wal-push %p'" \
-    -c "SELECT pg_reload_conf()" >/dev/null
+  bench_store_config "$prefix"
+  set_archive_command "GC_BACKUP_CONFIG=$work/$prefix.toml $work/gc-backup wal-push %p"
   # Start from a drained archive.
   psql -X -q -c "SELECT pg_switch_wal()" >/dev/null
   sleep 3

@@ -234,6 +234,19 @@ bench_sidecar_setup() {
   export PGDATABASE=bench
 }
 
+# bench_store_config PREFIX: $work/PREFIX.toml, gc-backup's config for PREFIX of the bench
+# bucket in the SeaweedFS of bench_sidecar_setup (readable by the postgres user).
+bench_store_config() {
+  cat >"$work/$1.toml" <<CONF
+[store]
+url = "s3://bench/$1"
+endpoint = "$AWS_ENDPOINT_URL"
+access-key-id = "bench"
+secret-access-key = "bench-secret"
+CONF
+  chmod 644 "$work/$1.toml"
+}
+
 # bench_stop_sidecar: SIGTERM to the sidecar of bench_sidecar_setup, if one runs.
 bench_stop_sidecar() {
   if [ -n "${sidecar:-}" ]; then
