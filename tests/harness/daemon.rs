@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use super::{Agent, free_port, run_ok};
 
-/// `GET path` on 127.0.0.1:port: the status code and body (status 0 when nothing answers).
+/// `GET path` on 127.0.0.1:port: the status code and body (status 0 when nothing answers, or
+/// the connection is cut: a sidecar that exits while starting resets what its listener had
+/// accepted, and the caller is the one that can say why it exited).
 pub fn get(port: u16, path: &str) -> (u16, String) {
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return (0, String::new());
@@ -14,11 +16,10 @@ pub fn get(port: u16, path: &str) -> (u16, String) {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, String::new());
+    }
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
     let status = response
@@ -58,6 +59,20 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(agent: &Agent) -> Self {
+        // A port chosen free can be taken before the sidecar binds it (by a process outside
+        // this test binary): then it says so and exits, and another port is chosen.
+        for _ in 0..5 {
+            match Self::try_start(agent) {
+                Ok(daemon) => return daemon,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("gc-backup run did not serve /health: {log}"),
+            }
+        }
+        panic!("gc-backup run found no free port in five tries");
+    }
+
+    /// The sidecar serving /health, or its log when it exited or never answered.
+    fn try_start(agent: &Agent) -> Result<Self, String> {
         let port = free_port();
         let mut command = agent.command(&["run"]);
         command
@@ -72,15 +87,14 @@ impl Daemon {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while get(port, "/health").0 != 200 {
-            // One that exited, or never answers, says why in its log.
             let exited = daemon.child.try_wait().unwrap();
             if exited.is_some() || Instant::now() > deadline {
                 let log = std::fs::read_to_string(agent.home().join("daemon.log")).unwrap();
-                panic!("gc-backup run did not serve /health ({exited:?}): {log}");
+                return Err(format!("({exited:?}) {log}"));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        daemon
+        Ok(daemon)
     }
 
     pub fn metrics(&self) -> String {

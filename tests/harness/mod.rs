@@ -32,24 +32,32 @@ pub const BUCKET: &str = "gcb-test";
 pub const ACCESS_KEY: &str = "gcb-test-access";
 pub const SECRET_KEY: &str = "gcb-test-secret-key";
 
-/// `n` distinct ports nobody listens on right now (held together while chosen, so the
-/// kernel cannot hand out the same one twice).
+/// Every port this test binary has handed out. The kernel hands a released port out again, so
+/// two tests running at once could otherwise be given the same one: the second server then
+/// loses the race to bind it, or, worse, a client of the first talks to the second.
+static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// `n` distinct ports nobody listens on right now and no other test of this binary was given
+/// (held together while chosen, so the kernel cannot hand out the same one twice).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("no free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()).expect("local addr"))
-        .collect()
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("no free port");
+        let port = listener.local_addr().map(|a| a.port()).expect("local addr");
+        if handed_out.insert(port) {
+            ports.push(port);
+        }
+        held.push(listener);
+    }
+    ports
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now and no other test of this binary was given.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    free_ports(1)[0]
 }
 
 pub(crate) fn running_as_root() -> bool {
