@@ -39,6 +39,8 @@ use crate::store::{ObjectKey, Store, StoreError};
 
 /// Uploads in flight at once (finished segments and chunks, in LSN order).
 const IN_FLIGHT: usize = 2;
+/// Finished segments whose chunks are being deleted at once; more and the stream waits.
+const CLEANUPS: usize = 4;
 /// A status update at least this often (PostgreSQL's `wal_sender_timeout` is 60 s).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -176,7 +178,11 @@ async fn session(
         received: start,
         // Nothing older than where this session resumes is ever confirmed.
         stored: resume,
+        recorded: resume,
         uploads: futures::stream::FuturesOrdered::new(),
+        record: futures::stream::FuturesOrdered::new(),
+        cleanups: futures::stream::FuturesUnordered::new(),
+        flush_due: false,
         status: status.clone(),
     };
     replication.start(&settings.slot, start, timeline).await?;
@@ -360,9 +366,15 @@ impl Segment {
     }
 }
 
-/// One upload, resolved to the LSN that is stored once it is done.
-type Upload<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Lsn>> + Send + 'a>>;
+/// What one upload stored.
+struct Uploaded {
+    /// Everything before it is stored once this and the uploads before it are.
+    end: Lsn,
+    /// The segment it archived, whose chunks can go.
+    archived: Option<WalFile>,
+}
+
+type Upload<'a> = futures::future::BoxFuture<'a, anyhow::Result<Uploaded>>;
 
 struct Stream<'a> {
     store: &'a Store,
@@ -372,13 +384,23 @@ struct Stream<'a> {
     segment: Segment,
     received: Lsn,
     stored: Lsn,
+    /// What the receiver's record in the store says is stored: all the slot is ever told.
+    recorded: Lsn,
     uploads: futures::stream::FuturesOrdered<Upload<'a>>,
+    /// The record being written (one at a time), resolved to the LSN it records.
+    record: futures::stream::FuturesOrdered<futures::future::BoxFuture<'a, anyhow::Result<Lsn>>>,
+    /// Chunks of archived segments being deleted.
+    cleanups: futures::stream::FuturesUnordered<futures::future::BoxFuture<'a, ()>>,
+    /// A flush came round while the uploads were full: chunk as soon as one completes.
+    flush_due: bool,
     status: Arc<Mutex<StreamStatus>>,
 }
 
 enum Event {
     Stop,
-    Stored(anyhow::Result<Lsn>),
+    Stored(anyhow::Result<Uploaded>),
+    Recorded(anyhow::Result<Lsn>),
+    Cleaned,
     Flush,
     Status,
     Message(Result<Streamed, crate::sources::SourceError>),
@@ -399,11 +421,13 @@ impl<'a> Stream<'a> {
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let room = self.uploads.len() < IN_FLIGHT;
+            let room = self.uploads.len() < IN_FLIGHT && self.cleanups.len() < CLEANUPS;
             let event = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => Event::Stop,
                 Some(done) = self.uploads.next(), if !self.uploads.is_empty() => Event::Stored(done),
+                Some(done) = self.record.next(), if !self.record.is_empty() => Event::Recorded(done),
+                Some(()) = self.cleanups.next(), if !self.cleanups.is_empty() => Event::Cleaned,
                 _ = flush_tick.tick() => Event::Flush,
                 _ = status_tick.tick() => Event::Status,
                 message = replication.next(), if room => Event::Message(message),
@@ -412,32 +436,49 @@ impl<'a> Stream<'a> {
                 Event::Stop => {
                     // What arrived reaches the store before the receiver goes.
                     self.chunk()?;
-                    while let Some(done) = self.uploads.next().await {
-                        self.stored_up_to(done?);
-                    }
-                    save_state(self.store, self.state()).await?;
-                    let _ = replication.status(self.received, self.stored, false).await;
+                    self.drain().await?;
+                    while self.cleanups.next().await.is_some() {}
+                    let _ = replication
+                        .status(self.received, self.recorded, false)
+                        .await;
                     return Ok(());
                 }
                 Event::Stored(done) => {
-                    self.stored_up_to(done?);
-                    // Recorded before the slot is told: the record a restart resumes from is
-                    // never behind the slot, or a killed receiver would look like a gap.
-                    save_state(self.store, self.state()).await?;
-                    replication
-                        .status(self.received, self.stored, false)
-                        .await?;
+                    let done = done?;
+                    self.stored_up_to(done.end);
+                    if let Some(file) = done.archived {
+                        // Not in the way of the WAL after it, and never before it is archived.
+                        let store = self.store;
+                        self.cleanups
+                            .push(Box::pin(async move { remove_chunks(store, &file).await }));
+                    }
+                    if self.flush_due {
+                        self.chunk()?;
+                    }
+                    self.record_stored();
                 }
+                Event::Recorded(done) => {
+                    // The slot is told only what the record says: the record a restart
+                    // resumes from is never behind the slot, or a killed receiver would
+                    // look like a gap.
+                    self.recorded = self.recorded.max(done?);
+                    replication
+                        .status(self.received, self.recorded, false)
+                        .await?;
+                    self.record_stored();
+                }
+                Event::Cleaned => {}
                 Event::Flush => {
                     if self.uploads.len() < IN_FLIGHT {
                         self.chunk()?;
+                    } else {
+                        self.flush_due = !self.segment.unchunked.is_empty();
                     }
                 }
                 Event::Status => {
-                    save_state(self.store, self.state()).await?;
                     read_retained(sql, slot, &self.status).await;
                     replication
-                        .status(self.received, self.stored, false)
+                        .status(self.received, self.recorded, false)
                         .await?;
                 }
                 Event::Message(message) => match message? {
@@ -457,7 +498,7 @@ impl<'a> Stream<'a> {
                         }
                         if reply {
                             replication
-                                .status(self.received, self.stored, false)
+                                .status(self.received, self.recorded, false)
                                 .await?;
                         }
                     }
@@ -468,6 +509,38 @@ impl<'a> Stream<'a> {
                 },
             }
         }
+    }
+
+    /// Starts writing the record of what is stored, unless one is being written (its
+    /// completion starts the next) or it already says so. Written beside the stream, never
+    /// awaited in its way: a record per upload would otherwise stop the stream for one PUT
+    /// each time.
+    fn record_stored(&mut self) {
+        if !self.record.is_empty() || self.stored <= self.recorded {
+            return;
+        }
+        let (store, state, stored) = (self.store, self.state(), self.stored);
+        self.record.push_back(Box::pin(async move {
+            save_state(store, state).await?;
+            Ok(stored)
+        }));
+    }
+
+    /// Waits for every upload and records what they stored.
+    async fn drain(&mut self) -> anyhow::Result<()> {
+        while let Some(done) = self.uploads.next().await {
+            let done = done?;
+            self.stored_up_to(done.end);
+            if let Some(file) = done.archived {
+                remove_chunks(self.store, &file).await;
+            }
+        }
+        while let Some(done) = self.record.next().await {
+            self.recorded = self.recorded.max(done?);
+        }
+        save_state(self.store, self.state()).await?;
+        self.recorded = self.stored;
+        Ok(())
     }
 
     fn stored_up_to(&mut self, lsn: Lsn) {
@@ -518,6 +591,7 @@ impl<'a> Stream<'a> {
 
     /// Queues the WAL received since the last chunk as a chunk object.
     fn chunk(&mut self) -> anyhow::Result<()> {
+        self.flush_due = false;
         if self.segment.unchunked.is_empty() {
             return Ok(());
         }
@@ -539,12 +613,17 @@ impl<'a> Stream<'a> {
             .await
             .context("compression worker failed")?
             .context("compressing streamed WAL")?;
+            let started = std::time::Instant::now();
             store
                 .put(&key, stored.into())
                 .await
                 .with_context(|| format!("storing streamed WAL {key}"))?;
             store.sync(&key).await?;
-            Ok(end)
+            tracing::debug!(%key, elapsed_ms = started.elapsed().as_millis(), "chunk stored");
+            Ok(Uploaded {
+                end,
+                archived: None,
+            })
         }));
         Ok(())
     }
@@ -568,9 +647,17 @@ impl<'a> Stream<'a> {
                     .await
                     .context("compression worker failed")?
                     .context("compressing streamed WAL")?;
+            let started = std::time::Instant::now();
             super::store_archived(store, &file, &header, stored).await?;
-            remove_chunks(store, &file).await;
-            Ok(end)
+            tracing::debug!(
+                segment = %file.name(),
+                elapsed_ms = started.elapsed().as_millis(),
+                "segment archived"
+            );
+            Ok(Uploaded {
+                end,
+                archived: Some(file),
+            })
         }));
         Ok(())
     }
@@ -594,9 +681,7 @@ impl<'a> Stream<'a> {
         at: Lsn,
     ) -> anyhow::Result<()> {
         self.chunk()?;
-        while let Some(done) = self.uploads.next().await {
-            self.stored_up_to(done?);
-        }
+        self.drain().await?;
         let (_, content) = replication.timeline_history(next).await?;
         store_history(self.store, next, &content).await?;
         self.timeline = next;
@@ -660,7 +745,8 @@ fn chunk_key(file: &WalFile, from: u64, to: u64) -> ObjectKey {
     ObjectKey::from(format!("{}{from:08X}-{to:08X}.zst", chunks_prefix(file)))
 }
 
-const STREAM_ROOT: &str = "wal-stream";
+/// Where the receiver keeps its chunks and its record.
+pub(crate) const STREAM_ROOT: &str = "wal-stream";
 
 fn chunks_prefix(file: &WalFile) -> String {
     let directory = file.directory().unwrap_or_default();
@@ -706,7 +792,7 @@ pub async fn streamed_segments(store: &Store) -> anyhow::Result<Vec<(WalFile, Da
 }
 
 /// (segment, from, to) of a chunk key that [`chunk_key`] would build.
-fn parse_chunk_key(key: &ObjectKey) -> Option<(WalFile, u64, u64)> {
+pub(crate) fn parse_chunk_key(key: &ObjectKey) -> Option<(WalFile, u64, u64)> {
     let mut parts = key.as_ref().rsplit('/');
     let range = parts.next()?.strip_suffix(".zst")?;
     let file = WalFile::parse(parts.next()?).ok()?;
