@@ -65,6 +65,31 @@ fn a_commit_streamed_before_the_primary_is_lost_is_restored() {
     // The primary and its WAL are gone; so is the sidecar, without a chance to flush.
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
+    // Retention removes a chunk a killed receiver left of an archived segment, and keeps the
+    // chunks of the segment nobody archived: the restore below needs them.
+    let streamed_keys = || -> Vec<String> {
+        weed.keys("stream")
+            .into_iter()
+            .filter(|key| key.contains("/wal-stream/") && !key.ends_with(".json"))
+            .collect()
+    };
+    let needed = streamed_keys();
+    assert!(!needed.is_empty());
+    let archived = weed
+        .keys("stream/wal/")
+        .into_iter()
+        .rev()
+        .find(|key| !key.contains(".history"))
+        .unwrap();
+    let stray = format!(
+        "{}/00000000-00000100.zst",
+        archived
+            .replacen("/wal/", "/wal-stream/", 1)
+            .trim_end_matches(".zst")
+    );
+    weed.put(&stray, &weed.get(&needed[0]));
+    let report = agent.ok(&["retention"]);
+    assert_eq!(streamed_keys(), needed, "{report}");
     let (restored, report) = lose_and_restore(&pg, &agent);
     assert_eq!(
         restored.psql("postgres", "SELECT string_agg(note, ',') FROM marks"),
@@ -318,6 +343,50 @@ fn a_cluster_restored_onto_a_new_timeline_is_streamed_on_that_timeline() {
     assert!(report.contains("timeline 3"), "{report}");
     assert_eq!(
         again.psql("postgres", "SELECT count(*), max(n) FROM rows"),
+        "2000|2000",
+        "{report}"
+    );
+}
+
+#[test]
+fn a_standby_promoted_under_the_receiver_is_followed_onto_its_new_timeline() {
+    let weed = Seaweed::start();
+    let (primary, agent, _) = backed_up_cluster(&weed, "promotion");
+    let standby = harness::Postgres::standby_of(&primary);
+    // The sidecar of the standby's pod streams from the standby (cascading replication).
+    let beside_standby = streamer(&weed, &standby, "promotion");
+    let daemon = Daemon::start(&beside_standby);
+    let first = insert_rows(&primary, 1, 1000);
+    wait_stored(&daemon, &first);
+
+    // Failover: the primary is gone, the standby promoted while the receiver streams from it.
+    primary.stop("immediate");
+    standby.psql("postgres", "SELECT pg_promote()");
+    standby.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", 60);
+    let second = insert_rows(&standby, 1001, 2000);
+    wait_stored(&daemon, &second);
+    let log = std::fs::read_to_string(beside_standby.home().join("daemon.log")).unwrap();
+    let metrics = daemon.metrics();
+    // Followed within the session (the end of timeline 1, then timeline 2), not by a failure
+    // and a new session that would have found the way on its own.
+    assert_eq!(
+        sample(&metrics, "gc_backup_wal_stream_failures_total"),
+        0.0,
+        "{log}"
+    );
+    assert_eq!(
+        sample(&metrics, "gc_backup_wal_stream_gaps_total"),
+        0.0,
+        "{log}"
+    );
+    assert!(log.contains("follows the next timeline"), "{log}");
+    drop(daemon);
+
+    // The new primary is lost too: a restore from the stream reaches its last commit.
+    let (restored, report) = lose_and_restore(&standby, &agent);
+    assert!(report.contains("timeline 3"), "{report}");
+    assert_eq!(
+        restored.psql("postgres", "SELECT count(*), max(n) FROM rows"),
         "2000|2000",
         "{report}"
     );

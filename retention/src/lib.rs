@@ -15,6 +15,9 @@
 //! - WAL older than the start segment of the oldest kept base backup is deleted, on every
 //!   timeline (no kept backup can need a segment before its own start); timeline history files
 //!   are always kept. Without any base backup, no WAL is deleted.
+//! - Chunks of streamed WAL (the receiver's, a segment as it grew) are deleted once their
+//!   segment is archived (the receiver deletes them itself; these are what a killed receiver
+//!   left), and with the WAL before the oldest kept base backup's start.
 //! - Data objects are deleted with their backup, unless a kept backup names them (a Redis AOF
 //!   file is stored once and named by later backups). Objects of backups that never got a
 //!   manifest are deleted once older than the grace period (a run may still be writing them).
@@ -66,6 +69,8 @@ pub struct Inventory {
     pub backups: Vec<Backup>,
     pub data: Vec<DataObject>,
     pub wal: Vec<WalObject>,
+    /// Chunks of streamed WAL, each with the segment it is part of.
+    pub streamed: Vec<WalObject>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,8 +304,27 @@ pub fn plan(inventory: &Inventory, policy: &Policy, now: DateTime<Utc>) -> Plan 
             Some((start.position()?, start))
         })
         .min_by_key(|(position, _)| *position);
+    let archived: BTreeSet<String> = inventory.wal.iter().map(|w| w.file.name()).collect();
+    for chunk in &inventory.streamed {
+        if archived.contains(&chunk.file.name()) {
+            decisions.push(Decision {
+                target: Target::Wal {
+                    key: chunk.key.clone(),
+                },
+                delete: true,
+                reason: format!(
+                    "a streamed chunk of {}, which is archived",
+                    chunk.file.name()
+                ),
+            });
+        }
+    }
     if let Some((start, start_file)) = oldest_start {
-        for wal in &inventory.wal {
+        let unarchived = inventory
+            .streamed
+            .iter()
+            .filter(|chunk| !archived.contains(&chunk.file.name()));
+        for wal in inventory.wal.iter().chain(unarchived) {
             let Some(position) = wal.file.position() else {
                 continue; // timeline history files are always kept
             };

@@ -182,6 +182,7 @@ fn objects_named_by_a_kept_backup_outlive_their_own_backup() {
             data("data/redis/redis-009b/_claim.json", id_of(9).next(), 9),
         ],
         wal: Vec::new(),
+        streamed: Vec::new(),
     };
     let plan = plan(&inventory, &policy(), at(9) + TimeDelta::hours(12));
     let objects: Vec<(String, String)> = plan
@@ -210,6 +211,7 @@ fn deletions_come_manifests_first_then_data_then_wal() {
             last_modified: at(0),
         }],
         wal: vec![segment(1, 1)],
+        streamed: Vec::new(),
     };
     let plan = plan(&inventory, &policy(), at(50));
     let order: Vec<u8> = plan
@@ -229,8 +231,72 @@ fn without_base_backups_no_wal_is_deleted() {
         backups: vec![backup(Kind::PgDump, 0, &[])],
         data: Vec::new(),
         wal: vec![segment(1, 1), segment(1, 2)],
+        streamed: Vec::new(),
     };
     assert_eq!(plan(&inventory, &policy(), at(100)).deletions().count(), 0);
+}
+
+/// A streamed chunk (`from`..`to` bytes) of segment `seg` on timeline 1.
+fn chunk(seg: u32, from: u32, to: u32) -> WalObject {
+    let file = segment(1, seg).file;
+    WalObject {
+        key: format!("wal-stream/x/{}/{from:08X}-{to:08X}.zst", file.name()),
+        file,
+    }
+}
+
+#[test]
+fn streamed_chunks_go_once_archived_or_before_the_oldest_kept_start() {
+    // Base backups of days 0, 25 and 45 (start segments 0, 250, 450); on day 60 day 25's
+    // anchors the window and day 0's goes.
+    let inventory = Inventory {
+        backups: vec![base(0), base(25), base(45)],
+        wal: vec![segment(1, 5), segment(1, 460)],
+        streamed: vec![
+            chunk(5, 0, 100),
+            chunk(7, 0, 100),
+            chunk(460, 0, 100),
+            chunk(460, 100, 200),
+            chunk(461, 0, 100),
+        ],
+        ..Inventory::default()
+    };
+    let plan = plan(&inventory, &policy(), at(60));
+    let deleted: BTreeMap<&str, &str> = plan
+        .deletions()
+        .filter_map(|d| match &d.target {
+            Target::Wal { key } if key.starts_with("wal-stream/") => {
+                Some((key.as_str(), d.reason.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    let name = |seg| segment(1, seg).file.name();
+    // The segment being streamed now (461) stays: it is the newest WAL there is.
+    let kept = [format!("wal-stream/x/{}/00000000-00000064.zst", name(461))];
+    assert!(
+        deleted.keys().all(|key| !kept.iter().any(|k| k == key)),
+        "{deleted:?}"
+    );
+    assert_eq!(deleted.len(), 4, "{deleted:?}");
+    assert!(
+        deleted[format!("wal-stream/x/{}/00000064-000000C8.zst", name(460)).as_str()]
+            .contains("archived"),
+        "{deleted:?}"
+    );
+    // Segment 7, never archived, is before day 25's start.
+    assert!(
+        deleted[format!("wal-stream/x/{}/00000000-00000064.zst", name(7)).as_str()]
+            .contains("oldest kept base backup"),
+        "{deleted:?}"
+    );
+    // Chunks are never deleted twice, for being archived and old at once.
+    assert_eq!(
+        plan.deletions()
+            .filter(|d| matches!(&d.target, Target::Wal { key } if key.contains(&name(5))))
+            .count(),
+        2
+    );
 }
 
 /// Random histories: backups of every kind on random days, base backups on random timelines

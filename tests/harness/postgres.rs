@@ -109,14 +109,43 @@ impl Postgres {
 
     /// [`Postgres::start_restored`] with the server in `server_bin`.
     pub fn start_restored_on(server_bin: PathBuf, dir: tempfile::TempDir) -> Self {
-        let mut pg = Self {
+        let mut pg = Self::on_data_dir(server_bin, dir);
+        pg.launch();
+        pg
+    }
+
+    /// A server (not started) whose data directory is `dir/data`.
+    fn on_data_dir(server_bin: PathBuf, dir: tempfile::TempDir) -> Self {
+        Self {
             data: dir.path().join("data"),
             dir,
             adopted: Vec::new(),
             port: free_port(),
             bin: pg_bin_dir(),
             server_bin,
-        };
+        }
+    }
+
+    /// A hot standby of `primary`, streaming from it (`pg_basebackup -R`, no slot), started.
+    pub fn standby_of(primary: &Postgres) -> Self {
+        let mut pg = Self::on_data_dir(primary.server_bin.clone(), shared_temp_dir("standby"));
+        pg.as_owner(
+            "pg_basebackup",
+            &[
+                "-D",
+                pg.data.to_str().unwrap(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        );
         pg.launch();
         pg
     }

@@ -15,6 +15,7 @@ use crate::config::S3Location;
 use crate::error::Failure;
 use crate::store::multipart::{self, PendingUpload};
 use crate::store::{ObjectKey, Store};
+use crate::wal::receiver;
 
 /// Deletes in flight at once.
 const DELETE_CONCURRENCY: usize = 16;
@@ -77,6 +78,14 @@ pub async fn inventory(store: &Store) -> anyhow::Result<Inventory> {
     for meta in store.list(&layout::wal_prefix()).await? {
         if let Some(file) = layout::parse_wal_key(&meta.location) {
             inventory.wal.push(WalObject {
+                key: meta.location.to_string(),
+                file,
+            });
+        }
+    }
+    for meta in store.list(&ObjectKey::from(receiver::STREAM_ROOT)).await? {
+        if let Some((file, _, _)) = receiver::parse_chunk_key(&meta.location) {
+            inventory.streamed.push(WalObject {
                 key: meta.location.to_string(),
                 file,
             });
