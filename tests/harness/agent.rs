@@ -45,6 +45,15 @@ impl Agent {
     }
 
     /// The same agent with `name` set to `value` in its environment.
+    /// An agent that only streams `pg`'s WAL (no PGDATA: no look-ahead archiving beside it)
+    /// into `prefix`.
+    pub fn streaming_from(weed: &Seaweed, pg: &Postgres, prefix: &str) -> Self {
+        Self::for_store(weed, prefix)
+            .with_env(pg.env())
+            .with("PGDATABASE", "postgres")
+            .with("GC_BACKUP_STREAM_WAL", "true")
+    }
+
     pub fn with(mut self, name: &str, value: &str) -> Self {
         self.set(name, value);
         self

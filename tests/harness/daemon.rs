@@ -42,6 +42,14 @@ pub fn wait_for(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// An LSN (`16/B374D848`) as the byte position the metrics give.
+pub fn position(lsn: &str) -> f64 {
+    let (high, low) = lsn.trim().split_once('/').unwrap();
+    let value =
+        (u64::from_str_radix(high, 16).unwrap() << 32) | u64::from_str_radix(low, 16).unwrap();
+    value as f64
+}
+
 /// The value of one series in Prometheus text (0 when absent).
 pub fn sample(metrics: &str, series: &str) -> f64 {
     metrics
@@ -101,6 +109,16 @@ impl Daemon {
         let (status, body) = get(self.port, "/metrics");
         assert_eq!(status, 200);
         body
+    }
+
+    /// Waits until the WAL receiver's stored position is at or past `lsn`.
+    pub fn wait_stored(&self, lsn: &str) {
+        wait_for(&format!("WAL up to {lsn} in the store"), 120, || {
+            sample(
+                &self.metrics(),
+                "gc_backup_wal_stream_stored_position_bytes",
+            ) >= position(lsn)
+        });
     }
 
     /// SIGTERM, and the exit status once it has stopped.
