@@ -186,6 +186,7 @@ fn plan_memory(
     let plan = crate::pipeline::budget::sidecar(
         config.pipeline.memory_limit,
         config.postgres.pgdata.is_some(),
+        config.postgres.stream.is_some(),
         backup_kinds,
         pitr::DEFAULT_SEGMENT_SIZE as usize,
     )

@@ -129,6 +129,14 @@ pub fn wal_uploads(bytes: usize, segment_size: usize) -> usize {
     (bytes / wal_upload_cost(segment_size)).clamp(1, 4)
 }
 
+/// What the WAL receiver (`stream-wal`) may hold: the segment being received as compressed
+/// frames (as large as the segment when WAL does not compress), and the chunks and finished
+/// segment being uploaded. It stops reading the stream at this (PostgreSQL keeps the WAL for
+/// the slot) until an upload completes.
+pub fn wal_stream_cost(segment_size: usize) -> usize {
+    segment_size + 8 * MIB
+}
+
 /// How the sidecar shares its limit between the archiver and scheduled backups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SidecarPlan {
@@ -140,15 +148,22 @@ pub struct SidecarPlan {
     pub backup_limit: usize,
 }
 
-/// The sidecar's share-out of `limit`: the archiver gets up to half of the buffers (one to
-/// four segments being compressed), the backups the rest, as many at once as fit.
+/// The sidecar's share-out of `limit`: the WAL receiver its fixed share when `streaming`, the
+/// archiver up to half of the other buffers (one to four segments being compressed), the
+/// backups the rest, as many at once as fit.
 pub fn sidecar(
     limit: usize,
     archiving: bool,
+    streaming: bool,
     backup_kinds: usize,
     segment_size: usize,
 ) -> Result<SidecarPlan, String> {
-    let buffers = limit.saturating_sub(PROCESS_RESERVE);
+    let receiver = if streaming {
+        wal_stream_cost(segment_size)
+    } else {
+        0
+    };
+    let buffers = limit.saturating_sub(PROCESS_RESERVE + receiver);
     let wal_uploads = if archiving {
         wal_uploads(buffers / 2, segment_size)
     } else {
@@ -157,11 +172,17 @@ pub fn sidecar(
     let archiver = wal_uploads * wal_upload_cost(segment_size);
     let job_minimum = minimum_limit() - PROCESS_RESERVE;
     let rest = buffers.saturating_sub(archiver);
-    let needed = PROCESS_RESERVE + archiver + if backup_kinds > 0 { job_minimum } else { 0 };
+    let needed =
+        PROCESS_RESERVE + receiver + archiver + if backup_kinds > 0 { job_minimum } else { 0 };
     if limit < needed {
+        let streaming = if streaming {
+            format!(", WAL streaming ({} MiB)", receiver / MIB)
+        } else {
+            String::new()
+        };
         return Err(format!(
             "pipeline.memory-limit {} MiB is too small for the sidecar: archiving ({wal_uploads} \
-             segment(s) of {} MiB at once) and one backup need {} MiB. Raise \
+             segment(s) of {} MiB at once){streaming} and one backup need {} MiB. Raise \
              pipeline.memory-limit (GC_BACKUP_MEMORY_LIMIT).",
             limit / MIB,
             segment_size / MIB,
@@ -276,11 +297,29 @@ mod tests {
         let segment = 16 * MIB;
         for limit_mib in [64, 96, 128, 192, 256, 512] {
             let limit = limit_mib * MIB;
-            for kinds in 0..=4 {
-                let plan = sidecar(limit, true, kinds, segment).unwrap();
+            for (kinds, streaming) in (0..=4).flat_map(|k| [(k, false), (k, true)]) {
+                let receiver = if streaming {
+                    wal_stream_cost(segment)
+                } else {
+                    0
+                };
+                let Ok(plan) = sidecar(limit, true, streaming, kinds, segment) else {
+                    // Refused only when one segment, the receiver and one backup cannot fit.
+                    assert!(
+                        streaming && kinds > 0,
+                        "{limit_mib} MiB, {kinds} kinds refused"
+                    );
+                    assert!(
+                        PROCESS_RESERVE + receiver + wal_upload_cost(segment) + minimum_limit()
+                            - PROCESS_RESERVE
+                            > limit
+                    );
+                    continue;
+                };
                 assert!(plan.wal_uploads >= 1);
+                let archiver = plan.wal_uploads * wal_upload_cost(segment);
                 if kinds == 0 {
-                    assert!(PROCESS_RESERVE + plan.wal_uploads * wal_upload_cost(segment) <= limit);
+                    assert!(PROCESS_RESERVE + receiver + archiver <= limit);
                     continue;
                 }
                 let (_, each) = streams(&defaults(), plan.backup_limit, 64).unwrap();
@@ -289,16 +328,23 @@ mod tests {
                         planned_peak(1, &single(&defaults(), plan.backup_limit).unwrap())
                             - PROCESS_RESERVE,
                     );
-                let total = PROCESS_RESERVE + plan.wal_uploads * wal_upload_cost(segment) + backups;
+                let total = PROCESS_RESERVE + receiver + archiver + backups;
                 assert!(
                     total <= limit,
-                    "{limit_mib} MiB, {kinds} kinds: {plan:?} = {total}"
+                    "{limit_mib} MiB, {kinds} kinds, streaming {streaming}: {plan:?} = {total}"
                 );
-                assert!(plan.wal_uploads >= 1);
             }
         }
-        assert!(sidecar(40 * MIB, true, 2, segment).is_err());
-        assert_eq!(sidecar(256 * MIB, true, 2, segment).unwrap().wal_uploads, 4);
+        assert!(sidecar(40 * MIB, true, false, 2, segment).is_err());
+        let refused = sidecar(64 * MIB, true, true, 1, segment).unwrap_err();
+        assert!(refused.contains("WAL streaming (24 MiB)"), "{refused}");
+        assert!(sidecar(96 * MIB, true, true, 1, segment).is_ok());
+        assert_eq!(
+            sidecar(256 * MIB, true, false, 2, segment)
+                .unwrap()
+                .wal_uploads,
+            4
+        );
     }
 
     #[test]

@@ -176,6 +176,11 @@ impl FrameEncoder {
         n
     }
 
+    /// Bytes it holds: the compressed frames and the frame being filled.
+    pub fn held(&self) -> usize {
+        self.stored.len() + self.frame.len()
+    }
+
     pub fn frame_is_full(&self) -> bool {
         self.frame.len() == WAL_FRAME
     }

@@ -41,6 +41,10 @@ use crate::store::{ObjectKey, Store, StoreError};
 const IN_FLIGHT: usize = 2;
 /// Finished segments whose chunks are being deleted at once; more and the stream waits.
 const CLEANUPS: usize = 4;
+/// WAL that waits for a chunk beyond this is chunked at once, whatever the flush interval.
+const CHUNK_MAX: usize = 2 << 20;
+/// Room kept under the memory share for one message (≤ 128 KiB) and a frame's compression.
+const MESSAGE_ROOM: usize = 2 << 20;
 /// A status update at least this often (PostgreSQL's `wal_sender_timeout` is 60 s).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -183,6 +187,8 @@ async fn session(
         record: futures::stream::FuturesOrdered::new(),
         cleanups: futures::stream::FuturesUnordered::new(),
         flush_due: false,
+        uploads_hold: 0,
+        memory_share: crate::pipeline::budget::wal_stream_cost(SEGMENT_SIZE as usize),
         status: status.clone(),
     };
     replication.start(&settings.slot, start, timeline).await?;
@@ -372,6 +378,8 @@ struct Uploaded {
     end: Lsn,
     /// The segment it archived, whose chunks can go.
     archived: Option<WalFile>,
+    /// The bytes it held, given back to the memory share.
+    held: usize,
 }
 
 type Upload<'a> = futures::future::BoxFuture<'a, anyhow::Result<Uploaded>>;
@@ -393,6 +401,10 @@ struct Stream<'a> {
     cleanups: futures::stream::FuturesUnordered<futures::future::BoxFuture<'a, ()>>,
     /// A flush came round while the uploads were full: chunk as soon as one completes.
     flush_due: bool,
+    /// Bytes the uploads in flight hold.
+    uploads_hold: usize,
+    /// What the receiver may hold in all (`budget::wal_stream_cost`).
+    memory_share: usize,
     status: Arc<Mutex<StreamStatus>>,
 }
 
@@ -421,7 +433,7 @@ impl<'a> Stream<'a> {
         flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let room = self.uploads.len() < IN_FLIGHT && self.cleanups.len() < CLEANUPS;
+            let room = self.has_room();
             let event = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => Event::Stop,
@@ -445,6 +457,7 @@ impl<'a> Stream<'a> {
                 }
                 Event::Stored(done) => {
                     let done = done?;
+                    self.uploads_hold -= done.held;
                     self.stored_up_to(done.end);
                     if let Some(file) = done.archived {
                         // Not in the way of the WAL after it, and never before it is archived.
@@ -511,6 +524,19 @@ impl<'a> Stream<'a> {
         }
     }
 
+    /// Whether the stream may be read: an upload slot free, the memory share not used up
+    /// (PostgreSQL keeps what is not read, for the slot). With nothing in flight it is always
+    /// read, or nothing would ever free room.
+    fn has_room(&self) -> bool {
+        if self.uploads.is_empty() {
+            return true;
+        }
+        let held = self.uploads_hold + self.segment.encoder.held() + self.segment.unchunked.len();
+        self.uploads.len() < IN_FLIGHT
+            && self.cleanups.len() < CLEANUPS
+            && held + MESSAGE_ROOM <= self.memory_share
+    }
+
     /// Starts writing the record of what is stored, unless one is being written (its
     /// completion starts the next) or it already says so. Written beside the stream, never
     /// awaited in its way: a record per upload would otherwise stop the stream for one PUT
@@ -530,6 +556,7 @@ impl<'a> Stream<'a> {
     async fn drain(&mut self) -> anyhow::Result<()> {
         while let Some(done) = self.uploads.next().await {
             let done = done?;
+            self.uploads_hold -= done.held;
             self.stored_up_to(done.end);
             if let Some(file) = done.archived {
                 remove_chunks(self.store, &file).await;
@@ -586,6 +613,9 @@ impl<'a> Stream<'a> {
                 self.finish_segment()?;
             }
         }
+        if self.segment.unchunked.len() >= CHUNK_MAX && self.uploads.len() < IN_FLIGHT {
+            self.chunk()?;
+        }
         Ok(())
     }
 
@@ -598,6 +628,9 @@ impl<'a> Stream<'a> {
         let from = self.segment.chunked;
         let to = self.segment.received;
         let raw = Bytes::from(std::mem::take(&mut self.segment.unchunked));
+        // The raw chunk and its compressed form, at most as large.
+        let held = 2 * raw.len();
+        self.uploads_hold += held;
         self.segment.chunked = to;
         let file = self.segment_file()?;
         let key = chunk_key(&file, from, to);
@@ -623,6 +656,7 @@ impl<'a> Stream<'a> {
             Ok(Uploaded {
                 end,
                 archived: None,
+                held,
             })
         }));
         Ok(())
@@ -639,6 +673,8 @@ impl<'a> Stream<'a> {
         );
         let end = Lsn(number.start(SEGMENT_SIZE).0 + received);
         let store = self.store;
+        let held = done.encoder.held() + done.unchunked.len();
+        self.uploads_hold += held;
         self.uploads.push_back(Box::pin(async move {
             let seal = store.keys().recipients.clone();
             let encoder = done.encoder;
@@ -657,6 +693,7 @@ impl<'a> Stream<'a> {
             Ok(Uploaded {
                 end,
                 archived: Some(file),
+                held,
             })
         }));
         Ok(())
