@@ -48,8 +48,14 @@ run() {
     -c "CREATE TABLE rpo_marks (id bigserial PRIMARY KEY, at timestamptz)" \
     -c "CREATE TABLE rpo_commits (id bigint PRIMARY KEY, lsn pg_lsn)" \
     -c "SELECT pg_switch_wal()" >/dev/null
-  local position=archived_lsn
+  local position=archived_lsn streamed=
   if [[ $mode == streaming* ]]; then
+    streamed=1
+    # A slot left by the last streaming run would hold the WAL of the runs since, and the
+    # receiver would spend this run's first seconds catching up: that is the lag after an
+    # outage, not the steady state measured here.
+    psql -X -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+      WHERE slot_name = 'gc_backup' AND NOT active" >/dev/null
     # Streaming only: no PGDATA, so no look-ahead archiving beside it.
     GC_BACKUP_CONFIG="$work/$prefix.toml" GC_BACKUP_STREAM_WAL=true \
       GC_BACKUP_METRICS_LISTEN="127.0.0.1:$metrics_port" GC_BACKUP_LOG_FORMAT=json \
@@ -58,8 +64,13 @@ run() {
     # shellcheck disable=SC2034  # read by bench_stop_sidecar
     sidecar=$!
     position=streamed_lsn
+    local now
+    now=$(psql -X -At -c "SELECT pg_current_wal_lsn()")
     for _ in $(seq 1 300); do
-      [ -n "$(streamed_lsn)" ] && break
+      local confirmed
+      confirmed=$(streamed_lsn)
+      [ -n "$confirmed" ] &&
+        [ "$(psql -X -At -c "SELECT '$confirmed'::pg_lsn >= '$now'::pg_lsn")" = t ] && break
       sleep 0.1
     done
   fi
@@ -90,7 +101,7 @@ run() {
     echo "$mode: the sidecar logged errors, the last:" >&2
     grep '"level":"ERROR"' "$work/sidecar.log" | tail -n 3 >&2
   fi
-  if [ -n "$sidecar" ]; then
+  if [ -n "$streamed" ]; then
     rss=$(curl -s "http://127.0.0.1:$metrics_port/metrics" |
       awk '$1 == "gc_backup_peak_rss_bytes" { printf "%.0f", $2 / 1048576 }')
     bench_stop_sidecar
@@ -99,7 +110,7 @@ run() {
     mkdir -p "$BENCH_LOGS"
     local name=${mode//[ ,]/_}
     cp "$work/samples" "$BENCH_LOGS/$name-samples.txt"
-    [ -n "$sidecar" ] && cp "$work/sidecar.log" "$BENCH_LOGS/$name-sidecar.log"
+    if [ -n "$streamed" ]; then cp "$work/sidecar.log" "$BENCH_LOGS/$name-sidecar.log"; fi
   fi
   python3 - "$mode" "$tps" "$rss" "${samples[@]}" >>"$work/results" <<'PY'
 import statistics, sys

@@ -365,3 +365,52 @@ fn a_standby_promoted_under_the_receiver_is_followed_onto_its_new_timeline() {
         "{report}"
     );
 }
+
+#[test]
+fn beside_archive_command_each_covers_the_others_downtime_and_both_agree() {
+    let weed = Seaweed::start();
+    let (pg, _) = archiving_cluster(&weed, "both");
+    let agent = Agent::for_cluster(&pg, &weed, "both");
+    pg.psql(
+        "postgres",
+        "CREATE EXTENSION amcheck; CREATE TABLE rows (n int PRIMARY KEY, pad text)",
+    );
+    agent.backup(&["backup", "pg-base"]);
+    let streamer = Agent::streaming_from(&weed, &pg, "both");
+    let archiver_failures = || pg.psql("postgres", "SELECT failed_count FROM pg_stat_archiver");
+
+    // Both running: the receiver stores each segment first, and archive_command, finding the
+    // same content under the name, still gets exit 0.
+    let mut daemon = Daemon::start(&streamer);
+    for round in 0..3 {
+        let lsn = insert_rows(&pg, round * 1000 + 1, round * 1000 + 1000);
+        daemon.wait_stored(&lsn);
+        pg.archive_everything();
+    }
+    assert_eq!(archiver_failures(), "0");
+
+    // The receiver down: archive_command stores the finished segments meanwhile, and the
+    // receiver, back, streams on from its slot over what is already archived.
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    insert_rows(&pg, 3001, 4000);
+    pg.archive_everything();
+    let daemon = Daemon::start(&streamer);
+    let lsn = insert_rows(&pg, 4001, 5000);
+    daemon.wait_stored(&lsn);
+    pg.archive_everything();
+    assert_eq!(archiver_failures(), "0");
+    let metrics = daemon.metrics();
+    assert_eq!(
+        sample(&metrics, "gc_backup_wal_stream_failures_total"),
+        0.0,
+        "{}",
+        std::fs::read_to_string(streamer.home().join("daemon.log")).unwrap()
+    );
+
+    // archive_command down: the receiver alone stores the rest, to the last commit.
+    pg.psql("postgres", "ALTER SYSTEM SET archive_command = 'false'");
+    pg.psql("postgres", "SELECT pg_reload_conf()");
+    let restored = all_rows_survive(&pg, &agent, daemon, 5010);
+    restored.assert_amcheck("postgres", &[]);
+}
