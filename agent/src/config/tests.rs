@@ -180,6 +180,17 @@ fn the_kubernetes_configmaps_parse() {
     assert_eq!(config.metrics_listen.port(), 9188);
     assert!(config.postgres.pgdata.is_some());
     assert_eq!(config.etcd.urls.len(), 1);
+    // Streaming, and a limit that holds the receiver, the archiver and both scheduled backups.
+    assert!(config.postgres.stream.is_some());
+    let plan = crate::pipeline::budget::sidecar(
+        config.pipeline.memory_limit,
+        true,
+        true,
+        2,
+        pitr::DEFAULT_SEGMENT_SIZE as usize,
+    )
+    .unwrap();
+    assert_eq!((plan.wal_uploads, plan.backups_at_once), (4, 2), "{plan:?}");
 
     let redis_pod = configmap_toml(include_str!("../../../docker/k8s/redis-deployment.yaml"));
     let config = resolve_with(&redis_pod, &[], Overrides::default()).unwrap();
