@@ -381,3 +381,77 @@ fn sigterm_during_recovery_stops_the_temporary_server() {
         "the server still runs"
     );
 }
+
+#[test]
+fn a_moment_of_timeline_1_after_a_restore_branched_timeline_2_off_needs_target_timeline_1() {
+    let weed = Seaweed::start();
+    let (pg, config) = archiving_cluster(&weed, "forked");
+    pg.psql("postgres", "CREATE TABLE markers (id int PRIMARY KEY)");
+    let agent =
+        Agent::for_cluster(&pg, &weed, "forked").with("GC_BACKUP_CONFIG", config.to_str().unwrap());
+    agent.backup(&["backup", "pg-base"]);
+    insert_marker(&pg, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let t1 = pg.psql("postgres", "SELECT clock_timestamp()::text");
+    std::thread::sleep(Duration::from_millis(300));
+    insert_marker(&pg, 2);
+    pg.archive_everything();
+
+    // A restore to T1, started for real with the archiving it came with: timeline 2, in the
+    // same archive, with a row of its own.
+    let (fork, report) = restore(&agent, &["--target-time", &t1]);
+    assert!(report.contains("timeline 2; promoted"), "{report}");
+    insert_marker(&fork, 100);
+    fork.archive_everything();
+
+    // Production goes on on timeline 1; T2 is one of its moments.
+    insert_marker(&pg, 3);
+    std::thread::sleep(Duration::from_millis(300));
+    let t2 = pg.psql("postgres", "SELECT clock_timestamp()::text");
+    std::thread::sleep(Duration::from_millis(300));
+    insert_marker(&pg, 4);
+    pg.archive_everything();
+
+    // Following the newest timeline cannot reach T2 (timeline 2 stopped archiving before it),
+    // and the refusal says which timeline does.
+    let dir = empty_pgdata();
+    let data = dir.path().join("data");
+    let refused = |needle: &str| {
+        let pgdata = data.to_str().unwrap();
+        let output = agent.run(&["restore", "pg", "--pgdata", pgdata, "--target-time", &t2]);
+        assert_fails(&output, 2, needle);
+        assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
+    };
+    refused("add --target-timeline 1");
+    let (on_one, report) = restore(
+        &agent,
+        &[
+            "--target-time",
+            &t2,
+            "--target-timeline",
+            "1",
+            "--archive-mode",
+            "off",
+        ],
+    );
+    assert_eq!(markers(&on_one), "1,2,3", "{report}");
+    drop(on_one);
+
+    // Once timeline 2 also goes on past T2, both hold that moment: refused until one is named.
+    std::thread::sleep(Duration::from_millis(300));
+    insert_marker(&fork, 101);
+    fork.archive_everything();
+    refused("both hold a moment there");
+    let (on_two, report) = restore(
+        &agent,
+        &[
+            "--target-time",
+            &t2,
+            "--target-timeline",
+            "latest",
+            "--archive-mode",
+            "off",
+        ],
+    );
+    assert_eq!(markers(&on_two), "1,100", "{report}");
+}

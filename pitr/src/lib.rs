@@ -19,7 +19,7 @@ pub mod target;
 
 pub use history::{TimelinePath, TimelineSpan};
 pub use plan::{Archive, BaseBackup, PlanError, RestorePlan};
-pub use target::{RecoveryTarget, TargetAction};
+pub use target::{RecoveryTarget, TargetAction, TargetTimeline};
 
 /// PostgreSQL's default WAL segment size (`--wal-segsize` can change it per cluster).
 pub const DEFAULT_SEGMENT_SIZE: u64 = 16 * 1024 * 1024;

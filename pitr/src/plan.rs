@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 
 use crate::history::{TimelinePath, TimelineSpan};
-use crate::target::{RecoveryTarget, postgres_time};
+use crate::target::{RecoveryTarget, TargetTimeline, postgres_time};
 use crate::{Lsn, SegmentNo, WalFile};
 
 /// What the planner needs to know of one base backup.
@@ -29,6 +29,8 @@ pub struct Archive {
     /// (timeline, segment number) → when it was stored.
     segments: BTreeMap<(u32, u64), DateTime<Utc>>,
     histories: BTreeMap<u32, TimelinePath>,
+    /// When each history file was stored: its timeline began before then.
+    history_stored: BTreeMap<u32, DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,7 +57,7 @@ pub enum PlanError {
     #[error("timeline {0} has no history file ({0:08X}.history) in the archive")]
     MissingHistory(u32),
     #[error(
-        "base backup {id} is on timeline {backup_timeline}, which the newest timeline \
+        "base backup {id} is on timeline {backup_timeline}, which timeline \
          {target_timeline} did not branch from after the backup; recovery cannot follow it"
     )]
     NotOnPath {
@@ -77,6 +79,29 @@ pub enum PlanError {
          is archived (SELECT pg_switch_wal() on the source forces it)"
     )]
     TargetAfterArchive { target: String, newest: String },
+    #[error(
+        "the {target} is after timeline {newer} branched off timeline {older} (at {fork}), and \
+         timeline {older} goes on past that point in the archive too: both hold a moment \
+         there. Add --target-timeline {older} for the timeline that went on, or \
+         --target-timeline {newest} (or latest) for the newer one"
+    )]
+    AmbiguousTimeline {
+        target: String,
+        older: u32,
+        newer: u32,
+        newest: u32,
+        fork: String,
+    },
+    #[error(
+        "{reason}; timeline {timeline}, which timeline {newest} branched off at {fork}, \
+         reaches it: add --target-timeline {timeline}"
+    )]
+    OnOlderTimeline {
+        reason: String,
+        timeline: u32,
+        newest: u32,
+        fork: String,
+    },
 }
 
 /// What a restore will do, decided before anything is written.
@@ -100,6 +125,7 @@ impl Archive {
             segment_size,
             segments: BTreeMap::new(),
             histories: BTreeMap::new(),
+            history_stored: BTreeMap::new(),
         }
     }
 
@@ -127,6 +153,11 @@ impl Archive {
 
     pub fn add_history(&mut self, path: TimelinePath) {
         self.histories.insert(path.target(), path);
+    }
+
+    /// When the history file of `timeline` was stored (the listing's time).
+    pub fn add_history_stored(&mut self, timeline: u32, stored: DateTime<Utc>) {
+        self.history_stored.insert(timeline, stored);
     }
 
     pub fn segment_count(&self) -> usize {
@@ -178,23 +209,155 @@ impl Archive {
         Err(expected.unwrap_or(spans.last().map_or(1, |s| s.timeline)))
     }
 
+    /// The timeline recovery from `backup` ends on when it follows `following`.
+    fn timeline_to_follow(&self, backup: &BaseBackup, following: TargetTimeline) -> u32 {
+        match following {
+            TargetTimeline::Latest => self.newest_timeline(backup.timeline),
+            TargetTimeline::Current => backup.timeline,
+            TargetTimeline::Exact(timeline) => timeline,
+        }
+    }
+
+    /// Whether `timeline`, which `newer` branched off at `fork`, has WAL in the archive past
+    /// that point that reaches `target`: a later segment stored at or after a time target
+    /// that is itself after `newer` began (its history file was stored), or the segment of
+    /// an LSN target past the fork.
+    fn goes_on_past(&self, timeline: u32, fork: Lsn, target: &RecoveryTarget, newer: u32) -> bool {
+        let fork_segment = self.segment_of(fork);
+        let mut later = self
+            .segments
+            .range((timeline, fork_segment + 1)..(timeline, u64::MAX));
+        match target {
+            RecoveryTarget::Time(time) => {
+                self.history_stored
+                    .get(&newer)
+                    .is_some_and(|began| began <= time)
+                    && later.any(|(_, stored)| stored >= time)
+            }
+            RecoveryTarget::Lsn(lsn) => {
+                *lsn >= fork
+                    && self
+                        .segments
+                        .contains_key(&(timeline, self.segment_of(*lsn)))
+                    && self.segment_of(*lsn) > fork_segment
+            }
+            // Where a restore point or a transaction lies, the listing cannot tell.
+            RecoveryTarget::Latest | RecoveryTarget::Xid(_) | RecoveryTarget::Name(_) => false,
+        }
+    }
+
     /// Whether any segment after `segment` exists on the path: then a missing one is a gap.
+    /// (A timeline's segments past where the path leaves it are not on the path.)
     fn anything_after(&self, spans: &[TimelineSpan], segment: u64) -> bool {
         spans.iter().any(|span| {
-            self.segments
-                .range((span.timeline, segment + 1)..(span.timeline, u64::MAX))
-                .next()
-                .is_some()
+            let last = span.end.map_or(u64::MAX, |end| self.segment_of(end));
+            segment < last
+                && self
+                    .segments
+                    .range((span.timeline, segment + 1)..=(span.timeline, last))
+                    .next()
+                    .is_some()
         })
     }
 }
 
-/// Chooses the base backup for `target` (or checks the one given) and checks the WAL chain.
+/// Chooses the base backup for `target` (or checks the one given) and checks the WAL chain,
+/// following the newest timeline as an operator who named none expects (see [`plan_on`]).
 pub fn plan(
     backups: &[BaseBackup],
     archive: &Archive,
     target: &RecoveryTarget,
     chosen: Option<usize>,
+) -> Result<RestorePlan, PlanError> {
+    plan_on(backups, archive, target, chosen, None)
+}
+
+/// [`plan`] along `timeline` (`recovery_target_timeline`). Given none, the newest timeline is
+/// followed, but a target that an older timeline of the path reaches past the point where the
+/// newer one branched off is refused with the flag to choose: both timelines hold a moment
+/// there, and which the operator means cannot be guessed. (A restore to T1 promoted onto a new
+/// timeline that archives, while production goes on: a later target is production's.)
+pub fn plan_on(
+    backups: &[BaseBackup],
+    archive: &Archive,
+    target: &RecoveryTarget,
+    chosen: Option<usize>,
+    timeline: Option<TargetTimeline>,
+) -> Result<RestorePlan, PlanError> {
+    let planned = plan_along(
+        backups,
+        archive,
+        target,
+        chosen,
+        timeline.unwrap_or_default(),
+    );
+    if timeline.is_some() || matches!(target, RecoveryTarget::Latest) {
+        return planned;
+    }
+    let on_older = |older: u32| {
+        plan_along(
+            backups,
+            archive,
+            target,
+            chosen,
+            TargetTimeline::Exact(older),
+        )
+        .is_ok()
+    };
+    match planned {
+        Ok(plan) => {
+            let path = archive.path(plan.timeline)?;
+            for (older, newer) in path.spans().iter().zip(path.spans().iter().skip(1)) {
+                let Some(fork) = older.end else { continue };
+                if older.timeline < backups[plan.backup].timeline
+                    || !archive.goes_on_past(older.timeline, fork, target, newer.timeline)
+                    || !on_older(older.timeline)
+                {
+                    continue;
+                }
+                return Err(PlanError::AmbiguousTimeline {
+                    target: target.to_string(),
+                    older: older.timeline,
+                    newer: newer.timeline,
+                    newest: plan.timeline,
+                    fork: fork.to_string(),
+                });
+            }
+            Ok(plan)
+        }
+        Err(error @ (PlanError::TargetAfterArchive { .. } | PlanError::Gap { .. })) => {
+            let newest = backups
+                .iter()
+                .map(|b| archive.newest_timeline(b.timeline))
+                .max()
+                .unwrap_or(1);
+            let Ok(path) = archive.path(newest) else {
+                return Err(error);
+            };
+            for span in path.spans().iter().rev().skip(1) {
+                if let Some(fork) = span.end
+                    && on_older(span.timeline)
+                {
+                    return Err(PlanError::OnOlderTimeline {
+                        reason: error.to_string(),
+                        timeline: span.timeline,
+                        newest,
+                        fork: fork.to_string(),
+                    });
+                }
+            }
+            Err(error)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+fn plan_along(
+    backups: &[BaseBackup],
+    archive: &Archive,
+    target: &RecoveryTarget,
+    chosen: Option<usize>,
+    following: TargetTimeline,
 ) -> Result<RestorePlan, PlanError> {
     if backups.is_empty() {
         return Err(PlanError::NoBackup);
@@ -217,7 +380,7 @@ pub fn plan(
             order.sort_by_key(|&i| (backups[i].end_time, backups[i].stop_lsn));
             let usable: Vec<usize> = order
                 .into_iter()
-                .filter(|&i| on_newest_path(&backups[i], archive))
+                .filter(|&i| on_path(&backups[i], archive, following))
                 .collect();
             let reaching = usable.iter().rev().find(|&&i| reaches(&backups[i], target));
             match (reaching, usable.first()) {
@@ -229,13 +392,13 @@ pub fn plan(
                         end: end_text(&backups[earliest]),
                     });
                 }
-                // No backup can follow the newest timeline; report why for the newest one.
+                // No backup can follow the timeline; report why for the newest one.
                 (None, None) => backups.len() - 1,
             }
         }
     };
     let backup = &backups[index];
-    let timeline = archive.newest_timeline(backup.timeline);
+    let timeline = archive.timeline_to_follow(backup, following);
     let path = archive.path(timeline)?;
     if !path.continues_from(backup.timeline, backup.stop_lsn) {
         return Err(PlanError::NotOnPath {
@@ -344,8 +507,8 @@ fn reaches(backup: &BaseBackup, target: &RecoveryTarget) -> bool {
     }
 }
 
-fn on_newest_path(backup: &BaseBackup, archive: &Archive) -> bool {
-    let timeline = archive.newest_timeline(backup.timeline);
+fn on_path(backup: &BaseBackup, archive: &Archive, following: TargetTimeline) -> bool {
+    let timeline = archive.timeline_to_follow(backup, following);
     archive
         .path(timeline)
         .is_ok_and(|path| path.continues_from(backup.timeline, backup.stop_lsn))

@@ -18,6 +18,44 @@ pub enum RecoveryTarget {
     Name(String),
 }
 
+/// Which timeline recovery follows: PostgreSQL's `recovery_target_timeline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TargetTimeline {
+    /// The newest one the archive's history files lead to.
+    #[default]
+    Latest,
+    /// The base backup's own.
+    Current,
+    Exact(u32),
+}
+
+impl fmt::Display for TargetTimeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetTimeline::Latest => f.write_str("latest"),
+            TargetTimeline::Current => f.write_str("current"),
+            TargetTimeline::Exact(timeline) => write!(f, "{timeline}"),
+        }
+    }
+}
+
+impl std::str::FromStr for TargetTimeline {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim() {
+            "latest" => Ok(TargetTimeline::Latest),
+            "current" => Ok(TargetTimeline::Current),
+            number => match number.parse::<u32>() {
+                Ok(timeline) if timeline >= 1 => Ok(TargetTimeline::Exact(timeline)),
+                _ => Err(format!(
+                    "'{text}' is not a timeline: a number from 1, current or latest"
+                )),
+            },
+        }
+    }
+}
+
 /// What the server does once the target is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TargetAction {
@@ -99,7 +137,11 @@ pub fn postgres_time(time: DateTime<Utc>) -> String {
 }
 
 /// The `recovery_target*` lines for `postgresql.auto.conf`.
-pub fn recovery_settings(target: &RecoveryTarget, action: TargetAction) -> Vec<(String, String)> {
+pub fn recovery_settings(
+    target: &RecoveryTarget,
+    action: TargetAction,
+    timeline: TargetTimeline,
+) -> Vec<(String, String)> {
     let setting = match target {
         RecoveryTarget::Latest => None,
         RecoveryTarget::Time(time) => Some(("recovery_target_time", postgres_time(*time))),
@@ -107,7 +149,7 @@ pub fn recovery_settings(target: &RecoveryTarget, action: TargetAction) -> Vec<(
         RecoveryTarget::Xid(xid) => Some(("recovery_target_xid", xid.to_string())),
         RecoveryTarget::Name(name) => Some(("recovery_target_name", name.clone())),
     };
-    let mut settings = vec![("recovery_target_timeline".to_string(), "latest".to_string())];
+    let mut settings = vec![("recovery_target_timeline".to_string(), timeline.to_string())];
     if let Some((name, value)) = setting {
         settings.push((name.to_string(), value));
         settings.push((
@@ -161,7 +203,11 @@ mod tests {
     #[test]
     fn settings_name_the_target_and_always_follow_the_newest_timeline() {
         let time = parse_time("2024-01-15 10:30:00.5+09").unwrap();
-        let settings = recovery_settings(&RecoveryTarget::Time(time), TargetAction::Pause);
+        let settings = recovery_settings(
+            &RecoveryTarget::Time(time),
+            TargetAction::Pause,
+            TargetTimeline::Latest,
+        );
         assert_eq!(
             settings,
             vec![
@@ -174,8 +220,23 @@ mod tests {
             ]
         );
         assert_eq!(
-            recovery_settings(&RecoveryTarget::Latest, TargetAction::Shutdown).len(),
+            recovery_settings(
+                &RecoveryTarget::Latest,
+                TargetAction::Shutdown,
+                TargetTimeline::Latest
+            )
+            .len(),
             1
         );
+        assert_eq!(
+            recovery_settings(
+                &RecoveryTarget::Name("x".into()),
+                TargetAction::Promote,
+                "1".parse().unwrap()
+            )[0],
+            ("recovery_target_timeline".into(), "1".into())
+        );
+        assert!("0".parse::<TargetTimeline>().is_err());
+        assert_eq!("current".parse(), Ok(TargetTimeline::Current));
     }
 }

@@ -273,6 +273,11 @@ pub struct RestorePgArgs {
     /// The base backup to start from (default: the newest that ended before the target)
     #[arg(long, value_name = "ID", value_parser = parse_selector, default_value = "latest")]
     pub backup: Selector,
+    /// The timeline to recover along: a number, current (the base backup's) or latest.
+    /// Without it, the newest, unless an older timeline also reaches the target: then the
+    /// restore is refused and says which to choose
+    #[arg(long, value_name = "N|current|latest", value_parser = parse_timeline)]
+    pub target_timeline: Option<pitr::TargetTimeline>,
     /// Run the recovery now with a temporary server, and report what it reached
     #[arg(long)]
     pub start: bool,
@@ -340,6 +345,10 @@ fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 
 fn parse_lsn(text: &str) -> Result<pitr::Lsn, String> {
     text.parse().map_err(|e: pitr::PitrError| e.to_string())
+}
+
+fn parse_timeline(text: &str) -> Result<pitr::TargetTimeline, String> {
+    text.parse()
 }
 
 fn parse_backup_id(text: &str) -> Result<BackupId, String> {

@@ -209,6 +209,7 @@ async fn restore_pg(
         backup: args.backup.clone(),
         target: args.target(),
         action: args.action(),
+        timeline: args.target_timeline,
         archive_off: args.archive_mode == ArchiveMode::Off,
         start: args.start.then(jobs::restore_pg::StartOptions::default),
     };

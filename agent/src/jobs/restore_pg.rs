@@ -40,6 +40,8 @@ pub struct RestorePgRequest {
     pub backup: Selector,
     pub target: RecoveryTarget,
     pub action: TargetAction,
+    /// `--target-timeline`; none: the newest, unless an older one also reaches the target.
+    pub timeline: Option<pitr::TargetTimeline>,
     /// Write `archive_mode = 'off'`: a restore for inspection must never push a timeline of
     /// its own into the archive it came from.
     pub archive_off: bool,
@@ -83,7 +85,7 @@ pub async fn restore(
         ))
         .into());
     }
-    let (chain, plan) = choose(store, &request.backup, &request.target).await?;
+    let (chain, plan) = choose(store, &request.backup, &request.target, request.timeline).await?;
     for link in &chain {
         super::can_open(store, link)?;
     }
@@ -123,14 +125,18 @@ pub async fn restore(
             // and a --store given on our command line.
             restore_env: config.child_env(),
             prefetch_from: config.wal_prefetch.then(|| store.name().to_string()),
-            target: pitr::target::recovery_settings(&request.target, request.action)
-                .into_iter()
-                .chain(
-                    request
-                        .archive_off
-                        .then(|| ("archive_mode".into(), "off".into())),
-                )
-                .collect(),
+            target: pitr::target::recovery_settings(
+                &request.target,
+                request.action,
+                request.timeline.unwrap_or_default(),
+            )
+            .into_iter()
+            .chain(
+                request
+                    .archive_off
+                    .then(|| ("archive_mode".into(), "off".into())),
+            )
+            .collect(),
         };
         let dir = dir.clone();
         tokio::task::spawn_blocking(move || settings.write(&dir))
@@ -186,6 +192,7 @@ pub async fn choose(
     store: &Store,
     selector: &Selector,
     target: &RecoveryTarget,
+    timeline: Option<pitr::TargetTimeline>,
 ) -> anyhow::Result<(Vec<Manifest>, RestorePlan)> {
     let (mut manifests, unreadable) = catalog::list(store, Some(Kind::PgBase)).await?;
     for problem in &unreadable {
@@ -205,7 +212,7 @@ pub async fn choose(
         bases.push(base);
     }
     let wal = archive::load(store, segment_size).await?;
-    let plan = pitr::plan::plan(&bases, &wal, target, chosen).map_err(plan_error)?;
+    let plan = pitr::plan::plan_on(&bases, &wal, target, chosen, timeline).map_err(plan_error)?;
     let chain = catalog::chain(store, &manifests, &manifests[plan.backup])?
         .into_iter()
         .cloned()
@@ -256,7 +263,9 @@ fn plan_error(error: PlanError) -> anyhow::Error {
         PlanError::TargetBeforeBackups { .. }
         | PlanError::TargetBeforeBackup { .. }
         | PlanError::TargetAfterArchive { .. }
-        | PlanError::NotOnPath { .. } => Failure::Config(error.to_string()).into(),
+        | PlanError::NotOnPath { .. }
+        | PlanError::AmbiguousTimeline { .. }
+        | PlanError::OnOlderTimeline { .. } => Failure::Config(error.to_string()).into(),
         PlanError::MissingHistory(_) | PlanError::Gap { .. } | PlanError::Unfinished { .. } => {
             anyhow::Error::new(error)
         }

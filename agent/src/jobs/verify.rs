@@ -319,6 +319,7 @@ pub async fn drill(
         backup: selector,
         target: RecoveryTarget::Latest,
         action: TargetAction::Promote,
+        timeline: None,
         // The drill's promotion must not reach the archive as a new timeline.
         archive_off: true,
         start: Some(StartOptions { amcheck: true }),

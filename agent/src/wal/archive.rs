@@ -26,6 +26,7 @@ pub async fn load(store: &Store, segment_size: u64) -> anyhow::Result<Archive> {
         };
         if let WalFile::History { timeline } = file {
             histories.push(timeline);
+            archive.add_history_stored(timeline, meta.last_modified);
         }
         archive.add(&file, meta.last_modified);
     }

@@ -244,3 +244,123 @@ proptest! {
         }
     }
 }
+
+/// [`after_failover`] with the history file of timeline 2 stored at minute 6, when it began.
+fn after_failover_dated() -> (Vec<BaseBackup>, Archive) {
+    let (backups, mut archive) = after_failover();
+    archive.add_history_stored(2, at(6));
+    (backups[..2].to_vec(), archive)
+}
+
+fn half(minute: i64) -> RecoveryTarget {
+    RecoveryTarget::Time(at(minute) + TimeDelta::seconds(30))
+}
+
+#[test]
+fn a_moment_both_timelines_hold_is_refused_until_one_is_chosen() {
+    let (backups, archive) = after_failover_dated();
+    // 7:30 is after timeline 2 began, and timeline 1 went on to segment 8 (stored at 8).
+    let refused = plan(&backups, &archive, &half(7), None).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            PlanError::AmbiguousTimeline {
+                older: 1,
+                newer: 2,
+                newest: 2,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let text = refused.to_string();
+    assert!(
+        text.contains("--target-timeline 1") && text.contains("0/6000100"),
+        "{text}"
+    );
+    let along = |timeline| plan_on(&backups, &archive, &half(7), None, Some(timeline));
+    let one = along(TargetTimeline::Exact(1)).unwrap();
+    assert_eq!(
+        (one.timeline, one.last_wal.as_str()),
+        (1, "000000010000000000000008")
+    );
+    assert_eq!(along(TargetTimeline::Current).unwrap().timeline, 1);
+    assert_eq!(along(TargetTimeline::Latest).unwrap().timeline, 2);
+    // An LSN past the fork that both timelines have is as ambiguous.
+    let lsn_target = RecoveryTarget::Lsn(lsn("0/8000010"));
+    assert!(matches!(
+        plan(&backups, &archive, &lsn_target, None),
+        Err(PlanError::AmbiguousTimeline { older: 1, .. })
+    ));
+}
+
+#[test]
+fn a_moment_only_one_timeline_holds_is_not_ambiguous() {
+    let (backups, archive) = after_failover_dated();
+    // 8:30: timeline 1's last segment was stored at 8, so only timeline 2 reaches it.
+    assert_eq!(
+        plan(&backups, &archive, &half(8), None).unwrap().timeline,
+        2
+    );
+    // 5:30: before timeline 2 began, where both are the same WAL.
+    assert_eq!(
+        plan(&backups, &archive, &half(5), None).unwrap().timeline,
+        2
+    );
+    // The end of the archive, a restore point, a transaction: the newest, as PostgreSQL does.
+    for target in [
+        RecoveryTarget::Latest,
+        RecoveryTarget::Name("before_three".into()),
+        RecoveryTarget::Xid(900),
+    ] {
+        assert_eq!(plan(&backups, &archive, &target, None).unwrap().timeline, 2);
+    }
+}
+
+#[test]
+fn a_target_only_an_older_timeline_reaches_is_refused_with_that_timeline() {
+    // Timeline 2 (a restore promoted at 6 that archived briefly) ends at segment 7; timeline
+    // 1, production, goes on to segment 10.
+    let mut archive = archive_with(&[(1, 2, 10), (2, 6, 7)]);
+    archive.add_history(
+        TimelinePath::parse(2, "1\t0/6000100\tbefore 2026-01-15 10:05:00+00\n").unwrap(),
+    );
+    archive.add_history_stored(2, at(6));
+    let refused = plan(&two_backups(), &archive, &half(9), None).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            PlanError::OnOlderTimeline {
+                timeline: 1,
+                newest: 2,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    assert!(
+        refused.to_string().contains("add --target-timeline 1"),
+        "{refused}"
+    );
+    let chosen = plan_on(
+        &two_backups(),
+        &archive,
+        &half(9),
+        None,
+        Some(TargetTimeline::Exact(1)),
+    )
+    .unwrap();
+    assert_eq!(chosen.last_wal, "00000001000000000000000A");
+    // Following timeline 2 when asked to is not second-guessed: it does not reach 9:30.
+    let along_two = plan_on(
+        &two_backups(),
+        &archive,
+        &half(9),
+        None,
+        Some(TargetTimeline::Latest),
+    );
+    assert!(
+        matches!(along_two, Err(PlanError::TargetAfterArchive { .. })),
+        "{along_two:?}"
+    );
+}
