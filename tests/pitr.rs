@@ -395,7 +395,21 @@ fn a_moment_of_timeline_1_after_a_restore_branched_timeline_2_off_needs_target_t
     let t1 = pg.psql("postgres", "SELECT clock_timestamp()::text");
     std::thread::sleep(Duration::from_millis(300));
     insert_marker(&pg, 2);
+    pg.psql("postgres", "SELECT pg_create_restore_point('before_three')");
     pg.archive_everything();
+
+    // As a new user tries it: a look at T1 with --start, then a restore to a restore point
+    // made after T1. The first one's temporary server promoted onto timeline 2 but archived
+    // nothing, so the second still finds the restore point on timeline 1.
+    let (peek, _) = restore(&agent, &["--target-time", &t1, "--archive-mode", "off"]);
+    assert_eq!(markers(&peek), "1");
+    drop(peek);
+    let (named, report) = restore(
+        &agent,
+        &["--target-name", "before_three", "--archive-mode", "off"],
+    );
+    assert_eq!(markers(&named), "1,2", "{report}");
+    drop(named);
 
     // A restore to T1, started for real with the archiving it came with: timeline 2, in the
     // same archive, with a row of its own.
