@@ -225,6 +225,13 @@ pub struct CommandBoundaries {
     name: Vec<u8>,
     reading_name: bool,
     in_multi: bool,
+    /// With [`CommandBoundaries::cutting_after`]: the last second to keep.
+    keep_until: Option<u64>,
+    /// Where the first annotation past `keep_until` begins: the stream is cut there.
+    cut: Option<u64>,
+    /// The newest `#TS:` annotation not past `keep_until` (or any, without it).
+    last_kept_timestamp: Option<u64>,
+    first_timestamp: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -246,6 +253,26 @@ const MAX_LINE: usize = 1024;
 const MAX_NAME: usize = 8;
 
 impl CommandBoundaries {
+    /// Also finds where the stream passes `unix_seconds`: the start of the first `#TS:`
+    /// annotation (Redis 7's `aof-timestamp-enabled`) later than it, which is what
+    /// `redis-check-aof --truncate-to-timestamp` cuts at.
+    pub fn cutting_after(unix_seconds: u64) -> Self {
+        Self {
+            keep_until: Some(unix_seconds),
+            ..Self::default()
+        }
+    }
+
+    /// Where the stream is cut for [`Self::cutting_after`], once an annotation past it came.
+    pub fn cut(&self) -> Option<u64> {
+        self.cut
+    }
+
+    /// The first and the newest kept `#TS:` annotation seen, in unix seconds.
+    pub fn timestamps(&self) -> (Option<u64>, Option<u64>) {
+        (self.first_timestamp, self.last_kept_timestamp)
+    }
+
     /// Bytes from the start up to the last safe cut.
     pub fn safe_end(&self) -> u64 {
         self.safe_end
@@ -335,6 +362,7 @@ impl CommandBoundaries {
             // An annotation (`#TS:…`) is a record of its own.
             Some(b'#') if self.args_left == 0 => {
                 self.state = State::RecordStart;
+                self.annotation(body, at - line.len() as u64);
                 self.record_done(at);
             }
             Some(b'*') if self.args_left == 0 => {
@@ -378,6 +406,27 @@ impl CommandBoundaries {
             self.in_multi = false;
         }
         self.record_done(self.offset);
+    }
+
+    /// A `#TS:<unix seconds>` annotation that begins at `start` (other annotations are
+    /// only records).
+    fn annotation(&mut self, body: &[u8], start: u64) {
+        let Some(seconds) = body
+            .strip_prefix(b"#TS:")
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            return;
+        };
+        self.first_timestamp.get_or_insert(seconds);
+        if self.cut.is_some() {
+            return;
+        }
+        match self.keep_until {
+            // Redis writes an annotation between commands, never inside MULTI … EXEC.
+            Some(limit) if seconds > limit && !self.in_multi => self.cut = Some(start),
+            _ => self.last_kept_timestamp = Some(seconds),
+        }
     }
 
     fn record_done(&mut self, end: u64) {

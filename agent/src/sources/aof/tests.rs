@@ -199,3 +199,33 @@ mod outside_input {
         }
     }
 }
+
+#[test]
+fn a_stream_is_cut_at_the_first_annotation_past_the_time() {
+    let mut stream = Vec::new();
+    let mut starts = Vec::new();
+    for (second, key) in [(100u64, "a"), (101, "b"), (101, "c"), (105, "d")] {
+        starts.push(stream.len() as u64);
+        stream.extend_from_slice(format!("#TS:{second}\r\n").as_bytes());
+        stream.extend_from_slice(&command(&[b"SET", key.as_bytes(), b"1"]));
+    }
+    for chunk in [1, 5, usize::MAX] {
+        let cut_at = |limit| {
+            let mut boundaries = CommandBoundaries::cutting_after(limit);
+            for piece in stream.chunks(chunk.min(stream.len())) {
+                boundaries.feed(piece).unwrap();
+            }
+            (boundaries.cut(), boundaries.timestamps())
+        };
+        assert_eq!(cut_at(99), (Some(0), (Some(100), None)));
+        assert_eq!(cut_at(100), (Some(starts[1]), (Some(100), Some(100))));
+        // Two annotations of one second: both kept.
+        assert_eq!(cut_at(101), (Some(starts[3]), (Some(100), Some(101))));
+        assert_eq!(cut_at(104), (Some(starts[3]), (Some(100), Some(101))));
+        assert_eq!(cut_at(105), (None, (Some(100), Some(105))));
+    }
+    // Without timestamps there is nothing to cut at.
+    let mut plain = CommandBoundaries::cutting_after(0);
+    plain.feed(&command(&[b"SET", b"a", b"1"])).unwrap();
+    assert_eq!((plain.cut(), plain.timestamps()), (None, (None, None)));
+}
