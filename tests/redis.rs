@@ -342,3 +342,116 @@ fn an_aof_dir_that_is_not_one_is_refused_before_anything_is_stored() {
     assert_fails(&output, 2, "has no AOF manifest");
     assert!(weed.keys("notaof").is_empty());
 }
+
+/// The current second, and the time string of it (UTC) that `--target-time` takes.
+fn this_second() -> (u64, String) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let text = chrono::DateTime::from_timestamp(now as i64, 0)
+        .unwrap()
+        .to_rfc3339();
+    (now, text)
+}
+
+/// Sleeps into the second after `second`.
+fn after_second(second: u64) {
+    while this_second().0 <= second {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Writes `before`, takes T in a later second, and writes `after` in a second later still,
+/// with a backup before and one after: T lies between them.
+fn writes_around_a_moment(source: &Redis, agent: &Agent) -> String {
+    source.cli(&["SET", "early", "1"]);
+    agent.backup(&["backup", "redis"]);
+    let (written, _) = this_second();
+    source.cli(&["SET", "before", "1"]);
+    after_second(written);
+    let (target, text) = this_second();
+    after_second(target);
+    source.cli(&["SET", "after", "1"]);
+    agent.backup(&["backup", "redis"]);
+    text
+}
+
+/// `restore redis latest --target-time T --output HOME/NAME`, asserted to succeed: the
+/// directory and the report.
+fn restore_to(agent: &Agent, target: &str, name: &str) -> (std::path::PathBuf, String) {
+    let out = agent.home().join(name);
+    let output = agent.run(&[
+        "restore",
+        "redis",
+        "latest",
+        "--target-time",
+        target,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let report = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "{report}");
+    (out, report)
+}
+
+#[test]
+fn an_aof_set_with_timestamps_restores_to_a_moment_and_one_without_falls_back_to_the_snapshot() {
+    let weed = Seaweed::start();
+    let source = Redis::start_aof_timestamped();
+    let agent = aof_agent(&weed, "aof-pitr", &source);
+    let target = writes_around_a_moment(&source, &agent);
+    let (out, report) = restore_to(&agent, &target, "at-target");
+    assert!(
+        report.contains("cut in") && !report.contains("  "),
+        "{report}"
+    );
+    assert!(!out.join("dump.rdb").exists(), "{report}");
+    redis::check_aof(&out.join("appendonlydir/appendonly.aof.manifest"));
+    let restored = Redis::start_on_aof(&out);
+    let get = |key: &str| restored.cli(&["GET", key]);
+    assert_eq!(
+        (get("early"), get("before"), get("after")),
+        ("1".into(), "1".into(), String::new()),
+        "{report}"
+    );
+    drop(restored);
+
+    // Outside what the backups hold: refused, nothing written.
+    for (when, needle) in [
+        ("2001-01-01T00:00:00Z", "before the oldest redis backup"),
+        ("2999-01-01T00:00:00Z", "after the newest redis backup"),
+    ] {
+        let nowhere = agent.home().join(format!("nowhere-{}", &when[..4]));
+        let output = agent.run(&[
+            "restore",
+            "redis",
+            "latest",
+            "--target-time",
+            when,
+            "--output",
+            nowhere.to_str().unwrap(),
+        ]);
+        assert_fails(&output, 2, needle);
+        assert!(!nowhere.exists());
+    }
+
+    // Without aof-timestamp-enabled there is nothing to cut at: the snapshot of the backup
+    // before the moment, and the restore says why.
+    let plain = Redis::start_aof();
+    let agent = aof_agent(&weed, "aof-plain", &plain);
+    let target = writes_around_a_moment(&plain, &agent);
+    let (out, report) = restore_to(&agent, &target, "plain-at-target");
+    assert!(
+        report.contains("no #TS annotations") && report.contains("snapshot"),
+        "{report}"
+    );
+    assert!(!out.join("appendonlydir").exists());
+    let restored = Redis::start_on(&out);
+    let get = |key: &str| restored.cli(&["GET", key]);
+    assert_eq!(
+        (get("early"), get("before")),
+        ("1".into(), String::new()),
+        "{report}"
+    );
+}

@@ -29,12 +29,24 @@ impl Redis {
     /// Starts a server; `diskless` chooses how it sends snapshots to replicas (`$EOF:` framing
     /// or a length).
     pub fn start(diskless: bool) -> Self {
-        Self::start_in(shared_temp_dir("redis"), None, diskless, false, false)
+        Self::start_in(shared_temp_dir("redis"), None, diskless, false, false, &[])
     }
 
     /// A server with `appendonly yes`: its AOF set is in [`Redis::aof_dir`].
     pub fn start_aof() -> Self {
-        Self::start_in(shared_temp_dir("redis-aof"), None, true, false, true)
+        Self::start_in(shared_temp_dir("redis-aof"), None, true, false, true, &[])
+    }
+
+    /// [`Redis::start_aof`] with `aof-timestamp-enabled yes`: `#TS:` annotations in the AOF.
+    pub fn start_aof_timestamped() -> Self {
+        Self::start_in(
+            shared_temp_dir("redis-aof"),
+            None,
+            true,
+            false,
+            true,
+            &["--aof-timestamp-enabled", "yes"],
+        )
     }
 
     /// Starts a server with `appendonly yes` on `data_dir` (a restored AOF set).
@@ -45,6 +57,7 @@ impl Redis {
             false,
             false,
             true,
+            &[],
         )
     }
 
@@ -77,6 +90,7 @@ impl Redis {
             false,
             false,
             false,
+            &[],
         )
     }
 
@@ -86,7 +100,7 @@ impl Redis {
         private_ca(dir.path());
         signed_certificate(dir.path(), "server", "subjectAltName=IP:127.0.0.1");
         signed_certificate(dir.path(), "client", "extendedKeyUsage=clientAuth");
-        Self::start_in(dir, None, true, true, false)
+        Self::start_in(dir, None, true, true, false, &[])
     }
 
     pub fn ca_file(&self) -> PathBuf {
@@ -107,6 +121,7 @@ impl Redis {
         diskless: bool,
         tls: bool,
         appendonly: bool,
+        extra: &[&str],
     ) -> Self {
         let port = free_port();
         let data = data_dir.map_or_else(|| dir.path().to_path_buf(), Path::to_path_buf);
@@ -140,6 +155,7 @@ impl Redis {
             ])
             .args(["--repl-diskless-sync", if diskless { "yes" } else { "no" }])
             .args(["--repl-diskless-sync-delay", "0"])
+            .args(extra)
             .arg("--logfile")
             .arg(dir.path().join("redis.log"))
             .stdin(Stdio::null())

@@ -240,13 +240,18 @@ pub struct RestoreEtcdArgs {
 
 #[derive(Debug, Args)]
 pub struct RestoreRedisArgs {
-    /// A backup id or "latest"
+    /// A backup id or "latest" ("latest" with --target-time, which chooses the backup)
     #[arg(value_parser = parse_selector)]
     pub backup: Selector,
     /// The directory for dump.rdb and the AOF directory (created if missing; existing ones are
     /// refused)
     #[arg(long, value_name = "DIR")]
     pub output: PathBuf,
+    /// Restore the dataset as it was at T: the AOF set cut at its last #TS annotation not
+    /// after T (aof-timestamp-enabled), else the newest snapshot taken before T; a time zone
+    /// is required
+    #[arg(long, value_name = "T", value_parser = parse_time)]
+    pub target_time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Args)]

@@ -80,6 +80,18 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             restore_pg(&config, &store, &args, &cancel).await
         }
         Command::Restore(RestoreCommand::Redis(args)) => {
+            if let Some(target) = args.target_time {
+                if args.backup != crate::catalog::Selector::Latest {
+                    return Err(crate::error::Failure::Config(
+                        "--target-time chooses the redis backup itself: give latest".into(),
+                    )
+                    .into());
+                }
+                let report =
+                    jobs::redis::restore_to_time(&store, target, &args.output, &cancel).await?;
+                eprintln!("{}", render::restore_redis_to_time(&report));
+                return Ok(());
+            }
             let report = jobs::redis::restore(&store, &args.backup, &args.output, &cancel).await?;
             eprintln!("{}", render::restore_redis(&report));
             Ok(())

@@ -151,6 +151,53 @@ pub fn restore_redis(report: &jobs::redis::RestoreRedisReport) -> String {
     )
 }
 
+/// `restore redis --target-time`'s sentence: what was written, from which backup, and how
+/// close to the moment it is (stderr).
+pub fn restore_redis_to_time(report: &jobs::redis::RestoreRedisToTime) -> String {
+    let target = crate::wal::archive::human_time(report.target);
+    let seconds = report.elapsed.as_secs_f64();
+    match &report.reached {
+        jobs::redis::Reached::Aof(cut) => {
+            let reached = cut
+                .last_kept
+                .and_then(|s| chrono::DateTime::from_timestamp(i64::try_from(s).ok()?, 0))
+                .map_or_else(String::new, |t| {
+                    format!(
+                        " (its last timestamp kept: {})",
+                        crate::wal::archive::human_time(t)
+                    )
+                });
+            let how = match &cut.cut_file {
+                Some(file) => format!(
+                    "cut in {file} at the first write after it{}",
+                    if cut.dropped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {} later file(s) left out", cut.dropped.len())
+                    }
+                ),
+                None => "nothing after it to cut".to_string(),
+            };
+            format!(
+                "Restored redis to {target}: the AOF set of backup {} to {}, {how}{reached}, in \
+                 {seconds:.1}s; checksums verified. A Redis with appendonly yes on this directory \
+                 loads it (no dump.rdb was written: that backup's snapshot is later than the \
+                 target).",
+                report.manifest.id,
+                cut.dir.display()
+            )
+        }
+        jobs::redis::Reached::Snapshot { path, why } => format!(
+            "Restored redis to the snapshot of backup {} (ended {}), the newest before {target}, \
+             to {} in {seconds:.1}s, because {why}; writes between then and the target are not \
+             in it. Start Redis on it with appendonly no (then CONFIG SET appendonly yes).",
+            report.manifest.id,
+            crate::wal::archive::human_time(report.manifest.end_time),
+            path.display()
+        ),
+    }
+}
+
 /// `restore etcd`'s sentence, with the next step (stderr).
 pub fn restore_etcd(report: &jobs::etcd::RestoreEtcdReport) -> String {
     format!(

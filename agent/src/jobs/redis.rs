@@ -181,3 +181,122 @@ pub async fn restore(
         elapsed: started.elapsed(),
     })
 }
+
+/// How a restore to a moment got there.
+#[derive(Debug)]
+pub enum Reached {
+    /// The AOF set of the backup, cut at the first `#TS:` annotation after the moment.
+    Aof(redis_aof::AofCut),
+    /// The snapshot of the newest backup that ended before the moment, and why not the AOF.
+    Snapshot { path: PathBuf, why: String },
+}
+
+#[derive(Debug)]
+pub struct RestoreRedisToTime {
+    pub manifest: Manifest,
+    pub target: chrono::DateTime<chrono::Utc>,
+    pub reached: Reached,
+    pub elapsed: Duration,
+}
+
+/// `restore redis --target-time T`: the AOF set of the first backup that ended at or after T,
+/// cut at T (Redis 7's `aof-timestamp-enabled` annotations), written as `DIR/<its directory>`
+/// alone (that backup's snapshot is later than T); without annotations, or without an AOF set,
+/// the snapshot of the newest backup that ended before T as `DIR/dump.rdb`, saying so.
+pub async fn restore_to_time(
+    store: &Store,
+    target: chrono::DateTime<chrono::Utc>,
+    dir: &Path,
+    cancel: &CancellationToken,
+) -> anyhow::Result<RestoreRedisToTime> {
+    let (mut manifests, unreadable) = catalog::list(store, Some(Kind::Redis)).await?;
+    for problem in &unreadable {
+        tracing::warn!("{problem}");
+    }
+    manifests.sort_by_key(|m| (m.end_time, m.id.clone()));
+    let (Some(oldest), Some(newest)) = (manifests.first(), manifests.last()) else {
+        return Err(Failure::NotFound(format!("no redis backup in {}", store.name())).into());
+    };
+    let when = |t: chrono::DateTime<chrono::Utc>| crate::wal::archive::human_time(t);
+    if target < oldest.start_time {
+        return Err(Failure::Config(format!(
+            "the target {} is before the oldest redis backup ({}, started {}): nothing in the \
+             store reaches it",
+            when(target),
+            oldest.id,
+            when(oldest.start_time)
+        ))
+        .into());
+    }
+    if target > newest.end_time {
+        return Err(Failure::Config(format!(
+            "the target {} is after the newest redis backup ({}, ended {}): nothing in the \
+             store reaches it yet; restore latest for that",
+            when(target),
+            newest.id,
+            when(newest.end_time)
+        ))
+        .into());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let started = Instant::now();
+    let seconds = u64::try_from(target.timestamp()).unwrap_or(0);
+    let covering = manifests.iter().find(|m| {
+        m.end_time >= target
+            && matches!(&m.source, SourceFacts::Redis(facts) if facts.aof.is_some())
+    });
+    let mut why = format!(
+        "no backup with an AOF set ended at or after {}",
+        when(target)
+    );
+    if let Some(manifest) = covering
+        && let SourceFacts::Redis(RedisFacts { aof: Some(aof), .. }) = &manifest.source
+    {
+        super::can_open(store, manifest)?;
+        let work = redis_aof::restore_set_until(store, manifest, aof, dir, Some(seconds));
+        let done = tokio::select! {
+            done = work => done.with_context(|| format!("restore of redis backup {} failed", manifest.id))?,
+            () = cancel.cancelled() => {
+                return Err(Failure::Interrupted(format!("restore of redis backup {} interrupted", manifest.id)).into());
+            }
+        };
+        match done {
+            Ok(cut) => {
+                return Ok(RestoreRedisToTime {
+                    manifest: manifest.clone(),
+                    target,
+                    reached: Reached::Aof(cut),
+                    elapsed: started.elapsed(),
+                });
+            }
+            Err(reason) => why = reason,
+        }
+    }
+    let Some(before) = manifests.iter().rev().find(|m| m.end_time <= target) else {
+        return Err(Failure::Config(format!(
+            "no redis backup ended at or before {} and {why}: nothing in the store reaches it",
+            when(target)
+        ))
+        .into());
+    };
+    super::can_open(store, before)?;
+    let Some(object) = before.objects.first() else {
+        anyhow::bail!("redis backup {} has no objects", before.id);
+    };
+    let path = dir.join("dump.rdb");
+    tokio::select! {
+        done = super::restore_to_file(store, object, &path) => {
+            done.with_context(|| format!("restore of redis backup {} failed", before.id))?;
+        }
+        () = cancel.cancelled() => {
+            let _ = std::fs::remove_file(&path);
+            return Err(Failure::Interrupted(format!("restore of redis backup {} interrupted", before.id)).into());
+        }
+    }
+    Ok(RestoreRedisToTime {
+        manifest: before.clone(),
+        target,
+        reached: Reached::Snapshot { path, why },
+        elapsed: started.elapsed(),
+    })
+}

@@ -243,6 +243,35 @@ pub async fn restore_set(
     aof: &AofFacts,
     dir: &Path,
 ) -> anyhow::Result<PathBuf> {
+    match restore_set_until(store, manifest, aof, dir, None).await? {
+        Ok(cut) => Ok(cut.dir),
+        Err(why) => Err(anyhow::anyhow!(why)),
+    }
+}
+
+/// Where a set restored to a moment was cut.
+#[derive(Debug)]
+pub struct AofCut {
+    pub dir: PathBuf,
+    /// The incremental file cut short, if the set went on past the moment.
+    pub cut_file: Option<String>,
+    /// The newest `#TS:` annotation kept, in unix seconds.
+    pub last_kept: Option<u64>,
+    /// Incremental files left out, all after the moment.
+    pub dropped: Vec<String>,
+}
+
+/// [`restore_set`], cut at the first `#TS:` annotation later than `until` (unix seconds) when
+/// given: that incremental file is truncated there, later ones are left out of the directory
+/// and the manifest. `Ok(Err(why))` when the set cannot be cut to that moment (no annotations;
+/// none before it, so the base may be newer than the moment); nothing is left in `dir`.
+pub async fn restore_set_until(
+    store: &Store,
+    manifest: &Manifest,
+    aof: &AofFacts,
+    dir: &Path,
+    until: Option<u64>,
+) -> anyhow::Result<Result<AofCut, String>> {
     let target = dir.join(&aof.dir);
     if target.exists() {
         return Err(Failure::Config(format!(
@@ -251,6 +280,19 @@ pub async fn restore_set(
         ))
         .into());
     }
+    let incremental: std::collections::HashSet<String> =
+        AofManifest::parse(aof.manifest_name.clone(), aof.manifest.clone())
+            .map_err(|e| {
+                Failure::Corrupt(format!(
+                    "redis backup {}: its AOF manifest: {e}",
+                    manifest.id
+                ))
+            })?
+            .entries
+            .into_iter()
+            .filter(|entry| entry.file_type == aof::AofFileType::Incr)
+            .map(|entry| entry.name)
+            .collect();
     let partial = dir.join(format!(".{}.partial", aof.dir));
     tokio::fs::create_dir(&partial)
         .await
@@ -260,7 +302,18 @@ pub async fn restore_set(
         path: partial,
         keep: false,
     };
+    let mut cut = AofCut {
+        dir: target.clone(),
+        cut_file: None,
+        last_kept: None,
+        dropped: Vec::new(),
+    };
+    let mut annotated = false;
     for file in &aof.files {
+        if cut.cut_file.is_some() && incremental.contains(&file.name) {
+            cut.dropped.push(file.name.clone());
+            continue;
+        }
         let object = manifest
             .objects
             .iter()
@@ -271,14 +324,64 @@ pub async fn restore_set(
                     manifest.id, file.name, file.key
                 ))
             })?;
-        super::restore_to_file(store, object, &building.path.join(&file.name))
+        let path = building.path.join(&file.name);
+        super::restore_to_file(store, object, &path)
             .await
             .with_context(|| format!("restoring {}", file.name))?;
+        let Some(until) = until.filter(|_| incremental.contains(&file.name)) else {
+            continue;
+        };
+        let scanned = path.clone();
+        let (at, (first, last_kept)) = blocking(move || aof::cut_after(&scanned, until)).await?;
+        annotated |= first.is_some();
+        cut.last_kept = last_kept.or(cut.last_kept);
+        if let Some(at) = at {
+            if cut.last_kept.is_none() {
+                return Ok(Err(format!(
+                    "the AOF set of redis backup {} has no timestamp at or before the target \
+                     (its first is {}): its base may hold later writes",
+                    manifest.id,
+                    first.map_or_else(String::new, |s| s.to_string())
+                )));
+            }
+            let file = std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            file.set_len(at)
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("cutting {} at byte {at}", path.display()))?;
+            cut.cut_file = Some(file_name_of(&path));
+        }
     }
+    if until.is_some() && !annotated {
+        return Ok(Err(format!(
+            "the AOF set of redis backup {} has no #TS annotations (Redis' \
+             aof-timestamp-enabled was off)",
+            manifest.id
+        )));
+    }
+    let text: String = aof
+        .manifest
+        .lines()
+        .filter(|line| {
+            !cut.dropped
+                .iter()
+                .any(|name| line.split_whitespace().nth(1) == Some(name.as_str()))
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
     let manifest_path = building.path.join(&aof.manifest_name);
-    tokio::fs::write(&manifest_path, &aof.manifest)
-        .await
-        .with_context(|| format!("writing {}", manifest_path.display()))?;
+    tokio::fs::write(
+        &manifest_path,
+        if until.is_some() {
+            &text
+        } else {
+            &aof.manifest
+        },
+    )
+    .await
+    .with_context(|| format!("writing {}", manifest_path.display()))?;
     tokio::fs::rename(&building.path, &target)
         .await
         .with_context(|| {
@@ -289,7 +392,13 @@ pub async fn restore_set(
             )
         })?;
     building.keep = true;
-    Ok(target)
+    Ok(Ok(cut))
+}
+
+fn file_name_of(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Removes a half-built restore directory when the restore fails or is interrupted.

@@ -459,10 +459,8 @@ fn read_prefix(
     }
 }
 
-/// Reads `path` up to `size` bytes and returns the length of its longest prefix that ends on
-/// a safe cut (see [`CommandBoundaries`]). Blocking.
-pub fn complete_prefix(path: &Path, size: u64) -> Result<u64, AofError> {
-    let mut boundaries = CommandBoundaries::default();
+/// Feeds the first `size` bytes of `path` through `boundaries`. Blocking.
+fn scan(path: &Path, size: u64, boundaries: &mut CommandBoundaries) -> Result<(), AofError> {
     read_prefix(path, size, |chunk| {
         boundaries
             .feed(chunk)
@@ -472,7 +470,27 @@ pub fn complete_prefix(path: &Path, size: u64) -> Result<u64, AofError> {
                 reason,
             })
     })?;
+    Ok(())
+}
+
+/// Reads `path` up to `size` bytes and returns the length of its longest prefix that ends on
+/// a safe cut (see [`CommandBoundaries`]). Blocking.
+pub fn complete_prefix(path: &Path, size: u64) -> Result<u64, AofError> {
+    let mut boundaries = CommandBoundaries::default();
+    scan(path, size, &mut boundaries)?;
     Ok(boundaries.safe_end())
+}
+
+/// Where the AOF file at `path` passes `unix_seconds` (see [`CommandBoundaries::cutting_after`]),
+/// with its first and newest kept `#TS:` annotation. Blocking.
+#[allow(clippy::type_complexity)]
+pub fn cut_after(
+    path: &Path,
+    unix_seconds: u64,
+) -> Result<(Option<u64>, (Option<u64>, Option<u64>)), AofError> {
+    let mut boundaries = CommandBoundaries::cutting_after(unix_seconds);
+    scan(path, u64::MAX, &mut boundaries)?;
+    Ok((boundaries.cut(), boundaries.timestamps()))
 }
 
 /// SHA-256 (hex) of the first `len` bytes of `path`, or `None` if it has fewer. Blocking.
