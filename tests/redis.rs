@@ -455,3 +455,31 @@ fn an_aof_set_with_timestamps_restores_to_a_moment_and_one_without_falls_back_to
         "{report}"
     );
 }
+
+#[test]
+fn a_moment_between_a_rewrite_and_the_next_write_is_the_base_alone() {
+    let weed = Seaweed::start();
+    let source = Redis::start_aof_timestamped();
+    source.cli(&["SET", "in-base", "1"]);
+    // The rewrite puts the dataset into a new base file; its incremental file starts empty.
+    source.rewrite_aof();
+    let (rewritten, _) = this_second();
+    after_second(rewritten);
+    let (target, text) = this_second();
+    after_second(target);
+    source.cli(&["SET", "later", "1"]);
+    let agent = aof_agent(&weed, "aof-base", &source);
+    agent.backup(&["backup", "redis"]);
+
+    // The incremental file's first timestamp is after T, and no backup ended before T: only
+    // the base's own time (its RDB aux field ctime) says it can be used.
+    let (out, report) = restore_to(&agent, &text, "base-alone");
+    redis::check_aof(&out.join("appendonlydir/appendonly.aof.manifest"));
+    let restored = Redis::start_on_aof(&out);
+    let get = |key: &str| restored.cli(&["GET", key]);
+    assert_eq!(
+        (get("in-base"), get("later")),
+        ("1".into(), String::new()),
+        "{report}"
+    );
+}

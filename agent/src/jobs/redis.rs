@@ -218,7 +218,11 @@ pub async fn restore_to_time(
         return Err(Failure::NotFound(format!("no redis backup in {}", store.name())).into());
     };
     let when = |t: chrono::DateTime<chrono::Utc>| crate::wal::archive::human_time(t);
-    if target < oldest.start_time {
+    let has_aof =
+        |m: &Manifest| matches!(&m.source, SourceFacts::Redis(facts) if facts.aof.is_some());
+    // An AOF set reaches back to its base, which may be older than the backup: its own
+    // check below says whether it reaches T.
+    if target < oldest.start_time && !has_aof(oldest) {
         return Err(Failure::Config(format!(
             "the target {} is before the oldest redis backup ({}, started {}): nothing in the \
              store reaches it",
@@ -238,13 +242,13 @@ pub async fn restore_to_time(
         ))
         .into());
     }
+    let created = !dir.exists();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let started = Instant::now();
     let seconds = u64::try_from(target.timestamp()).unwrap_or(0);
-    let covering = manifests.iter().find(|m| {
-        m.end_time >= target
-            && matches!(&m.source, SourceFacts::Redis(facts) if facts.aof.is_some())
-    });
+    let covering = manifests
+        .iter()
+        .find(|m| m.end_time >= target && has_aof(m));
     let mut why = format!(
         "no backup with an AOF set ended at or after {}",
         when(target)
@@ -273,11 +277,24 @@ pub async fn restore_to_time(
         }
     }
     let Some(before) = manifests.iter().rev().find(|m| m.end_time <= target) else {
-        return Err(Failure::Config(format!(
-            "no redis backup ended at or before {} and {why}: nothing in the store reaches it",
-            when(target)
-        ))
-        .into());
+        if created {
+            let _ = std::fs::remove_dir(dir);
+        }
+        let problem = if target < oldest.start_time {
+            format!(
+                "the target {} is before the oldest redis backup ({}, started {}), and its AOF \
+                 set does not reach back to it: {why}",
+                when(target),
+                oldest.id,
+                when(oldest.start_time)
+            )
+        } else {
+            format!(
+                "no redis backup ended at or before {}, and {why}",
+                when(target)
+            )
+        };
+        return Err(Failure::Config(format!("{problem}; nothing in the store reaches it")).into());
     };
     super::can_open(store, before)?;
     let Some(object) = before.objects.first() else {

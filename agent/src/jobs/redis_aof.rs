@@ -280,19 +280,27 @@ pub async fn restore_set_until(
         ))
         .into());
     }
-    let incremental: std::collections::HashSet<String> =
-        AofManifest::parse(aof.manifest_name.clone(), aof.manifest.clone())
-            .map_err(|e| {
-                Failure::Corrupt(format!(
-                    "redis backup {}: its AOF manifest: {e}",
-                    manifest.id
-                ))
-            })?
-            .entries
-            .into_iter()
-            .filter(|entry| entry.file_type == aof::AofFileType::Incr)
-            .map(|entry| entry.name)
-            .collect();
+    let entries = AofManifest::parse(aof.manifest_name.clone(), aof.manifest.clone())
+        .map_err(|e| {
+            Failure::Corrupt(format!(
+                "redis backup {}: its AOF manifest: {e}",
+                manifest.id
+            ))
+        })?
+        .entries;
+    let of_type = |file_type| -> std::collections::HashSet<String> {
+        entries
+            .iter()
+            .filter(|entry| entry.file_type == file_type)
+            .map(|entry| entry.name.clone())
+            .collect()
+    };
+    let (incremental, base) = (
+        of_type(aof::AofFileType::Incr),
+        of_type(aof::AofFileType::Base),
+    );
+    // When the base's snapshot was taken (an RDB base says in its aux fields).
+    let mut base_time = None;
     let partial = dir.join(format!(".{}.partial", aof.dir));
     tokio::fs::create_dir(&partial)
         .await
@@ -328,6 +336,22 @@ pub async fn restore_set_until(
         super::restore_to_file(store, object, &path)
             .await
             .with_context(|| format!("restoring {}", file.name))?;
+        if until.is_some() && base.contains(&file.name) {
+            let head = path.clone();
+            base_time = blocking(move || {
+                let mut head_bytes = Vec::with_capacity(4096);
+                std::fs::File::open(&head)
+                    .and_then(|f| {
+                        std::io::Read::read_to_end(
+                            &mut std::io::Read::take(f, 4096),
+                            &mut head_bytes,
+                        )
+                    })
+                    .map_err(|e| AofError::io(&head, e))?;
+                Ok(aof::rdb_ctime(&head_bytes))
+            })
+            .await?;
+        }
         let Some(until) = until.filter(|_| incremental.contains(&file.name)) else {
             continue;
         };
@@ -336,12 +360,17 @@ pub async fn restore_set_until(
         annotated |= first.is_some();
         cut.last_kept = last_kept.or(cut.last_kept);
         if let Some(at) = at {
-            if cut.last_kept.is_none() {
+            // Nothing of the incremental files is kept: only a base taken by then will do.
+            if cut.last_kept.is_none() && base_time.is_none_or(|taken| taken > until) {
                 return Ok(Err(format!(
                     "the AOF set of redis backup {} has no timestamp at or before the target \
-                     (its first is {}): its base may hold later writes",
+                     (its first is {}) and its base {}",
                     manifest.id,
-                    first.map_or_else(String::new, |s| s.to_string())
+                    first.map_or_else(String::new, |s| s.to_string()),
+                    base_time.map_or_else(
+                        || "does not say when it was taken".to_string(),
+                        |taken| format!("was taken later ({taken})")
+                    )
                 )));
             }
             let file = std::fs::File::options()

@@ -505,3 +505,75 @@ pub fn sha256_prefix(path: &Path, len: u64) -> Result<Option<String>, AofError> 
 
 #[cfg(test)]
 mod tests;
+
+/// The `ctime` aux field at the start of an RDB file (a `.base.rdb` of an AOF set): when the
+/// rewrite that wrote it took its snapshot, in unix seconds. `None` when the head given does
+/// not say (not an RDB, or the aux fields end first).
+pub fn rdb_ctime(head: &[u8]) -> Option<u64> {
+    const AUX: u8 = 0xFA;
+    let mut at = head.strip_prefix(b"REDIS")?.get(4..)?;
+    while at.first() == Some(&AUX) {
+        let (key, rest) = rdb_string(&at[1..])?;
+        let (value, rest) = rdb_string(rest)?;
+        if key == RdbString::Bytes(b"ctime") {
+            return match value {
+                RdbString::Int(n) => u64::try_from(n).ok(),
+                RdbString::Bytes(text) => std::str::from_utf8(text).ok()?.parse().ok(),
+            };
+        }
+        at = rest;
+    }
+    None
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RdbString<'a> {
+    Bytes(&'a [u8]),
+    Int(i64),
+}
+
+/// One RDB string (length-prefixed, or an integer encoded in place), and what follows it.
+fn rdb_string(bytes: &[u8]) -> Option<(RdbString<'_>, &[u8])> {
+    let (&first, rest) = bytes.split_first()?;
+    let (len, rest) = match first >> 6 {
+        0 => (usize::from(first & 0x3F), rest),
+        1 => {
+            let (&second, rest) = rest.split_first()?;
+            ((usize::from(first & 0x3F) << 8) | usize::from(second), rest)
+        }
+        2 if first == 0x80 => {
+            let (len, rest) = rest.split_at_checked(4)?;
+            (
+                usize::try_from(u32::from_be_bytes(len.try_into().ok()?)).ok()?,
+                rest,
+            )
+        }
+        2 if first == 0x81 => {
+            let (len, rest) = rest.split_at_checked(8)?;
+            (
+                usize::try_from(u64::from_be_bytes(len.try_into().ok()?)).ok()?,
+                rest,
+            )
+        }
+        3 => {
+            let width = match first & 0x3F {
+                0 => 1,
+                1 => 2,
+                2 => 4,
+                _ => return None, // LZF-compressed: not used for aux fields of interest
+            };
+            let (int, rest) = rest.split_at_checked(width)?;
+            let mut le = [0u8; 8];
+            le[..width].copy_from_slice(int);
+            let value = match width {
+                1 => i64::from(i8::from_le_bytes([le[0]])),
+                2 => i64::from(i16::from_le_bytes([le[0], le[1]])),
+                _ => i64::from(i32::from_le_bytes([le[0], le[1], le[2], le[3]])),
+            };
+            return Some((RdbString::Int(value), rest));
+        }
+        _ => return None,
+    };
+    let (text, rest) = rest.split_at_checked(len)?;
+    Some((RdbString::Bytes(text), rest))
+}

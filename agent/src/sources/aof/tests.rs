@@ -229,3 +229,24 @@ fn a_stream_is_cut_at_the_first_annotation_past_the_time() {
     plain.feed(&command(&[b"SET", b"a", b"1"])).unwrap();
     assert_eq!((plain.cut(), plain.timestamps()), (None, (None, None)));
 }
+
+#[test]
+fn the_snapshot_time_of_an_rdb_base_is_read_from_its_aux_fields() {
+    // REDIS0011, aux redis-ver "7.0.15", aux redis-bits 64 (int8), aux ctime (int32), then a
+    // SELECTDB.
+    let mut head = b"REDIS0011".to_vec();
+    head.extend_from_slice(b"\xFA\x09redis-ver\x067.0.15");
+    head.extend_from_slice(b"\xFA\x0Aredis-bits\xC0\x40");
+    head.extend_from_slice(b"\xFA\x05ctime\xC2");
+    head.extend_from_slice(&1_764_662_400i32.to_le_bytes());
+    head.extend_from_slice(b"\xFE\x00");
+    assert_eq!(rdb_ctime(&head), Some(1_764_662_400));
+    // As a plain string, too.
+    let mut text = b"REDIS0011".to_vec();
+    text.extend_from_slice(b"\xFA\x05ctime\x0A1764662400\xFF");
+    assert_eq!(rdb_ctime(&text), Some(1_764_662_400));
+    // Cut short, not an RDB, or no ctime before the data: unknown.
+    for head in [&head[..20], b"*2\r\n$6\r\nSELECT", b"REDIS0011\xFE\x00"] {
+        assert_eq!(rdb_ctime(head), None);
+    }
+}
