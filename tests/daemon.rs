@@ -210,12 +210,54 @@ fn the_sidecar_beside_postgresql_archives_wal_takes_both_backups_and_watches_pos
 }
 
 #[test]
+fn the_sidecar_marks_points_on_its_schedule() {
+    let weed = Seaweed::start();
+    let (pg, _) = harness::archiving_cluster(&weed, "marks");
+    let redis = Redis::start(false);
+    let mut agent =
+        Agent::for_cluster(&pg, &weed, "marks").with("GC_BACKUP_REDIS_URL", &redis.url());
+    agent.with_config("[schedule]\nmark = \"*/4 * * * * *\"\n");
+    let mut daemon = Daemon::start(&agent);
+    wait_for("a scheduled point", 90, || {
+        agent
+            .ok(&["list", "--kind", "point"])
+            .contains("'scheduled-")
+    });
+    wait_for("the point's run in the metrics", 30, || {
+        sample(
+            &daemon.metrics(),
+            r#"gc_backup_runs_total{kind="point",result="success"}"#,
+        ) >= 1.0
+    });
+    assert!(
+        sample(
+            &daemon.metrics(),
+            r#"gc_backup_last_success_timestamp_seconds{kind="point"}"#
+        ) > 0.0
+    );
+    let (status, _) = daemon.terminate();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    // Every point names a Redis backup that is in the store.
+    let listed = agent.list_json();
+    for point in listed.iter().filter(|e| e["kind"] == "point") {
+        let redis_id = &point["redis"]["id"];
+        assert!(
+            listed
+                .iter()
+                .any(|e| e["kind"] == "redis" && e["id"] == *redis_id),
+            "{point}"
+        );
+    }
+}
+
+#[test]
 fn a_scheduled_kind_without_its_settings_is_refused_at_start() {
     let mut agent = Agent::new(Vec::new());
     let store = agent.home().join("store");
     for (schedule, needle) in [
         ("redis", "no Redis to back up"),
         ("etcd", "no etcd to back up"),
+        ("mark", "schedule.mark is set"),
         (
             "pg-base",
             "schedule.pg-base is set but the data directory is not",

@@ -15,10 +15,19 @@ pub enum Kind {
     PgBase,
     Redis,
     Etcd,
+    /// A restore point across the engines (`gc-backup mark`): a manifest without data that
+    /// names the PostgreSQL restore point and the Redis and etcd backups taken with it.
+    Point,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::PgDump, Kind::PgBase, Kind::Redis, Kind::Etcd];
+    pub const ALL: [Kind; 5] = [
+        Kind::PgDump,
+        Kind::PgBase,
+        Kind::Redis,
+        Kind::Etcd,
+        Kind::Point,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -26,6 +35,7 @@ impl Kind {
             Kind::PgBase => "pg-base",
             Kind::Redis => "redis",
             Kind::Etcd => "etcd",
+            Kind::Point => "point",
         }
     }
 }
@@ -43,7 +53,9 @@ impl FromStr for Kind {
         Kind::ALL
             .into_iter()
             .find(|kind| kind.as_str() == s)
-            .ok_or_else(|| format!("unknown kind '{s}' (kinds: pg-dump, pg-base, redis, etcd)"))
+            .ok_or_else(|| {
+                format!("unknown kind '{s}' (kinds: pg-dump, pg-base, redis, etcd, point)")
+            })
     }
 }
 

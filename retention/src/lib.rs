@@ -86,7 +86,8 @@ pub struct Policy {
 impl Policy {
     pub fn window(&self, kind: Kind) -> TimeDelta {
         match kind {
-            Kind::PgDump | Kind::PgBase => self.pg,
+            // A point is as useful as the PostgreSQL recovery window it lies in.
+            Kind::PgDump | Kind::PgBase | Kind::Point => self.pg,
             Kind::Redis => self.redis,
             Kind::Etcd => self.etcd,
         }

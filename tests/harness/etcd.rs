@@ -193,6 +193,25 @@ impl Etcd {
         });
     }
 
+    pub fn put(&self, key: &str, value: &str) {
+        runtime().block_on(async {
+            let mut client = self.try_connect().await.expect("connect");
+            client.put(key, value, None).await.expect("put");
+        });
+    }
+
+    /// The value of `key`, if it has one.
+    pub fn get(&self, key: &str) -> Option<String> {
+        runtime().block_on(async {
+            let mut client = self.try_connect().await.expect("connect");
+            let response = client.get(key, None).await.expect("get");
+            response
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        })
+    }
+
     /// SHA-256 over every key and value, in key order: equal fingerprints, equal datasets.
     pub fn fingerprint(&self) -> String {
         runtime().block_on(async {

@@ -68,6 +68,45 @@ pub enum SourceFacts {
     PgBase(Box<PgBaseFacts>),
     Redis(RedisFacts),
     Etcd(EtcdFacts),
+    Point(PointFacts),
+}
+
+/// A restore point across the engines (`gc-backup mark`): what each part reached. Written only
+/// when every part succeeded; it stores no data of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointFacts {
+    /// The name given to `mark`, also the PostgreSQL restore point's name.
+    pub name: String,
+    pub postgres: PostgresPoint,
+    /// The Redis backup taken for the point.
+    pub redis: PartPoint,
+    /// The etcd snapshot taken for the point, when etcd was configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<PartPoint>,
+}
+
+/// Where `pg_create_restore_point` put the point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresPoint {
+    /// The restore point record's end, as PostgreSQL returned it.
+    pub lsn: String,
+    pub timeline: u32,
+    /// The segment that holds it, archived before the point was written.
+    pub wal: String,
+    /// The server's clock when the point was made.
+    pub time: DateTime<Utc>,
+    pub system_identifier: String,
+}
+
+/// One engine's backup of a point, and the moment its data is of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartPoint {
+    pub id: BackupId,
+    /// When the snapshot was asked for: the state it holds.
+    pub time: DateTime<Utc>,
 }
 
 /// An etcd snapshot (`Maintenance.Snapshot` of one member).

@@ -68,6 +68,10 @@ pub enum Command {
     Restore(RestoreCommand),
     /// Archive one WAL file: PostgreSQL's archive_command = 'gc-backup wal-push %p'
     WalPush(WalPushArgs),
+    /// A restore point across the engines: pg_create_restore_point(NAME) (its WAL archived),
+    /// a Redis backup and, with etcd configured, an etcd snapshot, recorded as one point
+    /// (`list --kind point`) only when every part succeeded; prints the point's id
+    Mark(MarkArgs),
     /// The sidecar: look-ahead WAL archiving, scheduled backups and retention, /metrics
     /// and /health; runs until SIGTERM
     Run,
@@ -90,6 +94,12 @@ pub enum Command {
     /// recovery_end_command: stops the prefetcher and removes its spool in ./pg_wal
     #[command(hide = true)]
     WalPrefetchStop,
+}
+
+#[derive(Debug, Args)]
+pub struct MarkArgs {
+    /// The point's name, also the PostgreSQL restore point's (unique, at most 63 bytes)
+    pub name: String,
 }
 
 #[derive(Debug, Args)]
@@ -204,7 +214,7 @@ impl From<FormatArg> for DumpFormat {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// Only this kind: pg-dump, pg-base, redis, etcd
+    /// Only this kind: pg-dump, pg-base, redis, etcd, point
     #[arg(long, value_parser = parse_kind)]
     pub kind: Option<Kind>,
     /// A JSON array instead of a table
@@ -226,6 +236,40 @@ pub enum RestoreCommand {
     /// Restore an etcd snapshot to a new file, for `etcdctl snapshot restore` (checked before
     /// it is named)
     Etcd(RestoreEtcdArgs),
+    /// PostgreSQL, Redis and (with --etcd-output) etcd to one moment: a time, or a point made
+    /// with `mark`. Every part is checked before anything is written; one line per engine says
+    /// what it reached, and how far apart the engines are
+    All(RestoreAllArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("moment").required(true).multiple(false)))]
+pub struct RestoreAllArgs {
+    /// The moment, with a time zone: PostgreSQL recovers to it, Redis' AOF set is cut at it
+    /// (else its newest snapshot before it), etcd gets its newest snapshot before it
+    #[arg(long, value_name = "T", group = "moment", value_parser = parse_time)]
+    pub target_time: Option<chrono::DateTime<chrono::Utc>>,
+    /// A point made with `gc-backup mark`: its restore point, its Redis and etcd backups
+    #[arg(long, value_name = "NAME", group = "moment")]
+    pub target_name: Option<String>,
+    /// PostgreSQL's new data directory (absent or empty)
+    #[arg(long, value_name = "DIR")]
+    pub pgdata: PathBuf,
+    /// Redis' directory for dump.rdb or the AOF directory (absent or empty)
+    #[arg(long, value_name = "DIR")]
+    pub redis_output: PathBuf,
+    /// etcd's snapshot file to write (must not exist); without it etcd is not restored
+    #[arg(long, value_name = "FILE")]
+    pub etcd_output: Option<PathBuf>,
+    /// PostgreSQL's timeline, as for restore pg
+    #[arg(long, value_name = "N|current|latest", value_parser = parse_timeline)]
+    pub target_timeline: Option<pitr::TargetTimeline>,
+    /// Run PostgreSQL's recovery now with a temporary server, and report what it reached
+    #[arg(long)]
+    pub start: bool,
+    /// As for restore pg: off keeps the restored cluster from archiving into this store
+    #[arg(long, value_enum, default_value_t = ArchiveMode::Preserve)]
+    pub archive_mode: ArchiveMode,
 }
 
 #[derive(Debug, Args)]

@@ -14,7 +14,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use args::{
-    ArchiveMode, BackupCommand, CheckArgs, ListArgs, RestoreCommand, RestorePgArgs,
+    ArchiveMode, BackupCommand, CheckArgs, ListArgs, RestoreAllArgs, RestoreCommand, RestorePgArgs,
     RestorePgDumpArgs, RetentionArgs, VerifyArgs, WalFetchArgs,
 };
 pub use args::{Cli, Command, LogFormat};
@@ -63,7 +63,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
     // Only a backup (or the sidecar that takes them) may create a new local store: for every
     // other command an absent directory is a store that cannot be reached, never an empty one.
     let mode = match cli.command {
-        Command::Backup(_) | Command::Run => OpenMode::CreateRoot,
+        Command::Backup(_) | Command::Mark(_) | Command::Run => OpenMode::CreateRoot,
         _ => OpenMode::Existing,
     };
     let store = Store::open(&config.store, mode)?
@@ -95,6 +95,14 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             let report = jobs::redis::restore(&store, &args.backup, &args.output, &cancel).await?;
             eprintln!("{}", render::restore_redis(&report));
             Ok(())
+        }
+        Command::Mark(args) => {
+            let manifest = jobs::mark::mark(&config, &store, Some(&args.name), &cancel).await?;
+            eprintln!("{}", render::mark_done(&manifest));
+            print_stdout(&format!("{}\n", manifest.id))
+        }
+        Command::Restore(RestoreCommand::All(args)) => {
+            restore_all(&config, &store, &args, &cancel).await
         }
         Command::Restore(RestoreCommand::Etcd(args)) => {
             let report = jobs::etcd::restore(&store, &args.backup, &args.output, &cancel).await?;
@@ -208,6 +216,39 @@ fn restore_target(output: Option<String>, dbname: Option<String>) -> anyhow::Res
             .into());
         }
     })
+}
+
+async fn restore_all(
+    config: &Config,
+    store: &Store,
+    args: &RestoreAllArgs,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    use jobs::restore_all::AllTarget;
+    let target = match (args.target_time, &args.target_name) {
+        (Some(time), _) => AllTarget::Time(time),
+        (None, Some(name)) => AllTarget::Name(name.clone()),
+        (None, None) => {
+            return Err(Failure::Config("give --target-time or --target-name".into()).into());
+        }
+    };
+    let request = jobs::restore_all::RestoreAllRequest {
+        target,
+        pg: jobs::restore_pg::RestorePgRequest {
+            pgdata: std::path::absolute(&args.pgdata).unwrap_or(args.pgdata.clone()),
+            backup: Selector::Latest,
+            target: pitr::RecoveryTarget::Latest,
+            action: pitr::TargetAction::Promote,
+            timeline: args.target_timeline,
+            archive_off: args.archive_mode == ArchiveMode::Off,
+            start: args.start.then(jobs::restore_pg::StartOptions::default),
+        },
+        redis_output: args.redis_output.clone(),
+        etcd_output: args.etcd_output.clone(),
+    };
+    let report = jobs::restore_all::restore_all(config, store, &request, cancel).await?;
+    eprintln!("{}", render::restore_all(&report));
+    Ok(())
 }
 
 async fn restore_pg(

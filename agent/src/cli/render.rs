@@ -199,6 +199,35 @@ pub fn restore_redis_to_time(report: &jobs::redis::RestoreRedisToTime) -> String
 }
 
 /// `restore etcd`'s sentence, with the next step (stderr).
+/// `restore all`: one line (or two, for PostgreSQL) per engine, then the moments side by side.
+pub fn restore_all(report: &jobs::restore_all::RestoreAllReport) -> String {
+    let when = crate::wal::archive::human_time;
+    let offset = |moment: chrono::DateTime<chrono::Utc>| {
+        let seconds = (moment - report.pg_moment).num_milliseconds() as f64 / 1000.0;
+        format!("{} ({seconds:+.1} s)", when(moment))
+    };
+    let etcd = match &report.etcd {
+        Some((etcd, _)) => restore_etcd(etcd),
+        None => "not restored (no --etcd-output)".to_string(),
+    };
+    let etcd_moment = report.etcd.as_ref().map_or(String::new(), |(_, moment)| {
+        format!(", etcd {}", offset(*moment))
+    });
+    let point = report
+        .point
+        .as_ref()
+        .map_or(String::new(), |point| format!(" (point {})", point.id));
+    format!(
+        "PostgreSQL: {}\nRedis: {}\netcd: {etcd}\nMoments{point}: PostgreSQL {}, Redis {}{etcd_moment}; \
+         the engines are {:.1} s apart.",
+        restore_pg(&report.pg, &report.pg_request).replace('\n', "\n  "),
+        restore_redis_to_time(&report.redis),
+        when(report.pg_moment),
+        offset(report.redis_moment),
+        report.spread().num_milliseconds() as f64 / 1000.0
+    )
+}
+
 pub fn restore_etcd(report: &jobs::etcd::RestoreEtcdReport) -> String {
     format!(
         "Restored etcd backup {} to {} in {:.1}s; checksum verified. Next: etcdctl snapshot \
@@ -235,6 +264,7 @@ fn list_facts(source: &SourceFacts) -> serde_json::Value {
         SourceFacts::PgDump(facts) => serde_json::to_value(facts).unwrap_or_default(),
         SourceFacts::Redis(facts) => serde_json::to_value(facts).unwrap_or_default(),
         SourceFacts::Etcd(facts) => serde_json::to_value(facts).unwrap_or_default(),
+        SourceFacts::Point(facts) => serde_json::to_value(facts).unwrap_or_default(),
         SourceFacts::PgBase(facts) => serde_json::json!({
             "system_identifier": facts.system_identifier,
             "server_version": facts.server_version,
@@ -277,6 +307,39 @@ pub fn list_json(manifests: &[Manifest]) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// A point's parts, as `list` and `mark` show them.
+fn point_parts(facts: &crate::catalog::manifest::PointFacts) -> String {
+    let etcd = facts
+        .etcd
+        .as_ref()
+        .map_or(String::new(), |etcd| format!(", etcd {}", etcd.id));
+    format!(
+        "'{}': PostgreSQL {} (timeline {}), Redis {}{etcd}",
+        facts.name, facts.postgres.lsn, facts.postgres.timeline, facts.redis.id
+    )
+}
+
+/// `gc-backup mark`'s summary line.
+pub fn mark_done(manifest: &Manifest) -> String {
+    match &manifest.source {
+        SourceFacts::Point(facts) => {
+            let spread = |time: chrono::DateTime<chrono::Utc>| {
+                (time - facts.postgres.time).num_milliseconds() as f64 / 1000.0
+            };
+            let etcd = facts.etcd.as_ref().map_or(String::new(), |etcd| {
+                format!(", etcd {:+.1} s", spread(etcd.time))
+            });
+            format!(
+                "Point {} {}; Redis snapshot asked for {:+.1} s after the restore point{etcd}.",
+                manifest.id,
+                point_parts(facts),
+                spread(facts.redis.time)
+            )
+        }
+        _ => format!("{} {} stored.", manifest.kind, manifest.id),
+    }
+}
+
 /// `list`: one line per backup, oldest first.
 pub fn list_table(store_name: &str, manifests: &[Manifest]) -> String {
     if manifests.is_empty() {
@@ -315,6 +378,7 @@ pub fn list_table(store_name: &str, manifests: &[Manifest]) -> String {
                 "{} (etcd {}, revision {})",
                 facts.endpoint, facts.etcd_version, facts.revision
             ),
+            SourceFacts::Point(facts) => point_parts(facts),
             SourceFacts::PgBase(facts) => {
                 let incremental = facts.parent.as_ref().map_or(String::new(), |parent| {
                     format!(" incremental on {parent} (depth {})", facts.depth)

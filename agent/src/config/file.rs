@@ -60,6 +60,8 @@ pub struct ScheduleSection {
     pub pg_base_incremental: Option<String>,
     pub redis: Option<String>,
     pub etcd: Option<String>,
+    /// `gc-backup mark scheduled-<id>`: a point across the engines (before a nightly batch).
+    pub mark: Option<String>,
     pub retention: Option<String>,
 }
 

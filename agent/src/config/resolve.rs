@@ -554,6 +554,7 @@ fn resolve_schedules(file: &ScheduleSection) -> Result<Schedules, ConfigError> {
         pg_base_incremental: parse("pg-base-incremental", &file.pg_base_incremental)?,
         redis: parse("redis", &file.redis)?,
         etcd: parse("etcd", &file.etcd)?,
+        mark: parse("mark", &file.mark)?,
         retention: parse("retention", &file.retention)?,
     })
 }

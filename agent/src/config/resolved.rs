@@ -45,6 +45,7 @@ pub struct Schedules {
     pub pg_base_incremental: Option<Schedule>,
     pub redis: Option<Schedule>,
     pub etcd: Option<Schedule>,
+    pub mark: Option<Schedule>,
     pub retention: Option<Schedule>,
 }
 

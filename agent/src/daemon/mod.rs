@@ -122,6 +122,7 @@ fn schedules(config: &Config) -> Vec<(JobKind, crate::config::Schedule)> {
         ),
         (JobKind::Backup(Kind::Redis), &config.schedule.redis),
         (JobKind::Backup(Kind::Etcd), &config.schedule.etcd),
+        (JobKind::Backup(Kind::Point), &config.schedule.mark),
         (JobKind::Retention, &config.schedule.retention),
     ]
     .into_iter()
@@ -151,6 +152,9 @@ fn refuse_what_cannot_run(
             }
             JobKind::Backup(Kind::Etcd) => {
                 config.etcd_endpoints().context("schedule.etcd is set")?;
+            }
+            JobKind::Backup(Kind::Point) => {
+                config.redis.endpoint().context("schedule.mark is set")?;
             }
             JobKind::Backup(Kind::PgBase) | JobKind::IncrementalBase if pgdata.is_none() => {
                 return Err(Failure::Config(format!(

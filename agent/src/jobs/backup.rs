@@ -34,6 +34,10 @@ pub enum BackupRequest {
     },
     Redis,
     Etcd,
+    /// A point across the engines (`mark`); none: named after its id.
+    Mark {
+        name: Option<String>,
+    },
 }
 
 impl BackupRequest {
@@ -44,6 +48,7 @@ impl BackupRequest {
             Kind::PgBase => Self::PgBase { incremental: false },
             Kind::Redis => Self::Redis,
             Kind::Etcd => Self::Etcd,
+            Kind::Point => Self::Mark { name: None },
         }
     }
 }
@@ -69,6 +74,9 @@ pub async fn backup(
         }
         BackupRequest::Etcd => {
             super::etcd::backup(config, store, config.etcd_endpoints()?, cancel).await
+        }
+        BackupRequest::Mark { name } => {
+            super::mark::mark(config, store, name.as_deref(), cancel).await
         }
     }
 }

@@ -493,7 +493,15 @@ async fn copy_and_stop(
         .take_while(|s| *s <= last)
         .map(|s| s.file_name(timeline, segment_size))
         .collect();
-    await_wal(run, needed).await?;
+    await_wal(
+        config,
+        store,
+        Some(run.pgdata),
+        needed,
+        "this backup needs",
+        run.cancel,
+    )
+    .await?;
     tracing::info!(kind = "pg-base", stop_lsn = %stopped.lsn, "backup mode ended; its WAL is archived");
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Copied {
@@ -546,11 +554,18 @@ fn estimated_map_bytes(entries: &[Entry], block_size: u32) -> usize {
 /// archive_command. No sidecar marker is written: without a running sidecar nobody would
 /// remove it. Checking the store rather than PostgreSQL's archive status also catches an
 /// archive_command that archives somewhere else: such a backup could never be restored from
-/// this store.
-async fn await_wal(run: &BaseCopy<'_>, mut needed: Vec<String>) -> anyhow::Result<()> {
-    let (config, store, cancel) = (run.config, run.store, run.cancel);
+/// this store. Without the data directory (a command run outside the pod) only the store is
+/// watched. `why` ends the sentences that name a segment: "… that {why}".
+pub(super) async fn await_wal(
+    config: &Config,
+    store: &Store,
+    pgdata: Option<&Path>,
+    mut needed: Vec<String>,
+    why: &str,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
     use futures::StreamExt;
-    let wal_dir = run.pgdata.join("pg_wal");
+    let wal_dir = pgdata.map(|dir| dir.join("pg_wal"));
     let timeout = config.postgres.archive_timeout.unwrap_or(ARCHIVE_WAIT);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = Duration::from_millis(20);
@@ -564,9 +579,8 @@ async fn await_wal(run: &BaseCopy<'_>, mut needed: Vec<String>) -> anyhow::Resul
                 match store.head(&layout::wal_key(&file)).await {
                     Ok(_) => Ok(None),
                     Err(crate::store::StoreError::NotFound { .. }) => Ok(Some(name)),
-                    Err(error) => Err(anyhow::Error::new(error).context(format!(
-                        "checking that {name}, which this backup needs, is archived"
-                    ))),
+                    Err(error) => Err(anyhow::Error::new(error)
+                        .context(format!("checking that {name}, which {why}, is archived"))),
                 }
             })
             .buffered(8)
@@ -580,6 +594,10 @@ async fn await_wal(run: &BaseCopy<'_>, mut needed: Vec<String>) -> anyhow::Resul
             .collect();
         let mut still = Vec::new();
         for name in needed {
+            let Some(wal_dir) = &wal_dir else {
+                still.push(name);
+                continue;
+            };
             let ready = wal_dir.join("archive_status").join(format!("{name}.ready"));
             if !tokio::fs::try_exists(&ready).await.unwrap_or(false) {
                 still.push(name); // not finished by PostgreSQL yet, or archived elsewhere
@@ -597,7 +615,7 @@ async fn await_wal(run: &BaseCopy<'_>, mut needed: Vec<String>) -> anyhow::Resul
         };
         if tokio::time::Instant::now() >= deadline {
             return Err(Failure::Config(format!(
-                "{first} (and {} more WAL segments) that this backup needs did not reach {} \
+                "{first} (and {} more WAL segments) that {why} did not reach {} \
                  within {}: check that archive_command is `gc-backup wal-push %p` with this \
                  store, and pg_stat_archiver (last attempt here: {})",
                 needed.len() - 1,

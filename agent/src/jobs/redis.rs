@@ -199,16 +199,77 @@ pub struct RestoreRedisToTime {
     pub elapsed: Duration,
 }
 
-/// `restore redis --target-time T`: the AOF set of the first backup that ended at or after T,
-/// cut at T (Redis 7's `aof-timestamp-enabled` annotations), written as `DIR/<its directory>`
-/// alone (that backup's snapshot is later than T); without annotations, or without an AOF set,
-/// the snapshot of the newest backup that ended before T as `DIR/dump.rdb`, saying so.
-pub async fn restore_to_time(
+/// What a restore to a moment writes, decided before anything is written.
+#[derive(Debug, Clone)]
+pub struct RedisPlan {
+    pub target: chrono::DateTime<chrono::Utc>,
+    pub choice: RedisChoice,
+    /// For the refusal when the AOF set turns out to have no annotation to cut at.
+    oldest: Manifest,
+}
+
+#[derive(Debug, Clone)]
+pub enum RedisChoice {
+    /// The AOF set of the first backup that ended at or after the moment, cut there; without
+    /// annotations, the snapshot of `fallback`.
+    Aof {
+        manifest: Manifest,
+        fallback: Option<Box<Manifest>>,
+    },
+    /// A snapshot, and why not an AOF set.
+    Snapshot { manifest: Manifest, why: String },
+}
+
+impl RedisPlan {
+    /// The snapshot of `manifest` and nothing else (a point's own Redis backup).
+    pub fn snapshot(manifest: Manifest, why: String) -> Self {
+        Self {
+            target: manifest.start_time,
+            oldest: manifest.clone(),
+            choice: RedisChoice::Snapshot { manifest, why },
+        }
+    }
+
+    /// The backup whose data is written.
+    pub fn manifest(&self) -> &Manifest {
+        choice_manifest(&self.choice)
+    }
+}
+
+fn when(time: chrono::DateTime<chrono::Utc>) -> String {
+    crate::wal::archive::human_time(time)
+}
+
+/// The refusal when nothing reaches `target`.
+fn unreachable(
+    target: chrono::DateTime<chrono::Utc>,
+    oldest: &Manifest,
+    why: &str,
+) -> anyhow::Error {
+    let problem = if target < oldest.start_time {
+        format!(
+            "the target {} is before the oldest redis backup ({}, started {}), and its AOF \
+             set does not reach back to it: {why}",
+            when(target),
+            oldest.id,
+            when(oldest.start_time)
+        )
+    } else {
+        format!(
+            "no redis backup ended at or before {}, and {why}",
+            when(target)
+        )
+    };
+    Failure::Config(format!("{problem}; nothing in the store reaches it")).into()
+}
+
+/// `restore redis --target-time T`'s choice, from the catalog alone: the AOF set of the first
+/// backup that ended at or after T, else the snapshot of the newest that ended before T.
+/// Refused (exit 2) when no backup reaches T.
+pub async fn plan_to_time(
     store: &Store,
     target: chrono::DateTime<chrono::Utc>,
-    dir: &Path,
-    cancel: &CancellationToken,
-) -> anyhow::Result<RestoreRedisToTime> {
+) -> anyhow::Result<RedisPlan> {
     let (mut manifests, unreadable) = catalog::list(store, Some(Kind::Redis)).await?;
     for problem in &unreadable {
         tracing::warn!("{problem}");
@@ -217,11 +278,10 @@ pub async fn restore_to_time(
     let (Some(oldest), Some(newest)) = (manifests.first(), manifests.last()) else {
         return Err(Failure::NotFound(format!("no redis backup in {}", store.name())).into());
     };
-    let when = |t: chrono::DateTime<chrono::Utc>| crate::wal::archive::human_time(t);
     let has_aof =
         |m: &Manifest| matches!(&m.source, SourceFacts::Redis(facts) if facts.aof.is_some());
     // An AOF set reaches back to its base, which may be older than the backup: its own
-    // check below says whether it reaches T.
+    // check, while it is cut, says whether it reaches T.
     if target < oldest.start_time && !has_aof(oldest) {
         return Err(Failure::Config(format!(
             "the target {} is before the oldest redis backup ({}, started {}): nothing in the \
@@ -242,76 +302,129 @@ pub async fn restore_to_time(
         ))
         .into());
     }
+    let before = manifests
+        .iter()
+        .rev()
+        .find(|m| m.end_time <= target)
+        .cloned();
+    let choice = match manifests
+        .iter()
+        .find(|m| m.end_time >= target && has_aof(m))
+    {
+        Some(covering) => RedisChoice::Aof {
+            manifest: covering.clone(),
+            fallback: before.map(Box::new),
+        },
+        None => {
+            let why = format!(
+                "no backup with an AOF set ended at or after {}",
+                when(target)
+            );
+            match before {
+                Some(manifest) => RedisChoice::Snapshot { manifest, why },
+                None => return Err(unreachable(target, oldest, &why)),
+            }
+        }
+    };
+    for manifest in [Some(choice_manifest(&choice)), fallback_of(&choice)]
+        .into_iter()
+        .flatten()
+    {
+        super::can_open(store, manifest)?;
+    }
+    Ok(RedisPlan {
+        target,
+        choice,
+        oldest: oldest.clone(),
+    })
+}
+
+fn choice_manifest(choice: &RedisChoice) -> &Manifest {
+    match choice {
+        RedisChoice::Aof { manifest, .. } | RedisChoice::Snapshot { manifest, .. } => manifest,
+    }
+}
+
+fn fallback_of(choice: &RedisChoice) -> Option<&Manifest> {
+    match choice {
+        RedisChoice::Aof { fallback, .. } => fallback.as_deref(),
+        RedisChoice::Snapshot { .. } => None,
+    }
+}
+
+/// `restore redis --target-time T`: the AOF set of the first backup that ended at or after T,
+/// cut at T (Redis 7's `aof-timestamp-enabled` annotations), written as `DIR/<its directory>`
+/// alone (that backup's snapshot is later than T); without annotations, or without an AOF set,
+/// the snapshot of the newest backup that ended before T as `DIR/dump.rdb`, saying so.
+pub async fn restore_to_time(
+    store: &Store,
+    target: chrono::DateTime<chrono::Utc>,
+    dir: &Path,
+    cancel: &CancellationToken,
+) -> anyhow::Result<RestoreRedisToTime> {
+    let plan = plan_to_time(store, target).await?;
+    restore_planned(store, &plan, dir, cancel).await
+}
+
+/// Writes what `plan` chose into `dir`; on failure, removes what it wrote.
+pub async fn restore_planned(
+    store: &Store,
+    plan: &RedisPlan,
+    dir: &Path,
+    cancel: &CancellationToken,
+) -> anyhow::Result<RestoreRedisToTime> {
     let created = !dir.exists();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let started = Instant::now();
-    let seconds = u64::try_from(target.timestamp()).unwrap_or(0);
-    let covering = manifests
-        .iter()
-        .find(|m| m.end_time >= target && has_aof(m));
-    let mut why = format!(
-        "no backup with an AOF set ended at or after {}",
-        when(target)
-    );
-    if let Some(manifest) = covering
-        && let SourceFacts::Redis(RedisFacts { aof: Some(aof), .. }) = &manifest.source
-    {
-        super::can_open(store, manifest)?;
-        let work = redis_aof::restore_set_until(store, manifest, aof, dir, Some(seconds));
-        let done = tokio::select! {
-            done = work => done.with_context(|| format!("restore of redis backup {} failed", manifest.id))?,
-            () = cancel.cancelled() => {
-                return Err(Failure::Interrupted(format!("restore of redis backup {} interrupted", manifest.id)).into());
+    let target = plan.target;
+    let (snapshot, why) = match &plan.choice {
+        RedisChoice::Snapshot { manifest, why } => (manifest, why.clone()),
+        RedisChoice::Aof { manifest, fallback } => {
+            let SourceFacts::Redis(RedisFacts { aof: Some(aof), .. }) = &manifest.source else {
+                anyhow::bail!("redis backup {} has no AOF set", manifest.id);
+            };
+            let seconds = u64::try_from(target.timestamp()).unwrap_or(0);
+            let work = redis_aof::restore_set_until(store, manifest, aof, dir, Some(seconds));
+            let done = tokio::select! {
+                done = work => done.with_context(|| format!("restore of redis backup {} failed", manifest.id))?,
+                () = cancel.cancelled() => {
+                    return Err(Failure::Interrupted(format!("restore of redis backup {} interrupted", manifest.id)).into());
+                }
+            };
+            match (done, fallback) {
+                (Ok(cut), _) => {
+                    return Ok(RestoreRedisToTime {
+                        manifest: manifest.clone(),
+                        target,
+                        reached: Reached::Aof(cut),
+                        elapsed: started.elapsed(),
+                    });
+                }
+                (Err(why), Some(fallback)) => (&**fallback, why),
+                (Err(why), None) => {
+                    if created {
+                        let _ = std::fs::remove_dir(dir);
+                    }
+                    return Err(unreachable(target, &plan.oldest, &why));
+                }
             }
-        };
-        match done {
-            Ok(cut) => {
-                return Ok(RestoreRedisToTime {
-                    manifest: manifest.clone(),
-                    target,
-                    reached: Reached::Aof(cut),
-                    elapsed: started.elapsed(),
-                });
-            }
-            Err(reason) => why = reason,
         }
-    }
-    let Some(before) = manifests.iter().rev().find(|m| m.end_time <= target) else {
-        if created {
-            let _ = std::fs::remove_dir(dir);
-        }
-        let problem = if target < oldest.start_time {
-            format!(
-                "the target {} is before the oldest redis backup ({}, started {}), and its AOF \
-                 set does not reach back to it: {why}",
-                when(target),
-                oldest.id,
-                when(oldest.start_time)
-            )
-        } else {
-            format!(
-                "no redis backup ended at or before {}, and {why}",
-                when(target)
-            )
-        };
-        return Err(Failure::Config(format!("{problem}; nothing in the store reaches it")).into());
     };
-    super::can_open(store, before)?;
-    let Some(object) = before.objects.first() else {
-        anyhow::bail!("redis backup {} has no objects", before.id);
+    let Some(object) = snapshot.objects.first() else {
+        anyhow::bail!("redis backup {} has no objects", snapshot.id);
     };
     let path = dir.join("dump.rdb");
     tokio::select! {
         done = super::restore_to_file(store, object, &path) => {
-            done.with_context(|| format!("restore of redis backup {} failed", before.id))?;
+            done.with_context(|| format!("restore of redis backup {} failed", snapshot.id))?;
         }
         () = cancel.cancelled() => {
             let _ = std::fs::remove_file(&path);
-            return Err(Failure::Interrupted(format!("restore of redis backup {} interrupted", before.id)).into());
+            return Err(Failure::Interrupted(format!("restore of redis backup {} interrupted", snapshot.id)).into());
         }
     }
     Ok(RestoreRedisToTime {
-        manifest: before.clone(),
+        manifest: snapshot.clone(),
         target,
         reached: Reached::Snapshot { path, why },
         elapsed: started.elapsed(),

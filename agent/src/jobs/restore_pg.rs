@@ -212,13 +212,46 @@ pub async fn choose(
         bases.push(base);
     }
     let wal = archive::load(store, segment_size).await?;
-    let plan = pitr::plan::plan_on(&bases, &wal, target, chosen, timeline).map_err(plan_error)?;
+    let planned = point_position(store, target).await?;
+    let plan = pitr::plan::plan_on(
+        &bases,
+        &wal,
+        planned.as_ref().unwrap_or(target),
+        chosen,
+        timeline,
+    )
+    .map_err(plan_error)?;
     let chain = catalog::chain(store, &manifests, &manifests[plan.backup])?
         .into_iter()
         .cloned()
         .collect();
     manifests.clear();
     Ok((chain, plan))
+}
+
+/// Where a restore point that `gc-backup mark` made lies, so that the plan can choose the base
+/// backup before it and check the WAL up to it (a listing cannot place other restore points).
+/// The byte before the record's end: the record itself is in that byte's segment.
+async fn point_position(
+    store: &Store,
+    target: &RecoveryTarget,
+) -> anyhow::Result<Option<RecoveryTarget>> {
+    let RecoveryTarget::Name(name) = target else {
+        return Ok(None);
+    };
+    let Some(point) = super::mark::find_named(store, name).await?.pop() else {
+        return Ok(None);
+    };
+    let facts = super::mark::facts(&point)?;
+    let lsn: pitr::Lsn = facts.postgres.lsn.parse().map_err(|e| {
+        Failure::Corrupt(format!(
+            "point {} names the LSN {:?}: {e}",
+            point.id, facts.postgres.lsn
+        ))
+    })?;
+    Ok(Some(RecoveryTarget::Lsn(pitr::Lsn(
+        lsn.0.saturating_sub(1),
+    ))))
 }
 
 /// Every object of every backup of the chain is in the store, before anything is written: a
@@ -284,7 +317,7 @@ fn amcheck_role(config: &Config, dir: &Path) -> String {
 }
 
 /// DIR must be absent or empty. Returns whether it exists.
-fn check_empty(dir: &Path) -> anyhow::Result<bool> {
+pub(super) fn check_empty(dir: &Path) -> anyhow::Result<bool> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -311,7 +344,7 @@ fn create_dir(dir: &Path, existed: bool) -> anyhow::Result<bool> {
     Ok(!existed)
 }
 
-fn clear(dir: &Path, created: bool) -> std::io::Result<()> {
+pub(super) fn clear(dir: &Path, created: bool) -> std::io::Result<()> {
     if created {
         return std::fs::remove_dir_all(dir);
     }
