@@ -1,7 +1,8 @@
 //! One moment for PostgreSQL, Redis and etcd: `gc-backup mark NAME` against real servers (an
 //! archiving PostgreSQL 15, Redis 7 with timestamped AOF, etcd), then `restore all` by the
 //! point's name and by a time, each engine checked on a server started on what was restored;
-//! the refusals that leave every destination untouched; a mark whose Redis part fails leaves
+//! the refusals that leave every destination untouched; a damaged etcd snapshot found after
+//! Redis' part was written, which takes that part back; a mark whose Redis part fails leaves
 //! no point.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -234,10 +235,31 @@ fn a_part_that_cannot_reach_the_moment_refuses_the_whole_restore_before_anything
     assert_fails(&output, 2, "no point named 'no-such-point'");
     assert_untouched(pgdata.path(), &redis_dir, &etcd_file);
 
-    // The point's Redis backup deleted by hand: the point cannot be restored as a whole.
     let listed = e.agent.ok(&["list", "--kind", "point", "--json"]);
     let listed: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
     let redis_id = listed[0]["redis"]["id"].as_str().unwrap();
+    let etcd_id = listed[0]["etcd"]["id"].as_str().unwrap();
+
+    // A bit flipped in the point's etcd snapshot: found while it is written, after Redis' part
+    // was; the whole restore fails and what Redis' part wrote is removed again.
+    let etcd_object = e
+        .weed
+        .keys(&format!("points-refused/data/etcd/{etcd_id}"))
+        .into_iter()
+        .find(|k| k.ends_with(".zst"))
+        .unwrap();
+    e.weed.flip_byte(&etcd_object);
+    let output = restore_all(
+        &e.agent,
+        &["--target-name", "p1"],
+        pgdata.path(),
+        &redis_dir,
+        &etcd_file,
+    );
+    assert_fails(&output, 3, &format!("etcd backup {etcd_id}"));
+    assert_untouched(pgdata.path(), &redis_dir, &etcd_file);
+
+    // The point's Redis backup deleted by hand: the point cannot be restored as a whole.
     e.weed
         .delete(&format!("points-refused/manifests/redis/{redis_id}.json"));
     let output = restore_all(
