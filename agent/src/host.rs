@@ -60,3 +60,15 @@ pub fn memory_bytes() -> Option<u64> {
 pub fn running_as_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// Where `name` is on `PATH`, if it is an executable file there.
+pub fn on_path(name: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
+}

@@ -382,8 +382,10 @@ pub struct VerifyArgs {
     /// Only this backup
     #[arg(value_parser = parse_backup_id)]
     pub id: Option<BackupId>,
-    /// Restore drill: restore the base backup (default: the latest) to the end of the archive in
-    /// a temporary directory, recover it, run pg_amcheck, report the time taken, clean up
+    /// Restore drill: restore the backup (default: the latest pg-base; --kind redis or etcd
+    /// for theirs) into a temporary directory and check it with the engine (PostgreSQL
+    /// recovered to the end of the archive and pg_amcheck; redis-server loading it; etcd's
+    /// snapshot status and restore), report the time taken (RTO), clean up
     #[arg(long)]
     pub restore: bool,
 }

@@ -278,11 +278,9 @@ async fn verify(
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     if args.restore {
-        if args.kind.is_some_and(|k| k != Kind::PgBase) {
-            return Err(Failure::Config("a restore drill restores pg-base backups".into()).into());
-        }
+        let kind = args.kind.unwrap_or(Kind::PgBase);
         let selector = args.id.map_or(Selector::Latest, Selector::Id);
-        let drill = jobs::verify::drill(config, store, selector, cancel).await?;
+        let drill = jobs::drill::drill(config, store, kind, selector, cancel).await?;
         return print_stdout(&format!("{}\n", render::drill(&drill)));
     }
     let report = jobs::verify::verify(store, args.kind, args.id.as_ref(), cancel).await?;

@@ -59,26 +59,57 @@ pub fn restore_pg(
 }
 
 /// A restore drill in one line (stdout).
-pub fn drill(drill: &jobs::verify::Drill) -> String {
-    let restore = &drill.restore;
-    let recovery = restore.recovery.as_ref();
-    format!(
-        "Restore drill of pg-base {}: base restore {:.1}s ({}), recovery {:.1}s ({} WAL files), \
-         recovery point {} (last transaction {}), pg_amcheck {}; RTO {:.1}s",
-        restore.manifest.id,
-        restore.restore_elapsed.as_secs_f64(),
-        human_bytes(restore.raw_bytes),
-        recovery.map_or(0.0, |r| r.elapsed.as_secs_f64()),
-        recovery.map_or(0, |r| r.segments_restored),
-        recovery.and_then(|r| r.redo_done.as_deref()).unwrap_or("?"),
-        recovery
-            .and_then(|r| r.last_transaction.as_deref())
-            .unwrap_or("none replayed"),
-        recovery
-            .and_then(|r| r.amcheck.as_deref())
-            .unwrap_or("not run"),
-        drill.elapsed.as_secs_f64(),
-    )
+pub fn drill(drill: &jobs::drill::DrillReport) -> String {
+    use jobs::drill::Checked;
+    let rto = drill.rto.as_secs_f64();
+    match &drill.checked {
+        Checked::Pg(restore) => {
+            let recovery = restore.recovery.as_ref();
+            format!(
+                "Restore drill of pg-base {}: base restore {:.1}s ({}), recovery {:.1}s ({} WAL files), \
+                 recovery point {} (last transaction {}), pg_amcheck {}; RTO {rto:.1}s",
+                drill.backup,
+                restore.restore_elapsed.as_secs_f64(),
+                human_bytes(restore.raw_bytes),
+                recovery.map_or(0.0, |r| r.elapsed.as_secs_f64()),
+                recovery.map_or(0, |r| r.segments_restored),
+                recovery.and_then(|r| r.redo_done.as_deref()).unwrap_or("?"),
+                recovery
+                    .and_then(|r| r.last_transaction.as_deref())
+                    .unwrap_or("none replayed"),
+                recovery
+                    .and_then(|r| r.amcheck.as_deref())
+                    .unwrap_or("not run"),
+            )
+        }
+        Checked::Redis {
+            restore,
+            raw_bytes,
+            server_version,
+            loaded,
+            keys,
+        } => format!(
+            "Restore drill of redis {}: restore {:.1}s ({}), redis-server {server_version} \
+             loaded {loaded}: {keys} keys; RTO {rto:.1}s",
+            drill.backup,
+            restore.as_secs_f64(),
+            human_bytes(*raw_bytes),
+        ),
+        Checked::Etcd {
+            restore,
+            raw_bytes,
+            tool,
+            revision,
+            keys,
+        } => format!(
+            "Restore drill of etcd {}: restore {:.1}s ({}), {tool} snapshot status: revision \
+             {revision}, {keys} keys (etcd's own included); snapshot restore built a member's data directory; RTO \
+             {rto:.1}s",
+            drill.backup,
+            restore.as_secs_f64(),
+            human_bytes(*raw_bytes),
+        ),
+    }
 }
 
 /// One line per backup checked, its problems indented below it (stdout).

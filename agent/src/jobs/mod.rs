@@ -10,6 +10,7 @@ pub mod base_chain;
 pub mod base_delta;
 pub mod base_tar;
 pub mod check;
+pub mod drill;
 pub mod etcd;
 pub mod mark;
 pub mod pg_base;

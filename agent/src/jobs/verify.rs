@@ -1,20 +1,14 @@
 //! `verify`: re-reads every object of the backups and checks it against its manifest, and
 //! checks that the archived WAL continues unbroken from each base backup to the newest
-//! segment. `verify --restore`: the weekly restore drill, measured.
+//! segment. (`verify --restore` is a drill: [`super::drill`].)
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
-
-use anyhow::Context;
-use pitr::{PlanError, RecoveryTarget, TargetAction};
+use pitr::{PlanError, RecoveryTarget};
 use tokio_util::sync::CancellationToken;
 
 use super::base_chain::Destination;
 use super::base_tar;
-use super::restore_pg::{self, RestorePgReport, RestorePgRequest, StartOptions};
 use crate::catalog::manifest::Manifest;
-use crate::catalog::{self, BackupId, Kind, Selector};
-use crate::config::Config;
+use crate::catalog::{self, BackupId, Kind};
 use crate::error::Failure;
 use crate::pipeline;
 use crate::store::Store;
@@ -280,53 +274,4 @@ impl WalCheck {
             Err(error) => Err(error.to_string()),
         }
     }
-}
-
-/// What a restore drill measured.
-#[derive(Debug)]
-pub struct Drill {
-    pub restore: RestorePgReport,
-    /// From the start of the restore to the recovered, checked cluster: the RTO.
-    pub elapsed: Duration,
-}
-
-/// Restores `selector` to the end of the archive in a temporary directory, recovers it with a
-/// temporary server that archives nothing, runs pg_amcheck, and removes it all.
-pub async fn drill(
-    config: &Config,
-    store: &Store,
-    selector: Selector,
-    cancel: &CancellationToken,
-) -> anyhow::Result<Drill> {
-    let scratch = tempfile::Builder::new()
-        .prefix("gc-backup-drill-")
-        .tempdir()
-        .context("creating the drill's temporary directory (set TMPDIR to choose where)")?;
-    let pgdata: PathBuf = scratch.path().join("data");
-    std::fs::create_dir(&pgdata).with_context(|| format!("creating {}", pgdata.display()))?;
-    if crate::host::running_as_root() {
-        let user = nix::unistd::User::from_name("postgres")
-            .ok()
-            .flatten()
-            .ok_or_else(|| Failure::Config("a drill as root runs PostgreSQL as the user 'postgres', which does not exist here".into()))?;
-        for path in [scratch.path(), pgdata.as_path()] {
-            std::os::unix::fs::chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-                .with_context(|| format!("changing the owner of {}", path.display()))?;
-        }
-    }
-    let request = RestorePgRequest {
-        pgdata,
-        backup: selector,
-        target: RecoveryTarget::Latest,
-        action: TargetAction::Promote,
-        timeline: None,
-        // The drill's promotion must not reach the archive as a new timeline.
-        archive_off: true,
-        start: Some(StartOptions { amcheck: true }),
-    };
-    let started = Instant::now();
-    let restore = restore_pg::restore(config, store, &request, cancel).await?;
-    let elapsed = started.elapsed();
-    drop(scratch);
-    Ok(Drill { restore, elapsed })
 }

@@ -52,7 +52,11 @@ impl fmt::Display for RedisEndpoint {
         } else {
             "redis"
         };
-        write!(f, "{scheme}://{}:{}", self.host, self.port)
+        match self.port {
+            // A Unix socket (a server this process started): the host is its path.
+            0 => write!(f, "unix:{}", self.host),
+            port => write!(f, "{scheme}://{}:{port}", self.host),
+        }
     }
 }
 
@@ -188,6 +192,22 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The keys of every database in `INFO keyspace`'s lines (`db0:keys=3,expires=0,…`).
+fn keyspace_keys(info: &str) -> u64 {
+    info.lines()
+        .filter(|line| line.starts_with("db"))
+        .filter_map(|line| {
+            let (_, fields) = line.split_once(':')?;
+            fields
+                .split(',')
+                .find_map(|field| field.strip_prefix("keys="))?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// A session with the server.
 pub struct Session {
     stream: BufStream<Box<dyn Connection>>,
@@ -256,6 +276,38 @@ impl Session {
             }
         }
         Ok(session)
+    }
+
+    /// Connects to the Unix socket of a server this process started (a restore drill's),
+    /// which has no password.
+    pub async fn open_socket(path: &std::path::Path) -> Result<Self, SourceError> {
+        let socket = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+            SourceError::Failed(format!("cannot connect to unix:{}: {e}", path.display()))
+        })?;
+        Ok(Session {
+            stream: BufStream::with_capacity(READ_CHUNK, 64 * 1024, Box::new(socket)),
+            endpoint: RedisEndpoint {
+                host: path.display().to_string(),
+                port: 0,
+                username: None,
+                password: None,
+                tls: None,
+            },
+        })
+    }
+
+    /// The keys of every database, once the server has loaded its data (`None` while it is
+    /// still loading): `DBSIZE` answers only then, `INFO keyspace` counts all databases.
+    pub async fn loaded_keys(&mut self) -> Result<Option<u64>, SourceError> {
+        match self.call(&[b"DBSIZE"]).await? {
+            Reply::Integer(_) => {}
+            Reply::Error(message) if message.starts_with("LOADING") => return Ok(None),
+            other => return Err(self.unexpected("DBSIZE", &other)),
+        }
+        match self.call(&[b"INFO", b"keyspace"]).await? {
+            Reply::Bulk(Some(text)) => Ok(Some(keyspace_keys(&String::from_utf8_lossy(&text)))),
+            other => Err(self.unexpected("INFO keyspace", &other)),
+        }
     }
 
     /// `INFO server`'s `redis_version`.

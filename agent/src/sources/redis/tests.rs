@@ -126,3 +126,11 @@ mod outside_input {
         }
     }
 }
+
+#[test]
+fn the_keys_of_every_database_are_counted() {
+    let info =
+        "# Keyspace\r\ndb0:keys=3,expires=1,avg_ttl=10\r\ndb5:keys=40,expires=0,avg_ttl=0\r\n";
+    assert_eq!(keyspace_keys(info), 43);
+    assert_eq!(keyspace_keys("# Keyspace\r\n"), 0);
+}
