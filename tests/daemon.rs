@@ -250,6 +250,151 @@ fn the_sidecar_marks_points_on_its_schedule() {
     }
 }
 
+/// The drills' temporary directories left in `tmp`.
+fn drill_dirs(tmp: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(tmp)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("gc-backup-drill-"))
+        .collect()
+}
+
+#[test]
+fn the_sidecar_drills_every_kind_on_its_schedule_exports_the_rto_and_stops_mid_drill() {
+    let weed = Seaweed::start();
+    let (pg, _) = harness::archiving_cluster(&weed, "drills");
+    pg.psql("postgres", "CREATE TABLE t AS SELECT 1 AS n");
+    let redis = Redis::start(false);
+    redis.cli(&["SET", "k", "v"]);
+    let etcd = Etcd::start();
+    etcd.put("/k", "v");
+    // Where the drills restore to: PostgreSQL (run as its own user) must reach it.
+    let tmp = harness::shared_temp_dir("drill-tmp");
+    let mut agent = Agent::for_cluster(&pg, &weed, "drills")
+        .with("GC_BACKUP_REDIS_URL", &redis.url())
+        .with("GC_BACKUP_ETCD_ENDPOINTS", &etcd.endpoint())
+        .with("TMPDIR", tmp.path().to_str().unwrap());
+    agent.backup(&["backup", "pg-base"]);
+    agent.backup(&["backup", "redis"]);
+    agent.backup(&["backup", "etcd"]);
+    let histories = || {
+        weed.keys("drills/wal")
+            .into_iter()
+            .filter(|k| k.contains(".history"))
+            .count()
+    };
+    agent.with_config(
+        "[schedule]\ndrill = \"*/2 * * * * *\"\n\
+         [drill]\nkinds = [\"redis\", \"etcd\", \"pg-base\"]\n\
+         [drill.rto-bound]\npg-base = \"2h\"\nredis = \"10m\"\n",
+    );
+    let mut daemon = Daemon::start(&agent);
+    let series =
+        |name: &str, kind: &str| sample(&daemon.metrics(), &format!("{name}{{kind=\"{kind}\"}}"));
+    // Exported from the start: never drilled yet is the oldest success.
+    assert_eq!(
+        series("gc_backup_drill_last_success_timestamp_seconds", "pg-base"),
+        0.0
+    );
+    assert_eq!(
+        series("gc_backup_drill_rto_bound_seconds", "pg-base"),
+        7200.0
+    );
+    assert_eq!(series("gc_backup_drill_rto_bound_seconds", "redis"), 600.0);
+    wait_for("a drill of every kind", 180, || {
+        ["redis", "etcd", "pg-base"]
+            .iter()
+            .all(|kind| series("gc_backup_drill_last_success_timestamp_seconds", kind) > 0.0)
+    });
+    let metrics = daemon.metrics();
+    for kind in ["redis", "etcd", "pg-base"] {
+        let rto = sample(
+            &metrics,
+            &format!("gc_backup_drill_rto_seconds{{kind=\"{kind}\"}}"),
+        );
+        assert!(rto > 0.0, "{kind}: {metrics}");
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!("gc_backup_drill_failures_total{{kind=\"{kind}\"}}")
+            ),
+            0.0,
+            "{metrics}"
+        );
+    }
+    assert!(
+        sample(
+            &metrics,
+            r#"gc_backup_runs_total{kind="drill",result="success"}"#
+        ) >= 1.0,
+        "{metrics}"
+    );
+    // The drills' servers promoted and loaded; none of it reached the store.
+    assert_eq!(histories(), 0, "a drill archived a timeline");
+
+    // SIGTERM in the middle of a PostgreSQL drill: it gives up, its server and directory go.
+    wait_for("a pg-base drill in progress", 120, || {
+        drill_dirs(tmp.path())
+            .iter()
+            .any(|name| name.starts_with("gc-backup-drill-pg-base-"))
+    });
+    let (status, _) = daemon.terminate();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    assert_eq!(drill_dirs(tmp.path()), Vec::<String>::new());
+    let servers = Command::new("pgrep")
+        .args(["-f", &tmp.path().to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(
+        servers.stdout.is_empty(),
+        "a drill's process outlived the sidecar: {}",
+        String::from_utf8_lossy(&servers.stdout)
+    );
+    assert_eq!(histories(), 0, "a drill archived a timeline");
+}
+
+#[test]
+fn a_drill_of_a_damaged_backup_fails_and_is_counted() {
+    let weed = Seaweed::start();
+    let redis = Redis::start(false);
+    redis.cli(&["SET", "k", "v"]);
+    let mut agent =
+        Agent::for_store(&weed, "damaged-drill").with("GC_BACKUP_REDIS_URL", &redis.url());
+    let id = agent.backup(&["backup", "redis"]);
+    let object = weed
+        .keys(&format!("damaged-drill/data/redis/{id}"))
+        .into_iter()
+        .find(|k| k.ends_with("dump.rdb.zst"))
+        .unwrap();
+    weed.flip_byte(&object);
+    agent.with_config("[schedule]\ndrill = \"*/2 * * * * *\"\n[drill]\nkinds = [\"redis\"]\n");
+    let mut daemon = Daemon::start(&agent);
+    wait_for("a failed drill", 60, || {
+        sample(
+            &daemon.metrics(),
+            r#"gc_backup_drill_failures_total{kind="redis"}"#,
+        ) >= 1.0
+    });
+    let metrics = daemon.metrics();
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"gc_backup_drill_last_success_timestamp_seconds{kind="redis"}"#
+        ),
+        0.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"gc_backup_runs_total{kind="drill",result="failure"}"#
+        ) >= 1.0,
+        "{metrics}"
+    );
+    let (status, _) = daemon.terminate();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+}
+
 #[test]
 fn a_scheduled_kind_without_its_settings_is_refused_at_start() {
     let mut agent = Agent::new(Vec::new());
@@ -258,6 +403,7 @@ fn a_scheduled_kind_without_its_settings_is_refused_at_start() {
         ("redis", "no Redis to back up"),
         ("etcd", "no etcd to back up"),
         ("mark", "schedule.mark is set"),
+        ("drill", "nothing to drill"),
         (
             "pg-base",
             "schedule.pg-base is set but the data directory is not",

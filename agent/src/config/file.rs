@@ -20,6 +20,17 @@ pub struct FileConfig {
     pub retention: RetentionSection,
     pub metrics: MetricsSection,
     pub encryption: EncryptionSection,
+    pub drill: DrillSection,
+}
+
+/// What `[schedule] drill` restores, and how long each restore may take before it alerts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DrillSection {
+    /// pg-base, redis, etcd; default: the kinds the sidecar backs up.
+    pub kinds: Option<Vec<String>>,
+    /// Per kind, an RTO above which `GcBackupDrillSlow` fires (e.g. `pg-base = "2h"`).
+    pub rto_bound: std::collections::BTreeMap<String, String>,
 }
 
 /// age encryption of every data and WAL object (see `crate::seal`).
@@ -62,6 +73,8 @@ pub struct ScheduleSection {
     pub etcd: Option<String>,
     /// `gc-backup mark scheduled-<id>`: a point across the engines (before a nightly batch).
     pub mark: Option<String>,
+    /// Restore drills of the newest backups (`[drill]`), like `verify --restore`.
+    pub drill: Option<String>,
     pub retention: Option<String>,
 }
 

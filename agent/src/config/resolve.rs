@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::file::*;
 use super::resolved::*;
 use super::{Config, ConfigError, Overrides, Schedule, Secret, err};
+use crate::catalog::Kind;
 use crate::sources::etcd::EtcdEndpoints;
 use crate::sources::redis::RedisEndpoint;
 
@@ -30,6 +31,7 @@ impl Config {
         let redis = resolve_redis(file.redis, &env, flags)?;
         let etcd = resolve_etcd(file.etcd, &env, flags)?;
         let schedule = resolve_schedules(&file.schedule)?;
+        let drill = resolve_drill(&file.drill, &schedule, &etcd)?;
         let retention = resolve_retention(&file.retention)?;
         let encryption = resolve_encryption(file.encryption, &env)?;
         let as_of = resolve_as_of(&env, flags)?;
@@ -48,6 +50,7 @@ impl Config {
             redis,
             etcd,
             schedule,
+            drill,
             retention,
             metrics_listen,
             encryption,
@@ -555,8 +558,62 @@ fn resolve_schedules(file: &ScheduleSection) -> Result<Schedules, ConfigError> {
         redis: parse("redis", &file.redis)?,
         etcd: parse("etcd", &file.etcd)?,
         mark: parse("mark", &file.mark)?,
+        drill: parse("drill", &file.drill)?,
         retention: parse("retention", &file.retention)?,
     })
+}
+
+/// The kinds a drill restores: those named (pg-base, redis, etcd), else the ones the
+/// sidecar's own schedules back up (a point backs up Redis, and etcd when it is configured).
+fn resolve_drill(
+    file: &DrillSection,
+    schedule: &Schedules,
+    etcd: &EtcdEndpoints,
+) -> Result<DrillConfig, ConfigError> {
+    let drilled = |key: &str, name: &str| {
+        name.parse::<Kind>()
+            .ok()
+            .filter(|kind| crate::jobs::drill::DRILLED.contains(kind))
+            .ok_or_else(|| {
+                err(format!(
+                    "{key}: '{name}' is not a kind a drill restores (pg-base, redis, etcd)"
+                ))
+            })
+    };
+    let kinds = match &file.kinds {
+        Some(names) => {
+            let mut kinds = Vec::new();
+            for name in names {
+                let kind = drilled("drill.kinds", name)?;
+                if !kinds.contains(&kind) {
+                    kinds.push(kind);
+                }
+            }
+            kinds
+        }
+        None => {
+            let marks = schedule.mark.is_some();
+            crate::jobs::drill::DRILLED
+                .into_iter()
+                .filter(|kind| match kind {
+                    Kind::PgBase => {
+                        schedule.pg_base.is_some() || schedule.pg_base_incremental.is_some()
+                    }
+                    Kind::Redis => schedule.redis.is_some() || marks,
+                    _ => schedule.etcd.is_some() || (marks && !etcd.urls.is_empty()),
+                })
+                .collect()
+        }
+    };
+    let mut rto_bound = std::collections::BTreeMap::new();
+    for (name, text) in &file.rto_bound {
+        let key = format!("drill.rto-bound.{name}");
+        let kind = drilled(&key, name)?;
+        if let Some(bound) = parse_duration(&key, Some(text))? {
+            rto_bound.insert(kind, bound);
+        }
+    }
+    Ok(DrillConfig { kinds, rto_bound })
 }
 
 fn resolve_retention(file: &RetentionSection) -> Result<retention::Policy, ConfigError> {

@@ -17,6 +17,7 @@ pub struct Config {
     /// The etcd cluster; `urls` is empty when none is configured.
     pub etcd: EtcdEndpoints,
     pub schedule: Schedules,
+    pub drill: DrillConfig,
     pub retention: retention::Policy,
     pub metrics_listen: std::net::SocketAddr,
     pub encryption: EncryptionConfig,
@@ -46,7 +47,18 @@ pub struct Schedules {
     pub redis: Option<Schedule>,
     pub etcd: Option<Schedule>,
     pub mark: Option<Schedule>,
+    pub drill: Option<Schedule>,
     pub retention: Option<Schedule>,
+}
+
+/// `[drill]`, resolved.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DrillConfig {
+    /// What a scheduled drill restores, in order: the configured kinds, else the ones the
+    /// sidecar backs up.
+    pub kinds: Vec<ids::Kind>,
+    /// The RTO above which a kind's drill is too slow.
+    pub rto_bound: std::collections::BTreeMap<ids::Kind, Duration>,
 }
 
 /// The runbook's retention: PostgreSQL 30 days, Redis 7, etcd 14.

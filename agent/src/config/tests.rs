@@ -2,6 +2,7 @@ use std::path::{Path, PathBuf};
 
 use super::file::*;
 use super::*;
+use crate::catalog::Kind;
 use std::collections::HashMap;
 
 fn resolve_with(toml: &str, env: &[(&str, &str)], flags: Overrides) -> Result<Config, ConfigError> {
@@ -603,5 +604,67 @@ fn wal_streaming_is_off_until_asked_for_and_its_settings_are_checked() {
     ] {
         let error = resolve_with("", &[(name, value)], Overrides::default()).unwrap_err();
         assert!(error.0.contains(needle), "{name}={value}: {}", error.0);
+    }
+}
+
+#[test]
+fn a_drill_restores_what_the_sidecar_backs_up_unless_told_which_kinds() {
+    let kinds = |toml: &str, env: &[(&str, &str)]| {
+        resolve_with(toml, env, Overrides::default())
+            .unwrap()
+            .drill
+            .kinds
+    };
+    assert_eq!(kinds("", &[]), Vec::<Kind>::new());
+    assert_eq!(
+        kinds(
+            "[schedule]\npg-base-incremental = \"0 * * * *\"\nredis = \"*/5 * * * *\"\n",
+            &[]
+        ),
+        vec![Kind::PgBase, Kind::Redis]
+    );
+    // A point backs up Redis, and etcd only where etcd is configured.
+    assert_eq!(
+        kinds("[schedule]\nmark = \"0 1 * * *\"\n", &[]),
+        vec![Kind::Redis]
+    );
+    assert_eq!(
+        kinds(
+            "[schedule]\nmark = \"0 1 * * *\"\n",
+            &[("ETCDCTL_ENDPOINTS", "http://127.0.0.1:2379")]
+        ),
+        vec![Kind::Redis, Kind::Etcd]
+    );
+    let config = resolve_with(
+        "[drill]\nkinds = [\"etcd\", \"pg-base\", \"etcd\"]\n[drill.rto-bound]\npg-base = \"2h\"\nredis = \"90s\"\n",
+        &[],
+        Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(config.drill.kinds, vec![Kind::Etcd, Kind::PgBase]);
+    assert_eq!(
+        config.drill.rto_bound.get(&Kind::PgBase),
+        Some(&std::time::Duration::from_secs(7200))
+    );
+    assert_eq!(
+        config.drill.rto_bound.get(&Kind::Redis),
+        Some(&std::time::Duration::from_secs(90))
+    );
+    for (toml, needle) in [
+        ("[drill]\nkinds = [\"pg-dump\"]\n", "drill.kinds: 'pg-dump'"),
+        (
+            "[drill.rto-bound]\nmysql = \"1h\"\n",
+            "drill.rto-bound.mysql",
+        ),
+        (
+            "[drill.rto-bound]\nredis = \"soon\"\n",
+            "drill.rto-bound.redis",
+        ),
+        ("[schedule]\ndrill = \"every sunday\"\n", "schedule.drill"),
+    ] {
+        let error = resolve_with(toml, &[], Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(needle), "{toml}: {error}");
     }
 }

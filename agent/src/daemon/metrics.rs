@@ -1,5 +1,6 @@
 //! Every metric `gc-backup run` exports, named here and nowhere else. Labels are bounded:
-//! `kind` is one of the four backup kinds or `retention`, `result` one of three, `stage` two.
+//! `kind` is a backup kind, `pg-base-incremental`, `drill` or `retention`, `result` one of
+//! three, `stage` two.
 
 use chrono::{DateTime, Utc};
 use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
@@ -27,6 +28,10 @@ pub const SLOT_RETAINED: &str = "gc_backup_wal_slot_retained_bytes";
 pub const RETENTION_DELETED: &str = "gc_backup_retention_deleted_total";
 pub const RETENTION_LAST_RUN: &str = "gc_backup_retention_last_run_timestamp_seconds";
 pub const START_TIME: &str = "gc_backup_start_time_seconds";
+pub const DRILL_LAST_SUCCESS: &str = "gc_backup_drill_last_success_timestamp_seconds";
+pub const DRILL_RTO: &str = "gc_backup_drill_rto_seconds";
+pub const DRILL_RTO_BOUND: &str = "gc_backup_drill_rto_bound_seconds";
+pub const DRILL_FAILURES: &str = "gc_backup_drill_failures_total";
 
 /// What the scheduler runs: a backup kind, or retention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +39,8 @@ pub enum JobKind {
     Backup(Kind),
     /// `[schedule] pg-base-incremental`: a pg-base backup that stores what changed.
     IncrementalBase,
+    /// `[schedule] drill`: restore drills of the newest backups of `[drill] kinds`.
+    Drill,
     Retention,
 }
 
@@ -42,6 +49,7 @@ impl JobKind {
         match self {
             JobKind::Backup(kind) => kind.as_str(),
             JobKind::IncrementalBase => "pg-base-incremental",
+            JobKind::Drill => "drill",
             JobKind::Retention => "retention",
         }
     }
@@ -53,8 +61,13 @@ impl JobKind {
         match self {
             JobKind::Backup(kind) => Some(kind),
             JobKind::IncrementalBase => Some(Kind::PgBase),
-            JobKind::Retention => None,
+            JobKind::Drill | JobKind::Retention => None,
         }
+    }
+
+    /// Whether the job runs a pipeline (a backup's or a restore's) within the memory limit.
+    pub fn uses_memory(self) -> bool {
+        self.backup_kind().is_some() || self == JobKind::Drill
     }
 }
 
@@ -184,6 +197,26 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Peak resident memory of this process since it started (VmHWM), to compare with \
          pipeline.memory-limit"
     );
+    describe_gauge!(
+        DRILL_LAST_SUCCESS,
+        Unit::Seconds,
+        "When a restore drill of a kind last succeeded in this process (0 until one has)"
+    );
+    describe_gauge!(
+        DRILL_RTO,
+        Unit::Seconds,
+        "How long the last successful restore drill of a kind took, from the first byte read \
+         to the engine's answer on what was restored"
+    );
+    describe_gauge!(
+        DRILL_RTO_BOUND,
+        Unit::Seconds,
+        "The RTO a kind's drill may take ([drill] rto-bound) before GcBackupDrillSlow fires"
+    );
+    describe_counter!(
+        DRILL_FAILURES,
+        "Restore drills of a kind that failed: a backup that did not restore or load"
+    );
     gauge!(START_TIME).set(seconds(Utc::now()));
     peak_rss();
     Ok(handle)
@@ -200,6 +233,27 @@ pub fn register(job: JobKind) {
             counter!(BYTES, "kind" => kind.as_str(), "stage" => stage).increment(0);
         }
     }
+}
+
+/// The drilled kinds' series exist from the start: the last success at 0 (so that
+/// `GcBackupDrillMissing` can fire for a kind never drilled), no failures, the bound.
+pub fn register_drills(drill: &crate::config::DrillConfig) {
+    for &kind in &drill.kinds {
+        gauge!(DRILL_LAST_SUCCESS, "kind" => kind.as_str()).set(0.0);
+        counter!(DRILL_FAILURES, "kind" => kind.as_str()).increment(0);
+        if let Some(bound) = drill.rto_bound.get(&kind) {
+            gauge!(DRILL_RTO_BOUND, "kind" => kind.as_str()).set(bound.as_secs_f64());
+        }
+    }
+}
+
+pub fn drill_succeeded(kind: Kind, rto: std::time::Duration) {
+    gauge!(DRILL_LAST_SUCCESS, "kind" => kind.as_str()).set(seconds(Utc::now()));
+    gauge!(DRILL_RTO, "kind" => kind.as_str()).set(rto.as_secs_f64());
+}
+
+pub fn drill_failed(kind: Kind) {
+    counter!(DRILL_FAILURES, "kind" => kind.as_str()).increment(1);
 }
 
 /// The newest backup of `kind` in the store ended at `end_time`.

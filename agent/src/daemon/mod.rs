@@ -1,6 +1,6 @@
 //! The sidecar, `gc-backup run`: everything that runs beside PostgreSQL for months unattended.
 //! Look-ahead WAL archiving ([`crate::wal::archiver`]) all the time; every backup kind and retention on
-//! their cron schedules ([`schedule`]); metrics and health over HTTP ([`http`], [`metrics`]).
+//! their cron schedules ([`schedule`]), restore drills too; metrics and health over HTTP ([`http`], [`metrics`]).
 //!
 //! Shutdown is a parameter: [`run`] returns once `shutdown` fires and the work in flight has
 //! stopped (backups aborted with nothing committed, WAL uploads finished), so tests pass their
@@ -47,6 +47,9 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
         .local_addr()
         .context("reading the HTTP listener's address")?;
     let handle = metrics::install()?;
+    if config.schedule.drill.is_some() {
+        metrics::register_drills(&config.drill);
+    }
     let config = Arc::new(config);
     let uses_postgres = pgdata.is_some()
         || config.schedule.pg_dump.is_some()
@@ -123,6 +126,7 @@ fn schedules(config: &Config) -> Vec<(JobKind, crate::config::Schedule)> {
         (JobKind::Backup(Kind::Redis), &config.schedule.redis),
         (JobKind::Backup(Kind::Etcd), &config.schedule.etcd),
         (JobKind::Backup(Kind::Point), &config.schedule.mark),
+        (JobKind::Drill, &config.schedule.drill),
         (JobKind::Retention, &config.schedule.retention),
     ]
     .into_iter()
@@ -156,6 +160,19 @@ fn refuse_what_cannot_run(
             JobKind::Backup(Kind::Point) => {
                 config.redis.endpoint().context("schedule.mark is set")?;
             }
+            JobKind::Drill => {
+                if config.drill.kinds.is_empty() {
+                    return Err(Failure::Config(
+                        "schedule.drill is set but there is nothing to drill: the sidecar \
+                         schedules no pg-base, redis or etcd backup; name them in [drill] kinds"
+                            .into(),
+                    )
+                    .into());
+                }
+                for &kind in &config.drill.kinds {
+                    crate::jobs::drill::tool(kind).context("schedule.drill is set")?;
+                }
+            }
             JobKind::Backup(Kind::PgBase) | JobKind::IncrementalBase if pgdata.is_none() => {
                 return Err(Failure::Config(format!(
                     "schedule.{job} is set but the data directory is not: PGDATA or \
@@ -185,7 +202,7 @@ fn plan_memory(
 ) -> anyhow::Result<(Config, crate::pipeline::budget::SidecarPlan)> {
     let backup_kinds = schedules
         .iter()
-        .filter(|(job, _)| job.backup_kind().is_some())
+        .filter(|(job, _)| job.uses_memory())
         .count();
     let plan = crate::pipeline::budget::sidecar(
         config.pipeline.memory_limit,

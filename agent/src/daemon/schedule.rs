@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::{self, JobKind, RunResult};
 
-use crate::catalog::Kind;
+use crate::catalog::{Kind, Selector};
 use crate::config::{Config, Schedule};
 use crate::jobs;
 use crate::store::Store;
@@ -55,12 +55,12 @@ pub async fn run_on_schedule(
         let (config, store, cancel) = (config.clone(), store.clone(), runs.child_token());
         let slots = backup_slots.clone();
         running = Some(tokio::spawn(async move {
-            let _slot = match job.backup_kind() {
-                Some(_) => tokio::select! {
+            let _slot = match job.uses_memory() {
+                true => tokio::select! {
                     slot = slots.acquire_owned() => slot.ok(),
                     () = cancel.cancelled() => return,
                 },
-                None => None,
+                false => None,
             };
             run_once(job, &config, &store, &cancel).await;
         }));
@@ -77,6 +77,54 @@ pub async fn run_on_schedule(
 /// one of them coming round while the other runs is skipped, as a second run of one kind is.
 static BASE_BACKUP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Held by each backup of a kind a drill restores, and by that drill: a drill never runs
+/// beside a backup of its kind (they would compete for the node, the store and the memory
+/// limit, and the drill would time what it shared). Each waits for the other to finish; a
+/// backup is never skipped for a drill.
+static BUSY: std::sync::LazyLock<[Arc<tokio::sync::Mutex<()>>; 3]> =
+    std::sync::LazyLock::new(Default::default);
+
+fn busy(kind: Kind) -> Option<Arc<tokio::sync::Mutex<()>>> {
+    let index = match kind {
+        Kind::PgBase => 0,
+        Kind::Redis => 1,
+        Kind::Etcd => 2,
+        Kind::PgDump | Kind::Point => return None,
+    };
+    Some(BUSY[index].clone())
+}
+
+/// The kinds a backup job writes that a drill restores (a point takes a Redis backup and an
+/// etcd snapshot).
+fn drilled_kinds_written(job: JobKind, config: &Config) -> Vec<Kind> {
+    match job.backup_kind() {
+        Some(Kind::Point) if config.etcd.urls.is_empty() => vec![Kind::Redis],
+        Some(Kind::Point) => vec![Kind::Redis, Kind::Etcd],
+        Some(kind) => vec![kind],
+        None => Vec::new(),
+    }
+}
+
+/// Takes `kind`'s lock, waiting (and saying so) while a backup or drill of it holds it;
+/// `None` when cancelled.
+async fn hold(
+    kind: Kind,
+    job: JobKind,
+    cancel: &CancellationToken,
+) -> Option<Option<tokio::sync::OwnedMutexGuard<()>>> {
+    let Some(lock) = busy(kind) else {
+        return Some(None);
+    };
+    if let Ok(guard) = lock.clone().try_lock_owned() {
+        return Some(Some(guard));
+    }
+    tracing::info!(kind = %job, busy = %kind, "waiting: a {kind} backup or drill is running");
+    tokio::select! {
+        guard = lock.lock_owned() => Some(Some(guard)),
+        () = cancel.cancelled() => None,
+    }
+}
+
 /// One run, with its outcome logged (one line) and recorded in the metrics.
 pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &CancellationToken) {
     let started = Instant::now();
@@ -91,7 +139,18 @@ pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &Can
         },
         _ => None,
     };
+    let mut _busy = Vec::new();
+    for kind in drilled_kinds_written(job, config) {
+        match hold(kind, job, cancel).await {
+            Some(guard) => _busy.push(guard),
+            None => {
+                metrics::run_finished(job, RunResult::Failure, started.elapsed().as_secs_f64());
+                return;
+            }
+        }
+    }
     let outcome = match job.backup_kind() {
+        None if job == JobKind::Drill => drills(config, store, cancel).await,
         Some(kind) => {
             let request = match job {
                 JobKind::IncrementalBase => {
@@ -135,5 +194,43 @@ pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &Can
             tracing::error!(kind = %job, error = format!("{error:#}"), "run failed");
             metrics::run_finished(job, RunResult::Failure, seconds);
         }
+    }
+}
+
+/// A restore drill of the newest backup of each `[drill]` kind, one after the other, each
+/// holding its kind's lock; a kind that fails does not stop the others.
+async fn drills(config: &Config, store: &Store, cancel: &CancellationToken) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for kind in config.drill.kinds.clone() {
+        let Some(_busy) = hold(kind, JobKind::Drill, cancel).await else {
+            anyhow::bail!("drills interrupted");
+        };
+        match jobs::drill::drill(config, store, kind, Selector::Latest, cancel).await {
+            Ok(report) => {
+                tracing::info!(
+                    kind = %kind,
+                    backup = %report.backup,
+                    rto_seconds = report.rto.as_secs_f64(),
+                    "restore drill passed"
+                );
+                metrics::drill_succeeded(kind, report.rto);
+            }
+            // Stopped by SIGTERM: not a verdict on the backup.
+            Err(error) if cancel.is_cancelled() => {
+                return Err(error.context(format!("the {kind} drill was interrupted")));
+            }
+            Err(error) => {
+                tracing::error!(kind = %kind, error = format!("{error:#}"), "restore drill failed");
+                metrics::drill_failed(kind);
+                failed.push(kind.to_string());
+            }
+        }
+    }
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(anyhow::anyhow!(
+            "restore drills failed: {}",
+            failed.join(", ")
+        )),
     }
 }

@@ -254,39 +254,58 @@ async fn point_position(
     ))))
 }
 
+/// One of several store operations run concurrently, boxed as a Send future while its
+/// lifetimes are concrete.
+type Look<'a, T> = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<T>> + Send + 'a>>;
+
 /// Every object of every backup of the chain is in the store, before anything is written: a
 /// parent's stream deleted by hand fails here, in one line, not half-way through the restore.
 async fn check_objects_exist(store: &Store, chain: &[Manifest]) -> anyhow::Result<()> {
-    let objects = chain
+    // Collected and boxed first: closures that return futures borrowing the chain make the
+    // restore's future not provably Send where the sidecar spawns a drill.
+    let objects: Vec<(&Manifest, &crate::catalog::StoredObject)> = chain
         .iter()
-        .flat_map(|m| m.objects.iter().map(move |o| (m, o)));
-    let looks = futures::stream::iter(objects)
-        .map(|(manifest, object)| async move {
-            let key = crate::store::ObjectKey::from(object.key.as_str());
-            match store.head(&key).await {
-                Ok(_) => Ok(()),
-                Err(crate::store::StoreError::NotFound { .. }) => Err(Failure::Corrupt(format!(
-                    "{} of pg-base backup {} is not in {}: {}",
-                    object.key,
-                    manifest.id,
-                    store.name(),
-                    if Some(manifest) == chain.last() {
-                        "the backup cannot be restored".to_string()
-                    } else {
-                        format!(
-                            "{} is an incremental on top of it and cannot be restored",
-                            chain.last().map(|m| m.id.to_string()).unwrap_or_default()
-                        )
-                    }
-                ))
-                .into()),
-                Err(error) => Err(anyhow::Error::new(error)),
-            }
+        .flat_map(|m| m.objects.iter().map(move |o| (m, o)))
+        .collect();
+    let looks: Vec<Look<'_, ()>> = objects
+        .into_iter()
+        .map(|(manifest, object)| {
+            Box::pin(object_exists(store, chain, manifest, object)) as Look<'_, ()>
         })
+        .collect();
+    let looks = futures::stream::iter(looks)
         .buffer_unordered(8)
         .collect::<Vec<anyhow::Result<()>>>()
         .await;
     looks.into_iter().collect()
+}
+
+async fn object_exists(
+    store: &Store,
+    chain: &[Manifest],
+    manifest: &Manifest,
+    object: &crate::catalog::StoredObject,
+) -> anyhow::Result<()> {
+    let key = crate::store::ObjectKey::from(object.key.as_str());
+    match store.head(&key).await {
+        Ok(_) => Ok(()),
+        Err(crate::store::StoreError::NotFound { .. }) => Err(Failure::Corrupt(format!(
+            "{} of pg-base backup {} is not in {}: {}",
+            object.key,
+            manifest.id,
+            store.name(),
+            if Some(manifest) == chain.last() {
+                "the backup cannot be restored".to_string()
+            } else {
+                format!(
+                    "{} is an incremental on top of it and cannot be restored",
+                    chain.last().map(|m| m.id.to_string()).unwrap_or_default()
+                )
+            }
+        ))
+        .into()),
+        Err(error) => Err(anyhow::Error::new(error)),
+    }
 }
 
 /// Refusals of the request are usage errors (exit 2); a broken archive is a failure (exit 3).
@@ -505,22 +524,28 @@ async fn unpack_all(
         crate::catalog::manifest::SourceFacts::PgBase(facts) => facts.is_incremental(),
         _ => false,
     };
-    let results: Vec<anyhow::Result<Vec<String>>> =
-        futures::stream::iter(manifest.objects.iter().enumerate())
-            .map(|(stream, object)| {
-                let abort = abort.clone();
-                let files = super::base_tar::files_of_stream(manifest, stream).unwrap_or_default();
-                async move {
-                    let result = unpack(store, object, files, delta, destination, &abort).await;
-                    if result.is_err() {
-                        abort.cancel();
-                    }
-                    result
+    // Boxed before they are streamed (see `Look`): a stream that maps with a closure
+    // returning futures is not provably Send where the sidecar spawns a drill.
+    let unpacks: Vec<Look<'_, Vec<String>>> = manifest
+        .objects
+        .iter()
+        .enumerate()
+        .map(|(stream, object)| {
+            let abort = abort.clone();
+            let files = super::base_tar::files_of_stream(manifest, stream).unwrap_or_default();
+            Box::pin(async move {
+                let result = unpack(store, object, files, delta, destination, &abort).await;
+                if result.is_err() {
+                    abort.cancel();
                 }
-            })
-            .buffer_unordered(PARALLEL_STREAMS)
-            .collect()
-            .await;
+                result
+            }) as Look<'_, Vec<String>>
+        })
+        .collect();
+    let results: Vec<anyhow::Result<Vec<String>>> = futures::stream::iter(unpacks)
+        .buffer_unordered(PARALLEL_STREAMS)
+        .collect()
+        .await;
     if cancel.is_cancelled() {
         return Err(Failure::Interrupted("restore interrupted".into()).into());
     }
