@@ -78,7 +78,7 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
     let dir = tempfile::tempdir().unwrap();
     let rules = extract_rules(dir.path());
     let checked = run_ok(tool("promtool").args(["check", "rules"]).arg(&rules));
-    assert!(String::from_utf8_lossy(&checked.stdout).contains("SUCCESS: 11 rules found"));
+    assert!(String::from_utf8_lossy(&checked.stdout).contains("SUCCESS: 14 rules found"));
     std::fs::copy(
         docker().join("prometheus/gc-backup-rules.test.yaml"),
         dir.path().join("gc-backup-rules.test.yaml"),
@@ -104,7 +104,7 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
                 .filter_map(|l| l.trim().strip_prefix("alert: ")),
         )
         .collect();
-    assert_eq!(alerts.len(), 11, "{rules_text}");
+    assert_eq!(alerts.len(), 14, "{rules_text}");
     for alert in alerts {
         let fires = tests_text
             .split("alertname: ")
