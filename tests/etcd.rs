@@ -57,8 +57,21 @@ fn a_snapshot_restores_to_a_member_with_the_same_data() {
         .find(|k| k.ends_with(".zst"))
         .unwrap();
     agent.ok(&["verify", "--kind", "etcd"]);
+    // The drill: restored, read by `snapshot status`, built into a member's data directory.
+    let drill = agent.ok(&["verify", "--restore", "--kind", "etcd"]);
+    assert!(
+        drill.contains(&format!("Restore drill of etcd {id}"))
+            && drill.contains(&format!("revision {},", entry["revision"]))
+            && drill.contains("RTO"),
+        "{drill}"
+    );
     weed.flip_byte(&key);
     assert_fails(&agent.run(&["verify", "--kind", "etcd"]), 3, "problem");
+    assert_fails(
+        &agent.run(&["verify", "--restore", "--kind", "etcd"]),
+        3,
+        &id,
+    );
     let rotten = agent.home().join("rotten.db");
     let output = agent.run(&["restore", "etcd", &id, "--output", rotten.to_str().unwrap()]);
     assert_fails(&output, 3, &id);

@@ -108,12 +108,25 @@ fn a_flipped_bit_in_the_store_fails_the_restore_and_writes_no_file() {
     source.populate(5_000);
     let agent = Agent::for_store(&weed, "rot").with("GC_BACKUP_REDIS_URL", &source.url());
     let id = agent.backup(&["backup", "redis"]);
+    // The drill: a temporary redis-server loads the snapshot and counts its keys.
+    let keys = source.cli(&["DBSIZE"]);
+    let drill = agent.ok(&["verify", "--restore", "--kind", "redis"]);
+    assert!(
+        drill.contains(&format!("Restore drill of redis {id}"))
+            && drill.contains(&format!("loaded dump.rdb: {keys} keys")),
+        "{drill}"
+    );
     let key = weed
         .keys("rot/data/redis")
         .into_iter()
         .find(|k| k.ends_with(".zst"))
         .unwrap();
     weed.flip_byte(&key);
+    assert_fails(
+        &agent.run(&["verify", "--restore", "--kind", "redis"]),
+        3,
+        &id,
+    );
     let out = agent.home().join("restored");
     let output = agent.run(&["restore", "redis", &id, "--output", out.to_str().unwrap()]);
     assert_fails(&output, 3, &id);
@@ -189,6 +202,13 @@ fn an_aof_set_restores_and_unchanged_files_are_not_uploaded_again() {
     }
     let second_digest = source.digest();
     let second = agent.backup(&["backup", "redis"]);
+    // The drill loads the AOF set, as Redis does when both are there.
+    let keys = source.cli(&["DBSIZE"]);
+    let drill = agent.ok(&["verify", "--restore", "--kind", "redis"]);
+    assert!(
+        drill.contains(&format!("loaded the AOF set: {keys} keys")),
+        "{drill}"
+    );
 
     let listed = agent.list_json();
     let entry = |id: &str| listed.iter().find(|e| e["id"] == id).unwrap().clone();

@@ -170,7 +170,22 @@ async fn redis(
     let restored = super::redis::restore(store, &selector, &data, cancel).await?;
     let restore = started.elapsed();
     let id = restored.manifest.id.clone();
-    let mut loading = TemporaryRedis::start(&server, scratch.path(), &data, &restored)?;
+    let aof = match (&restored.aof_dir, &restored.manifest.source) {
+        (Some(dir), crate::catalog::manifest::SourceFacts::Redis(facts)) => Some(AofSet {
+            dirname: dir.file_name().map_or_else(
+                || "appendonlydir".into(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
+            filename: facts
+                .aof
+                .as_ref()
+                .and_then(|aof| aof.manifest_name.strip_suffix(".manifest"))
+                .unwrap_or("appendonly.aof")
+                .to_string(),
+        }),
+        _ => None,
+    };
+    let mut loading = TemporaryRedis::start(&server, scratch.path(), &data, aof.as_ref())?;
     let (server_version, keys) = tokio::select! {
         loaded = loading.wait_loaded() => loaded.with_context(|| format!("redis drill of backup {id}"))?,
         () = cancel.cancelled() => {
@@ -197,6 +212,14 @@ async fn redis(
     })
 }
 
+/// Where a restored AOF set is, in Redis' terms.
+struct AofSet {
+    /// `appenddirname`, inside the data directory.
+    dirname: String,
+    /// `appendfilename`: the manifest's name without `.manifest`.
+    filename: String,
+}
+
 /// A `redis-server` on restored files, reachable only through a socket in the drill's
 /// directory, saving nothing; killed when dropped.
 struct TemporaryRedis {
@@ -210,7 +233,7 @@ impl TemporaryRedis {
         server: &Path,
         scratch: &Path,
         data: &Path,
-        restored: &super::redis::RestoreRedisReport,
+        aof: Option<&AofSet>,
     ) -> anyhow::Result<Self> {
         let socket = scratch.join("redis.sock");
         // sun_path holds 107 bytes and a NUL.
@@ -232,24 +255,15 @@ impl TemporaryRedis {
             .args(["--dbfilename", "dump.rdb", "--save", ""])
             .arg("--logfile")
             .arg(&log);
-        match (&restored.aof_dir, &restored.manifest.source) {
-            (Some(dir), crate::catalog::manifest::SourceFacts::Redis(facts)) => {
-                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
-                let appendfilename = facts
-                    .aof
-                    .as_ref()
-                    .and_then(|aof| aof.manifest_name.strip_suffix(".manifest"))
-                    .unwrap_or("appendonly.aof");
+        match aof {
+            Some(aof) => {
                 command
-                    .args(["--appendonly", "yes", "--appendfilename", appendfilename])
-                    .args([
-                        "--appenddirname",
-                        name.as_deref().unwrap_or("appendonlydir"),
-                    ])
+                    .args(["--appendonly", "yes", "--appendfilename", &aof.filename])
+                    .args(["--appenddirname", &aof.dirname])
                     // A damaged AOF fails the drill instead of loading what precedes the damage.
                     .args(["--aof-load-truncated", "no"]);
             }
-            _ => {
+            None => {
                 command.args(["--appendonly", "no"]);
             }
         }
@@ -426,6 +440,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!((status.revision, status.total_key), (7, 12));
+    }
+
+    /// What redis-server cannot load fails the drill with the server's own last words.
+    #[tokio::test]
+    async fn a_snapshot_redis_cannot_load_fails_with_its_log() {
+        let server = crate::host::on_path("redis-server")
+            .expect("redis-server (scripts/test installs redis-server)");
+        let scratch = tempfile::tempdir().unwrap();
+        let data = scratch.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("dump.rdb"), b"REDIS0010 not an rdb at all").unwrap();
+        let mut redis = TemporaryRedis::start(&server, scratch.path(), &data, None).unwrap();
+        let error = redis.wait_loaded().await.unwrap_err();
+        let text = format!("{error:#}");
+        assert!(text.starts_with("redis-server could not load"), "{text}");
+        assert!(!text.contains("nothing in"), "the log was not read: {text}");
     }
 
     #[test]
