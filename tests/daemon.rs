@@ -395,6 +395,69 @@ fn a_drill_of_a_damaged_backup_fails_and_is_counted() {
     assert!(status.success(), "exit after SIGTERM: {status:?}");
 }
 
+/// The drill Deployment (docker/k8s) runs with the restore identity, which can read and list
+/// the bucket and nothing else: a sidecar that only drills must work with it, and write nothing.
+#[test]
+fn a_sidecar_that_only_drills_works_with_credentials_that_cannot_write() {
+    let weed = Seaweed::start();
+    let (pg, _) = harness::archiving_cluster(&weed, "drill-ro");
+    pg.psql("postgres", "CREATE TABLE t AS SELECT 1 AS n");
+    let redis = Redis::start(false);
+    redis.cli(&["SET", "k", "v"]);
+    let writer =
+        Agent::for_cluster(&pg, &weed, "drill-ro").with("GC_BACKUP_REDIS_URL", &redis.url());
+    writer.backup(&["backup", "pg-base"]);
+    writer.backup(&["backup", "redis"]);
+
+    // Neither PGDATA nor a PostgreSQL to back up: only the store, as the restore identity.
+    let tmp = harness::shared_temp_dir("drill-ro-tmp");
+    let mut reader = Agent::for_store(&weed, "drill-ro")
+        .with("AWS_ACCESS_KEY_ID", harness::READER_ACCESS_KEY)
+        .with("AWS_SECRET_ACCESS_KEY", harness::READER_SECRET_KEY)
+        .with("TMPDIR", tmp.path().to_str().unwrap());
+    let refused = reader
+        .clone_with("GC_BACKUP_REDIS_URL", &redis.url())
+        .run(&["backup", "redis"]);
+    assert!(!refused.status.success(), "the reader could write a backup");
+    // Production's archive_command goes on storing WAL beside the drills: the rest is compared.
+    let backups = || {
+        let mut keys = weed.keys("drill-ro");
+        keys.retain(|key| !key.starts_with("drill-ro/wal/") || key.ends_with(".history"));
+        keys
+    };
+    let stored = backups();
+
+    reader.with_config(
+        "[schedule]\ndrill = \"*/2 * * * * *\"\n[drill]\nkinds = [\"redis\", \"pg-base\"]\n",
+    );
+    let mut daemon = Daemon::start(&reader);
+    wait_for("a drill of both kinds", 180, || {
+        let metrics = daemon.metrics();
+        ["redis", "pg-base"].iter().all(|kind| {
+            sample(
+                &metrics,
+                &format!("gc_backup_drill_last_success_timestamp_seconds{{kind=\"{kind}\"}}"),
+            ) > 0.0
+        })
+    });
+    assert_eq!(get(daemon.port, "/health/ready").0, 200);
+    let metrics = daemon.metrics();
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"gc_backup_drill_failures_total{kind="pg-base"}"#
+        ),
+        0.0,
+        "{metrics}"
+    );
+    let (status, _) = daemon.terminate();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
+    let log = std::fs::read_to_string(reader.home().join("daemon.log")).unwrap();
+    assert!(!log.contains("ERROR"), "{log}");
+    assert!(log.contains("only drills"), "{log}");
+    assert_eq!(backups(), stored, "a drill wrote to the store");
+}
+
 #[test]
 fn a_scheduled_kind_without_its_settings_is_refused_at_start() {
     let mut agent = Agent::new(Vec::new());

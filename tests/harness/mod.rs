@@ -31,6 +31,9 @@ pub use tls::{private_ca, signed_certificate};
 pub const BUCKET: &str = "gcb-test";
 pub const ACCESS_KEY: &str = "gcb-test-access";
 pub const SECRET_KEY: &str = "gcb-test-secret-key";
+/// Credentials that may read and list the bucket, nothing else (the restore identity).
+pub const READER_ACCESS_KEY: &str = "gcb-test-reader";
+pub const READER_SECRET_KEY: &str = "gcb-test-reader-secret";
 
 /// Every port this test binary has handed out. The kernel hands a released port out again, so
 /// two tests running at once could otherwise be given the same one: the second server then

@@ -12,7 +12,8 @@ use object_store::aws::AmazonS3Builder;
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use super::{
-    ACCESS_KEY, BUCKET, SECRET_KEY, block_on, free_ports, private_ca, run_ok, signed_certificate,
+    ACCESS_KEY, BUCKET, READER_ACCESS_KEY, READER_SECRET_KEY, SECRET_KEY, block_on, free_ports,
+    private_ca, run_ok, signed_certificate,
 };
 
 /// SeaweedFS's all-in-one server with an S3 gateway and one bucket.
@@ -65,7 +66,11 @@ impl Seaweed {
             &config,
             serde_json::json!({"identities": [{"name": "gcb",
                 "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+                // What the restore identity of README's "Least privilege" may do.
+                {"name": "gcb-reader",
+                "credentials": [{"accessKey": READER_ACCESS_KEY, "secretKey": READER_SECRET_KEY}],
+                "actions": ["Read", "List"]}]})
             .to_string(),
         )
         .expect("write s3.json");

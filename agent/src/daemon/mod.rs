@@ -39,7 +39,19 @@ pub async fn run(config: Config, store: Store, shutdown: CancellationToken) -> a
     let pgdata = config.postgres.pgdata.clone();
     let (config, plan) = plan_memory(config, &schedules)?;
     let backup_slots = Arc::new(tokio::sync::Semaphore::new(plan.backups_at_once));
-    let store = check_store(&config, store).await;
+    // A sidecar that only drills reads the store, and runs best with credentials that cannot
+    // write (README, "Least privilege"): the start-up check's probes would write.
+    let only_reads = pgdata.is_none()
+        && config.postgres.stream.is_none()
+        && schedules.iter().all(|(job, _)| *job == JobKind::Drill);
+    let store = if only_reads {
+        tracing::info!(
+            "this sidecar only drills: it never writes to the store, whose write checks are skipped"
+        );
+        store
+    } else {
+        check_store(&config, store).await
+    };
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .map_err(|e| Failure::Config(format!("cannot listen on {}: {e}", config.metrics_listen)))?;
