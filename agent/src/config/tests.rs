@@ -200,6 +200,20 @@ fn the_kubernetes_configmaps_parse() {
         config.redis.aof_dir.as_deref(),
         Some(Path::new("/data/appendonlydir"))
     );
+
+    let drill_pod = configmap_toml(include_str!(
+        "../../../docker/k8s/restore-drill-deployment.yaml"
+    ));
+    let config = resolve_with(&drill_pod, &[], Overrides::default()).unwrap();
+    assert!(config.schedule.drill.is_some() && config.schedule.pg_base.is_none());
+    assert_eq!(
+        config.drill.kinds,
+        vec![Kind::PgBase, Kind::Redis, Kind::Etcd]
+    );
+    assert_eq!(
+        config.drill.rto_bound.get(&Kind::PgBase),
+        Some(&std::time::Duration::from_secs(7200))
+    );
 }
 
 #[test]
@@ -333,6 +347,8 @@ fn the_example_config_shipped_in_docker_parses() {
     );
     assert_eq!(config.etcd.urls.len(), 1);
     assert!(config.etcd.tls.key_file.is_some());
+    assert!(config.schedule.drill.is_some());
+    assert_eq!(config.drill.kinds, vec![Kind::PgBase, Kind::Redis]);
 }
 
 #[test]
