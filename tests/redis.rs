@@ -503,3 +503,48 @@ fn a_moment_between_a_rewrite_and_the_next_write_is_the_base_alone() {
         "{report}"
     );
 }
+
+/// `pipeline.max-upload-rate` holds a backup to its rate: the last part leaves no sooner than
+/// the parts before it take at that rate. A lower bound, which no machine's speed can break.
+#[test]
+fn an_upload_rate_limit_holds_a_backup_to_its_rate() {
+    use std::io::Read;
+    const MIB: f64 = 1024.0 * 1024.0;
+    let source = Redis::start(false);
+    // Values zstd cannot shrink below half: the hex of random bytes.
+    let mut random = std::fs::File::open("/dev/urandom").unwrap();
+    for i in 0..60 {
+        let mut bytes = vec![0u8; 50 * 1024];
+        random.read_exact(&mut bytes).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        source.cli(&["SET", &format!("blob:{i}"), &hex]);
+    }
+    let store = tempfile::tempdir().unwrap();
+    let agent = Agent::new(vec![
+        (
+            "GC_BACKUP_STORE".into(),
+            format!("file://{}", store.path().display()),
+        ),
+        ("GC_BACKUP_REDIS_URL".into(), source.url()),
+        ("GC_BACKUP_PART_SIZE".into(), "1MiB".into()),
+        ("GC_BACKUP_MAX_UPLOAD_RATE".into(), "1MiB/s".into()),
+    ]);
+    let begun = std::time::Instant::now();
+    let id = agent.backup(&["backup", "redis"]);
+    let elapsed = begun.elapsed().as_secs_f64();
+    let listed = agent.list_json();
+    let entry = listed.iter().find(|e| e["id"] == id.as_str()).unwrap();
+    let stored = entry["stored_bytes"].as_f64().unwrap();
+    assert!(stored > 3.0 * MIB, "too little to measure: {entry}");
+    // Every part but the last (at most 1 MiB) is paid for at 1 MiB/s before the last leaves.
+    let floor = (stored - MIB) / MIB;
+    assert!(
+        elapsed >= floor,
+        "{stored} bytes stored in {elapsed:.2}s: faster than 1MiB/s allows ({floor:.2}s)"
+    );
+
+    let refused = agent
+        .clone_with("GC_BACKUP_MAX_UPLOAD_RATE", "100KiB/s")
+        .run(&["backup", "redis"]);
+    assert_fails(&refused, 2, "below 1MiB/s");
+}

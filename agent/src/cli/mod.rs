@@ -42,6 +42,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load(&cli.overrides())?;
+    crate::pipeline::rate::install(config.max_upload_rate, config.max_download_rate);
     // PostgreSQL calls wal-fetch once per segment and waits for each: a segment the
     // prefetcher has spooled is handed over before any client is built (that took longer
     // than the rename).

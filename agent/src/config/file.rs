@@ -137,6 +137,10 @@ pub struct PipelineSection {
     /// What the process may hold, e.g. "64MiB" (the default): streams, parts in flight and
     /// zstd frames are chosen to fit it at any core count.
     pub memory_limit: Option<String>,
+    /// Bytes per second the process may upload, all backups together, e.g. "50MiB/s".
+    pub max_upload_rate: Option<String>,
+    /// Bytes per second restores may download, e.g. "200MiB/s".
+    pub max_download_rate: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -35,6 +35,22 @@ impl Config {
         let retention = resolve_retention(&file.retention)?;
         let encryption = resolve_encryption(file.encryption, &env)?;
         let as_of = resolve_as_of(&env, flags)?;
+        let rate = |key: &str, variable: &str, file: &Option<String>| {
+            env(variable)
+                .or_else(|| file.clone())
+                .map(|text| parse_rate(key, &text))
+                .transpose()
+        };
+        let max_upload_rate = rate(
+            "pipeline.max-upload-rate",
+            "GC_BACKUP_MAX_UPLOAD_RATE",
+            &file.pipeline.max_upload_rate,
+        )?;
+        let max_download_rate = rate(
+            "pipeline.max-download-rate",
+            "GC_BACKUP_MAX_DOWNLOAD_RATE",
+            &file.pipeline.max_download_rate,
+        )?;
         let listen = env("GC_BACKUP_METRICS_LISTEN")
             .or(file.metrics.listen)
             .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
@@ -62,6 +78,8 @@ impl Config {
                     "0" | "off" | "false" | "no"
                 )
             }),
+            max_upload_rate,
+            max_download_rate,
             origin: Overrides {
                 config_file: flags.config_file(&env),
                 ..flags.clone()
@@ -534,6 +552,20 @@ pub fn parse_size(text: &str) -> Result<usize, ConfigError> {
         .ok()
         .and_then(|n| n.checked_mul(multiplier))
         .ok_or_else(|| err(format!("size '{text}' is not a size")))
+}
+
+/// A rate such as `50MiB/s` (the `/s` may be left out); at least 1 MiB/s, below which a
+/// base backup would take days and WAL would outrun it.
+fn parse_rate(key: &str, text: &str) -> Result<u64, ConfigError> {
+    let size = text.trim();
+    let size = size.strip_suffix("/s").unwrap_or(size);
+    let bytes = parse_size(size).map_err(|e| err(format!("{key}: {e}")))?;
+    if bytes < MIB {
+        return Err(err(format!(
+            "{key} '{text}' is below 1MiB/s (write it as e.g. 50MiB/s)"
+        )));
+    }
+    Ok(bytes as u64)
 }
 
 fn parse_duration(key: &str, text: Option<&str>) -> Result<Option<Duration>, ConfigError> {

@@ -25,6 +25,9 @@ pub struct Config {
     pub as_of: Option<chrono::DateTime<chrono::Utc>>,
     /// Whether `wal-fetch` reads the next segments ahead (`GC_BACKUP_WAL_PREFETCH`).
     pub wal_prefetch: bool,
+    /// `pipeline.max-upload-rate` and `max-download-rate`, bytes per second for the process.
+    pub max_upload_rate: Option<u64>,
+    pub max_download_rate: Option<u64>,
     /// The flags this was resolved with (see [`Config::child_env`]).
     pub origin: Overrides,
 }

@@ -684,3 +684,31 @@ fn a_drill_restores_what_the_sidecar_backs_up_unless_told_which_kinds() {
         assert!(error.contains(needle), "{toml}: {error}");
     }
 }
+
+#[test]
+fn rates_are_bytes_per_second_from_the_file_or_the_environment() {
+    let toml = "[pipeline]\nmax-upload-rate = \"50MiB/s\"\nmax-download-rate = \"1GiB\"\n";
+    let config = resolve_with(toml, &[], Overrides::default()).unwrap();
+    assert_eq!(config.max_upload_rate, Some(50 * MIB as u64));
+    assert_eq!(config.max_download_rate, Some(1024 * MIB as u64));
+    let env = [("GC_BACKUP_MAX_UPLOAD_RATE", "20MiB/s")];
+    let config = resolve_with(toml, &env, Overrides::default()).unwrap();
+    assert_eq!(config.max_upload_rate, Some(20 * MIB as u64));
+    assert_eq!(
+        resolve_with("", &[], Overrides::default())
+            .unwrap()
+            .max_upload_rate,
+        None
+    );
+    for (bad, needle) in [
+        ("512KiB/s", "below 1MiB/s"),
+        ("fast", "pipeline.max-upload-rate"),
+        ("50MiB/h", "unknown unit"),
+    ] {
+        let toml = format!("[pipeline]\nmax-upload-rate = \"{bad}\"\n");
+        let error = resolve_with(&toml, &[], Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(needle), "{bad}: {error}");
+    }
+}

@@ -57,6 +57,10 @@ pub async fn download(store: &Store, object: &Expected, sink: Sink) -> Result<Si
     let decoder = tokio::task::spawn_blocking(move || decode(rx, sink, &expected, identities));
     let fetching = async {
         while let Some(chunk) = stream.next().await {
+            if let Ok(bytes) = &chunk {
+                // Not reading is what slows the sender: TCP's window does the rest.
+                super::rate::download(bytes.len()).await;
+            }
             let failed = chunk.is_err();
             if tx.send(chunk).await.is_err() || failed {
                 break;

@@ -16,6 +16,7 @@
 pub mod budget;
 mod compress;
 mod download;
+pub mod rate;
 mod upload;
 
 use std::time::Duration;

@@ -36,8 +36,12 @@ pub(super) async fn run(
     let Some(second) = next(&mut parts, cancel, key).await? else {
         // The whole stream fits in one part: a plain PUT is one request instead of three.
         let stored_bytes = first.len() as u64;
+        let put = async {
+            super::rate::upload(first.len()).await;
+            store.put(key, PutPayload::from(first)).await
+        };
         tokio::select! {
-            put = store.put(key, PutPayload::from(first)) => put?,
+            put = put => put?,
             () = cancel.cancelled() => return Err(cancelled()),
         }
         slots.release();
@@ -117,9 +121,13 @@ async fn upload_parts(
     let mut start = |part: Bytes, in_flight: &mut FuturesUnordered<_>| {
         count += 1;
         stored_bytes += part.len() as u64;
-        let number = count;
+        let (number, bytes) = (count, part.len());
+        // Numbered now, in order; sent once the rate limit lets it.
         let future = upload.put_part(PutPayload::from(part));
-        in_flight.push(async move { future.await.map_err(|e| (number, e)) });
+        in_flight.push(async move {
+            super::rate::upload(bytes).await;
+            future.await.map_err(|e| (number, e))
+        });
     };
     for part in first_two {
         start(part, &mut in_flight);

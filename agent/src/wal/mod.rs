@@ -88,6 +88,8 @@ pub async fn store_archived(
 ) -> anyhow::Result<PushOutcome> {
     let name = file.name();
     let key = layout::wal_key(file);
+    // WAL is never held back by max-upload-rate; the backups behind it wait instead.
+    crate::pipeline::rate::upload_now(stored.len());
     match store.put_new(&key, stored).await {
         Ok(()) => {
             store.sync(&key).await?;

@@ -647,6 +647,7 @@ impl<'a> Stream<'a> {
             .context("compression worker failed")?
             .context("compressing streamed WAL")?;
             let started = std::time::Instant::now();
+            crate::pipeline::rate::upload_now(stored.len());
             store
                 .put(&key, stored.into())
                 .await
