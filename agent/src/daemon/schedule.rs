@@ -143,10 +143,8 @@ pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &Can
     for kind in drilled_kinds_written(job, config) {
         match hold(kind, job, cancel).await {
             Some(guard) => _busy.push(guard),
-            None => {
-                metrics::run_finished(job, RunResult::Failure, started.elapsed().as_secs_f64());
-                return;
-            }
+            // Shut down while waiting: nothing ran.
+            None => return,
         }
     }
     let outcome = match job.backup_kind() {
@@ -190,6 +188,10 @@ pub async fn run_once(job: JobKind, config: &Config, store: &Store, cancel: &Can
     metrics::peak_rss();
     match outcome {
         Ok(()) => metrics::run_finished(job, RunResult::Success, seconds),
+        // Shutdown stopped it (nothing was committed): not a failure to alert on.
+        Err(error) if cancel.is_cancelled() => {
+            tracing::warn!(kind = %job, error = format!("{error:#}"), "run interrupted by shutdown");
+        }
         Err(error) => {
             tracing::error!(kind = %job, error = format!("{error:#}"), "run failed");
             metrics::run_finished(job, RunResult::Failure, seconds);
