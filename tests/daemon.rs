@@ -340,6 +340,10 @@ fn the_sidecar_drills_every_kind_on_its_schedule_exports_the_rto_and_stops_mid_d
     });
     let (status, _) = daemon.terminate();
     assert!(status.success(), "exit after SIGTERM: {status:?}");
+    // Stopped by the shutdown, not failed: one warning, no error line to page anyone.
+    let log = std::fs::read_to_string(agent.home().join("daemon.log")).unwrap();
+    assert!(log.contains("run interrupted by shutdown"), "{log}");
+    assert!(!log.contains("run failed"), "{log}");
     assert_eq!(drill_dirs(tmp.path()), Vec::<String>::new());
     let servers = Command::new("pgrep")
         .args(["-f", &tmp.path().to_string_lossy()])
