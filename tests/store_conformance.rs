@@ -1,13 +1,13 @@
-//! The store conformance suite against every store kind: memory, a local directory, and S3
-//! (SeaweedFS on loopback).
+//! The store conformance suite against every store kind: memory, a local directory, S3
+//! (SeaweedFS on loopback) and Azure Blob Storage (Azurite).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod harness;
 
 use gc_backup::config::{StoreConfig, StoreLocation};
-use gc_backup::store::{OpenMode, Store};
-use harness::{Seaweed, conformance};
+use gc_backup::store::{ObjectKey, OpenMode, Store};
+use harness::{Azurite, Seaweed, StoreServer, conformance};
 
 #[tokio::test]
 async fn memory_store_conforms() {
@@ -50,4 +50,32 @@ async fn s3_store_conforms() {
     .await
     .unwrap();
     assert!(keys.is_empty(), "the suite left objects behind: {keys:?}");
+}
+
+/// The store as the agent opens it from `server`'s environment for `prefix`.
+fn agent_store(server: &dyn StoreServer, prefix: &str) -> Store {
+    let env = server.env(prefix);
+    let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let config =
+        gc_backup::config::Config::resolve(Default::default(), &lookup, &Default::default())
+            .unwrap();
+    Store::open(&config.store, OpenMode::Existing).unwrap()
+}
+
+/// Every key a fresh view of the store lists under the suite's prefix: none may be left.
+async fn assert_empty(store: &Store) {
+    let left = store.list(&ObjectKey::from("")).await.unwrap();
+    assert!(left.is_empty(), "the suite left objects behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn azure_store_conforms() {
+    let azurite = tokio::task::spawn_blocking(Azurite::start).await.unwrap();
+    let store = agent_store(&azurite, "conformance-prefix");
+    assert!(store.name().starts_with("az://"), "{}", store.name());
+    conformance::run_all(&store).await;
+    assert_empty(&agent_store(&azurite, "")).await;
+    tokio::task::spawn_blocking(move || drop(azurite))
+        .await
+        .unwrap();
 }

@@ -32,8 +32,8 @@ impl Agent {
     }
 
     /// An agent for `pg` (its database `postgres`, its PGDATA) that stores into `prefix`.
-    pub fn for_cluster(pg: &Postgres, weed: &Seaweed, prefix: &str) -> Self {
-        Self::for_store(weed, prefix)
+    pub fn for_cluster(pg: &Postgres, weed: &dyn super::StoreServer, prefix: &str) -> Self {
+        Self::new(weed.env(prefix))
             .with_env(pg.env())
             .with("PGDATABASE", "postgres")
             .with("PGDATA", pg.data_dir().to_str().expect("a UTF-8 path"))

@@ -1,4 +1,4 @@
-//! One suite that every store kind must pass (memory, local directory, S3): what the pipeline
+//! One suite that every store kind must pass (memory, local directory, S3, Azure): what the pipeline
 //! and the catalog rely on.
 
 use bytes::Bytes;

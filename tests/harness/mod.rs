@@ -1,5 +1,5 @@
 //! Real servers for end-to-end tests, each on free loopback ports in its own temp dir, stopped
-//! and removed on drop, one file per server: [`postgres`], [`seaweed`] (the S3 server),
+//! and removed on drop, one file per server: [`postgres`], [`seaweed`] (the S3 server), [`emulators`] (Azure's),
 //! [`redis`], [`etcd`]; [`tls`] makes certificates; [`agent`] runs the binary under test, [`daemon`] as the sidecar.
 //!
 //! `scripts/test` installs what is needed; a missing program is a test failure that says what
@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod conformance;
 pub mod daemon;
+pub mod emulators;
 pub mod etcd;
 pub mod postgres;
 pub mod redis;
@@ -20,6 +21,7 @@ use std::net::TcpListener;
 use std::process::{Command, Output};
 
 pub use agent::{Agent, assert_exit, assert_fails};
+pub use emulators::{Azurite, StoreServer};
 pub use postgres::{
     Postgres, agent_binary_for_postgres, archiving_cluster, archiving_cluster_configured,
     archiving_cluster_on, empty_pgdata, pg_bin_dir, pg_major_bin_dir, restore_started,
@@ -91,6 +93,21 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .build()
         .expect("runtime")
         .block_on(future)
+}
+
+/// Every key under `prefix` of `store`, sorted: what a test reads behind the agent's back.
+pub fn sorted_keys(store: &dyn object_store::ObjectStore, prefix: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    let mut keys: Vec<String> = block_on(async {
+        store
+            .list(Some(&object_store::path::Path::from(prefix)))
+            .map_ok(|meta| meta.location.to_string())
+            .try_collect()
+            .await
+            .expect("list")
+    });
+    keys.sort();
+    keys
 }
 
 /// Runs a command and panics with its output if it fails.

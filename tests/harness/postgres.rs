@@ -454,7 +454,7 @@ pub fn archiving_cluster_on(
 /// segment is archived (an `[encryption]` section, say).
 pub fn archiving_cluster_configured(
     server_bin: PathBuf,
-    weed: &Seaweed,
+    weed: &dyn super::StoreServer,
     prefix: &str,
     extra: &str,
 ) -> (Postgres, PathBuf) {

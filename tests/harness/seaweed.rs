@@ -387,16 +387,7 @@ impl Seaweed {
     /// Every key under `prefix`, sorted.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         let s3 = self.object_store();
-        let mut keys: Vec<String> = block_on(async {
-            use futures::TryStreamExt;
-            s3.list(Some(&ObjectKey::from(prefix)))
-                .map_ok(|meta| meta.location.to_string())
-                .try_collect()
-                .await
-                .expect("list")
-        });
-        keys.sort();
-        keys
+        super::sorted_keys(s3.as_ref(), prefix)
     }
 
     /// Deletes one object (a key from [`Seaweed::keys`]): data lost from the store.
@@ -478,5 +469,15 @@ impl Seaweed {
 impl Drop for Seaweed {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+impl super::StoreServer for Seaweed {
+    fn env(&self, prefix: &str) -> Vec<(String, String)> {
+        Seaweed::env(self, prefix)
+    }
+
+    fn config_file(&self, dir: &Path, prefix: &str) -> PathBuf {
+        Seaweed::config_file(self, dir, prefix)
     }
 }

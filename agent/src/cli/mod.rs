@@ -305,6 +305,13 @@ async fn retention(config: &Config, store: &Store, args: &RetentionArgs) -> anyh
     if let Some(reason) = &report.uploads_unchecked {
         tracing::warn!("stale multipart uploads not checked: {reason}");
     }
+    if let Some(note) = config
+        .store
+        .location
+        .s3_only("aborting stale multipart uploads")
+    {
+        tracing::info!("{note}: Azure drops uncommitted blocks by itself after 7 days");
+    }
     print_stdout(&render::retention_plan(&report, args.dry_run))?;
     eprintln!("{}", render::retention_summary(&report, args.dry_run));
     Ok(())
@@ -337,6 +344,9 @@ async fn as_of_view(
                 .to_string(),
         )
         .into());
+    }
+    if let Some(note) = config.store.location.s3_only("--as-of") {
+        return Err(Failure::Config(note).into());
     }
     let crate::config::StoreLocation::S3(s3) = &config.store.location else {
         return Err(Failure::Config(format!(

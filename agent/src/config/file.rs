@@ -99,10 +99,14 @@ pub struct MetricsSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
 pub struct StoreSection {
-    /// `s3://bucket/prefix` or `file:///path`.
+    /// `s3://bucket/prefix`, `az://container/prefix` or `file:///path`.
     pub url: Option<String>,
-    /// S3 endpoint for MinIO, SeaweedFS or any S3-compatible server.
+    /// S3 endpoint for MinIO, SeaweedFS or any S3-compatible server; Azure's account URL.
     pub endpoint: Option<String>,
+    /// Azure storage account.
+    pub account: Option<String>,
+    /// Azure storage account key.
+    pub account_key: Option<Secret>,
     pub region: Option<String>,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<Secret>,

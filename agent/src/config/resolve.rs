@@ -191,6 +191,9 @@ fn resolve_object_lock(
             )));
         }
     };
+    if let Some(note) = location.s3_only("store.object-lock") {
+        return Err(err(note));
+    }
     if !matches!(location, StoreLocation::S3(_)) {
         return Err(err(
             "store.object-lock needs an s3:// store: a local directory has no object lock",
@@ -224,7 +227,8 @@ fn parse_store_url(
 ) -> Result<StoreLocation, ConfigError> {
     let unsupported = || {
         err(format!(
-            "store URL '{}' is not supported: use s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH",
+            "store URL '{}' is not supported: use s3://BUCKET[/PREFIX], az://CONTAINER[/PREFIX] \
+             or file:///ABSOLUTE/PATH",
             redact_url(url)
         ))
     };
@@ -243,35 +247,30 @@ fn parse_store_url(
             embedded_default: false,
         });
     }
-    let rest = url.strip_prefix("s3://").ok_or_else(unsupported)?;
-    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    if !valid_bucket_name(bucket) {
-        return Err(err(format!(
-            "store URL '{}': '{bucket}' is not a valid bucket name (3 to 63 characters: \
-             lower-case letters, digits, dots and hyphens)",
-            redact_url(url)
-        )));
-    }
-    let prefix = prefix.trim_matches('/').to_string();
-    if prefix
-        .split('/')
-        .any(|segment| segment == "." || segment == "..")
+    if let Some(rest) = url
+        .strip_prefix("az://")
+        .or_else(|| url.strip_prefix("azure://"))
     {
-        return Err(err(format!(
-            "store URL '{url}': the prefix may not contain . or .."
-        )));
+        let (container, prefix) = bucket_and_prefix(url, rest, "container", b"-")?;
+        let endpoint = env("AZURE_STORAGE_ENDPOINT").or_else(|| file.endpoint.clone());
+        check_endpoint("Azure", endpoint.as_deref())?;
+        return Ok(StoreLocation::Azure(AzureLocation {
+            container,
+            prefix,
+            account: env("AZURE_STORAGE_ACCOUNT_NAME").or_else(|| file.account.clone()),
+            access_key: env("AZURE_STORAGE_ACCOUNT_KEY")
+                .or_else(|| env("AZURE_STORAGE_ACCESS_KEY"))
+                .map(Secret::new)
+                .or_else(|| file.account_key.clone()),
+            endpoint,
+        }));
     }
+    let rest = url.strip_prefix("s3://").ok_or_else(unsupported)?;
+    let (bucket, prefix) = bucket_and_prefix(url, rest, "bucket", b".-")?;
     let endpoint = env("AWS_ENDPOINT_URL_S3")
         .or_else(|| env("AWS_ENDPOINT_URL"))
         .or_else(|| file.endpoint.clone());
-    if let Some(endpoint) = &endpoint
-        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-    {
-        return Err(err(format!(
-            "S3 endpoint '{}' must start with http:// or https://",
-            redact_url(endpoint)
-        )));
-    }
+    check_endpoint("S3", endpoint.as_deref())?;
     let region = env("AWS_REGION")
         .or_else(|| env("AWS_DEFAULT_REGION"))
         .or_else(|| file.region.clone())
@@ -296,13 +295,54 @@ fn parse_store_url(
     }))
 }
 
-fn valid_bucket_name(name: &str) -> bool {
-    (3..=63).contains(&name.len())
-        && name
+fn check_endpoint(what: &str, endpoint: Option<&str>) -> Result<(), ConfigError> {
+    match endpoint {
+        Some(endpoint)
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) =>
+        {
+            Err(err(format!(
+                "{what} endpoint '{}' must start with http:// or https://",
+                redact_url(endpoint)
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `BUCKET[/PREFIX]` after the scheme: a bucket (or container) name of 3 to 63 lower-case
+/// letters, digits and the `extra` punctuation, and a prefix without `.` or `..` segments.
+fn bucket_and_prefix(
+    url: &str,
+    rest: &str,
+    what: &str,
+    extra: &[u8],
+) -> Result<(String, String), ConfigError> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid = (3..=63).contains(&bucket.len())
+        && bucket
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || extra.contains(&b))
+        && bucket.as_bytes()[0].is_ascii_alphanumeric()
+        && bucket.as_bytes()[bucket.len() - 1].is_ascii_alphanumeric();
+    if !valid {
+        let punctuation: Vec<String> = extra.iter().map(|b| format!("'{}'", *b as char)).collect();
+        return Err(err(format!(
+            "store URL '{}': '{bucket}' is not a valid {what} name (3 to 63 characters: \
+             lower-case letters, digits and {})",
+            redact_url(url),
+            punctuation.join(" ")
+        )));
+    }
+    let prefix = prefix.trim_matches('/').to_string();
+    if prefix
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(err(format!(
+            "store URL '{url}': the prefix may not contain . or .."
+        )));
+    }
+    Ok((bucket.to_string(), prefix))
 }
 
 /// Drops any `user:password@` from a URL before it is shown.

@@ -158,6 +158,20 @@ pub enum StoreLocation {
         embedded_default: bool,
     },
     S3(S3Location),
+    /// `az://container/prefix`: Azure Blob Storage.
+    Azure(AzureLocation),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AzureLocation {
+    pub container: String,
+    pub prefix: String,
+    /// The storage account; without it object_store's own `AZURE_*` variables must name one.
+    pub account: Option<String>,
+    pub access_key: Option<Secret>,
+    /// The account's blob URL when it is not `https://ACCOUNT.blob.core.windows.net` (Azurite,
+    /// a private endpoint): `http://127.0.0.1:10000/devstoreaccount1`.
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -181,8 +195,18 @@ impl StoreLocation {
     pub fn s3(&self) -> Option<&S3Location> {
         match self {
             StoreLocation::S3(location) => Some(location),
-            StoreLocation::Local { .. } => None,
+            _ => None,
         }
+    }
+
+    /// Says why an S3-only path (stale multipart uploads, object lock, bucket versions) does
+    /// nothing here, for a network store that is not S3.
+    pub fn s3_only(&self, what: &str) -> Option<String> {
+        let kind = match self {
+            Self::Azure(_) => "Azure Blob Storage",
+            Self::S3(_) | Self::Local { .. } => return None,
+        };
+        Some(format!("{what} is S3-only: not done on {kind} ({self})"))
     }
 }
 
@@ -200,6 +224,17 @@ impl fmt::Display for StoreLocation {
                     write!(f, " at {endpoint}")?;
                 }
                 Ok(())
+            }
+            Self::Azure(az) => {
+                write!(f, "az://{}", az.container)?;
+                if !az.prefix.is_empty() {
+                    write!(f, "/{}", az.prefix)?;
+                }
+                match (&az.endpoint, &az.account) {
+                    (Some(endpoint), _) => write!(f, " at {endpoint}"),
+                    (None, Some(account)) => write!(f, " in account {account}"),
+                    (None, None) => Ok(()),
+                }
             }
         }
     }

@@ -261,6 +261,9 @@ fn malformed_store_urls_are_refused() {
         "file://relative",
         "bucket/x",
         "s3://a",
+        "az://",
+        "az://Upper-Case",
+        "azure://a.b.c",
     ] {
         let flags = Overrides {
             store_url: Some(url.into()),
@@ -294,6 +297,54 @@ fn s3_settings_come_from_the_aws_environment() {
         config.store.location.to_string(),
         "s3://gc-storage-backup/prod at http://minio:9000"
     );
+}
+
+#[test]
+fn azure_settings_come_from_the_file_or_the_azure_environment() {
+    let toml = "[store]\nurl = \"azure://backups/prod\"\naccount = \"fromfile\"\n\
+                account-key = \"file-key\"\n";
+    let config = resolve_with(toml, &[], Overrides::default()).unwrap();
+    let StoreLocation::Azure(az) = &config.store.location else {
+        panic!("not azure: {:?}", config.store.location)
+    };
+    assert_eq!(
+        (az.container.as_str(), az.prefix.as_str()),
+        ("backups", "prod")
+    );
+    assert_eq!(az.account.as_deref(), Some("fromfile"));
+    assert_eq!(az.access_key.as_ref().map(Secret::expose), Some("file-key"));
+    assert_eq!(
+        config.store.location.to_string(),
+        "az://backups/prod in account fromfile"
+    );
+    let env = [
+        ("GC_BACKUP_STORE", "az://backups"),
+        ("AZURE_STORAGE_ACCOUNT_NAME", "fromenv"),
+        ("AZURE_STORAGE_ACCOUNT_KEY", "env-key"),
+        ("AZURE_STORAGE_ENDPOINT", "http://127.0.0.1:10000/fromenv"),
+    ];
+    let config = resolve_with(toml, &env, Overrides::default()).unwrap();
+    let StoreLocation::Azure(az) = &config.store.location else {
+        panic!("not azure")
+    };
+    assert_eq!(az.account.as_deref(), Some("fromenv"));
+    assert_eq!(az.access_key.as_ref().map(Secret::expose), Some("env-key"));
+    assert_eq!(
+        config.store.location.to_string(),
+        "az://backups at http://127.0.0.1:10000/fromenv"
+    );
+    assert!(!format!("{config:?}").contains("env-key"));
+    // S3's endpoint variable is not Azure's.
+    let env = [
+        ("GC_BACKUP_STORE", "az://backups"),
+        ("AWS_ENDPOINT_URL", "http://minio:9000"),
+    ];
+    let config = resolve_with("", &env, Overrides::default()).unwrap();
+    assert!(!config.store.location.to_string().contains("minio"));
+    // Object lock is S3's: refused in one line that says so.
+    let locked = "[store]\nurl = \"az://backups\"\nobject-lock = \"compliance\"\n";
+    let refused = resolve_with(locked, &[], Overrides::default()).unwrap_err();
+    assert!(refused.to_string().contains("S3-only"), "{refused}");
 }
 
 #[test]

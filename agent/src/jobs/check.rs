@@ -180,6 +180,7 @@ pub async fn store_checks(config: &Config, store: &Store) -> StoreFindings {
     }
     let access = match &config.store.location {
         StoreLocation::S3(_) => "the bucket exists and these credentials may write to it",
+        StoreLocation::Azure(_) => "the container exists and these credentials may write to it",
         StoreLocation::Local { .. } => "the directory exists and is writable",
     };
     findings.push(Finding::ok(
@@ -327,6 +328,12 @@ async fn multipart_checks(
                 "part checksum",
                 "not needed: a local directory, fsynced",
             ),
+            StoreLocation::Azure(_) => Finding::ok(
+                "store",
+                "part checksum",
+                "none asked of the store (its CRC-64/NVME is S3-only): the zstd frames' \
+                 checksums protect every part",
+            ),
         });
     }
     findings.insert(
@@ -406,6 +413,13 @@ fn is_checksum_refusal(error: &StoreError) -> bool {
 
 /// Versioning and object lock, asked with S3's own API (static credentials only).
 async fn bucket_state(config: &Config) -> Vec<Finding> {
+    if let Some(note) = config
+        .store
+        .location
+        .s3_only("checking versioning, object lock and stale multipart uploads")
+    {
+        return vec![Finding::ok("store", "versioning", note)];
+    }
     let StoreLocation::S3(s3) = &config.store.location else {
         return Vec::new();
     };

@@ -1,5 +1,5 @@
-//! Where backups live: an `object_store` (S3 and S3-compatible servers, a local directory, or
-//! memory in tests) behind one small [`Store`] type.
+//! Where backups live: an `object_store` (S3 and S3-compatible servers, Azure Blob Storage, a
+//! local directory, or memory in tests) behind one small [`Store`] type.
 //!
 //! Every store error is turned into a [`StoreError`] that says what the operator can do: fix
 //! credentials or the bucket name (a configuration problem), wait for the server (unreachable),
@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use object_store::aws::{AmazonS3Builder, Checksum};
+use object_store::azure::MicrosoftAzureBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as Key;
@@ -98,6 +99,53 @@ pub enum OpenMode {
     CreateRoot,
 }
 
+fn retry_config(config: &StoreConfig) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: config.max_retries,
+        retry_timeout: config.retry_timeout,
+    }
+}
+
+/// The HTTP client of a network store: timeouts, and the extra CA certificates of
+/// `store.ca-file`. Plain http only when the store's own endpoint is an `http://` one (S3's
+/// builder decides that itself).
+fn client_options(
+    config: &StoreConfig,
+    endpoint: Option<&str>,
+) -> Result<ClientOptions, StoreError> {
+    let setup = |detail: String| StoreError::Setup {
+        store: config.location.to_string(),
+        detail,
+    };
+    let mut client = ClientOptions::new()
+        .with_connect_timeout(config.connect_timeout)
+        .with_timeout(std::time::Duration::from_secs(120))
+        .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")));
+    if let Some(ca_file) = &config.ca_file {
+        let pem = std::fs::read(ca_file)
+            .map_err(|e| setup(format!("cannot read {}: {e}", ca_file.display())))?;
+        let certificates = object_store::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            setup(format!(
+                "{} holds no usable certificate: {e}",
+                ca_file.display()
+            ))
+        })?;
+        for certificate in certificates {
+            client = client.with_root_certificate(certificate);
+        }
+    }
+    Ok(client)
+}
+
+fn with_prefix(store: impl ObjectStore, prefix: &str) -> Arc<dyn ObjectStore> {
+    if prefix.is_empty() {
+        Arc::new(store)
+    } else {
+        Arc::new(PrefixStore::new(store, prefix))
+    }
+}
+
 impl Store {
     /// Builds the client. Only a local store touches the disk here: it checks its directory,
     /// and creates it with [`OpenMode::CreateRoot`].
@@ -122,29 +170,28 @@ impl Store {
                 local_root = Some(root.clone());
                 Arc::new(local)
             }
-            StoreLocation::S3(s3) => {
-                let retry = RetryConfig {
-                    backoff: BackoffConfig::default(),
-                    max_retries: config.max_retries,
-                    retry_timeout: config.retry_timeout,
-                };
-                let mut client = ClientOptions::new()
-                    .with_connect_timeout(config.connect_timeout)
-                    .with_timeout(std::time::Duration::from_secs(120));
-                if let Some(ca_file) = &config.ca_file {
-                    let pem = std::fs::read(ca_file)
-                        .map_err(|e| setup(format!("cannot read {}: {e}", ca_file.display())))?;
-                    let certificates =
-                        object_store::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                            setup(format!(
-                                "{} holds no usable certificate: {e}",
-                                ca_file.display()
-                            ))
-                        })?;
-                    for certificate in certificates {
-                        client = client.with_root_certificate(certificate);
-                    }
+            StoreLocation::Azure(az) => {
+                let mut builder = MicrosoftAzureBuilder::from_env()
+                    .with_container_name(&az.container)
+                    .with_retry(retry_config(config))
+                    .with_client_options(client_options(config, az.endpoint.as_deref())?);
+                if let Some(account) = &az.account {
+                    builder = builder.with_account(account);
                 }
+                if let Some(key) = &az.access_key {
+                    builder = builder.with_access_key(key.expose());
+                }
+                if let Some(endpoint) = &az.endpoint {
+                    builder = builder
+                        .with_endpoint(endpoint.clone())
+                        .with_allow_http(endpoint.starts_with("http://"));
+                }
+                let azure = builder.build().map_err(|e| setup(e.to_string()))?;
+                with_prefix(azure, &az.prefix)
+            }
+            StoreLocation::S3(s3) => {
+                let retry = retry_config(config);
+                let client = client_options(config, None)?;
                 // from_env picks up web-identity and container credentials (IRSA); every
                 // setting we resolved ourselves is applied on top of it.
                 let mut builder = AmazonS3Builder::from_env()
@@ -181,11 +228,7 @@ impl Store {
                     .is_none_or(|endpoint| endpoint.starts_with("https://"));
                 builder = builder.with_unsigned_payload(tls);
                 let s3_store = builder.build().map_err(|e| setup(e.to_string()))?;
-                if s3.prefix.is_empty() {
-                    Arc::new(s3_store)
-                } else {
-                    Arc::new(PrefixStore::new(s3_store, s3.prefix.as_str()))
-                }
+                with_prefix(s3_store, &s3.prefix)
             }
         };
         Ok(Self {
