@@ -1,11 +1,12 @@
 //! `pipeline.max-upload-rate` and `max-download-rate`: one limit per direction for the whole
 //! process, so that a nightly base backup leaves the node's link to the API it serves.
 //!
-//! A virtual clock, not a bucket of tokens that refills: each reservation of `n` bytes moves
-//! `paid_until` forward by `n / rate`, and a throttled caller sends once the reservations
-//! before it have been paid for. Over any stretch of a backup the bytes sent are the elapsed
-//! time × the rate, plus the one part in flight; nothing is saved up while idle, so a backup
-//! that starts after a quiet hour does not burst.
+//! A token bucket kept as a virtual clock: each reservation of `n` bytes moves `paid_until`
+//! forward by `n / rate`, and a throttled caller sends once the reservations before it have
+//! been paid for. The bucket holds one second: a sender that fell behind (zstd slower for a
+//! moment than the rate, a checkpoint) may catch up by that much, and no more is saved up
+//! while idle, so a backup after a quiet hour bursts by one second's bytes at most. Over any
+//! stretch the bytes sent are at most (its length + 1 s) × the rate, plus the parts in flight.
 //!
 //! WAL is never held back: [`RateLimit::reserve_now`] takes its bytes without waiting, and the
 //! backups behind it wait the longer. So WAL goes at the rate PostgreSQL writes it, backups get
@@ -15,6 +16,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// How far behind the clock `paid_until` may fall: the bucket's size, in time.
+const CATCH_UP: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct RateLimit {
@@ -46,9 +50,11 @@ impl RateLimit {
     fn book(&self, bytes: usize) -> Instant {
         let now = Instant::now();
         let mut paid_until = self.paid_until.lock().unwrap_or_else(|e| e.into_inner());
-        let start = paid_until.map_or(now, |paid| paid.max(now));
-        *paid_until = Some(start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_second));
-        start
+        let credit_from = now.checked_sub(CATCH_UP).unwrap_or(now);
+        // A new limit starts with an empty bucket.
+        let paid = paid_until.map_or(now, |paid| paid.max(credit_from));
+        *paid_until = Some(paid + Duration::from_secs_f64(bytes as f64 / self.bytes_per_second));
+        paid.max(now)
     }
 }
 
@@ -138,13 +144,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_idle_limit_saves_nothing_up() {
+    async fn an_idle_limit_saves_up_one_second_at_most() {
         let limit = RateLimit::new(MIB as u64);
         limit.reserve(MIB).await;
         tokio::time::sleep(Duration::from_secs(60)).await;
         let resumed = Instant::now();
+        // One second's bytes go at once, then the rate again.
         limit.reserve(MIB).await;
+        limit.reserve(MIB).await;
+        assert_eq!(resumed.elapsed(), Duration::ZERO);
         limit.reserve(MIB).await;
         assert_eq!(resumed.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_that_fell_behind_catches_up() {
+        let limit = RateLimit::new(MIB as u64);
+        let begun = Instant::now();
+        limit.reserve(MIB).await;
+        // The next part was ready half a second late (paid until 1 s, now 1.5 s).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        limit.reserve(MIB).await;
+        limit.reserve(MIB).await;
+        // Three MiB at 1 MiB/s: the third starts at 2 s, as if nothing had stalled.
+        assert_eq!(begun.elapsed(), Duration::from_secs(2));
     }
 }
